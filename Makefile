@@ -1,0 +1,37 @@
+# lmforge: `make demo` (install + the main job) and `make test` (install + ruff + the whole suite).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/shakespeare-cpu.yaml
+
+# Every install (and every build environment pip creates) honours the one torch pin.
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+# DeepSpeed JIT-compiles its CPU ops once; keep the build between runs.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lmforge/torch_extensions
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: install
+	$(BIN)/lm run --config $(CONFIG)
+
+lint: install
+	$(BIN)/ruff check .
+
+# The suite runs in a private network + PID namespace (only loopback) where the machine allows it,
+# so Ray, Serve and the S3 server listen on 127.0.0.1 only; tests/isolated says when it cannot.
+test: lint
+	tests/isolated $(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) lmforge-store .pytest_cache .ruff_cache

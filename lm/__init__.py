@@ -1,0 +1,1 @@
+"""lmforge: a GPT-style language model built from scratch, run on Ray."""

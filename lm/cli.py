@@ -1,0 +1,107 @@
+"""The ``lm`` command. Each subcommand loads the config, then calls one function in ``lm``.
+
+    lm run              [--config F] [key.sub=value ...]   the main job (make demo)
+    lm config show      [--config F] [key.sub=value ...]   print the resolved config
+    lm tokenizer train  [--config F] [key.sub=value ...]   train + publish the BPE tokenizer
+    lm generate [--model URI] [--prompt P] [--config F] [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from lm.config import Config, ConfigError, dump_yaml, join_uri, load_config
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML preset, e.g. configs/tiny.yaml (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+
+
+def cmd_run(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.pipeline import run_main
+
+    summary = run_main(cfg)
+    return f"run {cfg.name}: {summary['steps']} steps, loss {summary['final_loss']:.3f} → {summary['model_uri']}"
+
+
+def cmd_config_show(cfg: Config, args: argparse.Namespace) -> str:
+    print(dump_yaml(cfg), end="")
+    return f"config {cfg.name}: hash {cfg.fingerprint()}, run URI {cfg.run_uri}"
+
+
+def cmd_tokenizer_train(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.pipeline import check_sources, tokenizer_stage
+    from lm.storage import ObjectStore
+
+    store = ObjectStore(cfg.storage)
+    check_sources(store, cfg)
+    report = tokenizer_stage(store, cfg)
+    return (f"tokenizer: {report.tokenizer.vocab_size} tokens, {report.bytes_per_token:.2f} bytes/token, "
+            f"{report.seconds:.1f} s → {report.uri}")
+
+
+def cmd_generate(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.inference import generate_text
+    from lm.modeldir import load_model_dir
+    from lm.storage import ObjectStore
+
+    store = ObjectStore(cfg.storage)
+    model_uri = args.model or join_uri(cfg.run_uri, "model")
+    gen = cfg.generate if args.prompt is None else cfg.generate.model_copy(update={"prompt": args.prompt})
+    loaded = load_model_dir(store, model_uri)
+    start = time.perf_counter()
+    text = generate_text(loaded.model, loaded.tokenizer, [gen.prompt], gen)[0]
+    seconds = time.perf_counter() - start
+    print(gen.prompt + text)
+    out_uri = join_uri(cfg.run_uri, "generations", f"{time.strftime('%Y%m%d-%H%M%S')}.json")
+    record = {"model": model_uri, "prompt": gen.prompt, "completion": text, **gen.model_dump(exclude={"prompt"})}
+    store.write_text(out_uri, json.dumps(record, indent=2))
+    return f"generate: {len(loaded.tokenizer.encode(text))} tokens in {seconds:.1f} s from {model_uri} → {out_uri}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lm", description="lmforge: build, train and serve a GPT-style model on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable, help_text: str, parent=sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_text, description=help_text)
+        _config_args(p)
+        p.set_defaults(func=func)
+        return p
+
+    add("run", cmd_run, "the main job: tokenizer → train → sample, under the run URI")
+    config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="action", required=True)
+    add("show", cmd_config_show, "print the resolved config (preset + overrides, secrets masked)", config)
+    tokenizer = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
+    add("train", cmd_tokenizer_train, "train the BPE tokenizer on the configured sources", tokenizer)
+    gen = add("generate", cmd_generate, "continue a prompt with a saved model directory")
+    gen.add_argument("--model", help="model directory URI (default: <run>/model)")
+    gen.add_argument("--prompt", help="prompt text (default: generate.prompt)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow options (`lm generate --prompt P train.seed=3`)
+    if bad := [a for a in extra if a.startswith("-") or "=" not in a]:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
+    from lm.storage import StorageError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        print(args.func(cfg, args))
+    except (ConfigError, StorageError, FileNotFoundError) as err:
+        print(f"lm: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""The one typed configuration for lmforge's whole lifecycle.
+
+A run is described by a YAML preset (``configs/*.yaml``) plus dotted ``key.sub=value`` overrides,
+validated by the pydantic schema below *before* any work starts. Unknown keys and wrong types raise
+:class:`ConfigError` with the file (or override), the dotted key and what was expected.
+
+    from lm.config import load_config
+    cfg = load_config("configs/tiny.yaml", ["model.n_layers=4", "train.lr=1e-3"])
+
+Sections: storage, data, tokenizer, model, train, generate, tune, eval, serve, continual. Later
+stages fill the sections they own; every field carries a description (``lm config show --help``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the source, the key and the problem."""
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Section):
+    root: str = Field(
+        "./lmforge-store",
+        description="Object-store root for every artifact: a local folder, file:// URI or s3://bucket/prefix.",
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (e.g. http://127.0.0.1:8333); default: AWS_ENDPOINT_URL or AWS itself."
+    )
+    region: str | None = Field(None, description="S3 region; default: AWS_REGION, else us-east-1.")
+    access_key_id: SecretStr | None = Field(None, description="S3 access key; default: AWS_ACCESS_KEY_ID.")
+    secret_access_key: SecretStr | None = Field(
+        None, description="S3 secret key; default: AWS_SECRET_ACCESS_KEY. Never logged."
+    )
+    multipart_threshold_mb: int = Field(
+        64, ge=5, description="Uploads at or above this size (MiB) use S3 multipart upload."
+    )
+
+
+class SourceConfig(Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Short name used in manifests and reports.")
+    uri: str = Field(
+        ...,
+        description="File, folder or glob: a local path, file://, s3://bucket/prefix, or bundled://NAME "
+        "for a corpus shipped inside lmforge (bundled://tinyshakespeare).",
+    )
+    format: Literal["auto", "txt", "jsonl", "parquet"] = Field(
+        "auto", description="File format; auto picks by extension (.txt/.jsonl/.parquet, optionally .gz)."
+    )
+    delimiter: str | None = Field(
+        "\n\n", description="For txt: split each file into documents on this string; null = one document per file."
+    )
+    text_field: str = Field("text", description="For jsonl / parquet: the field or column holding the text.")
+    weight: float = Field(1.0, gt=0, description="Mixing weight of this source relative to the others.")
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [SourceConfig(name="tinyshakespeare", uri="bundled://tinyshakespeare")],
+        description="Corpora to read.",
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of documents held out for validation (by a hash of the document id)."
+    )
+    min_chars: int = Field(1, ge=0, description="Documents shorter than this (after stripping) are dropped.")
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(4096, ge=300, description="BPE vocabulary size, special tokens included.")
+    min_frequency: int = Field(2, ge=1, description="A merge needs at least this many occurrences.")
+    eos_token: str = Field("<|endoftext|>", description="End-of-text token appended after every document.")
+    pad_token: str = Field("<|pad|>", description="Padding token.")
+    extra_special_tokens: list[str] = Field(
+        default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        description="Reserved tokens (chat roles) that are never split or merged.",
+    )
+    max_train_bytes: int = Field(
+        50_000_000, ge=1, description="Train on at most this many bytes of the (streamed) train documents."
+    )
+
+    @property
+    def special_tokens(self) -> list[str]:
+        return [self.eos_token, self.pad_token, *self.extra_special_tokens]
+
+
+class ModelConfig(Section):
+    n_layers: int = Field(4, ge=1, description="Number of transformer blocks.")
+    n_heads: int = Field(4, ge=1, description="Attention (query) heads.")
+    n_kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads for grouped-query attention; null = n_heads (plain MHA)."
+    )
+    d_model: int = Field(128, ge=8, description="Residual stream width (hidden_size).")
+    d_ff: int | None = Field(
+        None, ge=1, description="SwiGLU hidden size (intermediate_size); null = 8/3·d_model rounded up to 64."
+    )
+    max_seq_len: int = Field(256, ge=2, description="Context length (max_position_embeddings).")
+    vocab_size: int = Field(4096, ge=2, description="Embedding rows; the tokenizer's vocab size is used when smaller.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention output, MLP output and embeddings.")
+    tie_embeddings: bool = Field(True, description="Share the token embedding with the output projection.")
+    init_std: float = Field(0.02, gt=0, description="Std of the normal init; residual projections get std/sqrt(2·n_layers).")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head dim d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step.")
+    seq_len: int | None = Field(None, ge=2, description="Training context; null = model.max_seq_len.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr: float = Field(1e-4, ge=0, description="Final learning rate of the cosine schedule.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps (the schedule's length).")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Stop early after this much wall-clock training time (the schedule is unchanged)."
+    )
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices (not norms).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
+    eval_interval: int = Field(100, ge=1, description="Evaluate validation loss every N steps.")
+    eval_batches: int = Field(10, ge=1, description="Batches per validation estimate.")
+    log_interval: int = Field(10, ge=1, description="Log training loss every N steps.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Compute dtype for forward/backward (autocast).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the plain (single-process) loop runs.")
+    seed: int = Field(1337, description="Seed for init, batch sampling and dropout.")
+
+
+class GenerateConfig(Section):
+    prompt: str = Field("ROMEO:", description="Prompt for `lm generate` and the demo sample.")
+    max_new_tokens: int = Field(200, ge=1, description="Tokens to generate at most.")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature; 0 = greedy.")
+    top_k: int | None = Field(200, ge=1, description="Keep the k most likely tokens; null = all.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass; null = off.")
+    stop: list[str] = Field(default_factory=list, description="Stop when any of these strings is generated.")
+    seed: int | None = Field(0, description="Sampling seed; null = nondeterministic.")
+
+
+class TuneConfig(Section):
+    """Hyperparameter search (filled by the tuning stage)."""
+
+    num_samples: int = Field(8, ge=1, description="Trials to run.")
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once.")
+    metric: str = Field("val_loss", description="Metric to optimise.")
+    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise the metric.")
+
+
+class EvalConfig(Section):
+    """Evaluation and reports (filled by the evaluation stage)."""
+
+    max_batches: int | None = Field(None, ge=1, description="Limit evaluation to N batches; null = all.")
+
+
+class ServeConfig(Section):
+    """Ray Serve deployment (filled by the serving stage)."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    model_name: str = Field("lmforge", description="Model id reported by /v1/models.")
+
+
+class ContinualConfig(Section):
+    """Continuous learning loop (filled by the continual-learning stage)."""
+
+    enabled: bool = Field(False, description="Run the serve→learn→redeploy loop.")
+
+
+class Config(Section):
+    """Everything one lmforge run needs."""
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; artifacts go to <storage.root>/runs/<name>.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
+
+    @property
+    def run_uri(self) -> str:
+        """Where this run's artifacts live."""
+        return join_uri(self.storage.root, "runs", self.name)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data, secrets masked (safe to print and store)."""
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the resolved config (secrets excluded)."""
+        blob = json.dumps(self.public_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join URI/path segments with single slashes (works for s3://, file:// and local paths)."""
+    out = base.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _field_type(path: list[str]) -> Any:
+    """The annotation of the config field at a dotted path (None if the path is not in the schema)."""
+    node: Any = Config
+    for part in path:
+        origin = typing.get_origin(node)
+        if origin is list and part.isdigit():
+            node = typing.get_args(node)[0]
+            continue
+        if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
+            return None
+        node = node.model_fields[part].annotation
+    return node
+
+
+def _wants_string(annotation: Any) -> bool:
+    """True for ``str`` / ``SecretStr`` fields, optional or not."""
+    if annotation in (str, SecretStr):
+        return True
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return is_union and any(arg in (str, SecretStr) for arg in typing.get_args(annotation))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.n_layers=4"`` → (["model", "n_layers"], 4).
+
+    The value is parsed as YAML (numbers, booleans, null, [lists], {maps}), except that a field
+    declared as a string takes the text exactly as typed (``generate.prompt=ROMEO: `` stays a string).
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    path = key.strip().split(".")
+    if _wants_string(_field_type(path)):
+        return path, None if raw in ("null", "~") else raw
+    try:
+        return path, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    node: Any = tree
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{origin}: {'.'.join(path[: i + 1])}: no list item {part!r} (list has {len(node)})")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{origin}: {'.'.join(path[:i])} is a value, not a section")
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    got = err.get("input")
+    if isinstance(got, dict | list):
+        return msg
+    return f"{msg}, got {got!r}"
+
+
+def validate_config(tree: dict[str, Any], origins: dict[str, str] | None = None) -> Config:
+    """Validate a raw config tree; errors name the dotted key and where it was set."""
+    origins = origins or {}
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        lines = []
+        for item in err.errors():
+            key = ".".join(str(p) for p in item["loc"]) or "<root>"
+            related = [
+                origins[k]
+                for k in sorted(origins, key=len, reverse=True)
+                if key == k or key.startswith(k + ".") or k.startswith(key + ".")
+            ]
+            origin = ", ".join(dict.fromkeys(related)) or "defaults"
+            lines.append(f"{origin}: {key}: {_describe(item)}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset (or the defaults), apply dotted overrides, validate."""
+    tree: dict[str, Any] = Config().model_dump(mode="python")
+    origins: dict[str, str] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = _merge(tree, loaded)
+        origins[""] = str(path)
+        for key in _leaf_keys(loaded):
+            origins[key] = str(path)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _set_path(tree, keys, value, f"override {text!r}")
+        origins[".".join(keys)] = f"override {text!r}"
+    return validate_config(tree, {k: v for k, v in origins.items() if k})
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``update`` into ``base``: mappings merge, everything else (lists too) replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _leaf_keys(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        return [k for key, sub in tree.items() for k in _leaf_keys(sub, f"{prefix}{key}.")] or [prefix[:-1]]
+    if isinstance(tree, list):
+        return [k for i, sub in enumerate(tree) for k in _leaf_keys(sub, f"{prefix}{i}.")] or [prefix[:-1]]
+    return [prefix[:-1]]
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (secrets masked)."""
+    return yaml.safe_dump(cfg.public_dict(), sort_keys=False, allow_unicode=True)

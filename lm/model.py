@@ -1,0 +1,339 @@
+"""The language model: a decoder-only transformer in plain PyTorch, in the Hugging Face Llama layout.
+
+This file owns the network (RMSNorm, RoPE, grouped-query attention, SwiGLU), its KV cache and
+``generate``, the parameter / FLOP formulas, and the on-disk format (``config.json`` +
+``model.safetensors``) that ``transformers.LlamaForCausalLM`` and vLLM read as they are. It knows
+nothing about tokenizers, storage or distributed training.
+
+    model = Transformer(cfg.model)                    # cfg.model: lm.config.ModelConfig
+    logits, loss = model(x, y)                        # x, y: [B, T] int64; y may hold -100 (ignored)
+    new_ids = model.generate([[1, 2, 3], [4]], 50, temperature=0.8, top_k=200, eos_id=0, seed=0)
+
+Parameter names follow Llama (``model.layers.{i}.self_attn.q_proj.weight``, ...); with tied
+embeddings ``lm_head.weight`` is the embedding matrix and is left out of the file, as HF does.
+RoPE uses the "rotate_half" convention (first/second half of each head are the pair), so HF
+loads the weights without any permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm.config import ModelConfig
+
+# ----------------------------------------------------------------------------------------- formulas
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Parameter count from the config alone (a tied embedding counted once)."""
+    d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
+    attn = d * cfg.n_heads * hd + 2 * d * cfg.kv_heads * hd + cfg.n_heads * hd * d
+    per_layer = attn + 3 * d * cfg.ff_dim + 2 * d  # + the two RMSNorm weights
+    embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    return embed + L * per_layer + d  # + final norm
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward), for MFU: ``6·N_matmul + 12·L·H·head_dim·T``.
+
+    ``N_matmul`` counts every weight used in a matmul (q/k/v/o, gate/up/down, and the lm_head even
+    when it is tied to the embedding) but not the embedding lookup nor the norms; the second term
+    is the attention scores and weighted sum (QKᵀ and AV: 2 matmuls x 2 FLOPs x 3 for fwd+bwd).
+    """
+    d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
+    per_layer = 2 * d * cfg.n_heads * hd + 2 * d * cfg.kv_heads * hd + 3 * d * cfg.ff_dim
+    n_matmul = L * per_layer + cfg.vocab_size * d
+    return 6 * n_matmul + 12 * L * cfg.n_heads * hd * seq_len
+
+
+# ------------------------------------------------------------------------------------------ modules
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back (as HF Llama)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_seq_len, head_dim] in fp32, halves duplicated (HF "rotate_half" layout)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
+    freqs = torch.arange(cfg.max_seq_len, dtype=torch.float)[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, hd] by cos/sin [B, 1, T, hd]: pairs are (i, i + hd/2)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, [B, n_kv_heads, max_len, head_dim] each.
+
+    ``Transformer.forward(..., kv_cache=cache)`` writes the new positions at ``cache.length``,
+    attends over everything cached so far and advances ``length``.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim, self.dropout = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.dropout
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=None if isinstance(mask, bool) else mask,
+            is_causal=mask is True,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv != self.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    """Token ids → next-token logits. ``.model`` holds embed_tokens / layers / norm, then ``.lm_head``.
+
+    Init: embeddings and linears ~ N(0, init_std); o_proj and down_proj (the projections writing
+    into the residual stream) ~ N(0, init_std/sqrt(2·n_layers)); norm weights 1.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.ModuleDict(
+            {
+                "embed_tokens": nn.Embedding(cfg.vocab_size, cfg.d_model),
+                "layers": nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+                "norm": RMSNorm(cfg.d_model, cfg.norm_eps),
+            }
+        )
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.drop = nn.Dropout(cfg.dropout)
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        for name, p in self.named_parameters():  # a tied weight is listed once
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, residual_std)
+            elif p.dim() == 2:
+                nn.init.normal_(p, 0.0, cfg.init_std)
+
+    def num_parameters(self) -> int:
+        """Parameters actually held (a tied weight counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids, targets=None, *, position_ids=None, attention_mask=None, kv_cache=None):
+        """input_ids [B, T] → (float32 logits [B, T, V], cross-entropy loss or None).
+
+        position_ids: [B, T] or [1, T]; default: consecutive positions after what ``kv_cache`` holds.
+        attention_mask: [B, T_total] 1 = real token, 0 = (left) padding, T_total = cached + T.
+        kv_cache: a :class:`KVCache`; the new keys/values are appended and ``length`` advances.
+        """
+        B, T = input_ids.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {start} used + {T} new do not fit")
+        if position_ids is None:
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {start + T} exceeds max_seq_len {self.cfg.max_seq_len}")
+            position_ids = torch.arange(start, start + T, device=input_ids.device)[None]
+        cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
+        mask = self._attention_mask(B, T, start, attention_mask, input_ids.device)
+        x = self.drop(self.model.embed_tokens(input_ids))
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, kv_cache, i)
+        logits = self.lm_head(self.model.norm(x)).float()
+        if kv_cache is not None:
+            kv_cache.length += T
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @staticmethod
+    def _attention_mask(B, T, start, attention_mask, device) -> torch.Tensor | bool:
+        """True = plain causal (SDPA's fast path), False = no mask, else a bool [B|1, 1, T, start+T]."""
+        if attention_mask is None and start == 0:
+            return T > 1
+        if attention_mask is None and T == 1:
+            return False
+        q_pos = torch.arange(start, start + T, device=device)[:, None]
+        k_pos = torch.arange(start + T, device=device)[None, :]
+        mask = (k_pos <= q_pos)[None, None]
+        if attention_mask is not None:
+            # a query may always see itself, so padding rows never get an all-masked (NaN) softmax
+            mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
+        return mask
+
+    # ------------------------------------------------------------------------------------ generate
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        seed: int | None = None,
+        stop: Callable[[int, list[int]], bool] | None = None,
+    ) -> list[list[int]]:
+        """Continue each prompt; return only the new tokens of each, in order.
+
+        Prompts of different lengths are left-padded into one batch (attention mask + per-row
+        positions), prefilled once, then decoded one token per step through a KV cache.
+        temperature 0 = greedy; top_k / top_p filter before sampling. A row stops at ``eos_id``
+        (not included in its output), when ``stop(row, new_ids)`` returns True (the token that
+        triggered it *is* included), or after ``max_new_tokens``, capped so that prompt + new
+        tokens fit ``max_seq_len``. ``seed`` makes sampling deterministic (for the same batch).
+        """
+        _check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, self.cfg)
+        if not prompts:
+            return []
+        lens = [len(p) for p in prompts]
+        budgets = [min(max_new_tokens, self.cfg.max_seq_len - n) for n in lens]
+        out: list[list[int]] = [[] for _ in prompts]
+        steps, B, P = max(budgets), len(prompts), max(lens)
+        if steps == 0:
+            return out
+        device = self.rope_cos.device
+        ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)
+        mask = torch.tensor([[0] * (P - n) + [1] * n for n in lens], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = KVCache(self.cfg, B, P + steps, device=device, dtype=self.lm_head.weight.dtype)
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        next_pos = torch.tensor(lens, device=device)
+        done = [b == 0 for b in budgets]
+        was_training = self.training
+        self.eval()
+        try:
+            logits, _ = self(ids, position_ids=positions, attention_mask=mask, kv_cache=cache)
+            for step in range(steps):
+                tokens = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
+                for i, t in enumerate(tokens.tolist()):
+                    if done[i]:
+                        continue
+                    if t == eos_id:
+                        done[i] = True
+                        continue
+                    out[i].append(t)
+                    done[i] = len(out[i]) >= budgets[i] or (stop is not None and bool(stop(i, list(out[i]))))
+                if all(done):
+                    break
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+                pos = (next_pos + step).clamp(max=self.cfg.max_seq_len - 1)  # finished rows idle
+                logits, _ = self(tokens[:, None], position_ids=pos[:, None], attention_mask=mask, kv_cache=cache)
+        finally:
+            self.train(was_training)
+        return out
+
+
+def sample_next(logits, temperature: float, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+    """One token per row from logits [B, V]: greedy at temperature 0, else top-k, then nucleus."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, cfg: ModelConfig) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
+        if len(p) > cfg.max_seq_len:
+            raise ValueError(f"prompts[{i}] has {len(p)} tokens, longer than max_seq_len {cfg.max_seq_len}")
+        if min(p) < 0 or max(p) >= cfg.vocab_size:
+            raise ValueError(f"prompts[{i}] holds token ids outside [0, vocab_size={cfg.vocab_size})")

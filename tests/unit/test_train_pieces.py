@@ -1,0 +1,40 @@
+"""Ray-free training pieces: LR schedule, parameter groups, batch sampling, text stop sequences."""
+
+import numpy as np
+import pytest
+import torch
+
+from lm.config import TrainConfig
+from lm.inference import cut_at_stop
+from lm.train.local import sample_batch
+from lm.train.optim import lr_at, param_groups
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 120))
+
+
+def test_param_groups_decay_matrices_only():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.1)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_sample_batch_targets_are_shifted_inputs():
+    tokens = np.arange(1000, dtype=np.int32)
+    x, y = sample_batch(tokens, 4, 16, np.random.default_rng(0), torch.device("cpu"))
+    assert x.shape == y.shape == (4, 16) and torch.equal(y, x + 1)
+    with pytest.raises(ValueError, match="too few"):
+        sample_batch(tokens[:10], 1, 16, np.random.default_rng(0), torch.device("cpu"))
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("abc\n\ndef", ["\n\n"]) == ("abc", True)
+    assert cut_at_stop("abcdef", ["de", "b"]) == ("a", True)
+    assert cut_at_stop("abc", []) == ("abc", False)
