@@ -1,6 +1,7 @@
 """The ``lm`` command. Each subcommand loads the config, then calls one function in ``lm``.
 
     lm run              [--config F] [key.sub=value ...]   the main job (make demo)
+    lm data prepare     [--config F] [key.sub=value ...]   corpora → cleaned, deduplicated token shards (Ray Data)
     lm config show      [--config F] [key.sub=value ...]   print the resolved config
     lm tokenizer train  [--config F] [key.sub=value ...]   train + publish the BPE tokenizer
     lm generate [--model URI] [--prompt P] [--config F] [key.sub=value ...]
@@ -29,17 +30,27 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> str:
     return f"run {cfg.name}: {summary['steps']} steps, loss {summary['final_loss']:.3f} → {summary['model_uri']}"
 
 
+def cmd_data_prepare(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.data.pipeline import data_uri, prepare_data
+
+    manifest = prepare_data(cfg)
+    splits = ", ".join(f"{s} {e['docs']:,} docs / {e['tokens']:,} tokens" for s, e in sorted(manifest["splits"].items()))
+    return (f"data: {splits}; {len(manifest['shards'])} shards, {len(manifest['skipped_objects'])} skipped objects "
+            f"→ {data_uri(cfg)}/manifest.json")
+
+
 def cmd_config_show(cfg: Config, args: argparse.Namespace) -> str:
     print(dump_yaml(cfg), end="")
     return f"config {cfg.name}: hash {cfg.fingerprint()}, run URI {cfg.run_uri}"
 
 
 def cmd_tokenizer_train(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.pipeline import check_sources, tokenizer_stage
+    from lm.data.sources import plan_files
+    from lm.pipeline import tokenizer_stage
     from lm.storage import ObjectStore
 
     store = ObjectStore(cfg.storage)
-    check_sources(store, cfg)
+    plan_files(store, cfg.data)  # fail before any work if a source is missing
     report = tokenizer_stage(store, cfg)
     return (f"tokenizer: {report.tokenizer.vocab_size} tokens, {report.bytes_per_token:.2f} bytes/token, "
             f"{report.seconds:.1f} s → {report.uri}")
@@ -75,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("run", cmd_run, "the main job: tokenizer → train → sample, under the run URI")
+    data = sub.add_parser("data", help="data pipeline").add_subparsers(dest="action", required=True)
+    add("prepare", cmd_data_prepare, "read, clean, dedup, split, tokenize and pack the configured sources", data)
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="action", required=True)
     add("show", cmd_config_show, "print the resolved config (preset + overrides, secrets masked)", config)
     tokenizer = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
@@ -92,12 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad := [a for a in extra if a.startswith("-") or "=" not in a]:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
+    from lm.data.sources import DataError
     from lm.storage import StorageError
 
     try:
         cfg = load_config(args.config, args.overrides)
         print(args.func(cfg, args))
-    except (ConfigError, StorageError, FileNotFoundError) as err:
+    except (ConfigError, StorageError, DataError, FileNotFoundError) as err:
         print(f"lm: error: {err}", file=sys.stderr)
         return 2
     return 0

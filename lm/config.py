@@ -60,7 +60,7 @@ class SourceConfig(Section):
         "for a corpus shipped inside lmforge (bundled://tinyshakespeare).",
     )
     format: Literal["auto", "txt", "jsonl", "parquet"] = Field(
-        "auto", description="File format; auto picks by extension (.txt/.jsonl/.parquet, optionally .gz)."
+        "auto", description="File format; auto picks by extension (.txt/.jsonl/.parquet, optionally .gz or .zst)."
     )
     delimiter: str | None = Field(
         "\n\n", description="For txt: split each file into documents on this string; null = one document per file."
@@ -69,15 +69,92 @@ class SourceConfig(Section):
     weight: float = Field(1.0, gt=0, description="Mixing weight of this source relative to the others.")
 
 
+class CleanConfig(Section):
+    """Document cleaning (pure functions in lm.data.clean); every dropped document is counted by reason."""
+
+    normalize: Literal["none", "NFC", "NFKC"] = Field("NFC", description="Unicode normalisation form.")
+    remove_control_chars: bool = Field(
+        True, description="Drop control characters (Unicode category C*) except newline and tab."
+    )
+    normalize_whitespace: bool = Field(
+        True,
+        description="Unify line endings, turn odd spaces into ' ', strip line ends, at most 2 newlines in a row, strip the ends.",
+    )
+    lowercase: bool = Field(False, description="Lower-case everything (off for LM training).")
+    remove_special_chars: bool = Field(
+        False, description="Keep only letters, digits, whitespace and basic punctuation (off for LM training)."
+    )
+    min_chars: int = Field(1, ge=0, description="Drop documents shorter than this after cleaning (reason too_short).")
+    max_chars: int = Field(
+        5_000_000, ge=1, description="Drop documents longer than this after cleaning (reason too_long)."
+    )
+    max_duplicate_line_fraction: float = Field(
+        0.5, ge=0, le=1, description="Drop if more than this share of non-empty lines are repeats (reason repetitive_lines)."
+    )
+    repetition_ngram: int = Field(3, ge=1, description="Word n-gram size for the n-gram repetition filter.")
+    max_duplicate_ngram_fraction: float = Field(
+        0.5, ge=0, le=1,
+        description="Drop if more than this share of word n-grams are repeats (reason repetitive_ngrams); 1 disables.",
+    )
+    invalid_utf8: Literal["replace", "drop"] = Field(
+        "replace", description="Bytes that are not UTF-8: replace with U+FFFD, or drop the document (reason invalid_utf8)."
+    )
+
+
+class DedupConfig(Section):
+    """Global deduplication across all sources (lm.data.dedup)."""
+
+    exact: bool = Field(True, description="Drop exact duplicates (same hash of the cleaned text), keeping one.")
+    near: bool = Field(True, description="Drop near-duplicates found by MinHash + LSH, keeping one per cluster.")
+    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity that makes a near-duplicate.")
+    num_perm: int = Field(128, ge=8, description="MinHash permutations (signature length).")
+    bands: int = Field(16, ge=1, description="LSH bands; num_perm must be divisible by it (rows per band = num_perm/bands).")
+    shingle: int = Field(5, ge=1, description="Word n-gram (shingle) size for MinHash.")
+    seed: int = Field(42, description="Seed of the MinHash permutations.")
+
+    @model_validator(mode="after")
+    def _check_bands(self) -> DedupConfig:
+        if self.num_perm % self.bands:
+            raise ValueError(f"num_perm ({self.num_perm}) must be divisible by bands ({self.bands})")
+        return self
+
+
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [SourceConfig(name="tinyshakespeare", uri="bundled://tinyshakespeare")],
         description="Corpora to read.",
     )
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
     val_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of documents held out for validation (by a hash of the document id)."
     )
-    min_chars: int = Field(1, ge=0, description="Documents shorter than this (after stripping) are dropped.")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="Share of documents held out for test.")
+    seq_len: int | None = Field(
+        None, ge=1, description="Tokens per packed training row (rows hold seq_len + 1); null = model.max_seq_len."
+    )
+    rows_per_shard: int = Field(4096, ge=1, description="Packed rows per Parquet shard.")
+    output: str | None = Field(None, description="Where shards + manifest go; null = <run>/data.")
+    shuffle_partitions: int = Field(
+        4, ge=1, description="Partitions of each Ray Data groupby (dedup, sharding); raise it for large corpora."
+    )
+    tokenize_actors: int = Field(1, ge=1, description="Tokenizer actors in the Ray Data actor pool.")
+    actor_cpus: float = Field(
+        0.5, gt=0, description="CPUs per tokenizer actor (fractional, so read tasks can always be scheduled)."
+    )
+    max_file_mb: float = Field(
+        1024, gt=0, description="Skip (and report) single files larger than this many MiB (reason too_large)."
+    )
+    seed: int = Field(1234, description="Seed for the tokenizer-training sample and shard shuffling.")
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave documents for training")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        return self
 
 
 class TokenizerConfig(Section):
@@ -143,7 +220,6 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     batch_size: int = Field(16, ge=1, description="Sequences per optimizer step.")
-    seq_len: int | None = Field(None, ge=2, description="Training context; null = model.max_seq_len.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr: float = Field(1e-4, ge=0, description="Final learning rate of the cosine schedule.")
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
@@ -216,6 +292,12 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> Config:
+        if self.data.seq_len is not None and self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        return self
 
     @property
     def run_uri(self) -> str:

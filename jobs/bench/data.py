@@ -1,0 +1,136 @@
+"""Benchmark the data pipeline: MB/s of `lm data prepare` against single-process `tokenizers`.
+
+    python jobs/bench/data.py --mb 100 --out jobs/bench/results/data.json
+
+Builds a corpus of at least --mb MB from the bundled tinyshakespeare (documents are random runs of
+its lines, so they survive deduplication), then measures
+  * baseline: one process reading the same files and tokenizing them with ``encode_batch``;
+  * pipeline: the whole Ray Data pipeline (read, clean, dedup, split, tokenizer, tokenize, pack, write);
+and the peak resident memory of the driver and of the Ray worker processes. Writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from lm.config import load_config
+from lm.data.pipeline import prepare_data
+from lm.tokenizer import BPETokenizer
+
+
+def build_corpus(folder: Path, megabytes: float, files: int, seed: int = 0) -> int:
+    with gzip.open(Path(__file__).parents[2] / "lm/corpora/tinyshakespeare.txt.gz", "rt") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    rng = np.random.default_rng(seed)
+    target = int(megabytes * 1e6 / files)
+    total = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        parts, size = [], 0
+        while size < target:
+            start = int(rng.integers(0, len(lines) - 16))
+            doc = "\n".join(lines[start : start + int(rng.integers(4, 16))]) + f"\n-- {f}.{len(parts)}"
+            parts.append(doc)
+            size += len(doc.encode()) + 2
+        (folder / f"part-{f:03d}.txt").write_text("\n\n".join(parts))
+        total += size
+    return total
+
+
+def baseline_mb_s(folder: Path, tok: BPETokenizer) -> tuple[float, float]:
+    start, n_bytes = time.perf_counter(), 0
+    for path in sorted(folder.glob("*.txt")):
+        docs = path.read_text().split("\n\n")
+        n_bytes += sum(len(d.encode()) for d in docs)
+        for i in range(0, len(docs), 1000):
+            tok.tokenizer.encode_batch(docs[i : i + 1000], add_special_tokens=False)
+    seconds = time.perf_counter() - start
+    return n_bytes / 1e6 / seconds, seconds
+
+
+class PeakMemory:
+    """Polls the RSS of this process and of every Ray worker process (MiB)."""
+
+    def __init__(self) -> None:
+        self.driver = self.workers = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(0.5):
+            self.driver = max(self.driver, me.memory_info().rss / 2**20)
+            rss = 0
+            for p in psutil.process_iter(["name", "cmdline"]):
+                try:
+                    if p.info["name"].startswith("ray::") or "default_worker.py" in " ".join(p.info["cmdline"] or []):
+                        rss += p.memory_info().rss
+                except (psutil.Error, TypeError):
+                    continue
+            self.workers = max(self.workers, rss / 2**20)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=100.0, help="corpus size in MB")
+    parser.add_argument("--files", type=int, default=20)
+    parser.add_argument("--out", default="jobs/bench/results/data.json")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.dedup.near=false")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lm-bench-") as tmp:
+        corpus, store_root = Path(tmp) / "corpus", Path(tmp) / "store"
+        corpus_bytes = build_corpus(corpus, args.mb, args.files)
+        cfg = load_config(None, [
+            "name=bench", f"storage.root={store_root}", f"data.sources=[{{name: bench, uri: '{corpus}'}}]",
+            "tokenizer.vocab_size=8192", "tokenizer.max_train_bytes=20000000", "data.seq_len=256",
+            "model.max_seq_len=256", *args.overrides,
+        ])
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            manifest = prepare_data(cfg, log=lambda line: print(line, flush=True))
+            pipeline_s = time.perf_counter() - start
+        tok = BPETokenizer.from_json((store_root / "runs/bench/data/tokenizer.json").read_text())
+        base_mb_s, base_s = baseline_mb_s(corpus, tok)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "corpus_mb": round(corpus_bytes / 1e6, 1),
+        "files": args.files,
+        "pipeline_seconds": round(pipeline_s, 1),
+        "pipeline_mb_s": round(corpus_bytes / 1e6 / pipeline_s, 2),
+        "baseline_seconds": round(base_s, 1),
+        "baseline_mb_s": round(base_mb_s, 2),
+        "ratio": round(corpus_bytes / 1e6 / pipeline_s / base_mb_s, 3),
+        "peak_driver_mib": round(memory.driver),
+        "peak_workers_mib": round(memory.workers),
+        "peak_self_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "tokens": sum(s["tokens"] for s in manifest["splits"].values()),
+        "dedup": manifest["dedup"],
+        "overrides": args.overrides,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

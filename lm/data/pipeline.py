@@ -1,0 +1,311 @@
+"""The data pipeline on Ray Data: corpora in object storage → packed token shards + manifest.
+
+    lm data prepare -c configs/shakespeare-cpu.yaml          (or jobs/prepare_data.py on a cluster)
+
+Stages (each a Ray Data step over the pure functions in lm.data.*):
+  plan (driver: list files; errors before any work) → read (flat_map, through the storage layer's
+  pyarrow filesystem; bad objects become skip rows) → clean (map_batches) → exact dedup (groupby on
+  the text hash) → near dedup (MinHash + LSH) → split (hash of the document id) → tokenizer trained
+  on a seeded sample of the train split → tokenize (actor pool, tokenizer loaded once per actor) →
+  pack + write Parquet shards (groupby on a hash bucket, so shard contents are deterministic) →
+  ``manifest.json`` published last.
+
+Output under ``data.output`` (default ``<run>/data``): ``tokenizer.json``,
+``shards-<fingerprint>/{train,val,test}-NNNNN.parquet`` (column ``tokens``: seq_len + 1 int32
+each) and ``manifest.json``. A re-run with the same inputs finds its manifest and does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from lm.config import Config, join_uri
+from lm.data.clean import clean_batch
+from lm.data.dedup import exact_dedup, near_dedup
+from lm.data.pack import pack_rows
+from lm.data.sources import OBJECT_REASONS, DataError, plan_files, read_file_task
+from lm.data.split import hash_unit, split_batch
+from lm.storage import ObjectStore
+from lm.tokenizer import BPETokenizer, train_tokenizer
+
+Log = Callable[[str], None]
+MANIFEST = "manifest.json"
+FORMAT = "lmforge.data/1"
+
+
+def data_uri(cfg: Config) -> str:
+    return cfg.data.output or join_uri(cfg.run_uri, "data")
+
+
+def seq_len_of(cfg: Config) -> int:
+    return cfg.data.seq_len or cfg.model.max_seq_len
+
+
+def inputs_fingerprint(cfg: Config, files: list[dict]) -> str:
+    """Hash of everything that determines the output: files (uri, size), data/tokenizer config, seq_len."""
+    blob = json.dumps(
+        {
+            "files": [(f["uri"], f.get("size", -1)) for f in files],
+            "data": cfg.data.model_dump(mode="json", exclude={"output", "tokenize_actors", "actor_cpus"}),
+            "tokenizer": cfg.tokenizer.model_dump(mode="json"),
+            "seq_len": seq_len_of(cfg),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------- Ray-side workers
+
+
+class TokenizeActor:
+    """Holds one tokenizer per actor; turns a batch of documents into token arrays."""
+
+    def __init__(self, tokenizer_json: str):
+        self.tok = BPETokenizer.from_json(tokenizer_json)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        ids = self.tok.encode_batch([str(t) for t in batch["text"]])
+        return {
+            "id": list(batch["id"]),
+            "source": list(batch["source"]),
+            "split": list(batch["split"]),
+            "n_bytes": list(batch["n_bytes"]),
+            "n_tokens": [len(x) + 1 for x in ids],  # + end-of-text
+            "tokens": [np.asarray(x, dtype=np.int32) for x in ids],
+        }
+
+
+def add_bucket(batch: dict[str, Any], shards_per_split: dict[str, int]) -> dict[str, Any]:
+    batch["bucket"] = [
+        int(hash_unit(f"shard:{doc_id}") * shards_per_split[split])
+        for doc_id, split in zip(batch["id"], batch["split"], strict=True)
+    ]
+    return batch
+
+
+def write_shard(group: dict[str, Any], *, out_dir: str, fs_factory, seq_len: int, eos_id: int) -> dict[str, Any]:
+    """Pack one (split, bucket) group into rows of seq_len + 1 and write it as one Parquet file."""
+    import pyarrow as pa
+    import pyarrow.fs
+    import pyarrow.parquet as pq
+
+    order = np.argsort(np.asarray(group["id"], dtype=object).astype(str))
+    split, bucket = str(group["split"][0]), int(group["bucket"][0])
+    rows, dropped = pack_rows((group["tokens"][i] for i in order), seq_len, eos_id)
+    flat = pa.array(rows.reshape(-1), type=pa.int32())
+    table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(flat, seq_len + 1)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue()
+    name = f"{split}-{bucket:05d}.parquet"
+    fs, path = fs_factory(join_uri(out_dir, name))
+    if isinstance(fs, pa.fs.LocalFileSystem):  # S3 has no directories (and must not get markers)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+    return {
+        "path": [name], "split": [split], "rows": [len(rows)], "tokens": [int(rows.size)],
+        "dropped_tail_tokens": [dropped], "docs": [len(order)], "sha256": [hashlib.sha256(data).hexdigest()],
+    }
+
+
+# ------------------------------------------------------------------------------------- the stages
+
+
+def _ray():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(configure_logging=False, log_to_driver=False)
+    return ray
+
+
+def _batch_counts(batch: dict[str, Any], keys: list[str], sums: list[str]) -> dict[str, list]:
+    """Per-batch counts (and sums) by ``keys``: a few rows per batch, summed on the driver."""
+    acc: dict[tuple, list[int]] = {}
+    columns = [np.asarray(batch[k]).astype(str) for k in keys]
+    values = [np.asarray(batch[c], dtype=np.int64) for c in sums]
+    for i, key in enumerate(zip(*columns, strict=True)):
+        entry = acc.setdefault(key, [0] * (1 + len(sums)))
+        entry[0] += 1
+        for j, v in enumerate(values):
+            entry[j + 1] += int(v[i])
+    out: dict[str, list] = {k: [key[i] for key in acc] for i, k in enumerate(keys)}
+    out["count()"] = [e[0] for e in acc.values()]
+    for j, c in enumerate(sums):
+        out[f"sum({c})"] = [e[j + 1] for e in acc.values()]
+    return out
+
+
+def _count_by(ds, keys: list[str], sums: list[str] = ()) -> list[dict]:
+    """Counts (and sums) per distinct ``keys``, computed per batch in parallel and added up here."""
+    partial_rows = ds.select_columns([*keys, *sums]).map_batches(
+        _batch_counts, fn_kwargs={"keys": keys, "sums": list(sums)}, batch_format="numpy", batch_size=4096
+    ).take_all()
+    totals: dict[tuple, dict] = {}
+    for r in partial_rows:
+        key = tuple(str(r[k]) for k in keys)
+        entry = totals.setdefault(key, {**dict(zip(keys, key, strict=True)), "count()": 0,
+                                        **{f"sum({c})": 0 for c in sums}})
+        for name in ("count()", *[f"sum({c})" for c in sums]):
+            entry[name] += int(r[name])
+    return [totals[k] for k in sorted(totals)]
+
+
+def _train_tokenizer(cfg: Config, docs, log: Log) -> BPETokenizer:
+    """Train on a seeded sample (≤ tokenizer.max_train_bytes) of the train split, in id order."""
+    train = docs.filter(lambda r: r["split"] == "train")
+    total = train.sum("n_bytes") or 0
+    fraction = min(1.0, cfg.tokenizer.max_train_bytes / max(total, 1))
+    sample = train if fraction >= 1 else train.random_sample(fraction, seed=cfg.data.seed)
+    log(f"tokenizer: training on {fraction:.0%} of {total / 1e6:.1f} MB of train text")
+    rows = sorted(sample.select_columns(["id", "text"]).take_all(), key=lambda r: r["id"])
+    return train_tokenizer((str(r["text"]) for r in rows), cfg.tokenizer)
+
+
+def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print) -> dict:
+    """Run the whole pipeline; return the manifest (published at ``<data>/manifest.json``)."""
+    start = time.perf_counter()
+    store = store or ObjectStore(cfg.storage)
+    out = data_uri(cfg)
+    files = plan_files(store, cfg.data)  # raises before any work if a source is missing
+    fingerprint = inputs_fingerprint(cfg, files)
+    manifest_uri = join_uri(out, MANIFEST)
+    if store.exists(manifest_uri):
+        old = json.loads(store.read_text(manifest_uri))
+        if old.get("inputs_fingerprint") == fingerprint:
+            log(f"data: {manifest_uri} is up to date (inputs {fingerprint}); nothing to do")
+            return old
+    log(f"data: {len(files)} files from {len(cfg.data.sources)} sources → {out}")
+    ray = _ray()
+
+    read = partial(read_file_task, filesystem_factory=store.pyarrow_filesystem, clean=cfg.data.clean,
+                   max_file_bytes=int(cfg.data.max_file_mb * 2**20))
+    rows = ray.data.from_items(files, override_num_blocks=max(1, len(files))).flat_map(read)
+    rows = rows.map_batches(clean_batch, fn_kwargs={"cfg": cfg.data.clean}, batch_format="numpy").materialize()
+
+    skipped = rows.filter(lambda r: r["reason"] in OBJECT_REASONS).select_columns(["uri", "reason", "detail"])
+    skipped = sorted(skipped.take_all(), key=lambda r: (r["uri"], r["reason"]))
+    reasons = [r for r in _count_by(rows, ["source", "reason"]) if r["reason"] not in OBJECT_REASONS]
+    docs = rows.filter(lambda r: r["reason"] == "").drop_columns(["reason", "detail"]).materialize()
+    n_clean = docs.count()
+    parts = cfg.data.shuffle_partitions
+    n_exact = 0
+    if cfg.data.dedup.exact and n_clean > 1:
+        docs, n_exact = exact_dedup(docs, parts)
+    n_near = 0
+    if cfg.data.dedup.near and n_clean - n_exact > 1:
+        docs, n_near = near_dedup(docs, cfg.data.dedup, parts)
+    docs = docs.map_batches(split_batch, fn_kwargs={"val_fraction": cfg.data.val_fraction,
+                                                    "test_fraction": cfg.data.test_fraction},
+                            batch_format="numpy").materialize()
+    if docs.count() == 0:
+        raise DataError(f"no documents left after reading and filtering {len(files)} files "
+                        f"(dropped: {_reason_totals(reasons)}; skipped objects: {len(skipped)})")
+    log(f"data: {n_clean} clean documents, {n_exact} exact and {n_near} near duplicates removed")
+
+    tok = _train_tokenizer(cfg, docs, log)
+    tokenizer_uri = join_uri(out, "tokenizer.json")
+    store.publish_file(tok.to_json().encode(), tokenizer_uri)
+
+    tokens = docs.map_batches(TokenizeActor, fn_constructor_kwargs={"tokenizer_json": tok.to_json()},
+                              batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
+                                  size=cfg.data.tokenize_actors), num_cpus=cfg.data.actor_cpus).materialize()
+    per_source = _count_by(tokens, ["source", "split"], ["n_tokens", "n_bytes"])
+    seq_len = seq_len_of(cfg)
+    split_tokens: dict[str, int] = {}
+    for r in per_source:
+        split_tokens[r["split"]] = split_tokens.get(r["split"], 0) + r["sum(n_tokens)"]
+    shards_per_split = {s: max(1, math.ceil(n / (seq_len + 1) / cfg.data.rows_per_shard))
+                        for s, n in split_tokens.items()}
+    shard_dir = join_uri(out, f"shards-{fingerprint}")
+    written = (tokens.map_batches(add_bucket, fn_kwargs={"shards_per_split": shards_per_split}, batch_format="numpy")
+               .groupby(["split", "bucket"], num_partitions=parts)
+               .map_groups(write_shard, fn_kwargs={"out_dir": shard_dir, "fs_factory": store.pyarrow_filesystem,
+                                                    "seq_len": seq_len, "eos_id": tok.eos_id}, batch_format="numpy")
+               .take_all())
+    shards = sorted(({**w, "path": f"shards-{fingerprint}/{w['path']}"} for w in written), key=lambda w: w["path"])
+
+    manifest = _manifest(cfg, fingerprint, files, tok, shards, per_source, reasons, skipped, n_exact, n_near)
+    store.publish_file(json.dumps(manifest, indent=2, sort_keys=True).encode(), manifest_uri)
+    _remove_stale_shards(store, out, f"shards-{fingerprint}")
+    log(summary_table(manifest))
+    log(f"data: manifest → {manifest_uri} ({time.perf_counter() - start:.0f} s)")
+    return manifest
+
+
+def _reason_totals(reasons: list[dict]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for r in reasons:
+        if r["reason"]:
+            totals[r["reason"]] = totals.get(r["reason"], 0) + r["count()"]
+    return dict(sorted(totals.items()))
+
+
+def _manifest(cfg, fingerprint, files, tok, shards, per_source, reasons, skipped, n_exact, n_near) -> dict:
+    splits: dict[str, dict] = {}
+    sources: dict[str, dict] = {s.name: {"weight": s.weight, "files": 0, "dropped": {}, "splits": {}}
+                                for s in cfg.data.sources}
+    for f in files:
+        sources[f["source"]]["files"] += 1
+    for r in per_source:
+        entry = {"docs": r["count()"], "tokens": r["sum(n_tokens)"], "bytes": r["sum(n_bytes)"]}
+        sources[r["source"]]["splits"][r["split"]] = entry
+        agg = splits.setdefault(r["split"], {"docs": 0, "tokens": 0, "bytes": 0, "rows": 0, "shards": 0})
+        for key in ("docs", "tokens", "bytes"):
+            agg[key] += entry[key]
+    for r in reasons:
+        if r["reason"]:
+            sources[r["source"]]["dropped"][r["reason"]] = r["count()"]
+    for s in shards:
+        splits[s["split"]]["rows"] += s["rows"]
+        splits[s["split"]]["shards"] += 1
+    return {
+        "format": FORMAT,
+        "inputs_fingerprint": fingerprint,
+        "config_hash": hashlib.sha256(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16],
+        "seq_len": seq_len_of(cfg),
+        "row_length": seq_len_of(cfg) + 1,
+        "tokenizer": {"path": "tokenizer.json", "hash": tok.fingerprint(), "vocab_size": tok.vocab_size,
+                      "eos_id": tok.eos_id, "pad_id": tok.pad_id},
+        "shards": shards,
+        "splits": splits,
+        "sources": sources,
+        "dropped": _reason_totals(reasons),
+        "dedup": {"exact": n_exact, "near": n_near},
+        "skipped_objects": skipped,
+        "files": len(files),
+    }
+
+
+def _remove_stale_shards(store: ObjectStore, out: str, keep: str) -> None:
+    stale = {u[len(out):].lstrip("/").split("/", 1)[0] for u in store.list(out)}
+    for name in sorted(stale):
+        if name.startswith("shards-") and name != keep:
+            store.delete(join_uri(out, name))
+
+
+def summary_table(manifest: dict) -> str:
+    """A plain-text table of documents, tokens and bytes per source and split."""
+    lines = [f"{'source':<20} {'split':<6} {'docs':>9} {'tokens':>12} {'bytes':>13}  dropped"]
+    for name, src in manifest["sources"].items():
+        dropped = ", ".join(f"{k}={v}" for k, v in sorted(src["dropped"].items())) or "-"
+        for split, e in sorted(src["splits"].items()):
+            lines.append(f"{name:<20} {split:<6} {e['docs']:>9,} {e['tokens']:>12,} {e['bytes']:>13,}  {dropped}")
+            dropped = ""
+    for split, e in sorted(manifest["splits"].items()):
+        lines.append(f"{'TOTAL':<20} {split:<6} {e['docs']:>9,} {e['tokens']:>12,} {e['bytes']:>13,}  "
+                     f"{e['rows']:,} rows in {e['shards']} shards")
+    d = manifest["dedup"]
+    lines.append(f"dedup: {d['exact']} exact, {d['near']} near; skipped objects: {len(manifest['skipped_objects'])}")
+    return "\n".join(lines)
