@@ -1,178 +1,298 @@
-"""Global deduplication: exact (hash of the cleaned text) and near (MinHash + LSH banding).
+"""Global deduplication of documents: exact (same hash of the cleaned text) and near (MinHash + LSH).
 
-Pure part (numpy, no Ray): word-shingle hashes, MinHash signatures, LSH band keys, estimated
-Jaccard, union-find clusters. Ray part (``exact_dedup``, ``near_dedup``) runs them over a Ray
-Dataset with columns ``id``, ``text``, ``hash`` (+ any others, kept as they are):
+Owns all dedup logic: the pure numpy maths (word-shingle hashes, MinHash signatures, LSH band keys,
+estimated Jaccard, verification of one LSH bucket, union-find clusters) and the two Ray Data steps
+over rows with ``id`` (str, unique, stable), ``text`` and ``hash``; every other column is carried
+through untouched. Ray is imported inside functions only.
 
-  exact: a distributed ``groupby("hash")`` count; only duplicated hashes (with the smallest id,
-         the one kept) come back to the driver, never the set of all hashes.
-  near:  signatures in ``map_batches`` → one row per (band key, id) → ``groupby(band key)``
-         count → rows of shared buckets (few) become candidate pairs → the driver verifies them
-         against their signatures (estimated Jaccard ≥ threshold), clusters them with union-find
-         and keeps the smallest id of each cluster.
+  exact_dedup(ds)       groupby(hash prefix).map_groups: one row per hash, the one with the smallest id.
+  near_dedup(ds, cfg)   map_batches: signatures → one (band_key, id, signature) row per doc and band;
+                        groupby(band-key prefix).map_groups: buckets of equal band_key, verified with
+                        the signatures (estimated Jaccard ≥ cfg.threshold) → edges; driver: union-find
+                        over the (few) edges, then every cluster member but the smallest id is dropped.
+
+Callers count exact drops themselves (``ds.count()`` before and after); ``near_dedup`` returns its
+count. Ids compare as Python strings (lexicographic), so the representative is deterministic.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from itertools import chain
 from typing import Any
 
 import numpy as np
 
 from lm.config import DedupConfig
 
-MERSENNE = np.uint64((1 << 61) - 1)
+PRIME = np.uint64((1 << 61) - 1)  # Mersenne prime of the universal hashes
 MASK32 = np.uint64(0xFFFFFFFF)
-_CHUNK = 4096  # shingles per vectorised step (bounds memory for very long documents)
-_MAX_ALL_PAIRS = 32  # buckets up to this size emit every pair; larger ones a star around the min id
+_CHUNK = 2048  # shingles per vectorised step: (num_perm x 2048) uint64 = 2 MiB at num_perm=128 (cache-sized)
+_RUN_CHARS = 4_000_000  # text per vectorised shingling run (≈ 60 MiB of word arrays at most)
+_ALL_PAIRS = 256  # buckets up to this size are verified all-pairs; larger ones greedily (see bucket_edges)
 
 
-def _word_hashes(words: list[str]) -> np.ndarray:
-    cache: dict[str, int] = {}
-    out = np.empty(len(words), dtype=np.uint64)
-    for i, word in enumerate(words):
-        h = cache.get(word)
-        if h is None:
-            h = cache[word] = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
-        out[i] = h
-    return out
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser (a bijection that spreads every input bit), wrapping mod 2^64."""
+    for mult in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+        h = (h ^ (h >> np.uint64(33))) * np.uint64(mult)
+    return h ^ (h >> np.uint64(33))
+
+
+def _shingle_hashes(texts: Iterable[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shingle sets of many texts, vectorised over the batch: (x, offsets), doc i's sorted unique hashes
+    being x[offsets[i]:offsets[i+1]]. Each word starts a window of min(n, words in its doc) words."""
+    docs = [str(t).lower().split() or [""] for t in texts]
+    if not docs:
+        return np.zeros(0, dtype=np.uint64), np.zeros(1, dtype=np.int64)
+    vocab = {word: i for i, word in enumerate({w for d in docs for w in d})}
+    digests = b"".join(hashlib.blake2b(w.encode("utf-8", "surrogatepass"), digest_size=8).digest() for w in vocab)
+    table = np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+    lens = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    total = int(lens.sum())
+    w = table[np.fromiter(map(vocab.__getitem__, chain.from_iterable(docs)), dtype=np.int64, count=total)]
+    pos_doc = np.repeat(np.arange(len(docs)), lens)
+    width = np.minimum(max(n, 1), lens)[pos_doc]  # words per window at each position
+    valid = np.arange(total) - (np.cumsum(lens) - lens)[pos_doc] <= (lens[pos_doc] - width)
+    wpad = np.concatenate([w, np.zeros(max(n, 1), dtype=np.uint64)])
+    h = np.zeros(total, dtype=np.uint64)
+    for j in range(max(n, 1)):  # order-sensitive combination of the window's word hashes
+        step = _fmix64(h * np.uint64(0x100000001B3) + wpad[j : j + total])
+        h = step if j < width.min() else np.where(j < width, step, h)
+    keys = np.sort((pos_doc[valid].astype(np.uint64) << np.uint64(32)) | (h[valid] >> np.uint64(32)))
+    keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]  # unique (np.unique hashes: slower)
+    offsets = np.searchsorted(keys >> np.uint64(32), np.arange(len(docs) + 1, dtype=np.uint64))
+    return keys & MASK32, offsets
 
 
 def shingles(text: str, n: int) -> np.ndarray:
-    """Unique 64-bit hashes of the lower-cased word n-grams (a short text is one shingle)."""
-    words = text.lower().split()
-    if not words:
-        return np.zeros(1, dtype=np.uint64)
-    w = _word_hashes(words)
-    n = min(n, len(w))
-    count = len(w) - n + 1
-    h = np.zeros(count, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(n):  # polynomial combination, wrapping mod 2^64 (order-sensitive)
-            h = h * np.uint64(1_000_003) + w[j : j + count]
-    return np.unique(h)
+    """Sorted unique 32-bit hashes (as uint64) of the word n-grams of ``text`` (words: ``text.lower().split()``);
+    fewer than ``n`` words (the empty text too) make one shingle of all of them. Stable across processes
+    and platforms: BLAKE2b per word, then a fixed mixing (never Python's salted ``hash``)."""
+    return _shingle_hashes([text], n)[0]
 
 
+@lru_cache(maxsize=16)
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (a, b) of the universal hashes (a·x + b) mod (2^61 − 1); a, b < 2^31 so nothing overflows."""
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 31, size=num_perm, dtype=np.uint64)
-    b = rng.integers(0, 1 << 31, size=num_perm, dtype=np.uint64)
+    """(a, b) of the hashes h_i(x) = (a_i·x + b_i) mod (2^61 − 1), derived from the seed by BLAKE2b;
+    a ∈ [1, 2^32), b ∈ [0, 2^32) and x < 2^32, so a·x + b < 2^64 never overflows uint64."""
+    raw = [hashlib.blake2b(f"lmforge-minhash:{seed}:{i}".encode(), digest_size=8).digest() for i in range(num_perm)]
+    ab = np.frombuffer(b"".join(raw), dtype="<u4").astype(np.uint64).reshape(num_perm, 2)
+    a, b = ab[:, 0].copy(), ab[:, 1].copy()
+    a[a == 0] = 1
+    a.flags.writeable = b.flags.writeable = False
     return a, b
 
 
-def minhash_signature(text: str, num_perm: int, shingle: int, seed: int, perms=None) -> np.ndarray:
-    """MinHash signature (uint32[num_perm]) of the text's word shingles."""
-    a, b = perms if perms is not None else permutations(num_perm, seed)
-    x = shingles(text, shingle) & MASK32
-    sig = np.full(num_perm, MASK32, dtype=np.uint64)
-    for i in range(0, len(x), _CHUNK):
-        hashed = ((x[i : i + _CHUNK, None] * a[None, :] + b[None, :]) % MERSENNE) & MASK32
-        np.minimum(sig, hashed.min(axis=0), out=sig)
-    return sig.astype(np.uint32)
+def _signatures(x: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """MinHash of many shingle sets: docs are packed into chunks of ≤ _CHUNK shingles, each chunk hashed
+    into (num_perm, chunk) buffers allocated once, then min-reduced per document with reduceat."""
+    n, num_perm = len(offsets) - 1, len(a)
+    out = np.empty((n, num_perm), dtype=np.uint32)
+    buf, tmp = np.empty((num_perm, _CHUNK), dtype=np.uint64), np.empty((num_perm, _CHUNK), dtype=np.uint64)
+
+    def hashed(xs: np.ndarray) -> np.ndarray:  # (a·x + b) mod (2^61 − 1), low 32 bits; no division
+        h, t = buf[:, : len(xs)], tmp[:, : len(xs)]
+        np.multiply(a[:, None], xs[None, :], out=h)
+        h += b[:, None]
+        np.right_shift(h, np.uint64(61), out=t)  # 2^61 ≡ 1 (mod p): fold the high bits down
+        h &= PRIME
+        h += t
+        np.subtract(h, PRIME, out=t)  # wraps to a larger value unless h ≥ p
+        np.minimum(h, t, out=h)
+        h &= MASK32
+        return h
+
+    i = 0
+    while i < n:
+        j = max(i + 1, int(np.searchsorted(offsets, offsets[i] + _CHUNK, side="right")) - 1)
+        lo, hi = int(offsets[i]), int(offsets[j])
+        if hi - lo > _CHUNK:  # one long document: fold its shingles chunk by chunk
+            sig = np.full(num_perm, MASK32, dtype=np.uint64)
+            for k in range(lo, hi, _CHUNK):
+                np.minimum(sig, hashed(x[k : min(k + _CHUNK, hi)]).min(axis=1), out=sig)
+            out[i] = sig
+        else:
+            out[i:j] = np.minimum.reduceat(hashed(x[lo:hi]), offsets[i:j] - lo, axis=1).T
+        i = j
+    return out
+
+
+def minhash_signature(text: str, num_perm: int, shingle: int, seed: int) -> np.ndarray:
+    """MinHash signature, uint32[num_perm], of the text's word ``shingle``-grams."""
+    return _signatures(*_shingle_hashes([text], shingle), *permutations(num_perm, seed))[0]
 
 
 def minhash_batch(texts: Iterable[str], cfg: DedupConfig) -> np.ndarray:
-    perms = permutations(cfg.num_perm, cfg.seed)
-    rows = [minhash_signature(str(t), cfg.num_perm, cfg.shingle, cfg.seed, perms) for t in texts]
-    return np.stack(rows) if rows else np.zeros((0, cfg.num_perm), dtype=np.uint32)
+    """Signatures of many texts, uint32[n, cfg.num_perm] (row i == minhash_signature(texts[i], ...)),
+    computed in runs of ≤ _RUN_CHARS characters so that memory stays bounded for long documents."""
+    texts, perms, runs, start, size = [str(t) for t in texts], permutations(cfg.num_perm, cfg.seed), [], 0, 0
+    for i, text in enumerate(texts):
+        size += len(text)
+        if size > _RUN_CHARS or i == len(texts) - 1:
+            runs.append(_signatures(*_shingle_hashes(texts[start : i + 1], cfg.shingle), *perms))
+            start, size = i + 1, 0
+    return np.concatenate(runs) if runs else np.zeros((0, cfg.num_perm), dtype=np.uint32)
 
 
-def band_keys(signature: np.ndarray, bands: int) -> list[str]:
-    """One bucket key per band: documents sharing any key are near-duplicate candidates."""
-    rows = len(signature) // bands
-    return [f"{i}:{hashlib.blake2b(signature[i * rows:(i + 1) * rows].tobytes(), digest_size=12).hexdigest()}"
-            for i in range(bands)]
+def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
+    """LSH bucket keys, uint64[n, bands] ([1, bands] for one signature): key (i, j) hashes band j's rows
+    of doc i's signature and j itself (equal rows in different bands never share a bucket). Docs sharing
+    a key are candidates; a 64-bit collision only adds a candidate that verification rejects."""
+    sig = np.atleast_2d(np.asarray(signatures)).astype(np.uint64)
+    n, num_perm = sig.shape
+    if bands < 1 or num_perm % bands:
+        raise ValueError(f"signature length {num_perm} is not divisible by bands={bands}")
+    v = sig.reshape(n, bands, num_perm // bands)
+    h = np.broadcast_to(_fmix64(np.arange(1, bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)),
+                        (n, bands))
+    for r in range(v.shape[2]):
+        h = _fmix64(h * np.uint64(0x100000001B3) + v[:, :, r])
+    return h
 
 
-def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
-    return float(np.mean(sig_a == sig_b))
+def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float | np.ndarray:
+    """Share of equal positions (along the last axis): float for two signatures, array for stacks."""
+    equal = np.asarray(sig_a) == np.asarray(sig_b)
+    est = np.count_nonzero(equal, axis=-1) / equal.shape[-1]
+    return float(est) if np.ndim(est) == 0 else est
 
 
 def connected_components(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """id → representative (the smallest id of its cluster), for every id that appears in a pair."""
+    """Union-find over the pairs: id → representative (the smallest id of its cluster), for every id seen."""
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
         parent.setdefault(x, x)
         while parent[x] != x:
-            parent[x] = parent[parent[x]]
+            parent[x] = parent[parent[x]]  # path halving
             x = parent[x]
         return x
 
     for a, b in pairs:
         ra, rb = find(a), find(b)
         if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
+            parent[max(ra, rb)] = min(ra, rb)  # the root is always the smallest id of its cluster
     return {x: find(x) for x in list(parent)}
 
 
-# -------------------------------------------------------------------------------------- Ray side
+def bucket_edges(ids: Sequence[str], sigs: np.ndarray, threshold: float) -> list[tuple[str, str]]:
+    """Verified edges of one LSH bucket: (representative, member) with estimated Jaccard ≥ threshold.
+
+    Up to ``_ALL_PAIRS`` members every pair is checked and each cluster comes back as a star around its
+    smallest id (same components as all verified pairs, fewer edges). Larger buckets (boilerplate) are
+    clustered greedily — the smallest unassigned id takes every remaining member similar to it — in
+    O(k · clusters) instead of O(k²); those edges are a verified subset."""
+    order = sorted(range(len(ids)), key=lambda i: str(ids[i]))
+    names = [str(ids[i]) for i in order]
+    s = np.asarray(sigs)[order]
+    if len(names) <= _ALL_PAIRS:
+        similar = estimated_jaccard(s[:, None, :], s[None, :, :]) >= threshold
+        rows, cols = np.nonzero(np.triu(similar, 1))
+        reps = connected_components((names[r], names[c]) for r, c in zip(rows, cols, strict=True))
+        return sorted((rep, x) for x, rep in reps.items() if x != rep)
+    edges, left = [], np.arange(len(names))
+    while len(left) > 1:
+        near = estimated_jaccard(s[left[0]][None, :], s[left[1:]]) >= threshold
+        edges += [(names[left[0]], names[k]) for k in left[1:][near]]
+        left = left[1:][~near]
+    return edges
 
 
-def exact_dedup(ds, num_partitions: int | None = None):
-    """Keep one document per ``hash`` (the smallest id); returns (dataset, number dropped).
-
-    A distributed ``groupby("hash")`` counts every hash; only the duplicated hashes (with the id
-    to keep) come back to the driver, and a filter drops the other copies.
-    """
-    from ray.data.aggregate import Count, Min
-
-    counts = ds.select_columns(["hash", "id"]).groupby("hash", num_partitions=num_partitions)
-    dups = counts.aggregate(Count(), Min("id")).filter(lambda r: r["count()"] > 1).take_all()
-    if not dups:
-        return ds, 0
-    keep = {r["hash"]: r["min(id)"] for r in dups}
-    dropped = sum(r["count()"] - 1 for r in dups)
-    return ds.filter(lambda r: r["hash"] not in keep or r["id"] == keep[r["hash"]]).materialize(), dropped
+# ----------------------------------------------------------------------------------------- Ray side
+# Ray 2.60's map_groups costs ~15 µs per group plus ~0.1 ms per output column per group: one group per
+# hash or band key would take seconds per 10^4 documents. So groups are coarse (the hash's first
+# _HASH_CHARS hex digits, a band key's top _KEY_BITS bits: 4096 each) and split exactly inside the UDF.
+_HASH_CHARS, _KEY_BITS, _GROUP = 3, 12, "_dedup_group"
 
 
-def _signature_rows(batch: dict[str, np.ndarray], cfg: DedupConfig) -> dict[str, Any]:
+def _with_hash_group(batch: Any) -> Any:
+    import pyarrow.compute as pc
+
+    return batch.append_column(_GROUP, pc.utf8_slice_codeunits(batch.column("hash"), 0, _HASH_CHARS))
+
+
+def _keep_smallest_ids(group: Any) -> Any:
+    """map_groups UDF: per distinct ``hash`` in the group, the row with the smallest id."""
+    import pyarrow as pa
+
+    table = group.drop_columns([_GROUP])
+    hashes = table.column("hash").to_pylist()
+    if len(set(hashes)) == len(hashes):  # the common case: nothing to drop, no sort
+        return table
+    ids = table.column("id").to_pylist()
+    keep: dict[str, int] = {}
+    for i, (h, doc) in enumerate(zip(hashes, ids, strict=True)):
+        if h not in keep or doc < ids[keep[h]]:
+            keep[h] = i
+    return table.take(pa.array(sorted(keep.values()), type=pa.int64()))
+
+
+def exact_dedup(ds: Any, num_partitions: int | None = None) -> Any:
+    """Keep one document per ``hash`` — the one with the smallest id — with a distributed
+    ``groupby(hash prefix).map_groups``; no set of hashes reaches the driver. Any string hash works; a hex
+    digest (lm.data.clean.text_hash) spreads evenly. Returns the lazy result, rows grouped by hash (not in
+    input order); callers count drops themselves (``ds.count()`` before and after, materializing the
+    result first if it is reused). ``num_partitions``: shuffle partitions (None: Ray's default)."""
+    grouped = ds.map_batches(_with_hash_group, batch_format="pyarrow", zero_copy_batch=True)
+    return grouped.groupby(_GROUP, num_partitions=num_partitions).map_groups(_keep_smallest_ids, batch_format="pyarrow")
+
+
+def _band_rows(batch: dict[str, np.ndarray], cfg: DedupConfig) -> Any:
+    """map_batches UDF: (id, text) → one (group, band_key, id, sig) row per doc and band (sig: fixed-size list)."""
+    import pyarrow as pa
+
     sigs = minhash_batch(batch["text"], cfg)
-    return {"id": np.asarray(batch["id"]), "sig": sigs}
+    keys = band_keys(sigs, cfg.bands).reshape(-1)
+    ids = np.repeat(np.asarray(batch["id"]).astype(str), cfg.bands)
+    flat = pa.array(np.repeat(sigs, cfg.bands, axis=0).reshape(-1))
+    return pa.table({_GROUP: (keys >> np.uint64(64 - _KEY_BITS)).astype(np.int32), "band_key": keys,
+                     "id": pa.array(ids), "sig": pa.FixedSizeListArray.from_arrays(flat, cfg.num_perm)})
 
 
-def _band_rows(batch: dict[str, np.ndarray], bands: int) -> dict[str, Any]:
-    keys, ids = [], []
-    for doc_id, sig in zip(batch["id"], batch["sig"], strict=True):
-        for key in band_keys(np.asarray(sig, dtype=np.uint32), bands):
-            keys.append(key)
-            ids.append(str(doc_id))
-    return {"band_key": keys, "id": ids}
+def _bucket_pairs(group: Any, threshold: float) -> Iterable[dict[str, np.ndarray]]:
+    """map_groups UDF: the verified (id_a, id_b) edges of every LSH bucket (equal band_key) of 2+ docs."""
+    keys = group.column("band_key").to_numpy()
+    order = np.argsort(keys, kind="stable")
+    starts = np.flatnonzero(np.concatenate([[True], keys[order][1:] != keys[order][:-1]]))
+    sizes = np.diff(np.append(starts, len(keys)))
+    if not np.any(sizes > 1):
+        return
+    sigs = group.column("sig").combine_chunks().flatten().to_numpy().reshape(group.num_rows, -1)
+    ids = np.asarray(group.column("id").to_pylist(), dtype=object)
+    edges = []
+    for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
+        rows = order[start : start + size]
+        edges += bucket_edges(ids[rows].tolist(), sigs[rows], threshold)
+    if edges:
+        yield {"id_a": np.array([a for a, _ in edges]), "id_b": np.array([b for _, b in edges])}
 
 
-def bucket_pairs(ids: list[str]) -> list[tuple[str, str]]:
-    """Candidate pairs of one LSH bucket: every pair when small, else a star around the smallest id."""
-    ids = sorted(set(ids))
-    if len(ids) <= _MAX_ALL_PAIRS:
-        return [(x, y) for i, x in enumerate(ids) for y in ids[i + 1 :]]
-    return [(ids[0], y) for y in ids[1:]]
+def _drop_ids(batch: Any, drop: list[str]) -> Any:
+    """map_batches UDF (pyarrow): rows whose id is not in ``drop``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = batch.column("id")
+    return batch.filter(pc.invert(pc.is_in(ids, value_set=pa.array(drop, type=ids.type))))
 
 
-def near_dedup(ds, cfg: DedupConfig, num_partitions: int | None = None):
-    """Drop near-duplicates (estimated Jaccard ≥ cfg.threshold), keeping the smallest id per cluster.
+def near_dedup(ds: Any, cfg: DedupConfig, num_partitions: int | None = None) -> tuple[Any, int]:
+    """Drop near-duplicates (estimated Jaccard of the MinHash signatures ≥ cfg.threshold), keeping the
+    smallest id of each cluster (clusters are transitive: a~b and b~c put a, b, c together).
 
-    Returns ``(deduplicated dataset, number of documents dropped)``.
+    Returns ``(dataset, number of documents dropped)``. With no similar pair the input dataset itself
+    is returned. ``ds`` is read twice (signatures, then the filter): pass a materialized dataset when
+    its upstream is expensive. ``num_partitions``: shuffle partitions of the band-key groupby.
     """
-    from ray.data.aggregate import Count
-
-    sigs = ds.select_columns(["id", "text"]).map_batches(
-        _signature_rows, fn_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=256
-    ).materialize()
-    bands = sigs.map_batches(_band_rows, fn_kwargs={"bands": cfg.bands}, batch_format="numpy").materialize()
-    shared = bands.groupby("band_key", num_partitions=num_partitions).aggregate(Count())
-    shared_keys = {r["band_key"] for r in shared.filter(lambda r: r["count()"] > 1).take_all()}
-    if not shared_keys:
-        return ds, 0
-    buckets: dict[str, list[str]] = {}
-    for r in bands.filter(lambda r: r["band_key"] in shared_keys).take_all():
-        buckets.setdefault(r["band_key"], []).append(str(r["id"]))
-    pairs = {p for ids in buckets.values() for p in bucket_pairs(ids)}
-    wanted = {x for p in pairs for x in p}
-    signature = {str(r["id"]): np.asarray(r["sig"]) for r in sigs.filter(lambda r: r["id"] in wanted).take_all()}
-    verified = [(a, b) for a, b in sorted(pairs) if estimated_jaccard(signature[a], signature[b]) >= cfg.threshold]
-    drop = {doc for doc, rep in connected_components(verified).items() if doc != rep}
+    rows = ds.select_columns(["id", "text"]).map_batches(
+        _band_rows, fn_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=256)
+    pairs = rows.groupby(_GROUP, num_partitions=num_partitions).map_groups(
+        _bucket_pairs, fn_kwargs={"threshold": cfg.threshold}, batch_format="pyarrow")
+    edges = {(str(r["id_a"]), str(r["id_b"])) for r in pairs.take_all()}
+    drop = sorted(x for x, rep in connected_components(sorted(edges)).items() if x != rep)
     if not drop:
         return ds, 0
-    return ds.filter(lambda r: r["id"] not in drop).materialize(), len(drop)
+    return ds.map_batches(_drop_ids, fn_kwargs={"drop": drop}, batch_format="pyarrow", zero_copy_batch=True), len(drop)

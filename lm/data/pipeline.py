@@ -50,17 +50,25 @@ def seq_len_of(cfg: Config) -> int:
     return cfg.data.seq_len or cfg.model.max_seq_len
 
 
-def inputs_fingerprint(cfg: Config, files: list[dict]) -> str:
-    """Hash of everything that determines the output: files (uri, size), data/tokenizer config, seq_len."""
+_EXECUTION_ONLY = {"output", "tokenize_actors", "actor_cpus", "shuffle_partitions"}
+
+
+def settings_hash(cfg: Config) -> str:
+    """Hash of the settings that shape the output (not where it goes nor how it is executed)."""
     blob = json.dumps(
         {
-            "files": [(f["uri"], f.get("size", -1)) for f in files],
-            "data": cfg.data.model_dump(mode="json", exclude={"output", "tokenize_actors", "actor_cpus"}),
+            "data": cfg.data.model_dump(mode="json", exclude=_EXECUTION_ONLY),
             "tokenizer": cfg.tokenizer.model_dump(mode="json"),
             "seq_len": seq_len_of(cfg),
         },
         sort_keys=True,
     )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def inputs_fingerprint(cfg: Config, files: list[dict]) -> str:
+    """Hash of everything that determines the output: the files (uri, size) and the settings."""
+    blob = json.dumps({"files": [(f["uri"], f.get("size", -1)) for f in files], "settings": settings_hash(cfg)})
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -167,7 +175,9 @@ def _train_tokenizer(cfg: Config, docs, log: Log) -> BPETokenizer:
     train = docs.filter(lambda r: r["split"] == "train")
     total = train.sum("n_bytes") or 0
     fraction = min(1.0, cfg.tokenizer.max_train_bytes / max(total, 1))
-    sample = train if fraction >= 1 else train.random_sample(fraction, seed=cfg.data.seed)
+    # a hash of the id decides, not the block layout, so the same inputs always give the same sample
+    seed = cfg.data.seed
+    sample = train if fraction >= 1 else train.filter(lambda r: hash_unit(f"{seed}:{r['id']}") < fraction)
     log(f"tokenizer: training on {fraction:.0%} of {total / 1e6:.1f} MB of train text")
     rows = sorted(sample.select_columns(["id", "text"]).take_all(), key=lambda r: r["id"])
     return train_tokenizer((str(r["text"]) for r in rows), cfg.tokenizer)
@@ -202,7 +212,8 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
     parts = cfg.data.shuffle_partitions
     n_exact = 0
     if cfg.data.dedup.exact and n_clean > 1:
-        docs, n_exact = exact_dedup(docs, parts)
+        docs = exact_dedup(docs, parts).materialize()
+        n_exact = n_clean - docs.count()
     n_near = 0
     if cfg.data.dedup.near and n_clean - n_exact > 1:
         docs, n_near = near_dedup(docs, cfg.data.dedup, parts)
@@ -273,7 +284,7 @@ def _manifest(cfg, fingerprint, files, tok, shards, per_source, reasons, skipped
     return {
         "format": FORMAT,
         "inputs_fingerprint": fingerprint,
-        "config_hash": hashlib.sha256(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16],
+        "config_hash": settings_hash(cfg),
         "seq_len": seq_len_of(cfg),
         "row_length": seq_len_of(cfg) + 1,
         "tokenizer": {"path": "tokenizer.json", "hash": tok.fingerprint(), "vocab_size": tok.vocab_size,

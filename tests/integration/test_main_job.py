@@ -21,7 +21,7 @@ def lm(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+def local_run(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("store")
     cfg = load_config(REPO / "configs/tiny.yaml", [f"storage.root={root}", "train.max_steps=60"])
     lines: list[str] = []
@@ -35,7 +35,7 @@ def test_main_job_trains_and_publishes(local_run):
     # loss falls from ~ln(vocab) well below it
     assert summary["first_loss"] > 5.5 and summary["final_loss"] < summary["first_loss"] - 1.0
     assert summary["val_loss"] is not None and summary["val_loss"] < summary["first_loss"] - 1.0
-    for rel in ("config.yaml", "tokenizer/tokenizer.json", "train/metrics.jsonl", "train/loss.png",
+    for rel in ("config.yaml", "data/manifest.json", "data/tokenizer.json", "train/metrics.jsonl", "train/loss.png",
                 "samples.json", "model/config.json", "model/model.safetensors", "model/tokenizer.json",
                 "model/generation_config.json", "model/lineage.json"):
         assert store.exists(f"{cfg.run_uri}/{rel}"), rel
@@ -95,20 +95,22 @@ def test_cli_tokenizer_train_and_generate(local_run, tmp_path):
 
 
 @pytest.mark.s3
-def test_main_job_and_generate_on_s3(s3_server):
+@pytest.mark.ray
+def test_main_job_and_generate_on_s3(s3_server, ray_session):
     """The same job against a real S3 server, configured only by the standard AWS_* variables."""
     import os
 
     bucket = s3_server.new_bucket("job")
     root = f"s3://{bucket}/lmforge"
-    env = {**os.environ, **s3_server.env()}
+    # the job joins the session's Ray cluster, as `ray job submit` entrypoints do
+    env = {**os.environ, **s3_server.env(), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     run = subprocess.run([LM, "run", "-c", "configs/tiny.yaml", f"storage.root={root}", "train.max_steps=20"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert f"→ {root}/runs/tiny/model" in run.stdout.splitlines()[-1]
     store = s3_server.store(root=root)
     assert store.is_published(f"{root}/runs/tiny/model")
-    assert store.exists(f"{root}/runs/tiny/tokenizer/tokenizer.json")
+    assert store.exists(f"{root}/runs/tiny/data/manifest.json") and store.exists(f"{root}/runs/tiny/data/tokenizer.json")
     gen = subprocess.run([LM, "generate", "-c", "configs/tiny.yaml", f"storage.root={root}", "--prompt", "KING:"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert gen.returncode == 0, gen.stderr

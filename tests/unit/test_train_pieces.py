@@ -6,7 +6,7 @@ import torch
 
 from lm.config import TrainConfig
 from lm.inference import cut_at_stop
-from lm.train.local import sample_batch
+from lm.train.local import row_batches, to_inputs_targets
 from lm.train.optim import lr_at, param_groups
 
 
@@ -26,12 +26,20 @@ def test_param_groups_decay_matrices_only():
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
 
 
-def test_sample_batch_targets_are_shifted_inputs():
-    tokens = np.arange(1000, dtype=np.int32)
-    x, y = sample_batch(tokens, 4, 16, np.random.default_rng(0), torch.device("cpu"))
-    assert x.shape == y.shape == (4, 16) and torch.equal(y, x + 1)
+def test_row_batches_cover_each_epoch_and_shift_targets():
+    rows = np.arange(10 * 5, dtype=np.int32).reshape(10, 5)
+    batches = row_batches(rows, 3, seed=1)
+    epoch0 = [next(batches) for _ in range(3)]  # 10 rows → 3 full batches, 1 row left over
+    seen = np.concatenate(epoch0)[:, 0]
+    assert len(set(seen.tolist())) == 9
+    epoch1 = [next(batches) for _ in range(3)]
+    assert not all(np.array_equal(a, b) for a, b in zip(epoch0, epoch1, strict=True))
+    again = row_batches(rows, 3, seed=1)
+    assert all(np.array_equal(next(again), b) for b in epoch0)  # seeded: same order
+    x, y = to_inputs_targets(epoch0[0], torch.device("cpu"))
+    assert x.shape == (3, 4) and torch.equal(y, x + 1)
     with pytest.raises(ValueError, match="too few"):
-        sample_batch(tokens[:10], 1, 16, np.random.default_rng(0), torch.device("cpu"))
+        next(row_batches(rows[:2], 3, seed=1))
 
 
 def test_cut_at_stop():
