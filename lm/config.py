@@ -138,6 +138,9 @@ class DataConfig(Section):
     shuffle_partitions: int = Field(
         4, ge=1, description="Partitions of each Ray Data groupby (dedup, sharding); raise it for large corpora."
     )
+    shuffle_strategy: Literal["sort", "default"] = Field(
+        "sort", description="Ray Data shuffle for the groupbys: sort (pull-based; fastest on small clusters) or Ray's default."
+    )
     tokenize_actors: int = Field(1, ge=1, description="Tokenizer actors in the Ray Data actor pool.")
     actor_cpus: float = Field(
         0.5, gt=0, description="CPUs per tokenizer actor (fractional, so read tasks can always be scheduled)."

@@ -50,7 +50,7 @@ def seq_len_of(cfg: Config) -> int:
     return cfg.data.seq_len or cfg.model.max_seq_len
 
 
-_EXECUTION_ONLY = {"output", "tokenize_actors", "actor_cpus", "shuffle_partitions"}
+_EXECUTION_ONLY = {"output", "tokenize_actors", "actor_cpus", "shuffle_partitions", "shuffle_strategy"}
 
 
 def settings_hash(cfg: Config) -> str:
@@ -198,6 +198,23 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
             return old
     log(f"data: {len(files)} files from {len(cfg.data.sources)} sources → {out}")
     ray = _ray()
+    context = ray.data.DataContext.get_current()
+    previous = context.shuffle_strategy
+    if cfg.data.shuffle_strategy == "sort":  # datasets made below keep it
+        context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        manifest = _run_stages(cfg, store, files, fingerprint, log)
+    finally:
+        context.shuffle_strategy = previous
+    log(f"data: manifest → {manifest_uri} ({time.perf_counter() - start:.0f} s)")
+    return manifest
+
+
+def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint: str, log: Log) -> dict:
+    import ray
+
+    out = data_uri(cfg)
+    manifest_uri = join_uri(out, MANIFEST)
 
     read = partial(read_file_task, filesystem_factory=store.pyarrow_filesystem, clean=cfg.data.clean,
                    max_file_bytes=int(cfg.data.max_file_mb * 2**20))
@@ -251,7 +268,6 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
     store.publish_file(json.dumps(manifest, indent=2, sort_keys=True).encode(), manifest_uri)
     _remove_stale_shards(store, out, f"shards-{fingerprint}")
     log(summary_table(manifest))
-    log(f"data: manifest → {manifest_uri} ({time.perf_counter() - start:.0f} s)")
     return manifest
 
 
