@@ -2,8 +2,8 @@
 
     python jobs/bench/data.py --mb 100 --out jobs/bench/results/data.json
 
-Builds a corpus of at least --mb MB from the bundled tinyshakespeare (documents are random runs of
-its lines, so they survive deduplication), then measures
+Builds a corpus of at least --mb MB from the bundled tinyshakespeare (each document is 4-15 lines
+drawn at random, so documents are not near-duplicates of each other), then measures
   * baseline: one process reading the same files and tokenizing them with ``encode_batch``;
   * pipeline: the whole Ray Data pipeline (read, clean, dedup, split, tokenizer, tokenize, pack, write);
 and the peak resident memory of the driver and of the Ray worker processes. Writes JSON.
@@ -40,8 +40,8 @@ def build_corpus(folder: Path, megabytes: float, files: int, seed: int = 0) -> i
     for f in range(files):
         parts, size = [], 0
         while size < target:
-            start = int(rng.integers(0, len(lines) - 16))
-            doc = "\n".join(lines[start : start + int(rng.integers(4, 16))]) + f"\n-- {f}.{len(parts)}"
+            picks = rng.integers(0, len(lines), size=int(rng.integers(4, 16)))  # unrelated lines: no near-dups
+            doc = "\n".join(lines[i] for i in picks) + f"\n-- {f}.{len(parts)}"
             parts.append(doc)
             size += len(doc.encode()) + 2
         (folder / f"part-{f:03d}.txt").write_text("\n\n".join(parts))
