@@ -249,6 +249,9 @@ class GenerateConfig(Section):
     top_k: int | None = Field(200, ge=1, description="Keep the k most likely tokens; null = all.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass; null = off.")
     stop: list[str] = Field(default_factory=list, description="Stop when any of these strings is generated.")
+    ignore_eos: bool = Field(
+        False, description="Keep generating past end-of-text (it then shows as <|endoftext|> between documents)."
+    )
     seed: int | None = Field(0, description="Sampling seed; null = nondeterministic.")
 
 

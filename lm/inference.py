@@ -34,7 +34,7 @@ def generate_text(
         temperature=gen.temperature,
         top_k=gen.top_k,
         top_p=gen.top_p,
-        eos_id=tokenizer.eos_id,
+        eos_id=None if gen.ignore_eos else tokenizer.eos_id,
         seed=gen.seed,
         stop=stop_hook,
     )

@@ -46,3 +46,22 @@ def test_cut_at_stop():
     assert cut_at_stop("abc\n\ndef", ["\n\n"]) == ("abc", True)
     assert cut_at_stop("abcdef", ["de", "b"]) == ("a", True)
     assert cut_at_stop("abc", []) == ("abc", False)
+
+
+def test_generate_text_stops_at_eos_unless_told_not_to():
+    from lm.config import GenerateConfig, ModelConfig, TokenizerConfig
+    from lm.inference import generate_text
+    from lm.model import Transformer
+    from lm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["to be or not to be"] * 20, TokenizerConfig(vocab_size=300))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=tok.vocab_size, max_seq_len=64))
+    with torch.no_grad():  # make end-of-text the overwhelmingly likely next token
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.eos_id] = 1.0
+        model.model.norm.weight.fill_(10.0)
+    greedy = GenerateConfig(temperature=0, max_new_tokens=5, top_k=None)
+    assert generate_text(model, tok, ["to be"], greedy) == [""]
+    past = generate_text(model, tok, ["to be"], greedy.model_copy(update={"ignore_eos": True}))
+    assert past == ["<|endoftext|>" * 5]
