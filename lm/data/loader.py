@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from lm.config import join_uri
+from lm.data.pack import rows_to_inputs_targets
 from lm.storage import ObjectStore, StorageError
 
 
@@ -68,8 +69,7 @@ def iter_batches(store: ObjectStore, data_uri: str, split: str, batch_size: int,
     for row in iter_rows(store, data_uri, split, seed, epoch):
         batch.append(row)
         if len(batch) == batch_size:
-            rows = torch.from_numpy(np.stack(batch).astype(np.int64))
-            yield rows[:, :-1], rows[:, 1:]
+            yield rows_to_inputs_targets(torch.from_numpy(np.stack(batch).astype(np.int64)))
             batch = []
 
 

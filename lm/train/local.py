@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lm.config import Config
+from lm.data.pack import rows_to_inputs_targets
 from lm.train.optim import build_adamw, lr_at
 
 
@@ -47,8 +48,7 @@ def row_batches(rows: np.ndarray, batch_size: int, seed: int) -> Iterator[np.nda
 
 
 def to_inputs_targets(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    t = torch.from_numpy(batch.astype(np.int64)).to(device)
-    return t[:, :-1], t[:, 1:]
+    return rows_to_inputs_targets(torch.from_numpy(batch.astype(np.int64)).to(device))
 
 
 def autocast_for(precision: str, device: torch.device):
