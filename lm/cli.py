@@ -2,6 +2,7 @@
 
     lm run              [--config F] [key.sub=value ...]   the main job (make demo)
     lm data prepare     [--config F] [key.sub=value ...]   corpora → cleaned, deduplicated token shards (Ray Data)
+    lm train            [--config F] [key.sub=value ...]   Ray Train + DeepSpeed on the shards (resumes a run)
     lm config show      [--config F] [key.sub=value ...]   print the resolved config
     lm tokenizer train  [--config F] [key.sub=value ...]   train + publish the BPE tokenizer
     lm generate [--model URI] [--prompt P] [--config F] [key.sub=value ...]
@@ -37,6 +38,15 @@ def cmd_data_prepare(cfg: Config, args: argparse.Namespace) -> str:
     splits = ", ".join(f"{s} {e['docs']:,} docs / {e['tokens']:,} tokens" for s, e in sorted(manifest["splits"].items()))
     return (f"data: {splits}; {len(manifest['shards'])} shards, {len(manifest['skipped_objects'])} skipped objects "
             f"→ {data_uri(cfg)}/manifest.json")
+
+
+def cmd_train(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.train.trainer import train
+
+    summary = train(cfg)
+    last = summary.history[-1]
+    val = f", val {last['val_loss']:.3f}" if "val_loss" in last else ""
+    return f"train {cfg.name}: {summary.steps} steps in {summary.seconds:.0f} s, loss {last['loss']:.3f}{val} → {summary.model_uri}"
 
 
 def cmd_config_show(cfg: Config, args: argparse.Namespace) -> str:
@@ -88,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "the main job: tokenizer → train → sample, under the run URI")
     data = sub.add_parser("data", help="data pipeline").add_subparsers(dest="action", required=True)
     add("prepare", cmd_data_prepare, "read, clean, dedup, split, tokenize and pack the configured sources", data)
+    add("train", cmd_train, "train on the prepared shards with Ray Train + DeepSpeed (re-running resumes)")
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="action", required=True)
     add("show", cmd_config_show, "print the resolved config (preset + overrides, secrets masked)", config)
     tokenizer = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from lm.config import ModelConfig
@@ -182,6 +183,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.drop = nn.Dropout(cfg.dropout)
+        self.activation_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -214,8 +216,12 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
         mask = self._attention_mask(B, T, start, attention_mask, input_ids.device)
         x = self.drop(self.model.embed_tokens(input_ids))
+        recompute = self.activation_checkpointing and self.training and kv_cache is None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, kv_cache, i)
+            if recompute:  # keep only block inputs; recompute the rest in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, i)
         logits = self.lm_head(self.model.norm(x)).float()
         if kv_cache is not None:
             kv_cache.length += T

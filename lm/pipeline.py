@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from lm.config import Config, dump_yaml, join_uri
 from lm.data.documents import iter_documents
 from lm.data.loader import load_rows
@@ -30,7 +28,9 @@ from lm.modeldir import load_model_dir, save_model_dir
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer, bytes_per_token, train_tokenizer
 from lm.train.local import pick_device, train_local
+from lm.train.loop import build_model as build_model_for_vocab
 from lm.train.metrics import history_jsonl, loss_curve_png
+from lm.train.trainer import TrainSummary, train
 
 Log = Callable[[str], None]
 
@@ -54,9 +54,27 @@ def tokenizer_stage(store: ObjectStore, cfg: Config) -> TokenizerReport:
 
 
 def build_model(cfg: Config, tok: BPETokenizer) -> Transformer:
-    vocab = max(cfg.model.vocab_size, tok.vocab_size)
-    torch.manual_seed(cfg.train.seed)
-    return Transformer(cfg.model.model_copy(update={"vocab_size": vocab}))
+    return build_model_for_vocab(cfg, tok.vocab_size)
+
+
+def _train_here(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifest: dict, log: Log) -> TrainSummary:
+    """train.trainer=local: the plain single-process loop, writing what the Ray trainer writes."""
+    data = data_uri(cfg)
+    train_rows = load_rows(store, data, "train")
+    val_rows = load_rows(store, data, "val") if "val" in manifest["splits"] else None
+    model = build_model(cfg, tok)
+    log(f"model: {model.num_parameters():,} parameters; training on {pick_device(cfg.train.device)}")
+    result = train_local(cfg, model, train_rows, val_rows, log=log)
+    train_uri = join_uri(cfg.run_uri, "train")
+    store.write_text(join_uri(train_uri, "metrics.jsonl"), history_jsonl(result.history))
+    store.write_bytes(join_uri(train_uri, "loss.png"), loss_curve_png(result.history, f"{cfg.name}: loss"))
+    model_uri = join_uri(cfg.run_uri, "model")
+    lineage = {"run": cfg.name, "config_hash": cfg.fingerprint(), "tokenizer_hash": tok.fingerprint(),
+               "data_manifest": join_uri(data, "manifest.json"), "data_inputs": manifest["inputs_fingerprint"],
+               "steps": result.steps, "tokens": result.tokens, "final_loss": result.history[-1]["loss"],
+               "trainer": "local"}
+    save_model_dir(store, model_uri, model.cpu(), tok, cfg.generate, lineage)
+    return TrainSummary(model_uri, result.steps, result.seconds, result.history, None)
 
 
 def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) -> dict:
@@ -69,23 +87,16 @@ def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) ->
     manifest = prepare_data(cfg, store, log)
     data = data_uri(cfg)
     tok = BPETokenizer.from_json(store.read_text(join_uri(data, manifest["tokenizer"]["path"])))
-    train_rows = load_rows(store, data, "train")
-    val_rows = load_rows(store, data, "val") if "val" in manifest["splits"] else None
-    log(f"data: {len(train_rows):,} train rows, {0 if val_rows is None else len(val_rows):,} validation rows "
-        f"of {manifest['row_length']} tokens; {tok.vocab_size} tokens in the vocabulary")
-
-    model = build_model(cfg, tok)
-    log(f"model: {model.num_parameters():,} parameters; training on {pick_device(cfg.train.device)}")
-    result = train_local(cfg, model, train_rows, val_rows, log=log)
-    train_uri = join_uri(cfg.run_uri, "train")
-    store.write_text(join_uri(train_uri, "metrics.jsonl"), history_jsonl(result.history))
-    store.write_bytes(join_uri(train_uri, "loss.png"), loss_curve_png(result.history, f"{cfg.name}: loss"))
+    log(f"data: {manifest['splits']['train']['rows']:,} train rows, "
+        f"{manifest['splits'].get('val', {}).get('rows', 0):,} validation rows of {manifest['row_length']} tokens; "
+        f"{tok.vocab_size} tokens in the vocabulary")
 
     model_uri = join_uri(cfg.run_uri, "model")
-    lineage = {"run": cfg.name, "config_hash": cfg.fingerprint(), "tokenizer_hash": tok.fingerprint(),
-               "data_manifest": join_uri(data, "manifest.json"), "data_inputs": manifest["inputs_fingerprint"],
-               "steps": result.steps, "tokens": result.tokens, "final_loss": result.history[-1]["loss"]}
-    save_model_dir(store, model_uri, model.cpu(), tok, cfg.generate, lineage)
+    if cfg.train.trainer == "ray":
+        log(f"model: {build_model(cfg, tok).num_parameters():,} parameters; Ray Train + DeepSpeed")
+        result = train(cfg, store, log)
+    else:
+        result = _train_here(cfg, store, tok, manifest, log)
     loaded = load_model_dir(store, model_uri)
     sample = generate_text(loaded.model, loaded.tokenizer, [cfg.generate.prompt], cfg.generate)[0]
     summary = {

@@ -4,7 +4,8 @@
 
 Builds a corpus of at least --mb MB from the bundled tinyshakespeare (each document is 4-15 lines
 drawn at random, so documents are not near-duplicates of each other), then measures
-  * baseline: one process reading the same files and tokenizing them with ``encode_batch``;
+  * baseline: one process reading the same files and tokenizing them with ``encode_batch``, once with
+    every core (the `tokenizers` default) and once on one thread;
   * pipeline: the whole Ray Data pipeline (read, clean, dedup, split, tokenizer, tokenize, pack, write);
 and the peak resident memory of the driver and of the Ray worker processes. Writes JSON.
 """
@@ -16,6 +17,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import resource
 import tempfile
 import threading
@@ -49,19 +51,30 @@ def build_corpus(folder: Path, megabytes: float, files: int, seed: int = 0) -> i
     return total
 
 
-def baseline_mb_s(folder: Path, tok: BPETokenizer) -> tuple[float, float]:
-    start, n_bytes = time.perf_counter(), 0
-    for path in sorted(folder.glob("*.txt")):
-        docs = path.read_text().split("\n\n")
-        n_bytes += sum(len(d.encode()) for d in docs)
-        for i in range(0, len(docs), 1000):
-            tok.tokenizer.encode_batch(docs[i : i + 1000], add_special_tokens=False)
-    seconds = time.perf_counter() - start
+def baseline_mb_s(folder: Path, tok: BPETokenizer, threads: str) -> tuple[float, float]:
+    """One process reading the files and tokenizing them with ``encode_batch``; ``threads="all"`` lets
+    `tokenizers` use every core (its default), ``"one"`` sets TOKENIZERS_PARALLELISM=false."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads == "all" else "false"
+    try:
+        start, n_bytes = time.perf_counter(), 0
+        for path in sorted(folder.glob("*.txt")):
+            docs = path.read_text().split("\n\n")
+            n_bytes += sum(len(d.encode()) for d in docs)
+            for i in range(0, len(docs), 1000):
+                tok.tokenizer.encode_batch(docs[i : i + 1000], add_special_tokens=False)
+        seconds = time.perf_counter() - start
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
     return n_bytes / 1e6 / seconds, seconds
 
 
 class PeakMemory:
-    """Polls the RSS of this process and of every Ray worker process (MiB)."""
+    """Polls the RSS of this process and the summed USS (memory unique to each process, so the shared
+    object store is not counted once per worker) of every Ray worker process (MiB)."""
 
     def __init__(self) -> None:
         self.driver = self.workers = 0.0
@@ -76,7 +89,7 @@ class PeakMemory:
             for p in psutil.process_iter(["name", "cmdline"]):
                 try:
                     if p.info["name"].startswith("ray::") or "default_worker.py" in " ".join(p.info["cmdline"] or []):
-                        rss += p.memory_info().rss
+                        rss += p.memory_full_info().uss
                 except (psutil.Error, TypeError):
                     continue
             self.workers = max(self.workers, rss / 2**20)
@@ -102,15 +115,23 @@ def main() -> None:
         corpus_bytes = build_corpus(corpus, args.mb, args.files)
         cfg = load_config(None, [
             "name=bench", f"storage.root={store_root}", f"data.sources=[{{name: bench, uri: '{corpus}'}}]",
-            "tokenizer.vocab_size=8192", "tokenizer.max_train_bytes=20000000", "data.seq_len=256",
+            "tokenizer.vocab_size=8192", "tokenizer.max_train_bytes=10000000", "data.seq_len=256",
             "model.max_seq_len=256", *args.overrides,
         ])
+        lines: list[str] = []
+
+        def log(line: str) -> None:
+            lines.append(line)
+            print(line, flush=True)
+
         with PeakMemory() as memory:
             start = time.perf_counter()
-            manifest = prepare_data(cfg, log=lambda line: print(line, flush=True))
+            manifest = prepare_data(cfg, log=log)
             pipeline_s = time.perf_counter() - start
         tok = BPETokenizer.from_json((store_root / "runs/bench/data/tokenizer.json").read_text())
-        base_mb_s, base_s = baseline_mb_s(corpus, tok)
+        base_mb_s, base_s = baseline_mb_s(corpus, tok, "all")
+        one_mb_s, one_s = baseline_mb_s(corpus, tok, "one")
+    stages = {m[1]: float(m[2]) for line in lines if (m := re.match(r"data: (.+?)(?: [\d,]+ .*| \(.*|:.*)? \[([\d.]+) s\]$", line))}
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "corpus_mb": round(corpus_bytes / 1e6, 1),
@@ -120,8 +141,12 @@ def main() -> None:
         "baseline_seconds": round(base_s, 1),
         "baseline_mb_s": round(base_mb_s, 2),
         "ratio": round(corpus_bytes / 1e6 / pipeline_s / base_mb_s, 3),
-        "peak_driver_mib": round(memory.driver),
-        "peak_workers_mib": round(memory.workers),
+        "baseline_one_thread_seconds": round(one_s, 1),
+        "baseline_one_thread_mb_s": round(one_mb_s, 2),
+        "ratio_vs_one_thread": round(corpus_bytes / 1e6 / pipeline_s / one_mb_s, 3),
+        "stage_seconds": stages,
+        "peak_driver_rss_mib": round(memory.driver),
+        "peak_workers_uss_mib": round(memory.workers),
         "peak_self_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "tokens": sum(s["tokens"] for s in manifest["splits"].values()),
         "dedup": manifest["dedup"],

@@ -38,6 +38,7 @@ _NEWLINES = re.compile("\r\n|[\r\v\f\x85\u2028\u2029]")
 _SPACE_RUN = re.compile(" {2,}")
 _TRAILING = re.compile("[ \t]+$", re.MULTILINE)
 _MANY_NEWLINES = re.compile("\n{3,}")
+_ODD_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")  # category Zs but ' '
 _BASIC_PUNCT = frozenset(".,;:!?'\"-()")
 
 
@@ -55,6 +56,8 @@ def normalize_unicode(text: str, form: str) -> str:
 
 def unify_newlines(text: str) -> str:
     """Every line break (\\r\\n, \\r, \\v, \\f, U+0085, U+2028, U+2029) becomes a single ``\\n``."""
+    if text.isascii() and "\r" not in text and "\v" not in text and "\f" not in text:
+        return text  # fast path: nothing to replace
     return _NEWLINES.sub("\n", text)
 
 
@@ -63,7 +66,7 @@ def remove_control_chars(text: str) -> str:
 
     Newline and tab are kept. Call :func:`unify_newlines` first, or a lone ``\\r`` line end vanishes.
     """
-    if text.isprintable():
+    if text.replace("\n", "").replace("\t", "").isprintable():
         return text  # fast path: no character of category C* (nor Z* other than ' ')
     return "".join(c for c in text if c in "\n\t" or not unicodedata.category(c).startswith("C"))
 
@@ -76,10 +79,13 @@ def normalize_whitespace(text: str) -> str:
     """
     text = unify_newlines(text)
     if not text.isascii():
-        text = "".join(" " if c != " " and unicodedata.category(c) == "Zs" else c for c in text)
-    text = _SPACE_RUN.sub(" ", text)
-    text = _TRAILING.sub("", text)
-    text = _MANY_NEWLINES.sub("\n\n", text)
+        text = _ODD_SPACES.sub(" ", text)
+    if "  " in text:  # each substitution only where it can match: the `in` tests are much cheaper
+        text = _SPACE_RUN.sub(" ", text)
+    if " \n" in text or "\t\n" in text:
+        text = _TRAILING.sub("", text)
+    if "\n\n\n" in text:
+        text = _MANY_NEWLINES.sub("\n\n", text)
     return text.strip()
 
 

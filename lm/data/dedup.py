@@ -6,10 +6,11 @@ over rows with ``id`` (str, unique, stable), ``text`` and ``hash``; every other 
 through untouched. Ray is imported inside functions only.
 
   exact_dedup(ds)       groupby(hash prefix).map_groups: one row per hash, the one with the smallest id.
-  near_dedup(ds, cfg)   map_batches: signatures → one (band_key, id, signature) row per doc and band;
-                        groupby(band-key prefix).map_groups: buckets of equal band_key, verified with
-                        the signatures (estimated Jaccard ≥ cfg.threshold) → edges; driver: union-find
-                        over the (few) edges, then every cluster member but the smallest id is dropped.
+  near_dedup(ds, cfg)   map_batches: (id, signature) rows → one (band_key, id) row per doc and band;
+                        groupby(band-key prefix).map_groups: the buckets of 2+ equal band_keys; driver:
+                        fetches the signatures of those (few) candidates, verifies each bucket
+                        (estimated Jaccard ≥ cfg.threshold) → edges, union-find, and every cluster
+                        member but the smallest id is dropped.
 
 Callers count exact drops themselves (``ds.count()`` before and after); ``near_dedup`` returns its
 count. Ids compare as Python strings (lexicographic), so the representative is deterministic.
@@ -26,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from lm.config import DedupConfig
+from lm.data.tables import filter_in
 
-PRIME = np.uint64((1 << 61) - 1)  # Mersenne prime of the universal hashes
 MASK32 = np.uint64(0xFFFFFFFF)
 _CHUNK = 2048  # shingles per vectorised step: (num_perm x 2048) uint64 = 2 MiB at num_perm=128 (cache-sized)
 _RUN_CHARS = 4_000_000  # text per vectorised shingling run (≈ 60 MiB of word arrays at most)
@@ -76,12 +77,11 @@ def shingles(text: str, n: int) -> np.ndarray:
 
 @lru_cache(maxsize=16)
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) of the hashes h_i(x) = (a_i·x + b_i) mod (2^61 − 1), derived from the seed by BLAKE2b;
-    a ∈ [1, 2^32), b ∈ [0, 2^32) and x < 2^32, so a·x + b < 2^64 never overflows uint64."""
-    raw = [hashlib.blake2b(f"lmforge-minhash:{seed}:{i}".encode(), digest_size=8).digest() for i in range(num_perm)]
-    ab = np.frombuffer(b"".join(raw), dtype="<u4").astype(np.uint64).reshape(num_perm, 2)
-    a, b = ab[:, 0].copy(), ab[:, 1].copy()
-    a[a == 0] = 1
+    """(a, b) of the multiply-add-shift hashes h_i(x) = ((a_i·x + b_i) mod 2^64) >> 32 (Dietzfelbinger:
+    strongly universal for 32-bit x), derived from the seed by BLAKE2b; a is odd, both are 64-bit."""
+    raw = [hashlib.blake2b(f"lmforge-minhash:{seed}:{i}".encode(), digest_size=16).digest() for i in range(num_perm)]
+    ab = np.frombuffer(b"".join(raw), dtype="<u8").astype(np.uint64).reshape(num_perm, 2)
+    a, b = ab[:, 0] | np.uint64(1), ab[:, 1].copy()
     a.flags.writeable = b.flags.writeable = False
     return a, b
 
@@ -91,18 +91,13 @@ def _signatures(x: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray
     into (num_perm, chunk) buffers allocated once, then min-reduced per document with reduceat."""
     n, num_perm = len(offsets) - 1, len(a)
     out = np.empty((n, num_perm), dtype=np.uint32)
-    buf, tmp = np.empty((num_perm, _CHUNK), dtype=np.uint64), np.empty((num_perm, _CHUNK), dtype=np.uint64)
+    buf = np.empty((num_perm, _CHUNK), dtype=np.uint64)
 
-    def hashed(xs: np.ndarray) -> np.ndarray:  # (a·x + b) mod (2^61 − 1), low 32 bits; no division
-        h, t = buf[:, : len(xs)], tmp[:, : len(xs)]
-        np.multiply(a[:, None], xs[None, :], out=h)
+    def hashed(xs: np.ndarray) -> np.ndarray:  # ((a·x + b) mod 2^64) >> 32: three vector passes
+        h = buf[:, : len(xs)]
+        np.multiply(a[:, None], xs[None, :], out=h)  # uint64 arithmetic wraps mod 2^64
         h += b[:, None]
-        np.right_shift(h, np.uint64(61), out=t)  # 2^61 ≡ 1 (mod p): fold the high bits down
-        h &= PRIME
-        h += t
-        np.subtract(h, PRIME, out=t)  # wraps to a larger value unless h ≥ p
-        np.minimum(h, t, out=h)
-        h &= MASK32
+        h >>= np.uint64(32)
         return h
 
     i = 0
@@ -240,43 +235,41 @@ def exact_dedup(ds: Any, num_partitions: int | None = None) -> Any:
     return grouped.groupby(_GROUP, num_partitions=num_partitions).map_groups(_keep_smallest_ids, batch_format="pyarrow")
 
 
-def _band_rows(batch: dict[str, np.ndarray], cfg: DedupConfig) -> Any:
-    """map_batches UDF: (id, text) → one (group, band_key, id, sig) row per doc and band (sig: fixed-size list)."""
+def _signature_rows(batch: dict[str, np.ndarray], cfg: DedupConfig) -> Any:
+    """map_batches UDF: (id, text) → (id, sig) with sig a fixed-size list of cfg.num_perm uint32."""
     import pyarrow as pa
 
     sigs = minhash_batch(batch["text"], cfg)
-    keys = band_keys(sigs, cfg.bands).reshape(-1)
-    ids = np.repeat(np.asarray(batch["id"]).astype(str), cfg.bands)
-    flat = pa.array(np.repeat(sigs, cfg.bands, axis=0).reshape(-1))
-    return pa.table({_GROUP: (keys >> np.uint64(64 - _KEY_BITS)).astype(np.int32), "band_key": keys,
-                     "id": pa.array(ids), "sig": pa.FixedSizeListArray.from_arrays(flat, cfg.num_perm)})
+    flat = pa.array(sigs.reshape(-1), type=pa.uint32())
+    return pa.table({"id": pa.array(np.asarray(batch["id"]).astype(str)),
+                     "sig": pa.FixedSizeListArray.from_arrays(flat, cfg.num_perm)})
 
 
-def _bucket_pairs(group: Any, threshold: float) -> Iterable[dict[str, np.ndarray]]:
-    """map_groups UDF: the verified (id_a, id_b) edges of every LSH bucket (equal band_key) of 2+ docs."""
+def _band_rows(batch: Any, bands: int) -> Any:
+    """map_batches UDF (pyarrow): (id, sig) → one (group, band_key, id) row per doc and band. Signatures
+    stay out of the shuffle (16x smaller): only buckets of 2+ ids come back, and only they are verified."""
+    import pyarrow as pa
+
+    sigs = batch.column("sig").combine_chunks().flatten().to_numpy().reshape(batch.num_rows, -1)
+    keys = band_keys(sigs, bands).reshape(-1)
+    ids = pa.array(np.repeat(np.asarray(batch.column("id").to_pylist(), dtype=object), bands), type=pa.string())
+    return pa.table({_GROUP: (keys >> np.uint64(64 - _KEY_BITS)).astype(np.int32), "band_key": keys, "id": ids})
+
+
+def _candidate_buckets(group: Any) -> Iterable[dict[str, Any]]:
+    """map_groups UDF: the ids of every LSH bucket (equal band_key) of 2+ docs, one list per bucket."""
+    import pyarrow as pa
+
     keys = group.column("band_key").to_numpy()
     order = np.argsort(keys, kind="stable")
     starts = np.flatnonzero(np.concatenate([[True], keys[order][1:] != keys[order][:-1]]))
     sizes = np.diff(np.append(starts, len(keys)))
     if not np.any(sizes > 1):
         return
-    sigs = group.column("sig").combine_chunks().flatten().to_numpy().reshape(group.num_rows, -1)
     ids = np.asarray(group.column("id").to_pylist(), dtype=object)
-    edges = []
-    for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
-        rows = order[start : start + size]
-        edges += bucket_edges(ids[rows].tolist(), sigs[rows], threshold)
-    if edges:
-        yield {"id_a": np.array([a for a, _ in edges]), "id_b": np.array([b for _, b in edges])}
-
-
-def _drop_ids(batch: Any, drop: list[str]) -> Any:
-    """map_batches UDF (pyarrow): rows whose id is not in ``drop``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    ids = batch.column("id")
-    return batch.filter(pc.invert(pc.is_in(ids, value_set=pa.array(drop, type=ids.type))))
+    members = [sorted(ids[order[start : start + size]].tolist())
+               for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True)]
+    yield pa.table({"members": pa.array(members, type=pa.list_(pa.string()))})
 
 
 def near_dedup(ds: Any, cfg: DedupConfig, num_partitions: int | None = None) -> tuple[Any, int]:
@@ -287,12 +280,18 @@ def near_dedup(ds: Any, cfg: DedupConfig, num_partitions: int | None = None) -> 
     is returned. ``ds`` is read twice (signatures, then the filter): pass a materialized dataset when
     its upstream is expensive. ``num_partitions``: shuffle partitions of the band-key groupby.
     """
-    rows = ds.select_columns(["id", "text"]).map_batches(
-        _band_rows, fn_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=256)
-    pairs = rows.groupby(_GROUP, num_partitions=num_partitions).map_groups(
-        _bucket_pairs, fn_kwargs={"threshold": cfg.threshold}, batch_format="pyarrow")
-    edges = {(str(r["id_a"]), str(r["id_b"])) for r in pairs.take_all()}
+    sigs = ds.select_columns(["id", "text"]).map_batches(
+        _signature_rows, fn_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=1024).materialize()
+    rows = sigs.map_batches(_band_rows, fn_kwargs={"bands": cfg.bands}, batch_format="pyarrow")
+    buckets = [list(r["members"]) for r in rows.groupby(_GROUP, num_partitions=num_partitions).map_groups(
+        _candidate_buckets, batch_format="pyarrow").take_all()]
+    if not buckets:
+        return ds, 0
+    candidates = sorted({x for b in buckets for x in b})
+    found = filter_in(sigs, "id", candidates).take_all()
+    sig_of = {str(r["id"]): np.asarray(r["sig"], dtype=np.uint32) for r in found}
+    edges = {e for b in buckets for e in bucket_edges(b, np.stack([sig_of[x] for x in b]), cfg.threshold)}
     drop = sorted(x for x, rep in connected_components(sorted(edges)).items() if x != rep)
     if not drop:
         return ds, 0
-    return ds.map_batches(_drop_ids, fn_kwargs={"drop": drop}, batch_format="pyarrow", zero_copy_batch=True), len(drop)
+    return filter_in(ds, "id", drop, keep=False), len(drop)

@@ -22,8 +22,9 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,8 @@ from lm.data.clean import clean_batch
 from lm.data.dedup import exact_dedup, near_dedup
 from lm.data.pack import pack_rows
 from lm.data.sources import OBJECT_REASONS, DataError, plan_files, read_file_task
-from lm.data.split import hash_unit, split_batch
+from lm.data.split import hash_unit, mixing_copies, split_batch
+from lm.data.tables import filter_in
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer, train_tokenizer
 
@@ -47,7 +49,7 @@ def data_uri(cfg: Config) -> str:
 
 
 def seq_len_of(cfg: Config) -> int:
-    return cfg.data.seq_len or cfg.model.max_seq_len
+    return cfg.seq_len
 
 
 _EXECUTION_ONLY = {"output", "tokenize_actors", "actor_cpus", "shuffle_partitions", "shuffle_strategy"}
@@ -76,21 +78,58 @@ def inputs_fingerprint(cfg: Config, files: list[dict]) -> str:
 
 
 class TokenizeActor:
-    """Holds one tokenizer per actor; turns a batch of documents into token arrays."""
+    """Holds one tokenizer per actor; turns a batch of documents into token arrays, each train document
+    repeated by its source's mixing weight (:func:`~lm.data.split.mixing_copies`; copy k > 0 gets the
+    id ``<id>~k``, so copies land in different shards)."""
 
-    def __init__(self, tokenizer_json: str):
+    def __init__(self, tokenizer_json: str, weights: dict[str, float]):
         self.tok = BPETokenizer.from_json(tokenizer_json)
+        self.weights = weights
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import pyarrow as pa
+
         ids = self.tok.encode_batch([str(t) for t in batch["text"]])
-        return {
-            "id": list(batch["id"]),
-            "source": list(batch["source"]),
-            "split": list(batch["split"]),
-            "n_bytes": list(batch["n_bytes"]),
-            "n_tokens": [len(x) + 1 for x in ids],  # + end-of-text
-            "tokens": [np.asarray(x, dtype=np.int32) for x in ids],
-        }
+        lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+        flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        table = pa.table({
+            "id": pa.array(batch["id"].astype(str)),
+            "source": pa.array(batch["source"].astype(str)),
+            "split": pa.array(batch["split"].astype(str)),
+            "n_bytes": pa.array(np.asarray(batch["n_bytes"], dtype=np.int64)),
+            "n_tokens": pa.array(lengths.astype(np.int64) + 1),  # + end-of-text
+            "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        })
+        copies = [mixing_copies(i, sp, self.weights[src])
+                  for i, sp, src in zip(batch["id"], batch["split"], batch["source"], strict=True)]
+        if all(c == 1 for c in copies):
+            return table.append_column("original", pa.array(np.ones(len(copies), dtype=np.int64)))
+        take = np.repeat(np.arange(len(copies)), copies)
+        copy = np.concatenate([np.arange(c) for c in copies]).astype(np.int64) if take.size else take
+        table = table.take(pa.array(take))
+        ids = [i if k == 0 else f"{i}~{k}" for i, k in zip(table.column("id").to_pylist(), copy.tolist(), strict=True)]
+        table = table.set_column(0, "id", pa.array(ids, type=pa.string()))
+        return table.append_column("original", pa.array((copy == 0).astype(np.int64)))
+
+
+READ_BATCH_ROWS = 4096
+
+
+def read_and_clean(files: dict[str, Any], *, read: Callable, cfg) -> Iterator[dict[str, list]]:
+    """map_batches UDF: the documents of each file, cleaned, as column batches of ≤ READ_BATCH_ROWS
+    (one fused task per file: no Python dict per row crosses Ray)."""
+    columns: dict[str, list] = {}
+    n_files = len(next(iter(files.values()), []))
+    for i in range(n_files):
+        for row in read({k: v[i] for k, v in files.items()}):
+            for key, value in row.items():
+                columns.setdefault(key, []).append(value)
+            if len(columns["id"]) >= READ_BATCH_ROWS:
+                yield clean_batch(columns, cfg)
+                columns = {}
+    if columns:
+        yield clean_batch(columns, cfg)
 
 
 def add_bucket(batch: dict[str, Any], shards_per_split: dict[str, int]) -> dict[str, Any]:
@@ -170,14 +209,21 @@ def _count_by(ds, keys: list[str], sums: list[str] = ()) -> list[dict]:
     return [totals[k] for k in sorted(totals)]
 
 
+def _hash_sample(batch: Any, seed: int, fraction: float) -> Any:
+    """map_batches UDF (pyarrow): the rows whose seeded id hash falls below ``fraction``."""
+    keep = [hash_unit(f"{seed}:{doc_id}") < fraction for doc_id in batch.column("id").to_pylist()]
+    return batch.filter(np.asarray(keep, dtype=bool))
+
+
 def _train_tokenizer(cfg: Config, docs, log: Log) -> BPETokenizer:
     """Train on a seeded sample (≤ tokenizer.max_train_bytes) of the train split, in id order."""
-    train = docs.filter(lambda r: r["split"] == "train")
+    train = filter_in(docs, "split", ["train"])
     total = train.sum("n_bytes") or 0
     fraction = min(1.0, cfg.tokenizer.max_train_bytes / max(total, 1))
     # a hash of the id decides, not the block layout, so the same inputs always give the same sample
     seed = cfg.data.seed
-    sample = train if fraction >= 1 else train.filter(lambda r: hash_unit(f"{seed}:{r['id']}") < fraction)
+    sample = train if fraction >= 1 else train.map_batches(
+        _hash_sample, fn_kwargs={"seed": seed, "fraction": fraction}, batch_format="pyarrow", zero_copy_batch=True)
     log(f"tokenizer: training on {fraction:.0%} of {total / 1e6:.1f} MB of train text")
     rows = sorted(sample.select_columns(["id", "text"]).take_all(), key=lambda r: r["id"])
     return train_tokenizer((str(r["text"]) for r in rows), cfg.tokenizer)
@@ -210,46 +256,66 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
     return manifest
 
 
+class _StageClock:
+    """Logs how long each stage took (the pipeline's progress lines)."""
+
+    def __init__(self, log: Log):
+        self.log, self.last = log, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        now = time.perf_counter()
+        self.log(f"data: {message} [{now - self.last:.1f} s]")
+        self.last = now
+
+
 def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint: str, log: Log) -> dict:
     import ray
 
+    done = _StageClock(log)
     out = data_uri(cfg)
     manifest_uri = join_uri(out, MANIFEST)
 
     read = partial(read_file_task, filesystem_factory=store.pyarrow_filesystem, clean=cfg.data.clean,
                    max_file_bytes=int(cfg.data.max_file_mb * 2**20))
-    rows = ray.data.from_items(files, override_num_blocks=max(1, len(files))).flat_map(read)
-    rows = rows.map_batches(clean_batch, fn_kwargs={"cfg": cfg.data.clean}, batch_format="numpy").materialize()
+    rows = ray.data.from_items(files, override_num_blocks=max(1, len(files))).map_batches(
+        read_and_clean, fn_kwargs={"read": read, "cfg": cfg.data.clean}, batch_size=1).materialize()
 
-    skipped = rows.filter(lambda r: r["reason"] in OBJECT_REASONS).select_columns(["uri", "reason", "detail"])
+    skipped = filter_in(rows, "reason", sorted(OBJECT_REASONS)).select_columns(["uri", "reason", "detail"])
     skipped = sorted(skipped.take_all(), key=lambda r: (r["uri"], r["reason"]))
     reasons = [r for r in _count_by(rows, ["source", "reason"]) if r["reason"] not in OBJECT_REASONS]
-    docs = rows.filter(lambda r: r["reason"] == "").drop_columns(["reason", "detail"]).materialize()
+    docs = filter_in(rows, "reason", [""]).drop_columns(["reason", "detail"]).materialize()
     n_clean = docs.count()
+    done(f"read and cleaned {n_clean} documents ({len(skipped)} objects skipped)")
     parts = cfg.data.shuffle_partitions
     n_exact = 0
     if cfg.data.dedup.exact and n_clean > 1:
         docs = exact_dedup(docs, parts).materialize()
         n_exact = n_clean - docs.count()
+        done(f"exact dedup: {n_exact} removed")
     n_near = 0
     if cfg.data.dedup.near and n_clean - n_exact > 1:
         docs, n_near = near_dedup(docs, cfg.data.dedup, parts)
+        done(f"near dedup: {n_near} removed")
+    fixed = {s.name: s.split for s in cfg.data.sources if s.split}
     docs = docs.map_batches(split_batch, fn_kwargs={"val_fraction": cfg.data.val_fraction,
-                                                    "test_fraction": cfg.data.test_fraction},
+                                                    "test_fraction": cfg.data.test_fraction, "fixed": fixed},
                             batch_format="numpy").materialize()
     if docs.count() == 0:
         raise DataError(f"no documents left after reading and filtering {len(files)} files "
                         f"(dropped: {_reason_totals(reasons)}; skipped objects: {len(skipped)})")
-    log(f"data: {n_clean} clean documents, {n_exact} exact and {n_near} near duplicates removed")
+    done(f"split {docs.count()} documents")
 
     tok = _train_tokenizer(cfg, docs, log)
     tokenizer_uri = join_uri(out, "tokenizer.json")
     store.publish_file(tok.to_json().encode(), tokenizer_uri)
+    done(f"tokenizer trained ({tok.vocab_size} tokens)")
 
-    tokens = docs.map_batches(TokenizeActor, fn_constructor_kwargs={"tokenizer_json": tok.to_json()},
-                              batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
+    tokens = docs.map_batches(TokenizeActor, fn_constructor_kwargs={
+        "tokenizer_json": tok.to_json(), "weights": {s.name: s.weight for s in cfg.data.sources}},
+                              batch_size=1024, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
                                   size=cfg.data.tokenize_actors), num_cpus=cfg.data.actor_cpus).materialize()
-    per_source = _count_by(tokens, ["source", "split"], ["n_tokens", "n_bytes"])
+    per_source = _count_by(tokens, ["source", "split"], ["n_tokens", "n_bytes", "original"])
+    done(f"tokenized {sum(r['sum(n_tokens)'] for r in per_source):,} tokens")
     seq_len = seq_len_of(cfg)
     split_tokens: dict[str, int] = {}
     for r in per_source:
@@ -263,6 +329,7 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
                                                     "seq_len": seq_len, "eos_id": tok.eos_id}, batch_format="numpy")
                .take_all())
     shards = sorted(({**w, "path": f"shards-{fingerprint}/{w['path']}"} for w in written), key=lambda w: w["path"])
+    done(f"packed and wrote {len(shards)} shards")
 
     manifest = _manifest(cfg, fingerprint, files, tok, shards, per_source, reasons, skipped, n_exact, n_near)
     store.publish_file(json.dumps(manifest, indent=2, sort_keys=True).encode(), manifest_uri)
@@ -286,7 +353,8 @@ def _manifest(cfg, fingerprint, files, tok, shards, per_source, reasons, skipped
     for f in files:
         sources[f["source"]]["files"] += 1
     for r in per_source:
-        entry = {"docs": r["count()"], "tokens": r["sum(n_tokens)"], "bytes": r["sum(n_bytes)"]}
+        entry = {"docs": r["count()"], "unique_docs": r["sum(original)"], "tokens": r["sum(n_tokens)"],
+                 "bytes": r["sum(n_bytes)"]}
         sources[r["source"]]["splits"][r["split"]] = entry
         agg = splits.setdefault(r["split"], {"docs": 0, "tokens": 0, "bytes": 0, "rows": 0, "shards": 0})
         for key in ("docs", "tokens", "bytes"):

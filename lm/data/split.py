@@ -52,9 +52,11 @@ def assign_split(doc_id: str, val_fraction: float, test_fraction: float = 0.0) -
 
 
 def split_batch(
-    batch: Mapping[str, Sequence[Any]], val_fraction: float, test_fraction: float = 0.0
+    batch: Mapping[str, Sequence[Any]], val_fraction: float, test_fraction: float = 0.0,
+    fixed: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Add a ``"split"`` column (list of "train"/"val"/"test") computed from the ``"id"`` column.
+    """Add a ``"split"`` column (list of "train"/"val"/"test") computed from the ``"id"`` column;
+    documents of a source named in ``fixed`` (needs a ``"source"`` column) all go to its split.
 
     ``map_batches`` style: columns may be lists or numpy arrays; the others are returned unchanged.
     """
@@ -65,4 +67,23 @@ def split_batch(
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
     out = dict(batch)
     out["split"] = [assign_split(i, val_fraction, test_fraction) for i in ids]
+    if fixed:
+        sources = batch["source"]
+        out["split"] = [fixed.get(str(src), split) for src, split in zip(sources, out["split"], strict=True)]
     return out
+
+
+def mixing_copies(doc_id: str, split: str, weight: float) -> int:
+    """How many times a document goes into the shards under its source's mixing ``weight``.
+
+    Only the train split is re-weighted (val and test stay one copy each, so evaluation is unbiased):
+    ``floor(weight)`` copies, plus one more for a hash-chosen ``weight - floor(weight)`` share of the
+    documents. So weight 2 doubles a source, 0.25 keeps a stable quarter of it, and a document's count
+    never changes when other documents are added. The hash is independent of the split's.
+    """
+    if weight <= 0:
+        raise ValueError(f"mixing weight must be > 0, got {weight}")
+    if split != "train":
+        return 1
+    whole = int(weight)
+    return whole + (hash_unit(f"mix:{doc_id}") < weight - whole)

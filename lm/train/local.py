@@ -7,9 +7,8 @@ reference the distributed trainer is checked against.
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ import torch
 
 from lm.config import Config
 from lm.data.pack import rows_to_inputs_targets
-from lm.train.optim import build_adamw, lr_at
+from lm.train.optim import build_adamw, global_batch_indices, lr_at
 
 
 @dataclass
@@ -35,16 +34,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but no CUDA device is available")
     return torch.device(name)
-
-
-def row_batches(rows: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless batches of packed rows [batch_size, seq_len + 1]: each epoch a fresh seeded permutation."""
-    if len(rows) < batch_size:
-        raise ValueError(f"{len(rows)} packed rows are too few for one batch of {batch_size}")
-    for epoch in itertools.count():
-        order = np.random.default_rng([seed, epoch]).permutation(len(rows))
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield rows[order[i : i + batch_size]]
 
 
 def to_inputs_targets(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +74,8 @@ def train_local(
     device = pick_device(tc.device)
     model.to(device).train()
     torch.manual_seed(tc.seed)
-    batches = row_batches(train_rows, tc.batch_size, tc.seed)
+    if len(train_rows) < 1:
+        raise ValueError("no training rows")
     optimizer = build_adamw(model, tc)
     result = TrainResult()
     start = last_log = time.perf_counter()
@@ -93,7 +83,8 @@ def train_local(
     for step in range(tc.max_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
-        x, y = to_inputs_targets(next(batches), device)
+        idx = global_batch_indices(len(train_rows), tc.seed, step * tc.batch_size, tc.batch_size)
+        x, y = to_inputs_targets(train_rows[idx], device)
         with autocast_for(tc.precision, device):
             _, loss = model(x, y)
         loss.backward()

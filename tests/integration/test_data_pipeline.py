@@ -40,8 +40,8 @@ def corpora_s3(s3_server):
 @pytest.mark.s3
 def test_prepare_shakespeare_and_wikitext_from_s3(ray_session, s3_server, corpora_s3):
     root = f"s3://{s3_server.new_bucket('run')}/lm"
-    sources = (f"[{{name: shakespeare, uri: 's3://{corpora_s3}/shakespeare/'}}, "
-               f"{{name: wikitext, uri: 's3://{corpora_s3}/wikitext-2/*.txt', delimiter: \"\\n \\n\"}}]")
+    sources = (f"[{{name: shakespeare, uri: 's3://{corpora_s3}/shakespeare/', weight: 2}}, "
+               f"{{name: wikitext, uri: 's3://{corpora_s3}/wikitext-2/*.txt', delimiter: \"\\n \\n\", weight: 0.5}}]")
     cfg = config(root, sources, "data.test_fraction=0.05")
     store = s3_server.store(root=root)
     lines: list[str] = []
@@ -52,8 +52,14 @@ def test_prepare_shakespeare_and_wikitext_from_s3(ray_session, s3_server, corpor
     assert set(manifest["sources"]) == {"shakespeare", "wikitext"}
     assert manifest["sources"]["wikitext"]["files"] == 2 and manifest["files"] == 3
     for name, src in manifest["sources"].items():
-        assert src["splits"]["train"]["docs"] > 5 * src["splits"]["val"]["docs"] > 0, name
+        assert src["splits"]["train"]["unique_docs"] > 5 * src["splits"]["val"]["docs"] > 0, name
         assert src["splits"]["test"]["docs"] > 0, name
+        for split in ("val", "test"):  # mixing weights re-weight train only
+            assert src["splits"][split]["docs"] == src["splits"][split]["unique_docs"]
+    # mixing weights: shakespeare (2) twice over, wikitext (0.5) a stable half
+    shake, wiki = (manifest["sources"][n]["splits"]["train"] for n in ("shakespeare", "wikitext"))
+    assert shake["docs"] == 2 * shake["unique_docs"]
+    assert 0.4 < wiki["docs"] / wiki["unique_docs"] < 0.6
     # every shard is where the manifest says, with its hash, rows of seq_len + 1
     row_len = manifest["row_length"]
     assert row_len == cfg.model.max_seq_len + 1

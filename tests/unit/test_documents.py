@@ -9,7 +9,7 @@ import pytest
 from lm.config import DataConfig, SourceConfig
 from lm.data.documents import iter_documents
 from lm.data.sources import DataError
-from lm.data.split import assign_split, hash_unit, split_batch, split_of
+from lm.data.split import assign_split, hash_unit, mixing_copies, split_batch, split_of
 from lm.storage import ObjectStore
 
 
@@ -86,3 +86,24 @@ def test_split_batch_adds_column():
     assert split_batch({"id": []}, 0.1)["split"] == []
     with pytest.raises(KeyError, match="id"):
         split_batch({"text": ["x"]}, 0.1)
+    # a source pinned to one split: all its documents go there, the others keep the hash split
+    mixed = {"id": ids, "source": ["held"] * 50 + ["web"] * 50}
+    pinned = split_batch(mixed, 0.2, 0.1, fixed={"held": "val"})["split"]
+    assert pinned[:50] == ["val"] * 50 and pinned[50:] == [assign_split(i, 0.2, 0.1) for i in ids[50:]]
+
+
+def test_mixing_copies_reweights_train_only_and_is_stable():
+    ids = [f"src/f#{i}" for i in range(4000)]
+    assert all(mixing_copies(i, "train", 1.0) == 1 for i in ids)
+    assert all(mixing_copies(i, "train", 3.0) == 3 for i in ids)
+    assert all(mixing_copies(i, split, 0.1) == 1 for i in ids for split in ("val", "test"))
+    quarter = [mixing_copies(i, "train", 0.25) for i in ids]
+    assert set(quarter) == {0, 1} and abs(sum(quarter) / len(ids) - 0.25) < 0.03
+    more = [mixing_copies(i, "train", 1.5) for i in ids]
+    assert set(more) == {1, 2} and abs(sum(more) / len(ids) - 1.5) < 0.03
+    # a document's count depends on its id only (new documents never change old ones) and nests:
+    # every document kept at weight 0.25 is kept at 0.5
+    assert quarter == [mixing_copies(i, "train", 0.25) for i in reversed(ids)][::-1]
+    assert all(mixing_copies(i, "train", 0.5) >= q for i, q in zip(ids, quarter, strict=True))
+    with pytest.raises(ValueError, match="weight"):
+        mixing_copies("x", "train", 0)

@@ -6,8 +6,8 @@ import torch
 
 from lm.config import TrainConfig
 from lm.inference import cut_at_stop
-from lm.train.local import row_batches, to_inputs_targets
-from lm.train.optim import lr_at, param_groups
+from lm.train.local import to_inputs_targets
+from lm.train.optim import global_batch_indices, lr_at, param_groups
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -26,20 +26,33 @@ def test_param_groups_decay_matrices_only():
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
 
 
-def test_row_batches_cover_each_epoch_and_shift_targets():
+def test_global_batches_use_every_row_once_per_epoch_and_split_across_ranks():
+    n = 10
+    stream = global_batch_indices(n, seed=1, start=0, count=3 * n)
+    for epoch in range(3):  # no row dropped at an epoch's end, whatever the batch size
+        assert sorted(stream[epoch * n : (epoch + 1) * n].tolist()) == list(range(n))
+    assert not np.array_equal(stream[:n], stream[n : 2 * n])
+    # a batch straddling two epochs, and two ranks' halves of a global batch make the whole batch
+    assert np.array_equal(global_batch_indices(n, 1, 8, 4), stream[8:12])
+    halves = np.concatenate([global_batch_indices(n, 1, 12 + r * 3, 3) for r in range(2)])
+    assert np.array_equal(halves, stream[12:18])
+    assert not np.array_equal(global_batch_indices(n, 2, 0, n), stream[:n])  # seeded
     rows = np.arange(10 * 5, dtype=np.int32).reshape(10, 5)
-    batches = row_batches(rows, 3, seed=1)
-    epoch0 = [next(batches) for _ in range(3)]  # 10 rows → 3 full batches, 1 row left over
-    seen = np.concatenate(epoch0)[:, 0]
-    assert len(set(seen.tolist())) == 9
-    epoch1 = [next(batches) for _ in range(3)]
-    assert not all(np.array_equal(a, b) for a, b in zip(epoch0, epoch1, strict=True))
-    again = row_batches(rows, 3, seed=1)
-    assert all(np.array_equal(next(again), b) for b in epoch0)  # seeded: same order
-    x, y = to_inputs_targets(epoch0[0], torch.device("cpu"))
+    x, y = to_inputs_targets(rows[stream[:3]], torch.device("cpu"))
     assert x.shape == (3, 4) and torch.equal(y, x + 1)
-    with pytest.raises(ValueError, match="too few"):
-        next(row_batches(rows[:2], 3, seed=1))
+    with pytest.raises(ValueError, match="no training rows"):
+        global_batch_indices(0, 1, 0, 3)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_schedules(schedule):
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule=schedule)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    middle, end = lr_at(60, cfg), lr_at(110, cfg)
+    expected = {"cosine": (0.55, 0.1), "linear": (0.55, 0.1), "constant": (1.0, 1.0)}[schedule]
+    assert (middle, end) == pytest.approx(expected)
+    if schedule == "cosine":
+        assert lr_at(35, cfg) > 0.55 + 0.45 / 2  # cosine stays high longer than linear
 
 
 def test_cut_at_stop():

@@ -1,0 +1,100 @@
+"""The DeepSpeed config generated from ours, and an on-paper memory estimate per GPU.
+
+    ds = deepspeed_config(cfg.train, seq_len=cfg.seq_len, on_gpu=False)   # dict for deepspeed.initialize
+    estimate = memory_estimate(cfg, gpus=8)                               # bytes per GPU, by part
+
+Pure: no DeepSpeed import, so it is unit-tested without Ray and printable with ``lm config show``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from lm.config import Config, TrainConfig
+from lm.model import num_params
+
+
+def deepspeed_config(tc: TrainConfig, *, seq_len: int, on_gpu: bool) -> dict:
+    """ZeRO stage and offload, precision, micro-batch and accumulation, clipping, AdamW.
+
+    The optimizer is DeepSpeed's: DeepSpeedCPUAdam when the optimizer state is offloaded, else
+    ``torch.optim.AdamW`` (``torch_adam``), so no op needs compiling for a plain CPU or GPU run. The
+    learning rate follows our schedule (lm.train.optim.lr_at), given to DeepSpeed as a scheduler.
+    """
+    if tc.precision == "fp16" and not on_gpu:
+        raise ValueError("precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
+    accum = tc.grad_accum(seq_len)
+    zero: dict = {"stage": tc.zero_stage}
+    if tc.zero_stage >= 1 and tc.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if tc.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # a consolidated state dict on save
+        if tc.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    config: dict = {
+        "train_micro_batch_size_per_gpu": tc.batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": tc.batch_size * accum * tc.workers,
+        "gradient_clipping": tc.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": tc.lr, "betas": [tc.beta1, tc.beta2], "eps": 1e-8, "weight_decay": tc.weight_decay,
+                       **({} if tc.offload_optimizer else {"torch_adam": True})},
+        },
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if tc.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif tc.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU for one training step, by part (mixed precision: fp32 master weights + Adam)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+    def as_dict(self) -> dict[str, float]:
+        return {**{k: round(v / 2**30, 2) for k, v in asdict(self).items()}, "total": round(self.total / 2**30, 2)}
+
+
+def memory_estimate(cfg: Config, gpus: int) -> MemoryEstimate:
+    """On-paper memory per GPU (ZeRO paper's accounting): weights in the compute dtype (2 bytes for
+    bf16/fp16, 4 for fp32), gradients likewise, optimizer state 12 bytes per parameter (fp32 master,
+    Adam m and v; 8 when training in fp32) partitioned over ``gpus`` by ZeRO stage (1: optimizer,
+    2: + gradients, 3: + weights; offloaded parts cost no GPU memory), plus activations of one
+    micro-batch (about 34·s·b·d bytes per layer in half precision per Korthikanti et al.; the 5·a·s²·b
+    of attention scores is not stored because SDPA's flash kernel recomputes them; 2·s·b·d per layer
+    with activation checkpointing) and the fp32 logits."""
+    tc, mc = cfg.train, cfg.model
+    n = num_params(mc)
+    width = 4 if tc.precision == "fp32" else 2
+    opt = (8 if tc.precision == "fp32" else 12) * n
+    stage = tc.zero_stage
+    params, grads = width * n, width * n
+    if stage >= 1:
+        opt //= gpus
+    if stage >= 2:
+        grads //= gpus
+    if stage >= 3:
+        params //= gpus
+    if tc.offload_optimizer:
+        opt = 0
+    if tc.offload_params:
+        params = 0
+    s, b, d = cfg.seq_len, tc.batch_size, mc.d_model
+    per_layer = 2 * s * b * d if tc.activation_checkpointing else 34 * s * b * d
+    activations = int(per_layer * mc.n_layers * (width / 2)) + 4 * s * b * mc.vocab_size  # + fp32 logits
+    return MemoryEstimate(params, grads, opt, activations)

@@ -1,0 +1,33 @@
+"""One DeepSpeed engine from our config: the model, AdamW with decay/no-decay groups, our schedule.
+
+    engine = initialize_engine(model, cfg.train, seq_len=cfg.seq_len, on_gpu=False)
+
+Shared by the Ray Train worker loop (lm.train.loop) and the GPU benchmark (jobs/bench/gpu.py, which
+runs without Ray); needs ``torch.distributed`` initialised (Ray Train does it; alone, call
+``deepspeed.init_distributed``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lm.config import TrainConfig
+from lm.train.ds_config import deepspeed_config
+from lm.train.optim import lr_at, param_groups
+
+
+def initialize_engine(model: torch.nn.Module, tc: TrainConfig, *, seq_len: int, on_gpu: bool) -> Any:
+    """``deepspeed.initialize`` with lm.train.ds_config's config; the learning rate follows
+    :func:`lm.train.optim.lr_at` (a LambdaLR DeepSpeed steps and checkpoints)."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, tc.weight_decay),
+        config=deepspeed_config(tc, seq_len=seq_len, on_gpu=on_gpu),
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_at(step, tc) / tc.lr),
+    )
+    return engine

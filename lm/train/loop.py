@@ -1,0 +1,327 @@
+"""The Ray Train worker loop: one DeepSpeed engine per worker, checkpoints and metrics via ``ray.train``.
+
+:func:`train_worker` is what :class:`ray.train.torch.TorchTrainer` runs on every worker (lm.train.trainer
+builds the trainer). Each worker:
+
+* reads the train/val rows of the data manifest from storage and takes its slice of every global
+  batch (lm.train.optim.global_batch_indices): all workers run the same number of steps and no row
+  is dropped, whatever the row count;
+* builds the model (seeded, so identical everywhere) and ``deepspeed.initialize``s it with the config
+  of lm.train.ds_config (ZeRO stage, offload, precision, accumulation, clipping, AdamW) and our
+  warm-up + decay schedule;
+* every ``log_interval`` steps: loss, lr, grad norm, tokens/s, MFU and memory (rank 0 prints them and
+  writes TensorBoard events); every ``eval_interval`` steps: validation loss and bits per byte, a
+  DeepSpeed checkpoint (+ RNG, history, a consolidated copy of the weights) reported to Ray Train;
+* at the end, rank 0 publishes the consolidated model directory (lm.modeldir) at ``<run>/model``.
+
+Resume: from ``ray.train.get_checkpoint()`` (a restarted worker group, or a re-run of the same run):
+model, optimizer, scheduler, step, RNG and the data position (the step) come back, so the curve goes
+on as if never stopped. With a different number of workers the consolidated weights are loaded
+instead and the optimizer moments start afresh (DeepSpeed's ZeRO shards are tied to the world size).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lm.config import Config, join_uri
+from lm.data.loader import load_rows, read_manifest
+from lm.data.pipeline import data_uri
+from lm.model import Transformer, flops_per_token
+from lm.storage import ObjectStore
+from lm.tokenizer import BPETokenizer
+from lm.train.engine import initialize_engine
+from lm.train.local import to_inputs_targets
+from lm.train.optim import global_batch_indices, lr_at
+
+TAG = "state"  # the DeepSpeed checkpoint tag inside every Ray Train checkpoint
+STATE = "trainer_state.json"
+WEIGHTS = "consolidated.pt"
+
+
+def build_model(cfg: Config, vocab_size: int) -> Transformer:
+    """The model of ``cfg`` (embedding rows: at least the tokenizer's vocabulary), seeded."""
+    torch.manual_seed(cfg.train.seed)
+    return Transformer(cfg.model.model_copy(update={"vocab_size": max(cfg.model.vocab_size, vocab_size)}))
+
+
+def measured_peak_flops(device: torch.device, size: int = 1024, repeats: int = 8) -> float:
+    """FLOP/s of a square fp32 matmul on ``device`` (the MFU denominator when none is configured)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_mean(values: list[float], world: int) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+class Worker:
+    """The state of one training worker (see the module docstring)."""
+
+    def __init__(self, cfg: Config):
+        import ray.train
+        import ray.train.torch
+
+        self.cfg, self.tc = cfg, cfg.train
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.store = ObjectStore(cfg.storage)
+        self.data = data_uri(cfg)
+        self.manifest = read_manifest(self.store, self.data)
+        self.tok = BPETokenizer.from_json(self.store.read_text(join_uri(self.data, self.manifest["tokenizer"]["path"])))
+        self.train_rows = load_rows(self.store, self.data, "train")
+        self.val_rows = load_rows(self.store, self.data, "val") if "val" in self.manifest["splits"] else None
+        val = self.manifest["splits"].get("val", {})
+        self.tokens_per_byte = val.get("tokens", 0) / val["bytes"] if val.get("bytes") else None
+        self.model = build_model(cfg, self.tok.vocab_size)
+        self.model.activation_checkpointing = self.tc.activation_checkpointing
+        self.step, self.best, self.bad_evals, self.history = 0, math.inf, 0, []
+        self.peak = self.tc.peak_flops or measured_peak_flops(self.device)
+        self.flops_per_token = flops_per_token(self.model.cfg, cfg.seq_len)
+        self.engine = self._engine(ray.train.get_checkpoint())
+        self.accum = self.engine.gradient_accumulation_steps()
+        self.writer = self._tensorboard()
+
+    # ------------------------------------------------------------------------------ set-up and resume
+
+    def _engine(self, checkpoint) -> Any:
+        tc = self.tc
+        with (checkpoint.as_directory() if checkpoint else tempfile.TemporaryDirectory()) as folder:
+            state = json.loads((Path(folder) / STATE).read_text()) if checkpoint else None
+            same_world = state is not None and state["world_size"] == self.world
+            if state is not None and not same_world:  # ZeRO shards fit one world size: reload the weights
+                self.model.load_state_dict(torch.load(Path(folder) / WEIGHTS, weights_only=True), strict=False)
+            engine = initialize_engine(self.model, tc, seq_len=self.cfg.seq_len, on_gpu=self.device.type == "cuda")
+            torch.manual_seed(tc.seed + 1000 * self.rank)  # dropout differs across ranks
+            if state is not None:
+                if same_world:
+                    engine.load_checkpoint(folder, tag=TAG)
+                    _set_rng_state(torch.load(Path(folder) / f"rng-{self.rank}.pt", weights_only=False))
+                else:
+                    for _ in range(state["step"]):  # the schedule resumes where it was
+                        engine.lr_scheduler.step()
+                self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
+                self.history = state["history"]
+                if self.rank == 0:
+                    how = "exactly" if same_world else f"from weights ({state['world_size']} → {self.world} workers)"
+                    print(f"resumed at step {self.step} {how}", flush=True)
+        return engine
+
+    def _tensorboard(self):
+        if self.rank != 0:
+            return None
+        from tensorboardX import SummaryWriter
+
+        self.tb_dir = tempfile.mkdtemp(prefix="lm-tb-")
+        return SummaryWriter(self.tb_dir)
+
+    # ------------------------------------------------------------------------------------- the loop
+
+    def run(self) -> None:
+        tc = self.tc
+        start = time.perf_counter()
+        last_time, last_step = start, self.step
+        stop_after = min(tc.max_steps, tc.stop_after_steps or tc.max_steps)
+        self.engine.train()
+        while self.step < stop_after:
+            loss = self._train_step()
+            self.step += 1
+            elapsed = time.perf_counter() - start
+            out_of_time = tc.max_seconds is not None and _all_mean([float(elapsed >= tc.max_seconds)], self.world)[0] > 0
+            last = self.step >= stop_after or out_of_time
+            record: dict[str, Any] = {}
+            if self.step % tc.log_interval == 0 or self.step == 1 or last:
+                now = time.perf_counter()
+                record = self._train_metrics(loss, (self.step - last_step) / max(now - last_time, 1e-9))
+                last_time, last_step = now, self.step
+            if self.step % tc.eval_interval == 0 or last:
+                record = record or self._train_metrics(loss, None)
+                record.update(self._evaluate())
+                early = self._early_stop(record["val_loss"])
+                self._log(record)
+                self._report(record)
+                if early:
+                    if self.rank == 0:
+                        print(f"early stop: no better validation loss for {self.bad_evals} evaluations", flush=True)
+                    break
+            elif record:
+                self._log(record)
+            if last:
+                break
+        self._finish()
+
+    def _train_step(self) -> float:
+        micro, world, rank = self.tc.batch_size, self.world, self.rank
+        total = 0.0
+        for m in range(self.accum):
+            first = ((self.step * self.accum + m) * world + rank) * micro
+            idx = global_batch_indices(len(self.train_rows), self.tc.seed, first, micro)
+            x, y = to_inputs_targets(self.train_rows[idx], self.device)
+            _, loss = self.engine(x, y)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+        return total / self.accum
+
+    def _train_metrics(self, loss: float, steps_per_s: float | None) -> dict[str, Any]:
+        loss_mean = _all_mean([loss], self.world)[0]
+        record: dict[str, Any] = {"step": self.step, "loss": loss_mean, "lr": lr_at(self.step - 1, self.tc)}
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            record["grad_norm"] = float(norm)
+        if steps_per_s is not None:
+            tokens_per_s = steps_per_s * self.tc.batch_size * self.accum * self.world * self.cfg.seq_len
+            record["tokens_per_s"] = tokens_per_s
+            record["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.world)
+        record["memory_mib"] = memory_mib(self.device)
+        return record
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
+        """Validation loss over ``eval_batches`` micro-batches split across ranks (every rank runs the
+        same number of forwards, which ZeRO-3's parameter gathering needs)."""
+        if self.val_rows is None or not len(self.val_rows):
+            return {}
+        micro = self.tc.batch_size
+        n_batches = max(1, len(self.val_rows) // micro)
+        per_rank = math.ceil(min(self.tc.eval_batches, n_batches) / self.world)
+        self.engine.eval()
+        losses = []
+        for i in range(per_rank):
+            b = (self.rank + i * self.world) % n_batches
+            x, y = to_inputs_targets(self.val_rows[b * micro : (b + 1) * micro], self.device)
+            losses.append(self.engine(x, y)[1].item())
+        self.engine.train()
+        val_loss = _all_mean([float(np.mean(losses))], self.world)[0]
+        out = {"val_loss": val_loss}
+        if self.tokens_per_byte:
+            out["val_bpb"] = val_loss / math.log(2) * self.tokens_per_byte
+        return out
+
+    def _early_stop(self, val_loss: float) -> bool:
+        if val_loss < self.best:
+            self.best, self.bad_evals = val_loss, 0
+        else:
+            self.bad_evals += 1
+        patience = self.tc.early_stopping_patience
+        return patience is not None and self.bad_evals >= patience
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.rank != 0:
+            return
+        for key, value in record.items():
+            if key != "step":
+                self.writer.add_scalar(f"train/{key}" if not key.startswith("val") else f"val/{key}", value, self.step)
+        parts = [f"step {self.step:>5}/{self.tc.max_steps}", f"loss {record['loss']:.4f}"]
+        if "val_loss" in record:
+            parts.append(f"val {record['val_loss']:.4f}" + (f" ({record['val_bpb']:.3f} bpb)" if "val_bpb" in record else ""))
+        parts.append(f"lr {record['lr']:.2e}")
+        if "grad_norm" in record:
+            parts.append(f"gnorm {record['grad_norm']:.2f}")
+        if "tokens_per_s" in record:
+            parts.append(f"{record['tokens_per_s']:,.0f} tok/s MFU {record['mfu']:.1%}")
+        parts.append(f"{record['memory_mib']:,.0f} MiB")
+        print(" ".join(parts), flush=True)
+
+    # ------------------------------------------------------------------------- checkpoints and output
+
+    def _weights(self) -> dict[str, torch.Tensor] | None:
+        """The full state dict on rank 0 (None elsewhere); a collective under ZeRO-3."""
+        if self.tc.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict()
+        if self.rank != 0:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+
+    def _report(self, record: dict[str, Any]) -> None:
+        import ray.train
+
+        state = {"step": self.step, "best": self.best, "bad_evals": self.bad_evals, "world_size": self.world,
+                 "history": self.history}
+        with tempfile.TemporaryDirectory(prefix="lm-ckpt-") as tmp:
+            self.engine.save_checkpoint(tmp, tag=TAG)
+            torch.save(_rng_state(), Path(tmp) / f"rng-{self.rank}.pt")
+            weights = self._weights()
+            if self.rank == 0:
+                torch.save(weights, Path(tmp) / WEIGHTS)
+                (Path(tmp) / STATE).write_text(json.dumps(state))
+                self.writer.flush()
+                self.store.upload_dir(self.tb_dir, join_uri(self.cfg.run_uri, "train", "tensorboard"))
+            metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def _finish(self) -> None:
+        from lm.modeldir import save_model_dir
+        from lm.train.metrics import history_jsonl, loss_curve_png
+
+        weights = self._weights()
+        if self.rank != 0:
+            return
+        model = build_model(self.cfg, self.tok.vocab_size)
+        model.load_state_dict(weights, strict=False)
+        train_uri = join_uri(self.cfg.run_uri, "train")
+        self.store.write_text(join_uri(train_uri, "metrics.jsonl"), history_jsonl(self.history))
+        self.store.write_bytes(join_uri(train_uri, "loss.png"), loss_curve_png(self.history, f"{self.cfg.name}: loss"))
+        self.writer.close()
+        self.store.upload_dir(self.tb_dir, join_uri(train_uri, "tensorboard"))
+        last = self.history[-1]
+        lineage = {"run": self.cfg.name, "config_hash": self.cfg.fingerprint(), "tokenizer_hash": self.tok.fingerprint(),
+                   "data_manifest": join_uri(self.data, "manifest.json"),
+                   "data_inputs": self.manifest["inputs_fingerprint"], "steps": self.step,
+                   "tokens": self.step * self.tc.batch_size * self.accum * self.world * self.cfg.seq_len,
+                   "final_loss": last["loss"], "val_loss": last.get("val_loss"), "trainer": "ray+deepspeed",
+                   "zero_stage": self.tc.zero_stage, "workers": self.world}
+        save_model_dir(self.store, join_uri(self.cfg.run_uri, "model"), model, self.tok, self.cfg.generate, lineage)
+
+
+def train_worker(config: dict) -> None:
+    """The ``train_loop_per_worker`` of the TorchTrainer: ``config = {"cfg": Config}``."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    Worker(config["cfg"]).run()

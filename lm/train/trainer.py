@@ -1,0 +1,105 @@
+"""Distributed training from config: a Ray Train ``TorchTrainer`` whose workers run DeepSpeed.
+
+    lm train -c configs/shakespeare-cpu.yaml train.workers=2 train.zero_stage=2    (or jobs/train.py)
+
+:func:`train` prepares the data if needed (lm.data.pipeline; a no-op when its manifest is current),
+then fits a TorchTrainer running :func:`lm.train.loop.train_worker` with ScalingConfig, RunConfig
+(storage ``<run>/train/ray`` on S3 or a folder), FailureConfig and CheckpointConfig (keep N, ranked
+by validation loss) from ``cfg.train``. Running it again on the same run resumes from the last
+checkpoint (Ray Train restores the run from its storage), also with another number of workers.
+
+Outputs under ``<run>``: ``train/ray/`` (Ray Train checkpoints, each a DeepSpeed checkpoint),
+``train/metrics.jsonl``, ``train/loss.png``, ``train/tensorboard/`` and the model directory ``model/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lm.config import Config, join_uri
+from lm.data.pipeline import prepare_data
+from lm.storage import ObjectStore
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainSummary:
+    model_uri: str
+    steps: int
+    seconds: float
+    history: list[dict]
+    best_checkpoint: str | None
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for the workers: CPU DeepSpeed, and the JIT-compiled ops cache shared with the driver."""
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    for name in ("TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_REGION"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def _ray(log: Log):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(configure_logging=False, runtime_env={"env_vars": worker_env()})
+    return ray
+
+
+def build_trainer(cfg: Config, store: ObjectStore):
+    """The TorchTrainer of ``cfg.train`` (no work starts until ``fit()``)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lm.train.loop import train_worker
+
+    tc = cfg.train
+    on_gpu = tc.gpus_per_worker > 0
+    resources = {"CPU": tc.cpus_per_worker, **tc.resources_per_worker}
+    if on_gpu:
+        resources["GPU"] = tc.gpus_per_worker
+    fs, path = store.pyarrow_filesystem(join_uri(cfg.run_uri, "train"))
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg},
+        torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=on_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name="ray",
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+    )
+
+
+def train(cfg: Config, store: ObjectStore | None = None, log: Log = print) -> TrainSummary:
+    """Prepare data if needed, train with Ray Train + DeepSpeed, publish ``<run>/model``."""
+    store = store or ObjectStore(cfg.storage)
+    prepare_data(cfg, store, log)
+    tc = cfg.train
+    log(f"train: {tc.workers} workers x {tc.batch_size} sequences x {tc.grad_accum(cfg.seq_len)} accumulation, "
+        f"ZeRO-{tc.zero_stage}, {tc.precision}, {tc.max_steps} steps → {join_uri(cfg.run_uri, 'train')}")
+    _ray(log)
+    start = time.perf_counter()
+    result = build_trainer(cfg, store).fit()
+    if result.error:
+        raise result.error
+    seconds = time.perf_counter() - start
+    history = [json.loads(line) for line in store.read_text(join_uri(cfg.run_uri, "train", "metrics.jsonl")).splitlines()]
+    scored = [(m.get("val_loss", float("inf")), c.path) for c, m in result.best_checkpoints or []]
+    best = min(scored)[1] if scored else None
+    model_uri = join_uri(cfg.run_uri, "model")
+    log(f"train: {history[-1]['step']} steps in {seconds:.0f} s; loss {history[0]['loss']:.3f} → "
+        f"{history[-1]['loss']:.3f}; model → {model_uri}")
+    return TrainSummary(model_uri, history[-1]["step"], seconds, history, best)
