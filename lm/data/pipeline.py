@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from lm.cluster import connect
 from lm.config import Config, join_uri
 from lm.data.clean import clean_batch
 from lm.data.dedup import exact_dedup, near_dedup
@@ -169,14 +170,6 @@ def write_shard(group: dict[str, Any], *, out_dir: str, fs_factory, seq_len: int
 # ------------------------------------------------------------------------------------- the stages
 
 
-def _ray():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(configure_logging=False, log_to_driver=False)
-    return ray
-
-
 def _batch_counts(batch: dict[str, Any], keys: list[str], sums: list[str]) -> dict[str, list]:
     """Per-batch counts (and sums) by ``keys``: a few rows per batch, summed on the driver."""
     acc: dict[tuple, list[int]] = {}
@@ -243,7 +236,7 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
             log(f"data: {manifest_uri} is up to date (inputs {fingerprint}); nothing to do")
             return old
     log(f"data: {len(files)} files from {len(cfg.data.sources)} sources → {out}")
-    ray = _ray()
+    ray = connect()
     context = ray.data.DataContext.get_current()
     previous = context.shuffle_strategy
     if cfg.data.shuffle_strategy == "sort":  # datasets made below keep it

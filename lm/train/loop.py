@@ -42,7 +42,7 @@ from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
 from lm.train.engine import initialize_engine
 from lm.train.local import to_inputs_targets
-from lm.train.optim import global_batch_indices, lr_at
+from lm.train.optim import EarlyStopping, global_batch_indices, lr_at
 
 TAG = "state"  # the DeepSpeed checkpoint tag inside every Ray Train checkpoint
 STATE = "trainer_state.json"
@@ -101,7 +101,7 @@ def _all_mean(values: list[float], world: int) -> list[float]:
 class Worker:
     """The state of one training worker (see the module docstring)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, store: ObjectStore | None = None):
         import ray.train
         import ray.train.torch
 
@@ -109,7 +109,7 @@ class Worker:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.store = ObjectStore(cfg.storage)
+        self.store = store or ObjectStore(cfg.storage)
         self.data = data_uri(cfg)
         self.manifest = read_manifest(self.store, self.data)
         self.tok = BPETokenizer.from_json(self.store.read_text(join_uri(self.data, self.manifest["tokenizer"]["path"])))
@@ -119,7 +119,8 @@ class Worker:
         self.tokens_per_byte = val.get("tokens", 0) / val["bytes"] if val.get("bytes") else None
         self.model = build_model(cfg, self.tok.vocab_size)
         self.model.activation_checkpointing = self.tc.activation_checkpointing
-        self.step, self.best, self.bad_evals, self.history = 0, math.inf, 0, []
+        self.step, self.history = 0, []
+        self.stopping = EarlyStopping(self.tc.early_stopping_patience)
         self.peak = self.tc.peak_flops or measured_peak_flops(self.device)
         self.flops_per_token = flops_per_token(self.model.cfg, cfg.seq_len)
         self.engine = self._engine(ray.train.get_checkpoint())
@@ -144,7 +145,8 @@ class Worker:
                 else:
                     for _ in range(state["step"]):  # the schedule resumes where it was
                         engine.lr_scheduler.step()
-                self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
+                self.step = state["step"]
+                self.stopping = EarlyStopping(tc.early_stopping_patience, state["best"], state["bad_evals"])
                 self.history = state["history"]
                 if self.rank == 0:
                     how = "exactly" if same_world else f"from weights ({state['world_size']} → {self.world} workers)"
@@ -181,12 +183,13 @@ class Worker:
             if self.step % tc.eval_interval == 0 or last:
                 record = record or self._train_metrics(loss, None)
                 record.update(self._evaluate())
-                early = self._early_stop(record["val_loss"])
+                early = "val_loss" in record and self.stopping.update(record["val_loss"])
                 self._log(record)
                 self._report(record)
                 if early:
                     if self.rank == 0:
-                        print(f"early stop: no better validation loss for {self.bad_evals} evaluations", flush=True)
+                        print(f"early stop: no better validation loss for {self.stopping.bad_evals} evaluations",
+                              flush=True)
                     break
             elif record:
                 self._log(record)
@@ -242,14 +245,6 @@ class Worker:
             out["val_bpb"] = val_loss / math.log(2) * self.tokens_per_byte
         return out
 
-    def _early_stop(self, val_loss: float) -> bool:
-        if val_loss < self.best:
-            self.best, self.bad_evals = val_loss, 0
-        else:
-            self.bad_evals += 1
-        patience = self.tc.early_stopping_patience
-        return patience is not None and self.bad_evals >= patience
-
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.rank != 0:
@@ -283,7 +278,7 @@ class Worker:
     def _report(self, record: dict[str, Any]) -> None:
         import ray.train
 
-        state = {"step": self.step, "best": self.best, "bad_evals": self.bad_evals, "world_size": self.world,
+        state = {"step": self.step, "best": self.stopping.best, "bad_evals": self.stopping.bad_evals, "world_size": self.world,
                  "history": self.history}
         with tempfile.TemporaryDirectory(prefix="lm-ckpt-") as tmp:
             self.engine.save_checkpoint(tmp, tag=TAG)
@@ -322,6 +317,7 @@ class Worker:
 
 
 def train_worker(config: dict) -> None:
-    """The ``train_loop_per_worker`` of the TorchTrainer: ``config = {"cfg": Config}``."""
+    """The ``train_loop_per_worker`` of the TorchTrainer: ``config = {"cfg": Config, "store": ObjectStore}``
+    (the driver's store, so credentials resolved from its environment reach the workers)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    Worker(config["cfg"]).run()
+    Worker(config["cfg"], config.get("store")).run()

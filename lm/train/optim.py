@@ -66,3 +66,18 @@ def _epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     order = np.random.default_rng([seed, epoch]).permutation(n_rows)
     order.flags.writeable = False
     return order
+
+
+class EarlyStopping:
+    """Tracks the best validation loss; ``update`` says when ``patience`` evaluations in a row have not
+    improved on it (``patience=None``: never). State is plain numbers, so it goes into checkpoints."""
+
+    def __init__(self, patience: int | None, best: float = math.inf, bad_evals: int = 0):
+        self.patience, self.best, self.bad_evals = patience, best, bad_evals
+
+    def update(self, val_loss: float) -> bool:
+        if val_loss < self.best:
+            self.best, self.bad_evals = val_loss, 0
+        else:
+            self.bad_evals += 1
+        return self.patience is not None and self.bad_evals >= self.patience

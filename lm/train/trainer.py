@@ -15,11 +15,11 @@ Outputs under ``<run>``: ``train/ray/`` (Ray Train checkpoints, each a DeepSpeed
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lm.cluster import connect, worker_env
 from lm.config import Config, join_uri
 from lm.data.pipeline import prepare_data
 from lm.storage import ObjectStore
@@ -34,23 +34,6 @@ class TrainSummary:
     seconds: float
     history: list[dict]
     best_checkpoint: str | None
-
-
-def worker_env() -> dict[str, str]:
-    """Environment for the workers: CPU DeepSpeed, and the JIT-compiled ops cache shared with the driver."""
-    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    for name in ("TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_REGION"):
-        if os.environ.get(name):
-            env[name] = os.environ[name]
-    return env
-
-
-def _ray(log: Log):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(configure_logging=False, runtime_env={"env_vars": worker_env()})
-    return ray
 
 
 def build_trainer(cfg: Config, store: ObjectStore):
@@ -68,7 +51,7 @@ def build_trainer(cfg: Config, store: ObjectStore):
     fs, path = store.pyarrow_filesystem(join_uri(cfg.run_uri, "train"))
     return TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"cfg": cfg, "store": store},  # the store carries resolved S3 settings and keys
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=on_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -90,7 +73,7 @@ def train(cfg: Config, store: ObjectStore | None = None, log: Log = print) -> Tr
     tc = cfg.train
     log(f"train: {tc.workers} workers x {tc.batch_size} sequences x {tc.grad_accum(cfg.seq_len)} accumulation, "
         f"ZeRO-{tc.zero_stage}, {tc.precision}, {tc.max_steps} steps → {join_uri(cfg.run_uri, 'train')}")
-    _ray(log)
+    connect()
     start = time.perf_counter()
     result = build_trainer(cfg, store).fit()
     if result.error:

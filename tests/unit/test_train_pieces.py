@@ -7,7 +7,7 @@ import torch
 from lm.config import TrainConfig
 from lm.inference import cut_at_stop
 from lm.train.local import to_inputs_targets
-from lm.train.optim import global_batch_indices, lr_at, param_groups
+from lm.train.optim import EarlyStopping, global_batch_indices, lr_at, param_groups
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -78,3 +78,13 @@ def test_generate_text_stops_at_eos_unless_told_not_to():
     assert generate_text(model, tok, ["to be"], greedy) == [""]
     past = generate_text(model, tok, ["to be"], greedy.model_copy(update={"ignore_eos": True}))
     assert past == ["<|endoftext|>" * 5]
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    stop = EarlyStopping(patience=2)
+    assert [stop.update(v) for v in [3.0, 2.5, 2.6, 2.4, 2.4, 2.5]] == [False, False, False, False, False, True]
+    assert stop.best == 2.4 and stop.bad_evals == 2
+    resumed = EarlyStopping(2, best=stop.best, bad_evals=1)  # from a checkpoint's numbers
+    assert resumed.update(2.45) is True
+    never = EarlyStopping(None)
+    assert not any(never.update(v) for v in [1.0, 2.0, 3.0, 4.0])

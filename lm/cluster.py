@@ -1,0 +1,28 @@
+"""Connecting to Ray: the one ``ray.init`` every stage uses (data pipeline, training, ...).
+
+    ray = connect()     # joins RAY_ADDRESS (e.g. under `ray job submit`) or starts a local instance
+
+Workers get ``DS_ACCELERATOR`` and ``TORCH_EXTENSIONS_DIR`` (DeepSpeed's compiled-ops cache) from this
+process; worker output (the trainer's progress lines) is shown here.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for Ray workers: CPU or GPU DeepSpeed, and the JIT-compiled ops cache of this process."""
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    return env
+
+
+def connect():
+    """``ray`` after ``ray.init`` (once per process; an existing connection is kept as it is)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(configure_logging=False, runtime_env={"env_vars": worker_env()})
+    return ray
