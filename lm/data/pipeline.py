@@ -117,9 +117,10 @@ class TokenizeActor:
 READ_BATCH_ROWS = 4096
 
 
-def read_and_clean(files: dict[str, Any], *, read: Callable, cfg) -> Iterator[dict[str, list]]:
-    """map_batches UDF: the documents of each file, cleaned, as column batches of ≤ READ_BATCH_ROWS
-    (one fused task per file: no Python dict per row crosses Ray)."""
+def read_and_clean(files: dict[str, Any], *, read: Callable, cfg, split: dict[str, Any]) -> Iterator[dict[str, list]]:
+    """map_batches UDF: the documents of each file, cleaned and assigned their split (``split``: the
+    keyword arguments of :func:`split_batch`), as column batches of ≤ READ_BATCH_ROWS (one fused task
+    per file: no Python dict per row crosses Ray)."""
     columns: dict[str, list] = {}
     n_files = len(next(iter(files.values()), []))
     for i in range(n_files):
@@ -127,10 +128,10 @@ def read_and_clean(files: dict[str, Any], *, read: Callable, cfg) -> Iterator[di
             for key, value in row.items():
                 columns.setdefault(key, []).append(value)
             if len(columns["id"]) >= READ_BATCH_ROWS:
-                yield clean_batch(columns, cfg)
+                yield split_batch(clean_batch(columns, cfg), **split)
                 columns = {}
     if columns:
-        yield clean_batch(columns, cfg)
+        yield split_batch(clean_batch(columns, cfg), **split)
 
 
 def add_bucket(batch: dict[str, Any], shards_per_split: dict[str, int]) -> dict[str, Any]:
@@ -270,14 +271,16 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
 
     read = partial(read_file_task, filesystem_factory=store.pyarrow_filesystem, clean=cfg.data.clean,
                    max_file_bytes=int(cfg.data.max_file_mb * 2**20))
+    split = {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction,
+             "fixed": {s.name: s.split for s in cfg.data.sources if s.split}}
     rows = ray.data.from_items(files, override_num_blocks=max(1, len(files))).map_batches(
-        read_and_clean, fn_kwargs={"read": read, "cfg": cfg.data.clean}, batch_size=1).materialize()
+        read_and_clean, fn_kwargs={"read": read, "cfg": cfg.data.clean, "split": split}, batch_size=1).materialize()
 
     skipped = filter_in(rows, "reason", sorted(OBJECT_REASONS)).select_columns(["uri", "reason", "detail"])
     skipped = sorted(skipped.take_all(), key=lambda r: (r["uri"], r["reason"]))
     reasons = [r for r in _count_by(rows, ["source", "reason"]) if r["reason"] not in OBJECT_REASONS]
-    docs = filter_in(rows, "reason", [""]).drop_columns(["reason", "detail"]).materialize()
-    n_clean = docs.count()
+    docs = filter_in(rows, "reason", [""]).drop_columns(["reason", "detail"])
+    n_clean = sum(r["count()"] for r in reasons if r["reason"] == "")
     done(f"read and cleaned {n_clean} documents ({len(skipped)} objects skipped)")
     parts = cfg.data.shuffle_partitions
     n_exact = 0
@@ -288,15 +291,11 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     n_near = 0
     if cfg.data.dedup.near and n_clean - n_exact > 1:
         docs, n_near = near_dedup(docs, cfg.data.dedup, parts)
+        docs = docs.materialize()
         done(f"near dedup: {n_near} removed")
-    fixed = {s.name: s.split for s in cfg.data.sources if s.split}
-    docs = docs.map_batches(split_batch, fn_kwargs={"val_fraction": cfg.data.val_fraction,
-                                                    "test_fraction": cfg.data.test_fraction, "fixed": fixed},
-                            batch_format="numpy").materialize()
-    if docs.count() == 0:
+    if n_clean - n_exact - n_near == 0:
         raise DataError(f"no documents left after reading and filtering {len(files)} files "
                         f"(dropped: {_reason_totals(reasons)}; skipped objects: {len(skipped)})")
-    done(f"split {docs.count()} documents")
 
     tok = _train_tokenizer(cfg, docs, log)
     tokenizer_uri = join_uri(out, "tokenizer.json")

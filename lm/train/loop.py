@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,17 +56,21 @@ def build_model(cfg: Config, vocab_size: int) -> Transformer:
     return Transformer(cfg.model.model_copy(update={"vocab_size": max(cfg.model.vocab_size, vocab_size)}))
 
 
-def measured_peak_flops(device: torch.device, size: int = 1024, repeats: int = 8) -> float:
-    """FLOP/s of a square fp32 matmul on ``device`` (the MFU denominator when none is configured)."""
+def measured_peak_flops(device: torch.device, size: int = 1024, repeats: int = 5, trials: int = 4) -> float:
+    """FLOP/s of a square fp32 matmul on ``device``, the best of a few timed trials after a warm-up
+    (the MFU denominator when train.peak_flops is not given)."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
+    return best
 
 
 def memory_mib(device: torch.device) -> float:
@@ -74,6 +79,12 @@ def memory_mib(device: torch.device) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def _say(line: str) -> None:
+    """A progress line on stdout (once: Ray Train V2's patched ``print`` would also log it)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _rng_state() -> dict:
@@ -150,7 +161,7 @@ class Worker:
                 self.history = state["history"]
                 if self.rank == 0:
                     how = "exactly" if same_world else f"from weights ({state['world_size']} → {self.world} workers)"
-                    print(f"resumed at step {self.step} {how}", flush=True)
+                    _say(f"resumed at step {self.step} {how}")
         return engine
 
     def _tensorboard(self):
@@ -188,8 +199,7 @@ class Worker:
                 self._report(record)
                 if early:
                     if self.rank == 0:
-                        print(f"early stop: no better validation loss for {self.stopping.bad_evals} evaluations",
-                              flush=True)
+                        _say(f"early stop: no better validation loss for {self.stopping.bad_evals} evaluations")
                     break
             elif record:
                 self._log(record)
@@ -261,7 +271,7 @@ class Worker:
         if "tokens_per_s" in record:
             parts.append(f"{record['tokens_per_s']:,.0f} tok/s MFU {record['mfu']:.1%}")
         parts.append(f"{record['memory_mib']:,.0f} MiB")
-        print(" ".join(parts), flush=True)
+        _say(" ".join(parts))
 
     # ------------------------------------------------------------------------- checkpoints and output
 
