@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
-import platform
 import re
 import resource
 import tempfile
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from results_io import machine, write_result
 
 from lm.config import load_config
 from lm.data.pipeline import prepare_data
@@ -133,7 +132,7 @@ def main() -> None:
         one_mb_s, one_s = baseline_mb_s(corpus, tok, "one")
     stages = {m[1]: float(m[2]) for line in lines if (m := re.match(r"data: (.+?)(?: [\d,]+ .*| \(.*|:.*)? \[([\d.]+) s\]$", line))}
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "corpus_mb": round(corpus_bytes / 1e6, 1),
         "files": args.files,
         "pipeline_seconds": round(pipeline_s, 1),
@@ -152,9 +151,7 @@ def main() -> None:
         "dedup": manifest["dedup"],
         "overrides": args.overrides,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
-import os
-import platform
 import tempfile
 from pathlib import Path
+
+from results_io import machine, write_result
 
 from lm.config import load_config
 from lm.train.trainer import train
@@ -54,7 +53,7 @@ def main() -> None:
         summary = train(cfg)
     evals = [r for r in summary.history if "val_bpb" in r]
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "budget_minutes": args.minutes, "train_seconds_with_startup": round(summary.seconds, 1),
         "steps": summary.steps, "val_bpb": round(evals[-1]["val_bpb"], 4), "val_loss": round(evals[-1]["val_loss"], 4),
         "best_val_bpb": round(min(r["val_bpb"] for r in evals), 4),
@@ -62,9 +61,7 @@ def main() -> None:
         "target_bpb": 2.1, "workers": cfg.train.workers, "zero_stage": cfg.train.zero_stage,
         "overrides": overrides,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,12 @@ DeepSpeed engine and the first report excluded). Target: ratio >= 0.95.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
+from results_io import machine, write_result
 
 from lm.config import load_config
 from lm.data.loader import load_rows
@@ -58,7 +56,7 @@ def main() -> None:
         plain = train_local(local_cfg, build_model(cfg, tok), rows, None, log=lambda _: None)
     ray_tps, plain_tps = steady_tokens_per_s(ray_run.history), steady_tokens_per_s(plain.history)
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "model": cfg.model.model_dump(), "batch_size": 16, "seq_len": cfg.seq_len, "steps": args.steps,
         "threads": args.threads, "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision,
         "lm_train_tokens_per_s": round(ray_tps), "plain_loop_tokens_per_s": round(plain_tps),
@@ -67,9 +65,7 @@ def main() -> None:
         "final_loss": {"lm_train": round(ray_run.history[-1]["loss"], 4), "plain": round(plain.history[-1]["loss"], 4)},
         "overrides": args.overrides,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The config schema: one pydantic section per lifecycle stage, every field documented.
 
-Loading (YAML + dotted overrides) lives in ``lm.config.load``; import everything from ``lm.config``.
+Loading (YAML + dotted overrides) lives in ``lm.config.load``, the ``train`` section in
+``lm.config.train``; import everything from ``lm.config``.
 """
 
 from __future__ import annotations
@@ -9,17 +10,11 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the source, the key and the problem."""
-
-
-class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from lm.config.base import ConfigError as ConfigError  # re-exported
+from lm.config.base import Section
+from lm.config.train import TrainConfig
 
 
 class StorageConfig(Section):
@@ -214,92 +209,6 @@ class ModelConfig(Section):
         if self.d_ff is not None:
             return self.d_ff
         return -(-(8 * self.d_model // 3) // 64) * 64
-
-
-class TrainConfig(Section):
-    """Training: the optimizer and schedule (every loop), and the Ray Train + DeepSpeed run (lm.train)."""
-
-    batch_size: int = Field(16, ge=1, description="Micro-batch: sequences per worker per forward/backward.")
-    global_batch_tokens: int | None = Field(
-        None, ge=1, description="Tokens per optimizer step over all workers; sets gradient accumulation "
-        "(must be a multiple of batch_size x seq_len x workers). null = no accumulation.",
-    )
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
-    min_lr: float = Field(1e-4, ge=0, description="Final learning rate of the cosine or linear schedule.")
-    schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="After warm-up: cosine or linear decay to min_lr at max_steps, or constant lr."
-    )
-    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
-    max_steps: int = Field(1000, ge=1, description="Optimizer steps (the schedule's length).")
-    max_seconds: float | None = Field(
-        None, gt=0, description="Stop early after this much wall-clock training time (the schedule is unchanged)."
-    )
-    stop_after_steps: int | None = Field(
-        None, ge=1, description="End this invocation at this step (the schedule still spans max_steps); "
-        "running again resumes from the last checkpoint.",
-    )
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices (not norms).")
-    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
-    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
-    eval_interval: int = Field(100, ge=1, description="Evaluate (and checkpoint, under Ray Train) every N steps.")
-    eval_batches: int = Field(10, ge=1, description="Micro-batches per validation estimate (over all workers).")
-    log_interval: int = Field(10, ge=1, description="Log training metrics every N steps.")
-    early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop when validation loss has not improved for this many evaluations; null = never."
-    )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Training dtype: fp32, bf16 (CPU or GPU) or fp16 (GPU only; DeepSpeed loss scaling)."
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the plain (single-process) loop runs.")
-    seed: int = Field(1337, description="Seed for init, batch sampling and dropout.")
-    trainer: Literal["ray", "local"] = Field(
-        "ray", description="ray: Ray Train + DeepSpeed (lm.train.trainer); local: the plain single-process loop."
-    )
-    workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves.")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each worker reserves (> 0 trains on GPU).")
-    resources_per_worker: dict[str, float] = Field(
-        default_factory=dict, description="Extra custom Ray resources per worker (e.g. an accelerator type)."
-    )
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 (DDP-like), 1, 2 or 3.")
-    offload_optimizer: bool = Field(False, description="ZeRO >= 1: keep optimizer state on CPU (DeepSpeedCPUAdam).")
-    offload_params: bool = Field(False, description="ZeRO-3: keep parameters on CPU between uses.")
-    activation_checkpointing: bool = Field(False, description="Recompute each block's activations in backward.")
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts after a failure (-1: unlimited).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept, ranked by validation loss (best kept).")
-    gpu_memory_gb: float | None = Field(
-        None, gt=0, description="GPU memory per device this config is sized for (checked on paper by "
-        "lm.train.ds_config.memory_estimate in the tests); null = not stated.",
-    )
-    peak_flops: float | None = Field(
-        None, gt=0, description="Peak FLOP/s of one worker's device for MFU; null = measured once with a matmul."
-    )
-
-    @model_validator(mode="after")
-    def _check_train(self) -> TrainConfig:
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs zero_stage 3")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage >= 1")
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.precision == "fp16" and self.trainer == "ray" and self.gpus_per_worker == 0:
-            raise ValueError("precision fp16 needs GPUs (DeepSpeed refuses fp16 on CPU): use bf16 or fp32, "
-                             "or set gpus_per_worker")
-        return self
-
-    def grad_accum(self, seq_len: int) -> int:
-        """Micro-batches per optimizer step on each worker (1 unless global_batch_tokens asks for more)."""
-        per_micro_step = self.batch_size * seq_len * self.workers
-        if self.global_batch_tokens is None:
-            return 1
-        if self.global_batch_tokens % per_micro_step:
-            raise ValueError(
-                f"train.global_batch_tokens ({self.global_batch_tokens}) must be a multiple of batch_size x seq_len "
-                f"x workers = {self.batch_size} x {seq_len} x {self.workers} = {per_micro_step}"
-            )
-        return self.global_batch_tokens // per_micro_step
 
 
 class GenerateConfig(Section):

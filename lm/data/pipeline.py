@@ -2,7 +2,7 @@
 
     lm data prepare -c configs/shakespeare-cpu.yaml          (or jobs/prepare_data.py on a cluster)
 
-Stages (each a Ray Data step over the pure functions in lm.data.*):
+Stages (each a Ray Data step over the pure functions in lm.data.*; the UDFs live in lm.data.steps):
   plan (driver: list files; errors before any work) → read (flat_map, through the storage layer's
   pyarrow filesystem; bad objects become skip rows) → clean (map_batches) → exact dedup (groupby on
   the text hash) → near dedup (MinHash + LSH) → split (hash of the document id) → tokenizer trained
@@ -18,24 +18,17 @@ each) and ``manifest.json``. A re-run with the same inputs finds its manifest an
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
-from itertools import chain
-from typing import Any
-
-import numpy as np
 
 from lm.cluster import connect
 from lm.config import Config, join_uri
-from lm.data.clean import clean_batch
 from lm.data.dedup import exact_dedup, near_dedup
-from lm.data.pack import pack_rows
 from lm.data.sources import OBJECT_REASONS, DataError, plan_files, read_file_task
-from lm.data.split import hash_unit, mixing_copies, split_batch
+from lm.data.steps import TokenizeActor, add_bucket, count_by, hash_sample, read_and_clean, write_shard
 from lm.data.tables import filter_in
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer, train_tokenizer
@@ -75,140 +68,6 @@ def inputs_fingerprint(cfg: Config, files: list[dict]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------- Ray-side workers
-
-
-class TokenizeActor:
-    """Holds one tokenizer per actor; turns a batch of documents into token arrays, each train document
-    repeated by its source's mixing weight (:func:`~lm.data.split.mixing_copies`; copy k > 0 gets the
-    id ``<id>~k``, so copies land in different shards)."""
-
-    def __init__(self, tokenizer_json: str, weights: dict[str, float]):
-        self.tok = BPETokenizer.from_json(tokenizer_json)
-        self.weights = weights
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import pyarrow as pa
-
-        ids = self.tok.encode_batch([str(t) for t in batch["text"]])
-        lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-        flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-        table = pa.table({
-            "id": pa.array(batch["id"].astype(str)),
-            "source": pa.array(batch["source"].astype(str)),
-            "split": pa.array(batch["split"].astype(str)),
-            "n_bytes": pa.array(np.asarray(batch["n_bytes"], dtype=np.int64)),
-            "n_tokens": pa.array(lengths.astype(np.int64) + 1),  # + end-of-text
-            "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
-        })
-        copies = [mixing_copies(i, sp, self.weights[src])
-                  for i, sp, src in zip(batch["id"], batch["split"], batch["source"], strict=True)]
-        if all(c == 1 for c in copies):
-            return table.append_column("original", pa.array(np.ones(len(copies), dtype=np.int64)))
-        take = np.repeat(np.arange(len(copies)), copies)
-        copy = np.concatenate([np.arange(c) for c in copies]).astype(np.int64) if take.size else take
-        table = table.take(pa.array(take))
-        ids = [i if k == 0 else f"{i}~{k}" for i, k in zip(table.column("id").to_pylist(), copy.tolist(), strict=True)]
-        table = table.set_column(0, "id", pa.array(ids, type=pa.string()))
-        return table.append_column("original", pa.array((copy == 0).astype(np.int64)))
-
-
-READ_BATCH_ROWS = 4096
-
-
-def read_and_clean(files: dict[str, Any], *, read: Callable, cfg, split: dict[str, Any]) -> Iterator[dict[str, list]]:
-    """map_batches UDF: the documents of each file, cleaned and assigned their split (``split``: the
-    keyword arguments of :func:`split_batch`), as column batches of ≤ READ_BATCH_ROWS (one fused task
-    per file: no Python dict per row crosses Ray)."""
-    columns: dict[str, list] = {}
-    n_files = len(next(iter(files.values()), []))
-    for i in range(n_files):
-        for row in read({k: v[i] for k, v in files.items()}):
-            for key, value in row.items():
-                columns.setdefault(key, []).append(value)
-            if len(columns["id"]) >= READ_BATCH_ROWS:
-                yield split_batch(clean_batch(columns, cfg), **split)
-                columns = {}
-    if columns:
-        yield split_batch(clean_batch(columns, cfg), **split)
-
-
-def add_bucket(batch: dict[str, Any], shards_per_split: dict[str, int]) -> dict[str, Any]:
-    batch["bucket"] = [
-        int(hash_unit(f"shard:{doc_id}") * shards_per_split[split])
-        for doc_id, split in zip(batch["id"], batch["split"], strict=True)
-    ]
-    return batch
-
-
-def write_shard(group: dict[str, Any], *, out_dir: str, fs_factory, seq_len: int, eos_id: int) -> dict[str, Any]:
-    """Pack one (split, bucket) group into rows of seq_len + 1 and write it as one Parquet file."""
-    import pyarrow as pa
-    import pyarrow.fs
-    import pyarrow.parquet as pq
-
-    order = np.argsort(np.asarray(group["id"], dtype=object).astype(str))
-    split, bucket = str(group["split"][0]), int(group["bucket"][0])
-    rows, dropped = pack_rows((group["tokens"][i] for i in order), seq_len, eos_id)
-    flat = pa.array(rows.reshape(-1), type=pa.int32())
-    table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(flat, seq_len + 1)})
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    data = buf.getvalue()
-    name = f"{split}-{bucket:05d}.parquet"
-    fs, path = fs_factory(join_uri(out_dir, name))
-    if isinstance(fs, pa.fs.LocalFileSystem):  # S3 has no directories (and must not get markers)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-    return {
-        "path": [name], "split": [split], "rows": [len(rows)], "tokens": [int(rows.size)],
-        "dropped_tail_tokens": [dropped], "docs": [len(order)], "sha256": [hashlib.sha256(data).hexdigest()],
-    }
-
-
-# ------------------------------------------------------------------------------------- the stages
-
-
-def _batch_counts(batch: dict[str, Any], keys: list[str], sums: list[str]) -> dict[str, list]:
-    """Per-batch counts (and sums) by ``keys``: a few rows per batch, summed on the driver."""
-    acc: dict[tuple, list[int]] = {}
-    columns = [np.asarray(batch[k]).astype(str) for k in keys]
-    values = [np.asarray(batch[c], dtype=np.int64) for c in sums]
-    for i, key in enumerate(zip(*columns, strict=True)):
-        entry = acc.setdefault(key, [0] * (1 + len(sums)))
-        entry[0] += 1
-        for j, v in enumerate(values):
-            entry[j + 1] += int(v[i])
-    out: dict[str, list] = {k: [key[i] for key in acc] for i, k in enumerate(keys)}
-    out["count()"] = [e[0] for e in acc.values()]
-    for j, c in enumerate(sums):
-        out[f"sum({c})"] = [e[j + 1] for e in acc.values()]
-    return out
-
-
-def _count_by(ds, keys: list[str], sums: list[str] = ()) -> list[dict]:
-    """Counts (and sums) per distinct ``keys``, computed per batch in parallel and added up here."""
-    partial_rows = ds.select_columns([*keys, *sums]).map_batches(
-        _batch_counts, fn_kwargs={"keys": keys, "sums": list(sums)}, batch_format="numpy", batch_size=4096
-    ).take_all()
-    totals: dict[tuple, dict] = {}
-    for r in partial_rows:
-        key = tuple(str(r[k]) for k in keys)
-        entry = totals.setdefault(key, {**dict(zip(keys, key, strict=True)), "count()": 0,
-                                        **{f"sum({c})": 0 for c in sums}})
-        for name in ("count()", *[f"sum({c})" for c in sums]):
-            entry[name] += int(r[name])
-    return [totals[k] for k in sorted(totals)]
-
-
-def _hash_sample(batch: Any, seed: int, fraction: float) -> Any:
-    """map_batches UDF (pyarrow): the rows whose seeded id hash falls below ``fraction``."""
-    keep = [hash_unit(f"{seed}:{doc_id}") < fraction for doc_id in batch.column("id").to_pylist()]
-    return batch.filter(np.asarray(keep, dtype=bool))
-
-
 def _train_tokenizer(cfg: Config, docs, log: Log) -> BPETokenizer:
     """Train on a seeded sample (≤ tokenizer.max_train_bytes) of the train split, in id order."""
     train = filter_in(docs, "split", ["train"])
@@ -217,7 +76,7 @@ def _train_tokenizer(cfg: Config, docs, log: Log) -> BPETokenizer:
     # a hash of the id decides, not the block layout, so the same inputs always give the same sample
     seed = cfg.data.seed
     sample = train if fraction >= 1 else train.map_batches(
-        _hash_sample, fn_kwargs={"seed": seed, "fraction": fraction}, batch_format="pyarrow", zero_copy_batch=True)
+        hash_sample, fn_kwargs={"seed": seed, "fraction": fraction}, batch_format="pyarrow", zero_copy_batch=True)
     log(f"tokenizer: training on {fraction:.0%} of {total / 1e6:.1f} MB of train text")
     rows = sorted(sample.select_columns(["id", "text"]).take_all(), key=lambda r: r["id"])
     return train_tokenizer((str(r["text"]) for r in rows), cfg.tokenizer)
@@ -278,7 +137,7 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
 
     skipped = filter_in(rows, "reason", sorted(OBJECT_REASONS)).select_columns(["uri", "reason", "detail"])
     skipped = sorted(skipped.take_all(), key=lambda r: (r["uri"], r["reason"]))
-    reasons = [r for r in _count_by(rows, ["source", "reason"]) if r["reason"] not in OBJECT_REASONS]
+    reasons = [r for r in count_by(rows, ["source", "reason"]) if r["reason"] not in OBJECT_REASONS]
     docs = filter_in(rows, "reason", [""]).drop_columns(["reason", "detail"])
     n_clean = sum(r["count()"] for r in reasons if r["reason"] == "")
     done(f"read and cleaned {n_clean} documents ({len(skipped)} objects skipped)")
@@ -306,7 +165,7 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
         "tokenizer_json": tok.to_json(), "weights": {s.name: s.weight for s in cfg.data.sources}},
                               batch_size=1024, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
                                   size=cfg.data.tokenize_actors), num_cpus=cfg.data.actor_cpus).materialize()
-    per_source = _count_by(tokens, ["source", "split"], ["n_tokens", "n_bytes", "original"])
+    per_source = count_by(tokens, ["source", "split"], ["n_tokens", "n_bytes", "original"])
     done(f"tokenized {sum(r['sum(n_tokens)'] for r in per_source):,} tokens")
     seq_len = seq_len_of(cfg)
     split_tokens: dict[str, int] = {}

@@ -51,7 +51,7 @@ def test_engine_learns_and_follows_the_schedule(process_group, overrides):
         assert isinstance(engine.optimizer.optimizer, DeepSpeedCPUAdam)
     tokens = torch.randint(0, 256, (cfg.train.batch_size, cfg.seq_len + 1), generator=torch.Generator().manual_seed(1))
     losses, lrs = [], []
-    for step in range(12):  # one fixed batch: the loss must fall
+    for _ in range(12):  # one fixed batch: the loss must fall
         lrs.append(engine.get_lr()[0])
         _, loss = engine(tokens[:, :-1], tokens[:, 1:])
         engine.backward(loss)
