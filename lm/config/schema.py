@@ -285,6 +285,15 @@ class Config(Section):
         """Where this run's artifacts live."""
         return join_uri(self.storage.root, "runs", self.name)
 
+    def with_absolute_paths(self) -> Config:
+        """A copy whose local ``storage.root`` and ``data.output`` are absolute paths: what a driver
+        hands to Ray workers, which run in another working directory."""
+        from lm.storage.uri import absolute_uri
+
+        data = self.data.model_copy(update={"output": self.data.output and absolute_uri(self.data.output)})
+        storage = self.storage.model_copy(update={"root": absolute_uri(self.storage.root)})
+        return self.model_copy(update={"storage": storage, "data": data})
+
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, secrets masked (safe to print and store)."""
         return self.model_dump(mode="json")

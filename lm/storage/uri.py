@@ -52,3 +52,12 @@ def parse_uri(uri: str | os.PathLike) -> Loc:
 def bundled_names() -> list[str]:
     """The names of the bundled corpora, sorted."""
     return sorted(p.name.removesuffix(".txt.gz") for p in CORPORA.glob("*.txt.gz"))
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative local path made absolute against the current directory (other URIs as
+    they are), so it means the same thing in Ray workers, whose working directory differs."""
+    loc = parse_uri(uri)
+    if loc.kind != "local" or loc.path.is_absolute():
+        return uri
+    return str(loc.path.resolve())

@@ -68,6 +68,7 @@ def build_trainer(cfg: Config, store: ObjectStore):
 
 def train(cfg: Config, store: ObjectStore | None = None, log: Log = print) -> TrainSummary:
     """Prepare data if needed, train with Ray Train + DeepSpeed, publish ``<run>/model``."""
+    cfg = cfg.with_absolute_paths()  # the workers run elsewhere: ./lmforge-store must mean this folder
     store = store or ObjectStore(cfg.storage)
     prepare_data(cfg, store, log)
     tc = cfg.train

@@ -41,9 +41,10 @@ def losses(history: list[dict]) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_zero_stage_trains_checkpoints_and_publishes_a_model(ray_session, data_dir, tmp_path, stage):
+def test_zero_stage_trains_checkpoints_and_publishes_a_model(ray_session, data_dir, tmp_path, monkeypatch, stage):
     accumulate = ["train.global_batch_tokens=2048"] if stage == 1 else []  # 2 micro-batches per step
-    cfg = config(tmp_path, data_dir, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=20", *accumulate)
+    monkeypatch.chdir(tmp_path)  # a relative storage root means this folder to the workers too
+    cfg = config(Path("."), data_dir, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=20", *accumulate)
     summary = train(cfg, log=lambda _: None)
     curve = [r["loss"] for r in summary.history]
     assert summary.steps == 20 and curve[-1] < curve[0] - 1.0  # the loss falls
