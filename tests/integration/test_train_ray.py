@@ -47,7 +47,7 @@ def test_zero_stage_trains_checkpoints_and_publishes_a_model(ray_session, data_d
     cfg = config(Path("."), data_dir, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=20", *accumulate)
     summary = train(cfg, log=lambda _: None)
     curve = [r["loss"] for r in summary.history]
-    assert summary.steps == 20 and curve[-1] < curve[0] - 1.0  # the loss falls
+    assert summary.steps == 20 and curve[-1] < curve[0] - 0.5  # the loss falls (from ln 512 = 6.24)
     evals = [r for r in summary.history if "val_loss" in r]
     assert [r["step"] for r in evals] == [10, 20] and all(r["val_bpb"] > 0 for r in evals)
     assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in summary.history if "mfu" in r)
