@@ -23,12 +23,12 @@ from lm.data.loader import load_rows
 from lm.data.pipeline import data_uri, prepare_data
 from lm.data.sources import plan_files
 from lm.inference import generate_text
-from lm.model import Transformer
+from lm.model import num_params
 from lm.modeldir import load_model_dir, save_model_dir
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer, bytes_per_token, train_tokenizer
 from lm.train.local import pick_device, train_local
-from lm.train.loop import build_model as build_model_for_vocab
+from lm.train.loop import build_model
 from lm.train.metrics import history_jsonl, loss_curve_png
 from lm.train.trainer import TrainSummary, train
 
@@ -53,16 +53,12 @@ def tokenizer_stage(store: ObjectStore, cfg: Config) -> TokenizerReport:
     return TokenizerReport(tok, uri, bytes_per_token(tok, held_out), time.perf_counter() - start)
 
 
-def build_model(cfg: Config, tok: BPETokenizer) -> Transformer:
-    return build_model_for_vocab(cfg, tok.vocab_size)
-
-
 def _train_here(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifest: dict, log: Log) -> TrainSummary:
     """train.trainer=local: the plain single-process loop, writing what the Ray trainer writes."""
     data = data_uri(cfg)
     train_rows = load_rows(store, data, "train")
     val_rows = load_rows(store, data, "val") if "val" in manifest["splits"] else None
-    model = build_model(cfg, tok)
+    model = build_model(cfg, tok.vocab_size)
     log(f"model: {model.num_parameters():,} parameters; training on {pick_device(cfg.train.device)}")
     result = train_local(cfg, model, train_rows, val_rows, log=log)
     train_uri = join_uri(cfg.run_uri, "train")
@@ -93,7 +89,9 @@ def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) ->
 
     model_uri = join_uri(cfg.run_uri, "model")
     if cfg.train.trainer == "ray":
-        log(f"model: {build_model(cfg, tok).num_parameters():,} parameters; Ray Train + DeepSpeed")
+        vocab = max(cfg.model.vocab_size, tok.vocab_size)  # as lm.train.loop.build_model sizes it
+        log(f"model: {num_params(cfg.model.model_copy(update={'vocab_size': vocab})):,} parameters; "
+            "Ray Train + DeepSpeed")
         result = train(cfg, store, log)
     else:
         result = _train_here(cfg, store, tok, manifest, log)

@@ -21,10 +21,10 @@ from results_io import machine, write_result
 from lm.config import load_config
 from lm.data.loader import load_rows
 from lm.data.pipeline import data_uri, prepare_data
-from lm.pipeline import build_model
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
 from lm.train.local import train_local
+from lm.train.loop import build_model
 from lm.train.trainer import train
 
 REPO = Path(__file__).parents[2]
@@ -53,7 +53,7 @@ def main() -> None:
         tok = BPETokenizer.from_json(store.read_text(f"{data_uri(cfg)}/tokenizer.json"))
         torch.set_num_threads(args.threads)
         local_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cpu"})})
-        plain = train_local(local_cfg, build_model(cfg, tok), rows, None, log=lambda _: None)
+        plain = train_local(local_cfg, build_model(cfg, tok.vocab_size), rows, None, log=lambda _: None)
     ray_tps, plain_tps = steady_tokens_per_s(ray_run.history), steady_tokens_per_s(plain.history)
     result = {
         "machine": machine(),

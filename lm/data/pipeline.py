@@ -42,10 +42,6 @@ def data_uri(cfg: Config) -> str:
     return cfg.data.output or join_uri(cfg.run_uri, "data")
 
 
-def seq_len_of(cfg: Config) -> int:
-    return cfg.seq_len
-
-
 _EXECUTION_ONLY = {"output", "tokenize_actors", "actor_cpus", "shuffle_partitions", "shuffle_strategy"}
 
 
@@ -55,7 +51,7 @@ def settings_hash(cfg: Config) -> str:
         {
             "data": cfg.data.model_dump(mode="json", exclude=_EXECUTION_ONLY),
             "tokenizer": cfg.tokenizer.model_dump(mode="json"),
-            "seq_len": seq_len_of(cfg),
+            "seq_len": cfg.seq_len,
         },
         sort_keys=True,
     )
@@ -167,7 +163,7 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
                                   size=cfg.data.tokenize_actors), num_cpus=cfg.data.actor_cpus).materialize()
     per_source = count_by(tokens, ["source", "split"], ["n_tokens", "n_bytes", "original"])
     done(f"tokenized {sum(r['sum(n_tokens)'] for r in per_source):,} tokens")
-    seq_len = seq_len_of(cfg)
+    seq_len = cfg.seq_len
     split_tokens: dict[str, int] = {}
     for r in per_source:
         split_tokens[r["split"]] = split_tokens.get(r["split"], 0) + r["sum(n_tokens)"]
@@ -220,8 +216,8 @@ def _manifest(cfg, fingerprint, files, tok, shards, per_source, reasons, skipped
         "format": FORMAT,
         "inputs_fingerprint": fingerprint,
         "config_hash": settings_hash(cfg),
-        "seq_len": seq_len_of(cfg),
-        "row_length": seq_len_of(cfg) + 1,
+        "seq_len": cfg.seq_len,
+        "row_length": cfg.seq_len + 1,
         "tokenizer": {"path": "tokenizer.json", "hash": tok.fingerprint(), "vocab_size": tok.vocab_size,
                       "eos_id": tok.eos_id, "pad_id": tok.pad_id},
         "shards": shards,
