@@ -3,9 +3,12 @@
     lm run              [--config F] [key.sub=value ...]   the main job (make demo)
     lm data prepare     [--config F] [key.sub=value ...]   corpora → cleaned, deduplicated token shards (Ray Data)
     lm train            [--config F] [key.sub=value ...]   Ray Train + DeepSpeed on the shards (resumes a run)
+    lm tune [--resume]  [--config F] [key.sub=value ...]   Ray Tune sweep over training (cfg.tune.space)
     lm config show      [--config F] [key.sub=value ...]   print the resolved config
     lm tokenizer train  [--config F] [key.sub=value ...]   train + publish the BPE tokenizer
     lm generate [--model URI] [--prompt P] [--config F] [key.sub=value ...]
+    lm eval [--model URI] [--split S] [--text URI] [--compare URI] [--config F] [key.sub=value ...]
+                                                            metrics, n-gram baseline, report (exit 1: comparison failed)
 """
 
 from __future__ import annotations
@@ -49,6 +52,15 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> str:
     return f"train {cfg.name}: {summary.steps} steps in {summary.seconds:.0f} s, loss {last['loss']:.3f}{val} → {summary.model_uri}"
 
 
+def cmd_tune(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.tune.sweep import tune
+
+    result = tune(cfg, resume=args.resume)
+    values = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
+    return (f"tune {cfg.name}: {len(result.table)} trials ({result.stopped_early} stopped early); best {values}: "
+            f"{cfg.tune.metric} {result.best_value:.4f} → {result.uris['best']}")
+
+
 def cmd_config_show(cfg: Config, args: argparse.Namespace) -> str:
     print(dump_yaml(cfg), end="")
     return f"config {cfg.name}: hash {cfg.fingerprint()}, run URI {cfg.run_uri}"
@@ -85,6 +97,25 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> str:
     return f"generate: {len(loaded.tokenizer.encode(text))} tokens in {seconds:.1f} s from {model_uri} → {out_uri}"
 
 
+def cmd_eval(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.config.eval import EvalSetConfig
+    from lm.eval.evaluate import evaluate
+
+    sets = [EvalSetConfig(name=args.split, split=args.split)] if args.split else []
+    sets += [EvalSetConfig(name="text", uri=args.text)] if args.text else []
+    if sets:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"sets": sets})})
+    result = evaluate(cfg, model_uri=args.model, compare_to=args.compare)
+    scores = ", ".join(f"{name} {s['model']['bpb']:.3f} bpb" + (f" (n-gram {s['ngram']['bpb']:.3f})" if s["ngram"] else "")
+                       for name, s in result.report["sets"].items())
+    verdict = "" if result.verdict is None else f"; comparison {'PASSED' if result.verdict.passed else 'FAILED'}"
+    line = f"eval: {scores}{verdict} in {result.seconds:.0f} s → {result.report_uri}"
+    if result.verdict is not None and not result.verdict.passed:
+        print(line)
+        raise SystemExit(1)
+    return line
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm", description="lmforge: build, train and serve a GPT-style model on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -99,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data pipeline").add_subparsers(dest="action", required=True)
     add("prepare", cmd_data_prepare, "read, clean, dedup, split, tokenize and pack the configured sources", data)
     add("train", cmd_train, "train on the prepared shards with Ray Train + DeepSpeed (re-running resumes)")
+    tune = add("tune", cmd_tune, "search hyperparameters with Ray Tune (tune.space), each trial a real training run")
+    tune.add_argument("--resume", action="store_true", help="continue the run's interrupted (or finished) sweep")
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="action", required=True)
     add("show", cmd_config_show, "print the resolved config (preset + overrides, secrets masked)", config)
     tokenizer = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
@@ -106,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = add("generate", cmd_generate, "continue a prompt with a saved model directory")
     gen.add_argument("--model", help="model directory URI (default: <run>/model)")
     gen.add_argument("--prompt", help="prompt text (default: generate.prompt)")
+    ev = add("eval", cmd_eval, "evaluate a model directory: metrics, n-gram baseline, generation scores, report")
+    ev.add_argument("--model", help="model directory URI (default: <run>/model)")
+    ev.add_argument("--split", choices=["train", "val", "test"], help="score this split of the run's shards only")
+    ev.add_argument("--text", metavar="URI", help="score this text source (file, folder or glob) only")
+    ev.add_argument("--compare", metavar="URI", help="baseline model directory or report.json, judged by eval.compare")
     return parser
 
 

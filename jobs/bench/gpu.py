@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs/gpt2-124m.yaml"))
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--small", action="store_true", help="a 2-layer model and short rows (CPU smoke run)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true: torch.compile through the engine")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--out", default="jobs/bench/results/gpu.json")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=32")
@@ -72,7 +72,8 @@ def main() -> None:
              "model.vocab_size=2048", "train.batch_size=4"] if args.small else []
     cfg = load_config(args.config, [*small, "train.workers=1", "train.global_batch_tokens=null",
                                     f"train.gpus_per_worker={1 if on_gpu else 0}",
-                                    *([] if on_gpu else ["train.precision=bf16"]), *args.overrides])
+                                    *([] if on_gpu else ["train.precision=bf16"]),
+                                    *(["train.compile=true"] if args.compile else []), *args.overrides])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(free_port())}.items():
@@ -85,8 +86,7 @@ def main() -> None:
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(device)
-    if args.compile:
-        model = torch.compile(model)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
     engine = initialize_engine(model, cfg.train, seq_len=cfg.seq_len, on_gpu=on_gpu)
     B, T = cfg.train.batch_size, cfg.seq_len
     tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
@@ -118,7 +118,8 @@ def main() -> None:
         memory = psutil.Process().memory_info().rss / 2**30
     result = {
         "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU {platform.processor() or platform.machine()}",
-        "config": Path(args.config).name, "small": args.small, "compile": args.compile,
+        "config": Path(args.config).name, "small": args.small, "compile": cfg.train.compile,
+        "activation_checkpointing": cfg.train.activation_checkpointing,
         "params_m": round(num_params(cfg.model) / 1e6, 1), "batch_size": B, "seq_len": T,
         "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision,
         "step_ms": round(seconds / args.steps * 1000, 1), "tokens_per_s": round(tokens_per_s),

@@ -11,7 +11,14 @@ Sections: storage, data, tokenizer, model, train, generate, tune, eval, serve, c
 stages fill the sections they own; every field carries a description (``lm config show`` prints the resolved values).
 """
 
-from lm.config.load import dump_yaml, load_config, parse_override, validate_config
+from lm.config.load import (
+    check_tune_space,
+    dump_yaml,
+    load_config,
+    parse_override,
+    validate_config,
+    with_overrides,
+)
 from lm.config.schema import (
     CleanConfig,
     Config,
@@ -28,15 +35,35 @@ from lm.config.schema import (
     StorageConfig,
     TokenizerConfig,
     TrainConfig,
-    TuneConfig,
     join_uri,
 )
+from lm.config.tune import Dimension, TuneConfig
 
 __all__ = [
-    "CleanConfig", "Config", "ConfigError", "ContinualConfig", "DataConfig", "DedupConfig", "EvalConfig",
-    "GenerateConfig", "ModelConfig", "Section", "ServeConfig", "SourceConfig", "StorageConfig",
-    "TokenizerConfig", "TrainConfig", "TuneConfig", "dump_yaml", "join_uri", "load_config", "parse_override",
+    "CleanConfig",
+    "Config",
+    "ConfigError",
+    "ContinualConfig",
+    "DataConfig",
+    "DedupConfig",
+    "Dimension",
+    "EvalConfig",
+    "GenerateConfig",
+    "ModelConfig",
+    "Section",
+    "ServeConfig",
+    "SourceConfig",
+    "StorageConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "check_tune_space",
+    "dump_yaml",
+    "join_uri",
+    "load_config",
+    "parse_override",
     "validate_config",
+    "with_overrides",
 ]
 
 

@@ -104,6 +104,38 @@ def validate_config(tree: dict[str, Any], origins: dict[str, str] | None = None)
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 
+def with_overrides(cfg: Config, values: dict[str, Any], origin: str = "override") -> Config:
+    """``cfg`` with dotted keys set to new values, validated again (a Tune trial's config)."""
+    tree = cfg.model_dump(mode="python")
+    tree["tune"]["space"] = {}  # a trial does not search again
+    origins = {}
+    for dotted, value in values.items():
+        keys = dotted.split(".")
+        _set_path(tree, keys, value, f"{origin} {dotted}={value!r}")
+        origins[dotted] = f"{origin} {dotted}={value!r}"
+    return validate_config(tree, origins)
+
+
+def config_value(cfg: Config, dotted: str) -> Any:
+    """The value at a dotted key (sections as plain data)."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node[int(part)] if isinstance(node, list) else getattr(node, part)
+    return node.model_dump(mode="python") if isinstance(node, BaseModel) else node
+
+
+def check_tune_space(cfg: Config) -> Config:
+    """Every value a search can give must make a valid config (checked before any trial starts); returns
+    ``cfg`` with listed values typed as the schema types them (YAML reads ``2e-5`` as a string)."""
+    space = {}
+    for dotted, dimension in cfg.tune.space.items():
+        typed = [config_value(with_overrides(cfg, {dotted: value}, f"tune.space.{dotted}.{dimension.kind}:"), dotted)
+                 for value in dimension.candidates()]
+        space[dotted] = dimension.model_copy(update={dimension.kind: typed}) if dimension.kind in ("grid", "choice") \
+            else dimension
+    return cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"space": space})})
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML preset (or the defaults), apply dotted overrides, validate."""
     tree: dict[str, Any] = Config().model_dump(mode="python")
@@ -126,7 +158,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         keys, value = parse_override(text)
         _set_path(tree, keys, value, f"override {text!r}")
         origins[".".join(keys)] = f"override {text!r}"
-    return validate_config(tree, {k: v for k, v in origins.items() if k})
+    cfg = validate_config(tree, {k: v for k, v in origins.items() if k})
+    return check_tune_space(cfg)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,9 @@ from pydantic import Field, SecretStr, model_validator
 
 from lm.config.base import ConfigError as ConfigError  # re-exported
 from lm.config.base import Section
+from lm.config.eval import EvalConfig
 from lm.config.train import TrainConfig
+from lm.config.tune import TuneConfig
 
 
 class StorageConfig(Section):
@@ -224,21 +226,6 @@ class GenerateConfig(Section):
     seed: int | None = Field(0, description="Sampling seed; null = nondeterministic.")
 
 
-class TuneConfig(Section):
-    """Hyperparameter search (filled by the tuning stage)."""
-
-    num_samples: int = Field(8, ge=1, description="Trials to run.")
-    max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once.")
-    metric: str = Field("val_loss", description="Metric to optimise.")
-    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise the metric.")
-
-
-class EvalConfig(Section):
-    """Evaluation and reports (filled by the evaluation stage)."""
-
-    max_batches: int | None = Field(None, ge=1, description="Limit evaluation to N batches; null = all.")
-
-
 class ServeConfig(Section):
     """Ray Serve deployment (filled by the serving stage)."""
 
@@ -257,6 +244,9 @@ class Config(Section):
     """Everything one lmforge run needs."""
 
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; artifacts go to <storage.root>/runs/<name>.")
+    output: str | None = Field(
+        None, description="Where this run's artifacts go (a folder or s3:// URI); null = <storage.root>/runs/<name>."
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -283,16 +273,16 @@ class Config(Section):
     @property
     def run_uri(self) -> str:
         """Where this run's artifacts live."""
-        return join_uri(self.storage.root, "runs", self.name)
+        return self.output or join_uri(self.storage.root, "runs", self.name)
 
     def with_absolute_paths(self) -> Config:
-        """A copy whose local ``storage.root`` and ``data.output`` are absolute paths: what a driver
-        hands to Ray workers, which run in another working directory."""
+        """A copy whose local ``storage.root``, ``output`` and ``data.output`` are absolute paths: what a
+        driver hands to Ray workers, which run in another working directory."""
         from lm.storage.uri import absolute_uri
 
         data = self.data.model_copy(update={"output": self.data.output and absolute_uri(self.data.output)})
         storage = self.storage.model_copy(update={"root": absolute_uri(self.storage.root)})
-        return self.model_copy(update={"storage": storage, "data": data})
+        return self.model_copy(update={"storage": storage, "data": data, "output": self.output and absolute_uri(self.output)})
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, secrets masked (safe to print and store)."""

@@ -40,7 +40,8 @@ def deepspeed_config(tc: TrainConfig, *, seq_len: int, on_gpu: bool) -> dict:
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": tc.lr, "betas": [tc.beta1, tc.beta2], "eps": 1e-8, "weight_decay": tc.weight_decay,
-                       **({} if tc.offload_optimizer else {"torch_adam": True})},
+                       **({} if tc.offload_optimizer else {"torch_adam": True}),
+                       **({"fused": True} if on_gpu and not tc.offload_optimizer else {})},  # one CUDA kernel
         },
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,

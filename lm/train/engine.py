@@ -20,7 +20,8 @@ from lm.train.optim import lr_at, param_groups
 
 def initialize_engine(model: torch.nn.Module, tc: TrainConfig, *, seq_len: int, on_gpu: bool) -> Any:
     """``deepspeed.initialize`` with lm.train.ds_config's config; the learning rate follows
-    :func:`lm.train.optim.lr_at` (a LambdaLR DeepSpeed steps and checkpoints)."""
+    :func:`lm.train.optim.lr_at` (a LambdaLR DeepSpeed steps and checkpoints); ``train.compile``
+    compiles the model through the engine."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -30,4 +31,6 @@ def initialize_engine(model: torch.nn.Module, tc: TrainConfig, *, seq_len: int, 
         config=deepspeed_config(tc, seq_len=seq_len, on_gpu=on_gpu),
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_at(step, tc) / tc.lr),
     )
+    if tc.compile:
+        engine.compile()  # compiles the module in place: parameter names and checkpoints are unchanged
     return engine

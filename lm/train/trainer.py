@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lm.cluster import connect, worker_env
@@ -36,8 +36,9 @@ class TrainSummary:
     best_checkpoint: str | None
 
 
-def build_trainer(cfg: Config, store: ObjectStore):
-    """The TorchTrainer of ``cfg.train`` (no work starts until ``fit()``)."""
+def build_trainer(cfg: Config, store: ObjectStore, callbacks: Sequence = ()):
+    """The TorchTrainer of ``cfg.train`` (no work starts until ``fit()``); ``callbacks`` are Ray Train
+    callbacks (lm.tune passes Tune's report callback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -62,21 +63,24 @@ def build_trainer(cfg: Config, store: ObjectStore):
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
             worker_runtime_env={"env_vars": worker_env()},
+            callbacks=list(callbacks),
         ),
     )
 
 
-def train(cfg: Config, store: ObjectStore | None = None, log: Log = print) -> TrainSummary:
-    """Prepare data if needed, train with Ray Train + DeepSpeed, publish ``<run>/model``."""
+def train(cfg: Config, store: ObjectStore | None = None, log: Log = print, *, callbacks: Sequence = (),
+          prepare: bool = True) -> TrainSummary:
+    """Prepare data if needed (``prepare``), train with Ray Train + DeepSpeed, publish ``<run>/model``."""
     cfg = cfg.with_absolute_paths()  # the workers run elsewhere: ./lmforge-store must mean this folder
     store = store or ObjectStore(cfg.storage)
-    prepare_data(cfg, store, log)
+    if prepare:
+        prepare_data(cfg, store, log)
     tc = cfg.train
     log(f"train: {tc.workers} workers x {tc.batch_size} sequences x {tc.grad_accum(cfg.seq_len)} accumulation, "
         f"ZeRO-{tc.zero_stage}, {tc.precision}, {tc.max_steps} steps → {join_uri(cfg.run_uri, 'train')}")
     connect()
     start = time.perf_counter()
-    result = build_trainer(cfg, store).fit()
+    result = build_trainer(cfg, store, callbacks).fit()
     if result.error:
         raise result.error
     seconds = time.perf_counter() - start

@@ -1,0 +1,141 @@
+"""The ``eval`` section: what ``lm eval`` measures, how it runs, and the thresholds of a comparison.
+
+    eval:
+      sets:                                   # each: a split of the run's shards or any text source
+        - {name: val, split: val}
+        - {name: feedback, uri: s3://bucket/feedback/, format: jsonl}
+      compare:                                # candidate vs baseline (the continual-learning gate)
+        - {set: val, metric: bpb, max_regression: 0.01}       # the fixed held-out set must not regress
+        - {set: feedback, metric: bpb, min_improvement: 0.02}  # the new data must improve by a margin
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lm.config.base import Section
+
+# report sections that are not eval sets; their metrics are named "<section>/<metric>" like a set's
+RESERVED_SET_NAMES = ("generation", "labels")
+LOWER_IS_BETTER = ("loss", "perplexity", "bpb", "ngram_bpb", "ngram_loss", "ngram_perplexity")
+
+
+class EvalSetConfig(Section):
+    """One evaluation set: a split of the run's packed shards, or any text source."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Name in the report and in compare rules.")
+    split: Literal["train", "val", "test"] | None = Field(
+        None, description="A split of the run's shards (data.output / <run>/data); re-tokenized from its text "
+        "when the model's tokenizer is not the one the shards were made with.",
+    )
+    uri: str | None = Field(
+        None, description="A text source instead: file, folder or glob (local, file://, s3://, bundled://), "
+        "read like data.sources (.txt/.jsonl/.parquet, optionally .gz/.zst) and cleaned with data.clean.",
+    )
+    format: Literal["auto", "txt", "jsonl", "parquet"] = Field("auto", description="For uri: the file format.")
+    delimiter: str | None = Field("\n\n", description="For uri, txt: split files into documents on this string.")
+    text_field: str = Field("text", description="For uri, jsonl / parquet: the field holding the text.")
+
+    @model_validator(mode="after")
+    def _check_one_source(self) -> EvalSetConfig:
+        if (self.split is None) == (self.uri is None):
+            raise ValueError(f"eval set {self.name!r}: give exactly one of split or uri")
+        if self.name in RESERVED_SET_NAMES:
+            raise ValueError(f"eval set name {self.name!r} is reserved for a report section")
+        return self
+
+
+class CompareRule(Section):
+    """One threshold of a comparison: candidate vs baseline on one metric of one set."""
+
+    set: str = Field("val", description="Eval set name, or 'generation' / 'labels' for those sections.")
+    metric: str = Field(
+        "bpb", description="Metric of that set: bpb, loss, perplexity, accuracy (sets); bleu, rouge1, rouge2, "
+        "rougeL (generation); accuracy, precision_macro, recall_macro, f1_macro (labels).",
+    )
+    max_regression: float | None = Field(
+        None, ge=0, description="Fail if the candidate is worse than the baseline by more than this (absolute).",
+    )
+    min_improvement: float | None = Field(
+        None, description="Fail unless the candidate is better than the baseline by at least this (absolute).",
+    )
+    higher_is_better: bool | None = Field(
+        None, description="Direction of the metric; null = from its name (loss, perplexity, bpb: lower is better).",
+    )
+
+    @model_validator(mode="after")
+    def _check_threshold(self) -> CompareRule:
+        if self.max_regression is None and self.min_improvement is None:
+            raise ValueError(f"compare rule {self.set}/{self.metric}: give max_regression and/or min_improvement")
+        return self
+
+    @property
+    def key(self) -> str:
+        return f"{self.set}/{self.metric}"
+
+    @property
+    def higher_better(self) -> bool:
+        return self.higher_is_better if self.higher_is_better is not None else self.metric not in LOWER_IS_BETTER
+
+
+class EvalConfig(Section):
+    """Evaluation and reports (lm.eval): ``lm eval``, jobs/evaluate.py and the continual-learning gate."""
+
+    max_batches: int | None = Field(None, ge=1, description="Limit each eval set to N batches; null = all.")
+    batch_size: int = Field(16, ge=1, description="Rows per forward pass when scoring eval sets.")
+    sets: list[EvalSetConfig] = Field(
+        default_factory=lambda: [EvalSetConfig(name="val", split="val")], min_length=1,
+        description="Sets to score (loss, perplexity, bits per byte, top-1 accuracy, n-gram baseline).",
+    )
+    backend: Literal["auto", "local", "ray"] = Field(
+        "auto", description="local: one process; ray: Ray Data actors; auto: ray from ray_min_rows rows up.",
+    )
+    ray_min_rows: int = Field(20_000, ge=1, description="With backend auto, sets of at least this many rows use Ray.")
+    actors: int = Field(2, ge=1, description="Ray backend: scoring actors, each loading the model once.")
+    actor_cpus: float = Field(
+        0.5, gt=0, description="Ray backend: CPUs per actor (fractional, so Ray Data's read tasks always fit).",
+    )
+    ngram_order: int = Field(
+        3, ge=1, le=8, description="Order of the Kneser-Ney n-gram baseline fitted on the train split; "
+        "vocab_size ** order must stay below 2**63.",
+    )
+    ngram_max_train_tokens: int = Field(
+        20_000_000, ge=1, description="Fit the n-gram baseline on at most this many train tokens (first rows).",
+    )
+    generation_set: str | None = Field(
+        "builtin", description="JSONL of {prompt, reference} for BLEU / ROUGE; builtin = held-out "
+        "tinyshakespeare speeches (prompt: speaker + first line, reference: the next line); null = skip.",
+    )
+    labelled_set: str | None = Field(
+        "builtin", description="JSONL of {prompt, label}: the model picks the label it finds likeliest as the "
+        "prompt's continuation → precision / recall / F1; builtin = who speaks next in tinyshakespeare "
+        "(4 speakers); null = skip.",
+    )
+    max_examples: int = Field(40, ge=1, description="Use at most this many examples of each of the two sets above.")
+    max_new_tokens: int = Field(
+        32, ge=1, description="Tokens generated per generation_set prompt (greedy, so scores are reproducible).",
+    )
+    generation_stop: list[str] = Field(
+        default_factory=lambda: ["\n"], description="Generation-set outputs end at the first of these strings.",
+    )
+    prompts: list[str] = Field(
+        default_factory=lambda: ["ROMEO:", "JULIET:\n", "First Citizen:\nWe"],
+        description="Qualitative samples in the report, generated with the generate section's settings.",
+    )
+    compare: list[CompareRule] = Field(
+        default_factory=lambda: [CompareRule(set="val", metric="bpb", max_regression=0.01)],
+        description="Thresholds of `lm eval --compare`: every rule must pass for the candidate to pass.",
+    )
+    output: str | None = Field(None, description="Where report.json, report.md and the PNGs go; null = <run>/eval.")
+
+    @model_validator(mode="after")
+    def _check_names(self) -> EvalConfig:
+        names = [s.name for s in self.sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval set names must be unique, got {names}")
+        known = [*names, *RESERVED_SET_NAMES]
+        if unknown := [r.set for r in self.compare if r.set not in known]:
+            raise ValueError(f"compare rules name unknown sets {unknown}; known: {known}")
+        return self

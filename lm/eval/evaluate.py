@@ -1,0 +1,166 @@
+"""The whole evaluation of a model directory: what ``lm eval``, jobs/evaluate.py, the demo and the
+continual-learning gate call.
+
+    result = evaluate(cfg)                                   # <run>/model on cfg.eval.sets → <run>/eval/
+    result = evaluate(cfg, model_uri=new, compare_to=old)    # old: a model directory or a report.json
+    result.report_uri, result.metrics["val/bpb"], result.verdict.passed
+
+For every eval set (lm.eval.sets): loss, perplexity, bits per byte and top-1 accuracy of the model, and
+bits per byte of the n-gram baseline fitted on the run's train split (lm.eval.ngram), on one process or,
+from ``eval.ray_min_rows`` rows up (``eval.backend``), on Ray Data actors (lm.eval.distributed). Then
+BLEU / ROUGE, label-choice precision / recall / F1 and samples (lm.eval.generation); with
+``compare_to``, the baseline is measured on the same sets and judged by ``eval.compare``
+(lm.eval.compare). Everything lands in ``eval.output`` (default ``<run>/eval/``, lm.eval.report).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lm.config import Config, join_uri
+from lm.config.eval import EvalSetConfig
+from lm.data.sources import DataError
+from lm.eval.compare import Verdict, compare, flat_metrics
+from lm.eval.generation import generation_scores, label_scores, samples
+from lm.eval.metrics import TokenSums, score_rows, token_byte_lengths
+from lm.eval.ngram import NGramLM
+from lm.eval.report import training_curves, write_report
+from lm.eval.sets import load_set, ngram_train_rows, prompt_set
+from lm.modeldir import LoadedModel, load_model_dir
+from lm.storage import ObjectStore
+
+Log = Callable[[str], None]
+FORMAT = "lmforge.eval/1"
+
+
+@dataclass
+class EvalResult:
+    report: dict
+    metrics: dict[str, float]  # "<set>/<metric>" (lm.eval.compare.flat_metrics)
+    report_uri: str  # report.md
+    json_uri: str  # report.json
+    verdict: Verdict | None
+    seconds: float
+
+
+def _ngram(cfg: Config, store: ObjectStore, loaded: LoadedModel, seq_len: int, cache: dict, log: Log):
+    """The n-gram baseline for this model's tokenizer (fitted once per tokenizer), and what it is."""
+    key = (loaded.tokenizer.fingerprint(), loaded.model.cfg.vocab_size)
+    if key not in cache:
+        start = time.perf_counter()
+        rows, note = ngram_train_rows(store, cfg, loaded.tokenizer, seq_len, cfg.eval.ngram_max_train_tokens)
+        order = cfg.eval.ngram_order
+        lm = NGramLM.fit(rows, order, loaded.model.cfg.vocab_size) if rows is not None else None
+        seconds = time.perf_counter() - start
+        log(f"eval: {order}-gram baseline {note} [{seconds:.1f} s]")
+        cache[key] = (lm, {"order": order, "note": note, "fit_seconds": round(seconds, 2)})
+    return cache[key]
+
+
+def _score_set(cfg: Config, store: ObjectStore, model_uri: str, loaded: LoadedModel, spec: EvalSetConfig,
+               seq_len: int, ngram: NGramLM | None, log: Log) -> dict:
+    ev = cfg.eval
+    start = time.perf_counter()
+    max_rows = ev.max_batches * ev.batch_size if ev.max_batches else None
+    found = load_set(store, cfg, spec, loaded.tokenizer, seq_len, max_rows, lazy=ev.backend != "local")
+    backend = ev.backend if ev.backend != "auto" else ("ray" if found.n_rows >= ev.ray_min_rows else "local")
+    if backend == "ray":
+        from lm.eval.distributed import ray_sums
+
+        where = {"rows": found.rows} if found.rows is not None else {"shard_uris": found.shard_uris}
+        sums = ray_sums(store, model_uri, batch_size=ev.batch_size, actors=ev.actors, actor_cpus=ev.actor_cpus,
+                        ngram=ngram, **where)
+    else:
+        if found.rows is None:
+            found = load_set(store, cfg, spec, loaded.tokenizer, seq_len, max_rows)
+        table = token_byte_lengths(loaded.tokenizer, loaded.model.cfg.vocab_size)
+        sums = score_rows(loaded.model, found.rows, table, ev.batch_size, ngram)
+    seconds = time.perf_counter() - start
+    model: TokenSums = sums["model"]
+    entry = {"source": found.source, "rows": found.n_rows, "backend": backend, "seconds": round(seconds, 2),
+             "note": found.note, "model": model.metrics(), "ngram": sums["ngram"].metrics() if "ngram" in sums else None}
+    ng = f" | n-gram {entry['ngram']['bpb']:.3f} bpb" if entry["ngram"] else ""
+    m = entry["model"]
+    log(f"eval {spec.name}: {found.n_rows:,} rows ({backend}) loss {m['loss']:.4f} ppl {m['perplexity']:.1f} "
+        f"{m['bpb']:.3f} bpb top-1 {m['accuracy']:.3f}{ng} [{seconds:.1f} s]")
+    return entry
+
+
+def _prompt_metrics(cfg: Config, store: ObjectStore, loaded: LoadedModel, log: Log) -> dict:
+    ev, model, tok = cfg.eval, loaded.model, loaded.tokenizer
+    out: dict = {"skipped": {}}
+    for section, uri in (("generation", ev.generation_set), ("labels", ev.labelled_set)):
+        if uri is None:
+            out["skipped"][section] = "not configured"
+            continue
+        start = time.perf_counter()
+        examples = prompt_set(store, cfg, uri, "generation" if section == "generation" else "labelled", ev.max_examples)
+        if not examples:
+            out["skipped"][section] = f"{uri}: no examples"
+            continue
+        try:
+            if section == "generation":
+                scores = generation_scores(model, tok, examples, ev.max_new_tokens, ev.generation_stop)
+                summary = f"BLEU {scores['bleu']:.2f} ROUGE-L {scores['rougeL']:.3f}"
+            else:
+                scores = label_scores(model, tok, examples)
+                summary = f"accuracy {scores['accuracy']:.3f} macro F1 {scores['f1_macro']:.3f}"
+        except ValueError as err:
+            raise DataError(f"eval {section} set {uri}: {err}") from None
+        out[section] = {**scores, "set": uri}
+        log(f"eval {section}: {len(examples)} examples, {summary} [{time.perf_counter() - start:.1f} s]")
+    out["samples"] = samples(model, tok, ev.prompts, cfg.generate)
+    return out
+
+
+def measure(cfg: Config, store: ObjectStore, model_uri: str, log: Log = print, ngram_cache: dict | None = None) -> dict:
+    """Every metric of one model directory (the report's model part: model, ngram, sets, generation, …)."""
+    loaded = load_model_dir(store, model_uri)
+    seq_len = min(cfg.seq_len, loaded.model.cfg.max_seq_len)
+    ngram, ngram_info = _ngram(cfg, store, loaded, seq_len, {} if ngram_cache is None else ngram_cache, log)
+    sets = {spec.name: _score_set(cfg, store, model_uri, loaded, spec, seq_len, ngram, log) for spec in cfg.eval.sets}
+    model = {"uri": model_uri, "parameters": loaded.model.num_parameters(), "vocab_size": loaded.model.cfg.vocab_size,
+             "tokenizer_hash": loaded.tokenizer.fingerprint(), "lineage": loaded.lineage}
+    return {"model": model, "ngram": ngram_info, "sets": sets, **_prompt_metrics(cfg, store, loaded, log)}
+
+
+def _baseline(cfg: Config, store: ObjectStore, uri: str, log: Log, cache: dict) -> dict:
+    """The baseline's report part: read from a report.json, or measured now on the same sets."""
+    if uri.endswith(".json"):
+        report = json.loads(store.read_text(uri))
+        if report.get("format") != FORMAT:
+            raise DataError(f"{uri}: not an lmforge evaluation report (format {report.get('format')!r})")
+        return {**report, "uri": report["model"]["uri"], "report": uri}
+    log(f"eval: measuring the baseline {uri} on the same sets")
+    return {**measure(cfg, store, uri, log, cache), "uri": uri}
+
+
+def evaluate(cfg: Config, store: ObjectStore | None = None, model_uri: str | None = None, log: Log = print,
+             compare_to: str | None = None) -> EvalResult:
+    """Evaluate ``model_uri`` (default ``<run>/model``), optionally against ``compare_to``; publish the report."""
+    start = time.perf_counter()
+    store = store or ObjectStore(cfg.storage)
+    model_uri = model_uri or join_uri(cfg.run_uri, "model")
+    cache: dict = {}
+    report = {"format": FORMAT, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "run_uri": cfg.run_uri,
+              "config_hash": cfg.fingerprint(), **measure(cfg, store, model_uri, log, cache)}
+    verdict = None
+    if compare_to:
+        baseline = _baseline(cfg, store, compare_to, log, cache)
+        report["baseline"] = {k: baseline.get(k) for k in ("uri", "report", "model", "sets", "generation", "labels")}
+        verdict = compare(flat_metrics(report), flat_metrics(baseline), cfg.eval.compare)
+        report["comparison"] = verdict.to_dict()
+        log(f"eval: comparison with {compare_to}: {'PASSED' if verdict.passed else 'FAILED'}")
+        for reason in verdict.reasons:
+            log(f"  {reason}")
+    curves, note = training_curves(store, cfg.run_uri)
+    report["training"] = {"note": note, "final": {tag: points[-1][1] for tag, points in curves.items() if points}}
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    out = cfg.eval.output or join_uri(cfg.run_uri, "eval")
+    report_uri = write_report(store, out, report, curves)
+    log(f"eval: report → {report_uri}")
+    return EvalResult(report, flat_metrics(report), report_uri, join_uri(out, "report.json"), verdict,
+                      report["seconds"])
