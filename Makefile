@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# A two-trial Ray Tune sweep on the demo's shards, then the main job (data → train → evaluation
+# report → sample); the last line names the report.
 demo: install
+	$(BIN)/lm tune --config configs/tune/demo.yaml --resume
 	$(BIN)/lm run --config $(CONFIG)
 
 lint: install

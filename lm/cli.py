@@ -31,7 +31,8 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> str:
     from lm.pipeline import run_main
 
     summary = run_main(cfg)
-    return f"run {cfg.name}: {summary['steps']} steps, loss {summary['final_loss']:.3f} → {summary['model_uri']}"
+    return (f"run {cfg.name}: {summary['steps']} steps, loss {summary['final_loss']:.3f} → {summary['model_uri']}; "
+            f"evaluation report → {summary['eval_report']}")
 
 
 def cmd_data_prepare(cfg: Config, args: argparse.Namespace) -> str:

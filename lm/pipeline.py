@@ -1,4 +1,4 @@
-"""The main job: corpus → data shards + tokenizer → model → sample, every artifact under ``cfg.run_uri``.
+"""The main job: corpus → data shards + tokenizer → model → evaluation → sample, every artifact under ``cfg.run_uri``.
 
 ``lm run`` / ``make demo`` / ``jobs/main.py`` call :func:`run_main`. Each stage is a function of
 (config, store) that reads and writes object storage, so the same job runs on a local folder or S3.
@@ -7,6 +7,7 @@
     <run>/data/                     manifest.json, tokenizer.json, Parquet shards (lm.data.pipeline)
     <run>/train/{metrics.jsonl,loss.png}
     <run>/model/                    the model directory (lm.modeldir)
+    <run>/eval/                     report.md, report.json, PNGs (lm.eval)
     <run>/samples.json              what the trained model wrote
 """
 
@@ -95,16 +96,21 @@ def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) ->
         result = train(cfg, store, log)
     else:
         result = _train_here(cfg, store, tok, manifest, log)
+    from lm.eval.evaluate import evaluate
+
+    evaluation = evaluate(cfg, store, model_uri, log)
     loaded = load_model_dir(store, model_uri)
     sample = generate_text(loaded.model, loaded.tokenizer, [cfg.generate.prompt], cfg.generate)[0]
     summary = {
         "run_uri": cfg.run_uri, "model_uri": model_uri, "steps": result.steps,
         "train_seconds": round(result.seconds, 1), "first_loss": result.history[0]["loss"],
         "final_loss": result.history[-1]["loss"], "val_loss": result.history[-1].get("val_loss"),
+        "eval_report": evaluation.report_uri, "eval": evaluation.metrics,
         "prompt": cfg.generate.prompt, "sample": sample,
     }
     store.write_text(join_uri(cfg.run_uri, "samples.json"), json.dumps(summary, indent=2))
     log(f"trained {result.steps} steps in {result.seconds:.0f} s: loss {summary['first_loss']:.3f} → "
         f"{summary['final_loss']:.3f}; model → {model_uri}")
     log(f"sample:\n{cfg.generate.prompt}{sample}")
+    log(f"evaluation report → {evaluation.report_uri}")
     return summary

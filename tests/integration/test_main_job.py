@@ -42,6 +42,11 @@ def test_main_job_trains_and_publishes(local_run):
     assert store.read_bytes(f"{cfg.run_uri}/train/loss.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(line.startswith("sample:") for line in lines)
     assert isinstance(summary["sample"], str) and summary["sample"]
+    # the evaluation report: the model's and the n-gram baseline's bits per byte on the val split
+    assert summary["eval_report"] == f"{cfg.run_uri}/eval/report.md" and store.exists(summary["eval_report"])
+    report = json.loads(store.read_text(f"{cfg.run_uri}/eval/report.json"))
+    assert report["sets"]["val"]["model"]["bpb"] == pytest.approx(summary["eval"]["val/bpb"])
+    assert 0 < summary["eval"]["val/bpb"] < 8 and 0 < summary["eval"]["val/ngram_bpb"] < 8
 
 
 def test_saved_model_reproduces_sample(local_run):
@@ -107,7 +112,8 @@ def test_main_job_and_generate_on_s3(s3_server, ray_session):
     run = subprocess.run([LM, "run", "-c", "configs/tiny.yaml", f"storage.root={root}", "train.max_steps=20"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
-    assert f"→ {root}/runs/tiny/model" in run.stdout.splitlines()[-1]
+    assert f"→ {root}/runs/tiny/model;" in run.stdout.splitlines()[-1]
+    assert run.stdout.splitlines()[-1].endswith(f"evaluation report → {root}/runs/tiny/eval/report.md")
     store = s3_server.store(root=root)
     assert store.is_published(f"{root}/runs/tiny/model")
     assert store.exists(f"{root}/runs/tiny/data/manifest.json") and store.exists(f"{root}/runs/tiny/data/tokenizer.json")
