@@ -4,6 +4,7 @@
     lm data prepare     [--config F] [key.sub=value ...]   corpora → cleaned, deduplicated token shards (Ray Data)
     lm train            [--config F] [key.sub=value ...]   Ray Train + DeepSpeed on the shards (resumes a run)
     lm tune [--resume]  [--config F] [key.sub=value ...]   Ray Tune sweep over training (cfg.tune.space)
+    lm serve [--render F] [--config F] [key.sub=value ...]   Ray Serve: OpenAI-compatible API (or write a Serve config)
     lm config show      [--config F] [key.sub=value ...]   print the resolved config
     lm tokenizer train  [--config F] [key.sub=value ...]   train + publish the BPE tokenizer
     lm generate [--model URI] [--prompt P] [--config F] [key.sub=value ...]
@@ -60,6 +61,27 @@ def cmd_tune(cfg: Config, args: argparse.Namespace) -> str:
     values = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
     return (f"tune {cfg.name}: {len(result.table)} trials ({result.stopped_early} stopped early); best {values}: "
             f"{cfg.tune.metric} {result.best_value:.4f} → {result.uris['best']}")
+
+
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.serve.app import render, start
+
+    if args.render:
+        from pathlib import Path
+
+        Path(args.render).write_text(render(cfg, args.config, args.overrides))
+        return f"serve: Serve config → {args.render} (serve deploy {args.render})"
+    start(cfg)
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}/v1"
+    print(f"serve: {cfg.serve.model_name} at {url} (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return "serve: stopped"
 
 
 def cmd_config_show(cfg: Config, args: argparse.Namespace) -> str:
@@ -133,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("train", cmd_train, "train on the prepared shards with Ray Train + DeepSpeed (re-running resumes)")
     tune = add("tune", cmd_tune, "search hyperparameters with Ray Tune (tune.space), each trial a real training run")
     tune.add_argument("--resume", action="store_true", help="continue the run's interrupted (or finished) sweep")
+    srv = add("serve", cmd_serve, "host the model behind an OpenAI-compatible API on Ray Serve (blocks)")
+    srv.add_argument("--render", metavar="FILE", help="write a Serve config file (serve deploy, RayService) and exit")
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="action", required=True)
     add("show", cmd_config_show, "print the resolved config (preset + overrides, secrets masked)", config)
     tokenizer = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)

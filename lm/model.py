@@ -198,13 +198,17 @@ class Transformer(nn.Module):
         """Parameters actually held (a tied weight counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids, targets=None, *, position_ids=None, attention_mask=None, kv_cache=None):
+    def forward(self, input_ids, targets=None, *, position_ids=None, attention_mask=None, kv_cache=None,
+                last_only=False):
         """input_ids [B, T] → (float32 logits [B, T, V], cross-entropy loss or None).
 
         position_ids: [B, T] or [1, T]; default: consecutive positions after what ``kv_cache`` holds.
         attention_mask: [B, T_total] 1 = real token, 0 = (left) padding, T_total = cached + T.
         kv_cache: a :class:`KVCache`; the new keys/values are appended and ``length`` advances.
+        last_only: logits of the last position only ([B, 1, V]; a prefill needs no more); no targets.
         """
+        if last_only and targets is not None:
+            raise ValueError("last_only=True computes no loss; pass targets=None")
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and start + T > kv_cache.max_len:
@@ -222,7 +226,7 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, i)
-        logits = self.lm_head(self.model.norm(x)).float()
+        logits = self.lm_head(self.model.norm(x[:, -1:] if last_only else x)).float()
         if kv_cache is not None:
             kv_cache.length += T
         loss = None
@@ -282,7 +286,7 @@ class Transformer(nn.Module):
         ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)
         mask = torch.tensor([[0] * (P - n) + [1] * n for n in lens], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = KVCache(self.cfg, B, P + steps, device=device, dtype=self.lm_head.weight.dtype)
+        cache = KVCache(self.cfg, B, P + steps, device=device, dtype=self.model.embed_tokens.weight.dtype)
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         next_pos = torch.tensor(lens, device=device)
         done = [b == 0 for b in budgets]

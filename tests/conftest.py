@@ -4,6 +4,9 @@ Sections (each a self-contained group of helpers + fixtures; add new groups belo
 
 * S3: ``s3_server`` (session) runs a real SeaweedFS S3 server on 127.0.0.1 with credentials required;
   ``store_root`` runs a test on both backends (a local tmp folder and a fresh S3 bucket).
+* Ray: ``ray_session`` (session), the one local Ray instance every Ray test shares.
+* Runs: ``tiny_run`` (session), the main job on the tiny preset (data, Ray Train, evaluation), for the
+  tests that need a trained model directory and its shards.
 """
 
 from __future__ import annotations
@@ -212,3 +215,30 @@ def ray_session() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+# ============================================================================================== runs
+
+
+@dataclass
+class TinyRun:
+    cfg: Any
+    overrides: list[str]  # what made cfg from configs/tiny.yaml (for `lm …` subprocesses)
+    summary: dict
+    lines: list[str]  # what the job logged
+    root: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, ray_session) -> TinyRun:
+    """`lm run` on the tiny preset, once per session: Ray Data shards, 60 Ray Train steps, the model
+    directory, the evaluation report."""
+    from lm.config import load_config
+    from lm.pipeline import run_main
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    overrides = [f"storage.root={root}", "train.max_steps=60", "eval.max_examples=4", 'eval.prompts=["ROMEO:"]']
+    cfg = load_config(Path(__file__).parents[1] / "configs/tiny.yaml", overrides)
+    lines: list[str] = []
+    summary = run_main(cfg, log=lines.append)
+    return TinyRun(cfg, overrides, summary, lines, root)

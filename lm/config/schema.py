@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, model_validator
 from lm.config.base import ConfigError as ConfigError  # re-exported
 from lm.config.base import Section
 from lm.config.eval import EvalConfig
+from lm.config.serve import ServeConfig
 from lm.config.train import TrainConfig
 from lm.config.tune import TuneConfig
 
@@ -224,14 +225,6 @@ class GenerateConfig(Section):
         False, description="Keep generating past end-of-text (it then shows as <|endoftext|> between documents)."
     )
     seed: int | None = Field(0, description="Sampling seed; null = nondeterministic.")
-
-
-class ServeConfig(Section):
-    """Ray Serve deployment (filled by the serving stage)."""
-
-    host: str = Field("127.0.0.1", description="HTTP bind address.")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    model_name: str = Field("lmforge", description="Model id reported by /v1/models.")
 
 
 class ContinualConfig(Section):

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lm.config import TokenizerConfig, load_config
+from lm.config import TokenizerConfig
 from lm.data.documents import iter_documents
 from lm.eval.evaluate import evaluate
 from lm.modeldir import save_model_dir
-from lm.pipeline import run_main
 from lm.storage import ObjectStore
 from lm.tokenizer import train_tokenizer
 from lm.train.loop import build_model
@@ -30,14 +29,10 @@ def lm(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_session):
-    """The tiny preset: shards from the Ray Data pipeline, 30 steps of the plain loop."""
-    root = tmp_path_factory.mktemp("store")
-    overrides = [f"storage.root={root}", "train.trainer=local", "eval.max_examples=4", 'eval.prompts=["ROMEO:"]']
-    cfg = load_config(REPO / "configs/tiny.yaml", overrides)
-    run_main(cfg, log=lambda _: None)
-    (root / "sonnet.txt").write_text(SONNET)
-    return cfg, overrides, root
+def trained(tiny_run):
+    """The session's tiny run (Ray Data shards, 60 Ray Train steps) and a small text file."""
+    (tiny_run.root / "sonnet.txt").write_text(SONNET)
+    return tiny_run.cfg, tiny_run.overrides, tiny_run.root
 
 
 def quick(cfg, **changes):

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lm.config import load_config
 from lm.modeldir import load_model_dir
-from lm.pipeline import run_main
 from lm.storage import ObjectStore
 
 REPO = Path(__file__).parents[2]
@@ -21,12 +19,8 @@ def lm(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory, ray_session):
-    root = tmp_path_factory.mktemp("store")
-    cfg = load_config(REPO / "configs/tiny.yaml", [f"storage.root={root}", "train.max_steps=60"])
-    lines: list[str] = []
-    summary = run_main(cfg, log=lines.append)
-    return cfg, summary, lines
+def local_run(tiny_run):
+    return tiny_run.cfg, tiny_run.summary, tiny_run.lines
 
 
 def test_main_job_trains_and_publishes(local_run):

@@ -62,7 +62,10 @@ def test_sweep_runs_every_trial_and_asha_stops_the_hopeless_ones(sweep):
     assert len(table) == 4 and set(table["ended"]) <= {"finished", "stopped early"}
     assert result.stopped_early >= 1
     stopped = table[table["ended"] == "stopped early"]
-    assert (stopped["last_step"] < 20).all() and (stopped["train.lr"] == 0.00002).all()  # lr 2e-5 barely learns
+    assert (stopped["last_step"] < 20).all()
+    # lr 2e-5 barely learns: at least one such trial is cut at the first rung (which others are cut depends
+    # on the order results reach ASHA: a rung keeps the better half of what it has seen so far)
+    assert (stopped["train.lr"] == 0.00002).any()
     assert table.iloc[0]["train.lr"] == 0.01 and table.iloc[0]["ended"] == "finished"
     assert list(table["val_bpb"]) == sorted(table["val_bpb"])  # best first
     assert result.best_params["train.lr"] == 0.01 and result.best_value == table.iloc[0]["val_bpb"]

@@ -1,0 +1,86 @@
+"""The ``serve`` section: the Ray Serve application (lm.serve.app) that hosts a model directory behind
+an OpenAI-compatible API: where it listens, who may call it, what it accepts, how it batches, scales,
+caches and records feedback."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lm.config.base import Section
+
+
+class AutoscalingConfig(Section):
+    """Ray Serve ``autoscaling_config`` of the model deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle.")
+    max_replicas: int = Field(1, ge=1, description="Replicas at most.")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="Ongoing requests per replica the autoscaler aims at.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Load must stay high this long before adding replicas.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Load must stay low this long before removing replicas.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class FeedbackConfig(Section):
+    """Capture of prompts, completions and feedback for continual learning (opt-in)."""
+
+    enabled: bool = Field(False, description="Record every completion and /v1/feedback call.")
+    uri: str | None = Field(None, description="Storage prefix for the JSONL batches; null = <storage.root>/feedback.")
+    flush_interval_s: float = Field(5.0, gt=0, description="Write a batch at least this often (when there is one).")
+    flush_records: int = Field(256, ge=1, description="Write a batch as soon as it holds this many records.")
+
+
+class ServeConfig(Section):
+    """Ray Serve: an OpenAI-compatible API (FastAPI ingress) in front of a batched model deployment."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address (Serve's own default would be 0.0.0.0).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    route_prefix: str = Field("/", pattern=r"^/", description="Where the API is mounted.")
+    app_name: str = Field("lmforge", pattern=r"^[A-Za-z0-9_.-]+$", description="Serve application name.")
+    model: str | None = Field(None, description="Model directory URI to serve; null = <run>/model.")
+    model_name: str = Field("lmforge", description="Model id reported by /v1/models and required in requests.")
+    # who may call
+    api_keys_env: str = Field("LMFORGE_API_KEYS", description="Environment variable with comma-separated API keys.")
+    api_keys_file: str | None = Field(None, description="File with one API key per line (a mounted secret).")
+    require_auth: bool = Field(
+        True, description="Refuse requests without a valid bearer key; starting with no key configured is an error "
+        "unless this is false (local use only).",
+    )
+    # what it accepts
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(4, ge=1, description="Largest n (completions per prompt).")
+    max_prompts: int = Field(16, ge=1, description="Most prompts in one completions request.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
+    chat_template: Literal["plain"] = Field(
+        "plain", description="plain: 'System: …\\n\\nUser: …\\n\\nAssistant:' turns, stopping at the next turn."
+    )
+    # how it runs
+    max_batch_size: int = Field(8, ge=1, description="@serve.batch: requests decoded together.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: wait this long to fill a batch.")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Per model replica; null = 2 x max_batch_size (a batch decoding, the next one filling)."
+    )
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs per model replica.")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
+    ingress_cpus: float = Field(0.1, ge=0, description="CPUs of the HTTP ingress replica.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 Linear layers (CPU replicas).")
+    cache_entries: int = Field(1024, ge=0, description="Exact-match response cache for deterministic requests; 0 = off.")
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+
+    @model_validator(mode="after")
+    def _batching(self) -> ServeConfig:
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_batch_size "
+                             f"({self.max_batch_size}): batches could never fill")
+        return self
+
+    @property
+    def ongoing_requests(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_batch_size

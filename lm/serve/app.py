@@ -1,0 +1,344 @@
+"""The Ray Serve application: an OpenAI-compatible FastAPI ingress (``Api``) in front of the batched
+model deployment (lm.serve.model_server).
+
+    lm serve -c configs/shakespeare-cpu.yaml              # runs until Ctrl-C; settings from serve.*
+    lm serve render -c configs/shakespeare-cpu.yaml       # a Serve config file for `serve deploy` / RayService
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream`` as server-sent
+events), ``GET /v1/models``, ``POST /v1/feedback``, ``GET /healthz``. Bearer API keys (lm.serve.auth);
+every bad request gets a 4xx in OpenAI's error shape naming the field (lm.serve.schemas), never a 5xx.
+Completions and feedback are recorded for continual learning when ``serve.feedback.enabled``.
+
+(No ``from __future__ import annotations`` here: FastAPI must see the route parameters' real types
+after Serve rewrites the methods into class-based routes.)
+"""
+
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from lm.config import Config, join_uri
+from lm.serve import schemas
+from lm.serve.auth import authorized
+from lm.serve.model_server import ModelServer
+from lm.storage import ObjectStore
+
+api = FastAPI(title="lmforge", description="OpenAI-compatible completions from an lmforge model directory.")
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.body = status, schemas.error_body(message, type_=type_, param=param, code=code)
+
+
+@api.exception_handler(BadRequest)
+async def _bad_request(_request: Request, err: BadRequest) -> JSONResponse:
+    return JSONResponse(err.body, status_code=err.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = f"{param}: {first.get('msg')}" if param else f"invalid request body: {first.get('msg')}"
+    return JSONResponse(schemas.error_body(message, param=param), status_code=400)
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+@serve.ingress(api)  # at import: each replica imports this module and gets the class-based routes
+class Api:
+    def __init__(self, model, cfg: Config, store: ObjectStore, key_digests: frozenset[str]):
+        from ray.serve.metrics import Counter, Histogram
+
+        self.model, self.cfg, self.sc = model, cfg, cfg.serve
+        self.digests = key_digests
+        self.feedback = None
+        if self.sc.feedback.enabled:
+            from lm.serve.feedback import FeedbackLog
+
+            fb = self.sc.feedback
+            self.feedback = FeedbackLog(store, fb.uri or join_uri(cfg.storage.root, "feedback"),
+                                        flush_interval_s=fb.flush_interval_s, flush_records=fb.flush_records)
+        self.m_requests = Counter("lmforge_requests", description="HTTP requests by route and status.",
+                                  tag_keys=("route", "status"))
+        self.m_latency = Histogram("lmforge_request_latency_ms", description="Request latency (ms).",
+                                   boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000],
+                                   tag_keys=("route",))
+
+    # ------------------------------------------------------------------------------------ checks
+
+    def _auth(self, request: Request) -> None:
+        if not authorized(request.headers.get("authorization"), self.digests):
+            raise BadRequest(401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                             code="invalid_api_key", type_="authentication_error")
+
+    async def _admit(self, request: Request) -> None:
+        """Auth, then the body size (the ASGI app is a copy Serve makes per replica, so this is checked
+        here rather than in a middleware that would need the config)."""
+        self._auth(request)
+        size = len(await request.body())
+        if size > self.sc.max_body_bytes:
+            raise BadRequest(413, f"request body of {size} bytes exceeds {self.sc.max_body_bytes}", code="too_large")
+
+    def _check(self, body: schemas._Request, max_tokens: int, prompts: int) -> None:
+        if body.model != self.sc.model_name:
+            raise BadRequest(404, f"model {body.model!r} does not exist; this server has {self.sc.model_name!r}",
+                             param="model", code="model_not_found")
+        if max_tokens > self.sc.max_tokens_limit:
+            raise BadRequest(400, f"max_tokens {max_tokens} exceeds this server's limit of {self.sc.max_tokens_limit}",
+                             param="max_tokens")
+        if body.n > self.sc.max_n:
+            raise BadRequest(400, f"n {body.n} exceeds this server's limit of {self.sc.max_n}", param="n")
+        if not 1 <= prompts <= self.sc.max_prompts:
+            raise BadRequest(400, f"give 1 to {self.sc.max_prompts} prompts, got {prompts}", param="prompt")
+        if len(body.stop_list()) > 4:
+            raise BadRequest(400, "stop takes at most 4 sequences", param="stop")
+
+    def _record(self, route: str, status: int, start: float) -> None:
+        self.m_requests.inc(tags={"route": route, "status": str(status)})
+        self.m_latency.observe((time.perf_counter() - start) * 1000, tags={"route": route})
+
+    # ---------------------------------------------------------------------------------- streams
+
+    async def _open(self, requests: list[dict]) -> tuple[list, list[dict]]:
+        """Start one model stream per request and read each head; a 400 if any request is refused."""
+        streams = [self.model.options(stream=True).generate.remote(r) for r in requests]
+        heads = await asyncio.gather(*(s.__anext__() for s in streams))
+        for head in heads:
+            if "error" in head:
+                for s in streams:
+                    s.cancel()
+                raise BadRequest(400, head["error"], param=head.get("param"),
+                                 code="context_length_exceeded" if head.get("param") else None)
+        return streams, heads
+
+    @staticmethod
+    async def _collect(stream) -> dict:
+        whole: dict[str, Any] = {"text": "", "token_ids": [], "logprobs": [], "tokens": [], "finish_reason": None}
+        async for chunk in stream:
+            whole["text"] += chunk["text"]
+            whole["token_ids"] += chunk["token_ids"]
+            whole["logprobs"] += chunk.get("logprobs") or []
+            whole["tokens"] += chunk.get("tokens") or []
+            whole["finish_reason"] = chunk["finish_reason"] or whole["finish_reason"]
+        return whole
+
+    @staticmethod
+    async def _merge(streams) -> AsyncIterator[tuple[int, dict]]:
+        """Chunks of several streams as they come, tagged with the stream's index."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, stream):
+            try:
+                async for chunk in stream:
+                    await queue.put((i, chunk))
+            finally:
+                await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        open_streams = len(streams)
+        try:
+            while open_streams:
+                i, chunk = await queue.get()
+                if chunk is None:
+                    open_streams -= 1
+                else:
+                    yield i, chunk
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def _requests(self, prompts: list[str], body: schemas._Request, max_tokens: int, stops: list[str],
+                  logprobs: bool) -> list[dict]:
+        """One model request per (prompt, choice); choice j of a seeded request uses seed + j."""
+        return [{"prompt": p, "max_tokens": max_tokens, "temperature": body.temperature,
+                 "top_p": body.top_p if body.top_p < 1 else None, "top_k": body.top_k,
+                 "seed": None if body.seed is None else body.seed + j, "stop": stops, "logprobs": logprobs}
+                for p in prompts for j in range(body.n)]
+
+    def _capture(self, kind: str, rid: str, prompts: list[str], texts: list[str], version: str, body) -> None:
+        if self.feedback is not None:
+            self.feedback.add({"type": kind, "id": rid, "model_version": version, "prompts": prompts,
+                               "completions": texts, "temperature": body.temperature, "seed": body.seed})
+
+    # ----------------------------------------------------------------------------------- routes
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._auth(request)
+        return {"object": "list", "data": [{"id": self.sc.model_name, "object": "model", "created": 0,
+                                            "owned_by": "lmforge"}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request, body: schemas.CompletionRequest):
+        start = time.perf_counter()
+        await self._admit(request)
+        prompts, max_tokens = body.prompts(), body.max_tokens or 16
+        self._check(body, max_tokens, len(prompts))
+        logprobs = body.logprobs is not None
+        streams, heads = await self._open(self._requests(prompts, body, max_tokens, body.stop_list(), logprobs))
+        rid, version = schemas.new_id("cmpl"), heads[0]["version"]
+        prompt_tokens = sum(h["prompt_tokens"] for h in heads[:: body.n])
+
+        def choice_logprobs(whole: dict) -> dict | None:
+            if not logprobs:
+                return None
+            offsets, at = [], 0
+            for token in whole["tokens"]:
+                offsets.append(at)
+                at += len(token)
+            return {"tokens": whole["tokens"], "token_logprobs": whole["logprobs"],
+                    "top_logprobs": [{t: lp} for t, lp in zip(whole["tokens"], whole["logprobs"], strict=False)],
+                    "text_offset": offsets}
+
+        if body.stream:
+            async def events():
+                texts = [""] * len(streams)
+                if body.echo:
+                    for i in range(len(streams)):
+                        yield _sse(schemas.completion_chunk(rid, body.model, i, prompts[i // body.n], None))
+                async for i, chunk in self._merge(streams):
+                    texts[i] += chunk["text"]
+                    lp = choice_logprobs(chunk) if logprobs else None
+                    yield _sse(schemas.completion_chunk(rid, body.model, i, chunk["text"], chunk["finish_reason"], lp))
+                yield _sse("[DONE]")
+                self._capture("completion", rid, prompts, texts, version, body)
+                self._record("completions", 200, start)
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"x-lmforge-model-version": version})
+        wholes = await asyncio.gather(*(self._collect(s) for s in streams))
+        choices = [{"text": (prompts[i // body.n] if body.echo else "") + w["text"], "index": i,
+                    "logprobs": choice_logprobs(w), "finish_reason": w["finish_reason"]} for i, w in enumerate(wholes)]
+        completion_tokens = sum(len(w["token_ids"]) for w in wholes)
+        self._capture("completion", rid, prompts, [w["text"] for w in wholes], version, body)
+        self._record("completions", 200, start)
+        response = schemas.completion_response(rid, body.model, choices, prompt_tokens, completion_tokens)
+        cache = "hit" if all(h.get("cached") for h in heads) else "miss"
+        return JSONResponse({**response, "system_fingerprint": version}, headers={"x-lmforge-cache": cache})
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request, body: schemas.ChatRequest):
+        start = time.perf_counter()
+        await self._admit(request)
+        max_tokens = body.token_budget(self.cfg.generate.max_new_tokens)
+        self._check(body, max_tokens, 1)
+        prompt = schemas.chat_prompt(body.messages)
+        stops = [*body.stop_list(), *schemas.CHAT_STOPS]
+        streams, heads = await self._open(self._requests([prompt], body, max_tokens, stops, False))
+        rid, version = schemas.new_id("chatcmpl"), heads[0]["version"]
+        prompt_tokens = heads[0]["prompt_tokens"]
+
+        if body.stream:
+            async def events():
+                texts, tokens = [""] * len(streams), 0
+                for i in range(len(streams)):
+                    yield _sse(schemas.chat_chunk(rid, body.model, i, {"role": "assistant", "content": ""}, None))
+                async for i, chunk in self._merge(streams):
+                    texts[i] += chunk["text"]
+                    tokens += len(chunk["token_ids"])
+                    delta = {"content": chunk["text"]} if chunk["text"] else {}
+                    yield _sse(schemas.chat_chunk(rid, body.model, i, delta, chunk["finish_reason"]))
+                if body.stream_options and body.stream_options.include_usage:
+                    usage = schemas.usage(prompt_tokens, tokens)
+                    yield _sse(schemas.chat_chunk(rid, body.model, 0, {}, None, usage_=usage))
+                yield _sse("[DONE]")
+                self._capture("chat", rid, [prompt], texts, version, body)
+                self._record("chat", 200, start)
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"x-lmforge-model-version": version})
+        wholes = await asyncio.gather(*(self._collect(s) for s in streams))
+        choices = [{"index": i, "message": {"role": "assistant", "content": w["text"].strip()},
+                    "logprobs": None, "finish_reason": w["finish_reason"]} for i, w in enumerate(wholes)]
+        self._capture("chat", rid, [prompt], [w["text"] for w in wholes], version, body)
+        self._record("chat", 200, start)
+        response = schemas.chat_response(rid, body.model, choices, prompt_tokens,
+                                         sum(len(w["token_ids"]) for w in wholes))
+        return JSONResponse({**response, "system_fingerprint": version})
+
+    @api.post("/v1/feedback")
+    async def feedback_route(self, request: Request, body: schemas.FeedbackRequest) -> dict:
+        await self._admit(request)
+        if self.feedback is None:
+            raise BadRequest(404, "feedback capture is off on this server (serve.feedback.enabled)", code="disabled")
+        if not body.has_content():
+            raise BadRequest(400, "give a rating, a correction or both", param="rating")
+        self.feedback.add({"type": "feedback", **body.model_dump()})
+        return {"id": body.id, "object": "feedback", "recorded": True}
+
+
+# -------------------------------------------------------------------------------------- the app
+
+
+def build_app(cfg: Config, store: ObjectStore | None = None):
+    """The Serve application of ``cfg.serve`` (API keys are loaded here: a missing key fails now)."""
+    from lm.serve.auth import key_digests, load_api_keys
+
+    sc = cfg.serve
+    cfg = cfg.with_absolute_paths()
+    store = store or ObjectStore(cfg.storage)
+    digests = key_digests(load_api_keys(sc))
+    model_uri = sc.model or join_uri(cfg.run_uri, "model")
+    store.read_text(join_uri(model_uri, "config.json"))  # fail now (StorageNotFound naming it) if it is missing
+    a = sc.autoscaling
+    model = serve.deployment(ModelServer).options(
+        name="model", max_ongoing_requests=sc.ongoing_requests,
+        autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                            "initial_replicas": max(a.min_replicas, 1),
+                            "target_ongoing_requests": a.target_ongoing_requests,
+                            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s},
+        ray_actor_options={"num_cpus": sc.replica_cpus, "num_gpus": sc.replica_gpus},
+        user_config={"model_uri": model_uri},
+    ).bind(cfg, store)
+    ingress = serve.deployment(Api).options(
+        name="api", ray_actor_options={"num_cpus": sc.ingress_cpus}, max_ongoing_requests=1000)
+    return ingress.bind(model, cfg, store, digests)
+
+
+def app_builder(args: dict):
+    """For Serve config files: ``import_path: lm.serve.app:app_builder`` with ``args: {config, overrides}``."""
+    from lm.config import load_config
+
+    return build_app(load_config(args.get("config"), list(args.get("overrides") or [])))
+
+
+def start(cfg: Config, store: ObjectStore | None = None, blocking: bool = False):
+    """Start Serve's HTTP proxy on ``serve.host:serve.port`` and deploy the app; returns its handle."""
+    from lm.cluster import connect
+
+    connect()
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    return serve.run(build_app(cfg, store), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix,
+                     blocking=blocking)
+
+
+def render(cfg: Config, config_path: str | None, overrides: list[str]) -> str:
+    """A Serve config file (``serve deploy``, KubeRay RayService) for this config."""
+    import yaml
+
+    sc = cfg.serve
+    doc = {"proxy_location": "EveryNode", "http_options": {"host": sc.host, "port": sc.port},
+           "applications": [{"name": sc.app_name, "route_prefix": sc.route_prefix,
+                             "import_path": "lm.serve.app:app_builder",
+                             "args": {"config": config_path, "overrides": overrides}}]}
+    return ("# Generated by `lm serve render`; deploy with `serve deploy <this file>`.\n"
+            + yaml.safe_dump(doc, sort_keys=False))

@@ -1,0 +1,279 @@
+"""Ray Serve end to end over real HTTP on 127.0.0.1: the official `openai` client (plain and streaming),
+auth, every class of bad input (4xx, never 5xx), concurrency with batching, the response cache,
+feedback capture, hot reload under load with no failed request, and autoscaling 1 → 2 → 1."""
+
+import json
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from lm.config import load_config
+from lm.data.documents import iter_documents
+from lm.modeldir import save_model_dir
+from lm.storage import ObjectStore
+from lm.tokenizer import train_tokenizer
+from lm.train.loop import build_model
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).parents[2]
+KEY = "sk-test-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_dir(store: ObjectStore, cfg, uri: str, seed: int) -> str:
+    """A randomly initialised tiny model with a real tokenizer (serving does not care how good it is)."""
+    docs = (d.text for d, _ in zip(iter_documents(store, cfg.data, "train"), range(400), strict=False))
+    tok = train_tokenizer(docs, cfg.tokenizer)
+    model = build_model(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})}), tok.vocab_size)
+    save_model_dir(store, uri, model, tok, cfg.generate, {"run": f"serve-test-{seed}"})
+    return uri
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory, monkeypatch_module):
+    from ray import serve
+
+    from lm.serve.app import start
+
+    root = tmp_path_factory.mktemp("serve")
+    monkeypatch_module.setenv("LMFORGE_API_KEYS", f"other-key,{KEY}")
+    port = free_port()
+    overrides = [f"storage.root={root}", f"serve.port={port}", "serve.max_batch_size=4", "serve.replica_cpus=0.5",
+                 "serve.autoscaling.max_replicas=2", "serve.autoscaling.target_ongoing_requests=2",
+                 "serve.autoscaling.upscale_delay_s=1", "serve.autoscaling.downscale_delay_s=4",
+                 "serve.feedback.enabled=true", "serve.feedback.flush_interval_s=0.5", "serve.max_body_bytes=20000"]
+    cfg = load_config(REPO / "configs/tiny.yaml", overrides)
+    store = ObjectStore(cfg.storage)
+    first = model_dir(store, cfg, f"{root}/models/v1", seed=1)
+    second = model_dir(store, cfg, f"{root}/models/v2", seed=2)
+    cfg = load_config(REPO / "configs/tiny.yaml", [*overrides, f"serve.model={first}"])
+    start(cfg)
+    base = f"http://127.0.0.1:{port}/v1"
+    yield {"cfg": cfg, "overrides": overrides, "base": base, "root": root, "v1": first, "v2": second,
+           "client": openai.OpenAI(base_url=base, api_key=KEY, max_retries=0)}
+    serve.delete(cfg.serve.app_name)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_openai_client_completions_chat_and_models(server):
+    client = server["client"]
+    assert [m.id for m in client.models.list().data] == ["lmforge"]
+    # streaming, piece by piece; then the same greedy request whole (answered from the cache)
+    pieces = [c.choices[0].text for c in client.completions.create(model="lmforge", prompt="ROMEO:", max_tokens=12,
+                                                                    temperature=0, stream=True)]
+    done = client.completions.create(model="lmforge", prompt="ROMEO:", max_tokens=12, temperature=0)
+    assert done.object == "text_completion" and done.choices[0].finish_reason in ("length", "stop")
+    assert done.usage.completion_tokens == 12 or done.choices[0].finish_reason == "stop"
+    assert done.usage.prompt_tokens > 0 and done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    assert len(pieces) > 1 and "".join(pieces) == done.choices[0].text
+    # several prompts and n choices, seeded: choice j of a prompt is reproducible
+    many = client.completions.create(model="lmforge", prompt=["KING:", "QUEEN:"], n=2, max_tokens=8, seed=7)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    again = client.completions.create(model="lmforge", prompt=["KING:", "QUEEN:"], n=2, max_tokens=8, seed=7)
+    assert [c.text for c in again.choices] == [c.text for c in many.choices]
+    # logprobs and echo
+    lp = client.completions.create(model="lmforge", prompt="KING:", max_tokens=5, temperature=0, logprobs=1, echo=True)
+    assert lp.choices[0].text.startswith("KING:") and len(lp.choices[0].logprobs.token_logprobs) == 5
+    assert all(v <= 0 for v in lp.choices[0].logprobs.token_logprobs)
+    chunks = list(client.chat.completions.create(model="lmforge", messages=[{"role": "user", "content": "Speak."}],
+                                                 max_tokens=10, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    chat = client.chat.completions.create(model="lmforge", messages=[{"role": "user", "content": "Speak."}],
+                                          max_tokens=10, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens > 0
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed.strip() == chat.choices[0].message.content
+
+
+def test_auth(server):
+    assert httpx.get(server["base"].removesuffix("/v1") + "/healthz").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.get(f"{server['base']}/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["base"], api_key="nope", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ('{"model": "lmforge", "prompt": "hi", ', 400, None),                           # malformed JSON
+    ({"model": "lmforge", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),  # wrong type
+    ({"model": "lmforge", "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),     # negative
+    ({"model": "lmforge", "prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens"),  # huge
+    ({"model": "lmforge", "prompt": "hi", "max_tokens": 64}, 400, "max_tokens"),     # prompt + max_tokens > context (64)
+    ({"model": "lmforge", "prompt": "ROMEO: " * 80, "max_tokens": 1}, 400, "prompt"),  # prompt longer than the context
+    ({"model": "gpt-9", "prompt": "hi"}, 404, "model"),                              # unknown model
+    ({"model": "lmforge", "prompt": "hi", "temperature": 7}, 400, "temperature"),
+    ({"model": "lmforge", "prompt": "hi", "n": 99}, 400, "n"),
+    ({"model": "lmforge", "prompt": []}, 400, "prompt"),
+    ({"model": "lmforge", "prompt": "hi", "bogus": 1}, 400, "bogus"),               # unknown field
+    ({"model": "lmforge"}, 400, "prompt"),                                           # missing field
+    ({"model": "lmforge", "prompt": "x" * 30000}, 413, None),                        # oversized body
+])
+def test_bad_requests_get_openai_style_4xx(server, body, status, param):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{server['base']}/completions", content=content, timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    if param:
+        assert error["param"] == param or error["param"].startswith(param), error
+
+
+def test_chat_bad_input(server):
+    r = httpx.post(f"{server['base']}/chat/completions", json={"model": "lmforge", "messages": [{"role": "wizard",
+                   "content": "x"}]}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
+
+
+def test_concurrent_requests_are_batched_and_all_answered(server):
+    from ray import serve
+
+    client = server["client"]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: client.completions.create(model="lmforge", prompt=f"LORD {i}:",
+                                                                     max_tokens=16, temperature=0.9), range(16)))
+    assert all(r.choices[0].text is not None and r.usage.completion_tokens > 0 for r in results)
+    model = serve.get_deployment_handle("model", server["cfg"].serve.app_name)
+    info = model.info.remote().result()
+    assert info["version"] and info["context_length"] == 64
+
+
+def test_deterministic_requests_hit_the_cache(server):
+    client = server["client"]
+
+    def ask(temperature: float, seed=None):
+        raw = client.completions.with_raw_response.create(model="lmforge", prompt="CACHE ME:", max_tokens=6,
+                                                          temperature=temperature, seed=seed)
+        return raw.headers["x-lmforge-cache"], raw.parse().choices[0].text
+
+    # four identical greedy requests over at most two replicas: one replica sees the request twice
+    answers = [ask(0.0) for _ in range(4)]
+    assert answers[0][0] == "miss" and "hit" in [a[0] for a in answers[1:]]
+    assert len({text for _, text in answers}) == 1
+    assert all(ask(1.0)[0] == "miss" for _ in range(2))  # sampled without a seed: never cached
+
+
+def test_metrics_are_exported_in_prometheus_format(server, ray_session):
+    port = ray_session.nodes()[0]["MetricsExportPort"]
+    wanted = ("lmforge_requests", "lmforge_request_latency_ms", "lmforge_generated_tokens", "lmforge_batch_size",
+              "lmforge_cache_lookups")
+    deadline, text = time.monotonic() + 40, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, missing
+    assert 'route="completions"' in text and 'result="hit"' in text
+
+    def total(pattern: str) -> float:
+        return sum(float(m) for m in re.findall(pattern + r"[^\n]* ([0-9.e+]+)\n", text))
+
+    # dynamic batching happened: some batches held more than one request (16 concurrent requests above)
+    singles, batches = total(r'\w*lmforge_batch_size_bucket\{[^}]*le="1(?:\.0)?"'), total(r"\w*lmforge_batch_size_count")
+    assert batches > singles > 0
+
+
+def test_feedback_is_captured_as_jsonl(server):
+    client, store = server["client"], ObjectStore(server["cfg"].storage)
+    done = client.completions.create(model="lmforge", prompt="FEEDBACK:", max_tokens=4, temperature=0)
+    r = httpx.post(f"{server['base']}/feedback", json={"id": done.id, "rating": 1, "correction": "Good morrow."},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.json()["recorded"]
+    bad = httpx.post(f"{server['base']}/feedback", json={"id": "nonsense"}, headers={"Authorization": f"Bearer {KEY}"})
+    assert bad.status_code == 400
+    prefix = f"{server['root']}/feedback"
+    deadline = time.monotonic() + 20
+    records: list[dict] = []
+    while time.monotonic() < deadline:
+        records = [json.loads(line) for uri in store.list(prefix) for line in store.read_text(uri).splitlines()]
+        if any(r["type"] == "feedback" and r["id"] == done.id for r in records):
+            break
+        time.sleep(0.5)
+    completion = [r for r in records if r.get("id") == done.id and r["type"] == "completion"]
+    assert completion and completion[0]["prompts"] == ["FEEDBACK:"] and completion[0]["completions"] == [done.choices[0].text]
+    assert any(r["type"] == "feedback" and r["correction"] == "Good morrow." for r in records)
+
+
+def test_hot_reload_under_load_fails_no_request(server):
+    from lm.serve.app import start
+
+    client, errors, fingerprints = server["client"], [], []
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                r = client.completions.create(model="lmforge", prompt="RELOAD:", max_tokens=8, temperature=0)
+                fingerprints.append(r.system_fingerprint)
+            except Exception as err:  # any failure fails the test
+                errors.append(repr(err))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    before = fingerprints[-1]
+    start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], f"serve.model={server['v2']}"]))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not fingerprints or fingerprints[-1] == before):
+        time.sleep(0.5)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert fingerprints[-1] != before and len(fingerprints) > 8
+
+
+def test_autoscaling_up_under_load_and_back_down(server):
+    from ray import serve
+
+    client, app = server["client"], server["cfg"].serve.app_name
+
+    def running() -> int:
+        replicas = serve.status().applications[app].deployments["model"].replica_states
+        return replicas.get("RUNNING", 0)
+
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            client.completions.create(model="lmforge", prompt="SCALE:", max_tokens=40, temperature=1.0)
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline, peak = time.monotonic() + 60, running()
+    while time.monotonic() < deadline and peak < 2:
+        time.sleep(0.5)
+        peak = max(peak, running())
+    stop.set()
+    for t in threads:
+        t.join()
+    assert peak == 2
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and running() > 1:
+        time.sleep(0.5)
+    assert running() == 1

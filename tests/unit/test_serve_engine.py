@@ -1,0 +1,315 @@
+"""lm.serve.engine: batch independence, greedy = Transformer.generate, seeds, stop strings, eos, length,
+logprobs, incremental text, per-row sampling, validation, stepping from other threads."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import pre_tokenizers
+
+from lm.config import ModelConfig, TokenizerConfig
+from lm.model import Transformer
+from lm.serve.engine import Engine, GenRequest, _RowText, sample_rows
+from lm.tokenizer import train_tokenizer
+
+CORPUS = Path(__file__).parents[2] / "lm" / "corpora" / "tinyshakespeare.txt.gz"
+CTX = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is fastest and keeps timings steady on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = gzip.decompress(CORPUS.read_bytes()).decode()[:60_000]
+    return train_tokenizer(iter(text.split("\n\n")), TokenizerConfig(vocab_size=400))
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, vocab_size=tok.vocab_size,
+                      max_seq_len=CTX, init_std=0.3)
+    return Transformer(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(model, tok):
+    return Engine(model, tok, max_batch_size=8)
+
+
+def req(tok, prompt: str, n: int, **kw) -> GenRequest:
+    return GenRequest(tok.encode(prompt), n, **kw)
+
+
+def mixed(tok) -> list[GenRequest]:
+    """Different prompt lengths, budgets and settings (the longest prompt finishes first)."""
+    return [
+        req(tok, "ROMEO: what light through yonder window breaks", 3, temperature=0, ignore_eos=True),
+        req(tok, "To", 25, temperature=0.9, seed=11, top_k=50, logprobs=True),
+        req(tok, "First Citizen:", 12, temperature=1.3, seed=5, top_p=0.8),
+        req(tok, "Speak", 18, temperature=0, logprobs=True, ignore_eos=True),
+        req(tok, "KING", 9, temperature=0.7, seed=2, top_k=5, top_p=0.9, ignore_eos=True),
+    ]
+
+
+def same(a, b) -> None:
+    assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+    assert (a.logprobs is None) == (b.logprobs is None)
+    if a.logprobs is not None:
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- batch independence
+
+
+def test_output_does_not_depend_on_the_batch(engine, tok):
+    reqs = mixed(tok)
+    alone = [engine.generate([r])[0] for r in reqs]
+    together = engine.generate(reqs)
+    for a, b in zip(alone, together, strict=True):
+        same(a, b)
+    reversed_ = engine.generate(reqs[::-1])[::-1]
+    for a, b in zip(alone, reversed_, strict=True):
+        same(a, b)
+    assert [len(c.token_ids) for c in alone][:1] == [3]
+    assert alone[1].text != alone[3].text  # the rows really differ
+
+
+def test_greedy_equals_transformer_generate(engine, model, tok):
+    prompts = ["ROMEO:", "a", "First Citizen: Before we proceed any further, hear me speak."]
+    reqs = [req(tok, p, 30, temperature=0, ignore_eos=True) for p in prompts]
+    for r, c in zip(reqs, engine.generate(reqs), strict=True):
+        assert c.token_ids == model.generate([r.prompt_ids], 30, temperature=0)[0]
+        assert c.finish_reason == "length" and c.completion_tokens == 30
+        assert c.prompt_tokens == len(r.prompt_ids)
+        assert c.text == tok.decode(c.token_ids)
+
+
+def test_more_requests_than_max_batch_size_in_generate(model, tok):
+    small = Engine(model, tok, max_batch_size=2)
+    reqs = mixed(tok)
+    for a, b in zip(small.generate(reqs), Engine(model, tok).generate(reqs), strict=True):
+        same(a, b)
+    with pytest.raises(ValueError, match="max_batch_size 2"):
+        small.stream(reqs)
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def test_seeds(engine, tok):
+    def run(seed, **kw):
+        return engine.generate([req(tok, "To be", 20, temperature=1.5, seed=seed, ignore_eos=True, **kw)])[0].token_ids
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert run(None) != run(None)  # no seed: fresh randomness
+    greedy = engine.generate([req(tok, "To be", 20, temperature=0, ignore_eos=True)])[0].token_ids
+    assert run(3, top_k=1) == greedy
+    assert run(3, top_p=1e-6) == greedy  # a nucleus of one token
+
+
+def test_sample_rows_per_row_settings():
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    logits = probs.log().repeat(6, 1)
+    temperature = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    top_k = torch.tensor([3, 3, 3, 2, 3, 3])
+    top_p = torch.tensor([2.0, 2.0, 2.0, 2.0, 0.5, 2.0])
+    u = torch.tensor([0.1, 0.6, 0.9, 0.9, 0.9, 0.9])
+    # inverse CDF on 0.5 / 0.3 / 0.2; top-2 renormalises to 0.625 / 0.375; top_p 0.5 keeps only the first;
+    # temperature 0 is the argmax whatever its number
+    assert sample_rows(logits, temperature, top_k, top_p, u).tolist() == [0, 1, 2, 1, 0, 0]
+    counts = torch.bincount(sample_rows(logits[:1].repeat(20000, 1), torch.ones(20000), torch.full((20000,), 3),
+                                        torch.full((20000,), 2.0), torch.rand(20000)), minlength=3)
+    assert (counts / 20000).tolist() == pytest.approx(probs.tolist(), abs=0.02)
+
+
+# ------------------------------------------------------------------------- stops, eos, length
+
+
+def test_stop_string_cuts_exactly(engine, tok):
+    free = engine.generate([req(tok, "ROMEO:", 40, temperature=0, ignore_eos=True)])[0]
+    stop = next(s for s in (free.text[i : i + 3] for i in range(4, len(free.text) - 3))
+                if s.isascii() and s.isprintable() and s.strip())
+    cut = free.text.find(stop)
+    out = engine.generate([req(tok, "ROMEO:", 40, temperature=0, ignore_eos=True, stop=["zzzz", stop])])[0]
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[:cut] and stop not in out.text
+    assert out.token_ids == free.token_ids[: len(out.token_ids)] and len(out.token_ids) < 40
+    assert stop in tok.decode(out.token_ids)  # the token completing the stop string is kept, its text is not
+    assert stop not in tok.decode(out.token_ids[:-1])
+
+
+def test_eos_finishes_with_stop_and_is_not_returned(engine, model, tok):
+    prompt = tok.encode("ROMEO:")
+    greedy = model.generate([prompt], 15, temperature=0)[0]
+    k = next(k for k in range(1, 15) if greedy[k] not in greedy[:k])
+    fake = copy.copy(tok)
+    fake.eos_id = greedy[k]
+    eng = Engine(model, fake)
+    out = eng.generate([GenRequest(prompt, 15, temperature=0, logprobs=True)])[0]
+    assert (out.token_ids, out.finish_reason, out.completion_tokens) == (greedy[:k], "stop", k)
+    assert len(out.logprobs) == k and out.text == tok.decode(greedy[:k])
+    kept = eng.generate([GenRequest(prompt, 15, temperature=0, ignore_eos=True)])[0]
+    assert (kept.token_ids, kept.finish_reason) == (greedy, "length")
+
+
+def test_logprobs_match_a_full_forward(engine, model, tok):
+    r = req(tok, "First Citizen:", 20, temperature=0, logprobs=True, ignore_eos=True)
+    out = engine.generate([r])[0]
+    ids = torch.tensor([r.prompt_ids + out.token_ids])
+    with torch.no_grad():
+        logits, _ = model(ids[:, :-1])
+    n = len(r.prompt_ids)
+    expected = torch.log_softmax(logits[0, n - 1 :], -1).gather(1, ids[0, n:, None]).squeeze(1)
+    assert len(out.logprobs) == 20 and all(lp <= 0 for lp in out.logprobs)
+    assert out.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+    assert engine.generate([req(tok, "x", 3, temperature=0)])[0].logprobs is None
+
+
+# --------------------------------------------------------------------------------- streaming
+
+
+def test_stream_steps_are_aligned_and_add_up(engine, tok):
+    reqs = mixed(tok)
+    final = engine.generate(reqs)
+    steps = list(engine.stream(reqs))
+    assert all(len(s) == len(reqs) for s in steps)
+    assert len(steps) == max(c.completion_tokens + (c.finish_reason == "stop") for c in final)
+    for i, c in enumerate(final):
+        outs = [s[i] for s in steps]
+        n = next(j for j, o in enumerate(outs) if o.finish_reason)  # the last StepOutput of row i
+        assert all(o is not None and o.finish_reason is None for o in outs[:n])
+        assert all(o is None for o in outs[n + 1 :])
+        assert "".join(o.text for o in outs[: n + 1]) == c.text
+        assert [t for o in outs[: n + 1] for t in o.token_ids] == c.token_ids
+        assert outs[n].finish_reason == c.finish_reason
+    assert list(engine.stream([])) == [] and engine.generate([]) == []
+
+
+def byte_tokens(tok, text: str) -> list[int]:
+    """One token per UTF-8 byte (byte-level BPE's alphabet), so characters arrive in pieces."""
+    (pieces, _), = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text)
+    return [tok.tokenizer.token_to_id(ch) for ch in pieces]
+
+
+def feed(tok, ids: list[int], stop: list[str]) -> tuple[list[str], str, bool]:
+    row, chunks, stopped = _RowText(tok, stop), [], False
+    for t in ids:
+        chunk, stopped = row.add(t)
+        chunks.append(chunk)
+        if stopped:
+            break
+    if not stopped:
+        rest, stopped = row.finish()
+        chunks.append(rest)
+    return chunks, row.text, stopped
+
+
+def test_incremental_text_never_splits_characters(tok):
+    text = "héllo → 世界 😀 done"
+    ids = byte_tokens(tok, text)
+    assert len(ids) == len(text.encode())
+    chunks, final, stopped = feed(tok, ids, [])
+    assert "".join(chunks) == final == text and not stopped
+    assert not any("\ufffd" in c for c in chunks)
+    assert sum(1 for c in chunks if c) < len(ids)  # held back inside multi-byte characters
+    chunks, final, _ = feed(tok, byte_tokens(tok, "ab") + byte_tokens(tok, "世")[:2], [])
+    assert "".join(chunks) == final == "ab\ufffd"  # a partial character at the end is flushed as U+FFFD
+
+
+def test_stop_string_text_is_held_back_then_cut(tok):
+    stop = ["\n\nUser:"]
+    chunks, final, stopped = feed(tok, byte_tokens(tok, "Hi there.\n\nUs\n\nUser: more"), stop)
+    assert stopped and final == "Hi there.\n\nUs" == "".join(chunks)
+    released = ""
+    for c in chunks:
+        released += c
+        assert not released.endswith(("\n", "\n\nU", "\n\nUs\n\nUser"))  # a possible stop start is never released early
+    # a false start is released once it cannot be a stop string any more, and everything at the end
+    chunks, final, stopped = feed(tok, byte_tokens(tok, "a\n\nUsa\n\nU"), stop)
+    assert not stopped and "".join(chunks) == final == "a\n\nUsa\n\nU" and chunks[-1] == "\n\nU"
+    # the earliest of several stop strings wins, even in one token
+    chunks, final, stopped = feed(tok, tok.encode("the king and the queen"), ["queen", "king", "and"])
+    assert stopped and "".join(chunks) == final == "the "
+
+
+class BytesTokenizer:
+    """Token i = PIECES[i] (any bytes); decode is lossy UTF-8 like byte-level BPE's."""
+
+    PIECES = (b"xa", b"b\xe4", b"\xb8\x96", b"!")
+
+    def decode(self, ids) -> str:
+        return b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_stop_string_found_in_the_token_that_completes_it():
+    """'b' arrives together with the first byte of 世: the stop string 'ab' is complete at that token."""
+    row = _RowText(BytesTokenizer(), ["ab"])
+    assert row.add(0) == ("x", False)  # "a" could start the stop string: held back
+    assert row.add(1) == ("", True)
+    assert row.text == "x"
+    row = _RowText(BytesTokenizer(), ["!"])
+    assert [row.add(i) for i in range(4)] == [("xa", False), ("b", False), ("世", False), ("", True)]
+
+
+# ------------------------------------------------------------------------------ checks, threads
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"prompt_ids": []}, r"requests\[0\]: the prompt is empty"),
+        ({"prompt_ids": [1] * 60, "max_tokens": 5}, "60 tokens \\+ max_tokens 5 = 65 exceeds the model's context length 64"),
+        ({"prompt_ids": [10_000]}, "vocab_size"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+    ],
+)
+def test_invalid_requests_fail_before_any_work(engine, kw, match):
+    bad = GenRequest(**{"prompt_ids": [1, 2], "max_tokens": 4, **kw})
+    with pytest.raises(ValueError, match=match):
+        engine.stream([bad])  # raised by the call itself, not at the first step
+    with pytest.raises(ValueError, match=match):
+        engine.generate([bad])
+    with pytest.raises(ValueError, match=match.replace(r"requests\[0\]", "request")):
+        engine.check(bad)
+    assert engine.context_length() == CTX
+
+
+def test_stream_advanced_from_other_threads(engine, tok):
+    """One step per thread (asyncio.to_thread style): same output, inference mode never leaks."""
+    reqs = mixed(tok)
+    expected = list(engine.stream(reqs))
+    it, got = engine.stream(reqs), []
+
+    def step():
+        got.append(next(it, None))
+
+    while True:
+        worker = threading.Thread(target=step)
+        worker.start()
+        worker.join()
+        if got[-1] is None:
+            break
+    assert len(got) - 1 == len(expected)
+    for a_step, b_step in zip(got, expected, strict=False):
+        for a, b in zip(a_step, b_step, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason)
+    assert not torch.is_inference_mode_enabled()
