@@ -22,11 +22,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-# A two-trial Ray Tune sweep on the demo's shards, then the main job (data → train → evaluation
-# report → sample); the last line names the report.
+# A two-trial Ray Tune sweep on the demo's shards, the main job (data → train → evaluation report →
+# sample), then Ray Serve hosts the trained model and answers one request through the openai client.
 demo: install
 	$(BIN)/lm tune --config configs/tune/demo.yaml --resume
 	$(BIN)/lm run --config $(CONFIG)
+	LMFORGE_API_KEYS=$${LMFORGE_API_KEYS:-demo-key} $(BIN)/lm serve --config $(CONFIG) --ask "ROMEO:"
 
 lint: install
 	$(BIN)/ruff check .

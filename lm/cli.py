@@ -4,7 +4,7 @@
     lm data prepare     [--config F] [key.sub=value ...]   corpora → cleaned, deduplicated token shards (Ray Data)
     lm train            [--config F] [key.sub=value ...]   Ray Train + DeepSpeed on the shards (resumes a run)
     lm tune [--resume]  [--config F] [key.sub=value ...]   Ray Tune sweep over training (cfg.tune.space)
-    lm serve [--render F] [--config F] [key.sub=value ...]   Ray Serve: OpenAI-compatible API (or write a Serve config)
+    lm serve [--render F | --ask P] [--config F] [key.sub=value ...]   Ray Serve: OpenAI-compatible API (or write a Serve config)
     lm config show      [--config F] [key.sub=value ...]   print the resolved config
     lm tokenizer train  [--config F] [key.sub=value ...]   train + publish the BPE tokenizer
     lm generate [--model URI] [--prompt P] [--config F] [key.sub=value ...]
@@ -71,6 +71,13 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> str:
 
         Path(args.render).write_text(render(cfg, args.config, args.overrides))
         return f"serve: Serve config → {args.render} (serve deploy {args.render})"
+    if args.ask is not None:
+        from lm.serve.app import ask_once
+
+        done = ask_once(cfg, args.ask)
+        print(args.ask + done["choices"][0]["text"])
+        return (f"serve: answered {done['usage']['completion_tokens']} tokens through the openai client at "
+                f"http://{cfg.serve.host}:{cfg.serve.port}/v1 (model version {done['system_fingerprint']}), then stopped")
     start(cfg)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}/v1"
     print(f"serve: {cfg.serve.model_name} at {url} (OpenAI-compatible; Ctrl-C stops)", flush=True)
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="continue the run's interrupted (or finished) sweep")
     srv = add("serve", cmd_serve, "host the model behind an OpenAI-compatible API on Ray Serve (blocks)")
     srv.add_argument("--render", metavar="FILE", help="write a Serve config file (serve deploy, RayService) and exit")
+    srv.add_argument("--ask", metavar="PROMPT", help="deploy, answer PROMPT through the openai client, stop")
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="action", required=True)
     add("show", cmd_config_show, "print the resolved config (preset + overrides, secrets masked)", config)
     tokenizer = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)

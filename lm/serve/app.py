@@ -331,6 +331,27 @@ def start(cfg: Config, store: ObjectStore | None = None, blocking: bool = False)
                      blocking=blocking)
 
 
+def ask_once(cfg: Config, prompt: str, store: ObjectStore | None = None) -> dict:
+    """Deploy, answer one completion through the official ``openai`` client over HTTP, delete the app
+    (``lm serve --ask``: the demo's check that serving works end to end)."""
+    import openai
+
+    from lm.serve.auth import load_api_keys
+
+    sc, gen = cfg.serve, cfg.generate
+    keys = sorted(load_api_keys(sc))
+    start(cfg, store)
+    host = "127.0.0.1" if sc.host in ("0.0.0.0", "::") else sc.host
+    client = openai.OpenAI(base_url=f"http://{host}:{sc.port}{sc.route_prefix.rstrip('/')}/v1",
+                           api_key=keys[0] if keys else "none", max_retries=0)
+    try:
+        done = client.completions.create(model=sc.model_name, prompt=prompt, temperature=gen.temperature,
+                                         max_tokens=gen.max_new_tokens, top_p=gen.top_p or 1.0, seed=gen.seed)
+    finally:
+        serve.delete(sc.app_name)
+    return done.model_dump()
+
+
 def render(cfg: Config, config_path: str | None, overrides: list[str]) -> str:
     """A Serve config file (``serve deploy``, KubeRay RayService) for this config."""
     import yaml

@@ -64,7 +64,8 @@ def server(ray_session, tmp_path_factory, monkeypatch_module):
     base = f"http://127.0.0.1:{port}/v1"
     yield {"cfg": cfg, "overrides": overrides, "base": base, "root": root, "v1": first, "v2": second,
            "client": openai.OpenAI(base_url=base, api_key=KEY, max_retries=0)}
-    serve.delete(cfg.serve.app_name)
+    if cfg.serve.app_name in serve.status().applications:
+        serve.delete(cfg.serve.app_name)
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +278,14 @@ def test_autoscaling_up_under_load_and_back_down(server):
     while time.monotonic() < deadline and running() > 1:
         time.sleep(0.5)
     assert running() == 1
+
+
+def test_lm_serve_ask_deploys_answers_through_the_openai_client_and_stops(server):
+    """What `make demo` runs (`lm serve --ask`); last in this module: it deletes the app."""
+    from ray import serve
+
+    from lm.serve.app import ask_once
+
+    done = ask_once(server["cfg"], "KING:")
+    assert done["object"] == "text_completion" and done["usage"]["completion_tokens"] > 0
+    assert server["cfg"].serve.app_name not in serve.status().applications
