@@ -32,7 +32,9 @@ def lm(*args: str) -> subprocess.CompletedProcess:
 def trained(tiny_run):
     """The session's tiny run (Ray Data shards, 60 Ray Train steps) and a small text file."""
     (tiny_run.root / "sonnet.txt").write_text(SONNET)
-    return tiny_run.cfg, tiny_run.overrides, tiny_run.root
+    output = f"eval.output={tiny_run.root}/eval-tests"  # the run's own report stays as the main job wrote it
+    cfg = tiny_run.cfg.model_copy(update={"eval": tiny_run.cfg.eval.model_copy(update={"output": output.split("=")[1]})})
+    return cfg, [*tiny_run.overrides, output], tiny_run.root
 
 
 def quick(cfg, **changes):
@@ -83,8 +85,8 @@ def test_cli_eval_compares_models_with_different_tokenizers(trained, other_model
     assert out.returncode == 0, out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("eval: val ") and "comparison PASSED" in last
-    assert last.endswith(f"→ {cfg.run_uri}/eval/report.md")
-    report = json.loads(store.read_text(f"{cfg.run_uri}/eval/report.json"))
+    assert last.endswith(f"→ {cfg.eval.output}/report.md")
+    report = json.loads(store.read_text(f"{cfg.eval.output}/report.json"))
     mine, theirs = report["sets"]["val"], report["baseline"]["sets"]["val"]
     assert "re-tokenized" in theirs["note"] and not mine["note"]
     # the same text either way: the re-tokenized split holds the val documents' bytes (less the last partial row)
@@ -95,10 +97,10 @@ def test_cli_eval_compares_models_with_different_tokenizers(trained, other_model
     assert theirs["model"]["bpb"] == pytest.approx(uniform, rel=0.03)
     assert mine["model"]["bpb"] < theirs["model"]["bpb"]
     assert report["comparison"]["passed"] and report["generation"]["examples"] == 4
-    assert "training.png" in report["plots"]  # the local trainer's metrics.jsonl
+    assert "training.png" in report["plots"]  # curves from the run's TensorBoard logs
     # the other way round the gate fails, with exit status 1; the baseline is the report just written
     kept = f"{cfg.storage.root}/trained-report.json"
-    store.copy(f"{cfg.run_uri}/eval/report.json", kept)
+    store.copy(f"{cfg.eval.output}/report.json", kept)
     out = lm("eval", "-c", "configs/tiny.yaml", *overrides, "eval.generation_set=null", "eval.labelled_set=null",
              "--model", other_model, "--compare", kept)
     assert out.returncode == 1, out.stderr[-3000:]
@@ -111,7 +113,7 @@ def test_cli_eval_text_source_and_bad_input(trained):
              "--text", f"{root}/sonnet.txt")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1].startswith("eval: text ")
-    report = json.loads(ObjectStore(cfg.storage).read_text(f"{cfg.run_uri}/eval/report.json"))
+    report = json.loads(ObjectStore(cfg.storage).read_text(f"{cfg.eval.output}/report.json"))
     assert list(report["sets"]) == ["text"] and report["sets"]["text"]["ngram"]["bpb"] > 0
     out = lm("eval", "-c", "configs/tiny.yaml", *overrides, "--text", "/nope/x.txt")
     assert out.returncode == 2 and "lm: error:" in out.stderr and "/nope/x.txt" in out.stderr
