@@ -61,8 +61,11 @@ class ServeConfig(Section):
         "plain", description="plain: 'System: …\\n\\nUser: …\\n\\nAssistant:' turns, stopping at the next turn."
     )
     # how it runs
-    max_batch_size: int = Field(8, ge=1, description="@serve.batch: requests decoded together.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: wait this long to fill a batch.")
+    max_batch_size: int = Field(8, ge=1, description="Requests decoded together (lm.serve.model_server.BatchScheduler).")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="An idle replica waits this long for more requests before starting a batch (requests "
+        "arriving while a batch decodes always wait for the next one).",
+    )
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="Per model replica; null = 2 x max_batch_size (a batch decoding, the next one filling)."
     )

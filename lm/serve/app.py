@@ -18,7 +18,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -126,16 +125,15 @@ class Api:
                                  code="context_length_exceeded" if head.get("param") else None)
         return streams, heads
 
-    @staticmethod
-    async def _collect(stream) -> dict:
-        whole: dict[str, Any] = {"text": "", "token_ids": [], "logprobs": [], "tokens": [], "finish_reason": None}
-        async for chunk in stream:
-            whole["text"] += chunk["text"]
-            whole["token_ids"] += chunk["token_ids"]
-            whole["logprobs"] += chunk.get("logprobs") or []
-            whole["tokens"] += chunk.get("tokens") or []
-            whole["finish_reason"] = chunk["finish_reason"] or whole["finish_reason"]
-        return whole
+    async def _complete(self, requests: list[dict]) -> list[dict]:
+        """Non-streamed requests: each answered whole by the model deployment (one reply, not one message
+        per token); a 400 if any is refused."""
+        results = await asyncio.gather(*(self.model.complete.remote(r) for r in requests))
+        for result in results:
+            if "error" in result:
+                raise BadRequest(400, result["error"], param=result.get("param"),
+                                 code="context_length_exceeded" if result.get("param") else None)
+        return results
 
     @staticmethod
     async def _merge(streams) -> AsyncIterator[tuple[int, dict]]:
@@ -194,7 +192,11 @@ class Api:
         prompts, max_tokens = body.prompts(), body.max_tokens or 16
         self._check(body, max_tokens, len(prompts))
         logprobs = body.logprobs is not None
-        streams, heads = await self._open(self._requests(prompts, body, max_tokens, body.stop_list(), logprobs))
+        requests = self._requests(prompts, body, max_tokens, body.stop_list(), logprobs)
+        if body.stream:
+            streams, heads = await self._open(requests)
+        else:
+            heads = await self._complete(requests)
         rid, version = schemas.new_id("cmpl"), heads[0]["version"]
         prompt_tokens = sum(h["prompt_tokens"] for h in heads[:: body.n])
 
@@ -225,7 +227,7 @@ class Api:
 
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"x-lmforge-model-version": version})
-        wholes = await asyncio.gather(*(self._collect(s) for s in streams))
+        wholes = heads
         choices = [{"text": (prompts[i // body.n] if body.echo else "") + w["text"], "index": i,
                     "logprobs": choice_logprobs(w), "finish_reason": w["finish_reason"]} for i, w in enumerate(wholes)]
         completion_tokens = sum(len(w["token_ids"]) for w in wholes)
@@ -243,7 +245,11 @@ class Api:
         self._check(body, max_tokens, 1)
         prompt = schemas.chat_prompt(body.messages)
         stops = [*body.stop_list(), *schemas.CHAT_STOPS]
-        streams, heads = await self._open(self._requests([prompt], body, max_tokens, stops, False))
+        requests = self._requests([prompt], body, max_tokens, stops, False)
+        if body.stream:
+            streams, heads = await self._open(requests)
+        else:
+            heads = await self._complete(requests)
         rid, version = schemas.new_id("chatcmpl"), heads[0]["version"]
         prompt_tokens = heads[0]["prompt_tokens"]
 
@@ -266,7 +272,7 @@ class Api:
 
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"x-lmforge-model-version": version})
-        wholes = await asyncio.gather(*(self._collect(s) for s in streams))
+        wholes = heads
         choices = [{"index": i, "message": {"role": "assistant", "content": w["text"].strip()},
                     "logprobs": None, "finish_reason": w["finish_reason"]} for i, w in enumerate(wholes)]
         self._capture("chat", rid, [prompt], [w["text"] for w in wholes], version, body)

@@ -1,12 +1,14 @@
-"""The model deployment: one model directory on lm.serve.engine, dynamically batched with ``@serve.batch``.
+"""The model deployment: one model directory on lm.serve.engine, dynamically batched.
 
 Each request (a dict from the ingress: prompt text + sampling settings) is tokenized and checked
-against the context here, then joins a batch: the batch handler is an async generator that prefills
-the batch's prompts together and yields one list per decode step (Serve routes each entry to its
-request's stream; a finished request gets ``StopIteration``). The engine's blocking steps run in a
+against the context here, then joins the :class:`BatchScheduler`: one batch decodes at a time (a
+prefill of its prompts together, then one step at a time) and every request that arrives meanwhile
+waits to form the next batch, up to ``serve.max_batch_size``. The engine's blocking steps run in a
 worker thread, so the replica keeps accepting requests while a batch decodes.
 
-The stream a request gets: first a head (``prompt_tokens``, ``version``) or an ``error`` (the
+Non-streamed requests go through ``complete`` (a second batch queue whose handler returns each
+request's whole completion: one message back instead of one per token). The stream a request gets:
+first a head (``prompt_tokens``, ``version``) or an ``error`` (the
 ingress answers 400), then one chunk per step (``text``, ``token_ids``, ``logprobs``, ``tokens``,
 ``finish_reason``). Deterministic requests (temperature 0, or a seed) are answered from a bounded
 LRU cache when seen before on the same model version.
@@ -20,13 +22,63 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import time
 from typing import Any
-
-from ray import serve
 
 from lm.config import Config
 from lm.storage import ObjectStore
+
+
+class BatchScheduler:
+    """Dynamic batching on one engine: one batch decodes at a time; requests arriving meanwhile wait and
+    form the next batch (up to ``max_batch_size``) the moment the engine is free.
+
+    Serve's ``@serve.batch`` forms a new batch from whatever arrives within its timeout even while the
+    previous batch is still decoding, and those batches then run one after another: under steady load
+    it measured batches of 1-2 here (``jobs/bench/serve.py``). Each request gets an ``asyncio.Queue`` of
+    its StepOutputs, ended by None (or an exception)."""
+
+    def __init__(self, max_batch_size: int, observe_batch=lambda n: None, wait_s: float = 0.0):
+        self.max_batch_size, self.observe_batch, self.wait_s = max_batch_size, observe_batch, wait_s
+        self.pending: list[tuple[Any, Any, asyncio.Queue]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    def submit(self, request, engine) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self.pending.append((request, engine, queue))
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._wake.set()
+        return queue
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.wait_s and len(self.pending) < self.max_batch_size:
+                await asyncio.sleep(self.wait_s)  # an idle engine: let a burst arrive together
+            while self.pending:
+                batch, self.pending = self.pending[: self.max_batch_size], self.pending[self.max_batch_size :]
+                self.observe_batch(len(batch))
+                try:
+                    steps = batch[0][1].stream([request for request, _, _ in batch])
+                    while (step := await asyncio.to_thread(next, steps, None)) is not None:
+                        for (_, _, queue), out in zip(batch, step, strict=True):
+                            if out is not None:
+                                queue.put_nowait(out)
+                    for _, _, queue in batch:
+                        queue.put_nowait(None)
+                except Exception as err:  # the engine failed: every request of the batch hears it
+                    for _, _, queue in batch:
+                        queue.put_nowait(err)
+
+
+async def _outputs(queue: asyncio.Queue):
+    while (out := await queue.get()) is not None:
+        if isinstance(out, Exception):
+            raise out
+        yield out
 
 
 class ModelServer:
@@ -42,13 +94,12 @@ class ModelServer:
         self.version: str | None = None
         self.model_uri: str | None = None
         self.cache = ResponseCache(cfg.serve.cache_entries)
-        self._batch.set_max_batch_size(cfg.serve.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         self.m_tokens = Counter("lmforge_generated_tokens", description="Tokens generated.")
         self.m_batch = Histogram("lmforge_batch_size", description="Requests decoded together.",
                                  boundaries=[1, 2, 4, 8, 16, 32, 64])
         self.m_cache = Counter("lmforge_cache_lookups", description="Response-cache lookups by result.",
                                tag_keys=("result",))
+        self.scheduler = BatchScheduler(cfg.serve.max_batch_size, self.m_batch.observe, cfg.serve.batch_wait_timeout_s)
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -78,39 +129,74 @@ class ModelServer:
 
     # --------------------------------------------------------------------------------- generation
 
-    async def generate(self, req: dict):
-        """Stream one request (see the module docstring)."""
+    def _prepare(self, req: dict):
+        """(engine, version, GenRequest, cache key) or an error dict the ingress turns into a 400."""
         from lm.serve.engine import GenRequest
 
         engine, version = self.engine, self.version
-        tokenizer = engine.tokenizer
-        ids = tokenizer.encode(req["prompt"]) or [tokenizer.eos_id]
+        ids = engine.tokenizer.encode(req["prompt"]) or [engine.tokenizer.eos_id]
         limit = engine.context_length()
         if len(ids) + req["max_tokens"] > limit:
             param = "prompt" if len(ids) >= limit else "max_tokens"
-            yield {"error": f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)} and "
-                            f"max_tokens asks for {req['max_tokens']} more.", "param": param}
-            return
-        key = self.cache.key(version, req)
-        cached = self.cache.get(key) if key else None
-        if key:
-            self.m_cache.inc(tags={"result": "hit" if cached else "miss"})
-        if cached:
-            yield {"prompt_tokens": len(ids), "version": version, "cached": True}
-            yield cached
-            return
+            return {"error": f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)} and "
+                             f"max_tokens asks for {req['max_tokens']} more.", "param": param}
         request = GenRequest(prompt_ids=ids, max_tokens=req["max_tokens"], temperature=req["temperature"],
                              top_p=req.get("top_p"), top_k=req.get("top_k"), seed=req.get("seed"),
                              stop=list(req.get("stop") or []), logprobs=bool(req.get("logprobs")))
         try:
             engine.check(request)  # one bad request must not fail the batch it would join
         except ValueError as err:
-            yield {"error": str(err), "param": None}
+            return {"error": str(err), "param": None}
+        return engine, version, request, self.cache.key(version, req)
+
+    def _cached(self, key: str | None) -> dict | None:
+        if not key:
+            return None
+        cached = self.cache.get(key)
+        self.m_cache.inc(tags={"result": "hit" if cached else "miss"})
+        return cached
+
+    async def complete(self, req: dict) -> dict:
+        """One request, answered whole (one batched call, no per-step messages between processes):
+        ``prompt_tokens``, ``version``, ``cached`` and the completion (or an ``error``)."""
+        prepared = self._prepare(req)
+        if isinstance(prepared, dict):
+            return prepared
+        engine, version, request, key = prepared
+        head = {"prompt_tokens": len(request.prompt_ids), "version": version}
+        if (cached := self._cached(key)) is not None:
+            return {**head, **cached, "cached": True}
+        whole = {"text": "", "token_ids": [], "logprobs": [] if request.logprobs else None, "finish_reason": None}
+        async for out in _outputs(self.scheduler.submit(request, engine)):
+            whole["text"] += out.text
+            whole["token_ids"] += out.token_ids
+            if request.logprobs:
+                whole["logprobs"] += out.logprobs or []
+            whole["finish_reason"] = out.finish_reason or whole["finish_reason"]
+        whole["tokens"] = [engine.tokenizer.decode([i]) for i in whole["token_ids"]] if request.logprobs else None
+        if whole["token_ids"]:
+            self.m_tokens.inc(len(whole["token_ids"]))
+        if key:
+            self.cache.put(key, whole)
+        return {**head, **whole, "cached": False}
+
+    async def generate(self, req: dict):
+        """Stream one request (see the module docstring)."""
+        prepared = self._prepare(req)
+        if isinstance(prepared, dict):
+            yield prepared
             return
-        yield {"prompt_tokens": len(ids), "version": version}
+        engine, version, request, key = prepared
+        tokenizer = engine.tokenizer
+        head = {"prompt_tokens": len(request.prompt_ids), "version": version}
+        if (cached := self._cached(key)) is not None:
+            yield {**head, "cached": True}
+            yield cached
+            return
+        yield head
         whole = {"text": "", "token_ids": [], "logprobs": [] if request.logprobs else None, "tokens": [],
                  "finish_reason": None}
-        async for out in self._batch(request, engine):
+        async for out in _outputs(self.scheduler.submit(request, engine)):
             chunk = {"text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs,
                      "tokens": [tokenizer.decode([i]) for i in out.token_ids] if request.logprobs else None,
                      "finish_reason": out.finish_reason}
@@ -125,17 +211,3 @@ class ModelServer:
             yield chunk
         if key and whole["finish_reason"]:
             self.cache.put(key, whole)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batch(self, requests: list, engines: list):
-        """The batch handler: all requests decode together on the engine of the first (a reload between
-        submission and batching is harmless: versions share the tokenizer)."""
-        self.m_batch.observe(len(requests))
-        steps = engines[0].stream(requests)
-        started = time.perf_counter()
-        while True:
-            step = await asyncio.to_thread(next, steps, None)
-            if step is None:
-                break
-            yield [StopIteration if out is None else out for out in step]
-        self.last_batch_seconds = time.perf_counter() - started
