@@ -100,6 +100,20 @@ def free_port() -> int:
 # ------------------------------------------------------------------------------------ baselines
 
 
+def one_at_a_time(one, prompts: list[str]) -> tuple[int, float, list[float]]:
+    """Run ``one(prompt) -> tokens`` over the prompts in turn after two warm-ups: (tokens, wall seconds,
+    per-request latencies)."""
+    for p in prompts[:2]:
+        one(p)
+    latencies, tokens = [], 0
+    start = time.perf_counter()
+    for p in prompts:
+        t = time.perf_counter()
+        tokens += one(p)
+        latencies.append(time.perf_counter() - t)
+    return tokens, time.perf_counter() - start, latencies
+
+
 def naive_baseline(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
     """Hugging Face transformers ``generate``, one request at a time, in this process."""
     import transformers
@@ -117,15 +131,7 @@ def naive_baseline(model_dir: Path, prompts: list[str], max_tokens: int) -> dict
         tok.decode(new, skip_special_tokens=True)  # the text, as a server would return it
         return new.index(eos) if eos in new else len(new)  # end-of-text is not counted (as the engine)
 
-    for p in prompts[:2]:
-        one(p)  # warm-up
-    latencies, tokens = [], 0
-    start = time.perf_counter()
-    for p in prompts:
-        t = time.perf_counter()
-        tokens += one(p)
-        latencies.append(time.perf_counter() - t)
-    wall = time.perf_counter() - start
+    tokens, wall, latencies = one_at_a_time(one, prompts)
     return {"what": f"transformers {transformers.__version__} {type(model).__name__}.generate, do_sample, "
                     f"temperature {TEMPERATURE}, top_k 0, one request at a time",
             "requests": len(prompts), "completion_tokens": tokens, "seconds": round(wall, 3),
@@ -141,15 +147,7 @@ def engine_sequential(engine: Engine, prompts: list[str], max_tokens: int) -> di
         c = engine.generate([GenRequest(tok.encode(prompt), max_tokens, temperature=TEMPERATURE)])[0]
         return c.completion_tokens
 
-    for p in prompts[:2]:
-        one(p)
-    latencies, tokens = [], 0
-    start = time.perf_counter()
-    for p in prompts:
-        t = time.perf_counter()
-        tokens += one(p)
-        latencies.append(time.perf_counter() - t)
-    wall = time.perf_counter() - start
+    tokens, wall, latencies = one_at_a_time(one, prompts)
     return {"requests": len(prompts), "completion_tokens": tokens, "seconds": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 1), **latency_stats(latencies)}
 

@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
-from lm.config import ModelConfig, TokenizerConfig
+from lm.config import ModelConfig
 from lm.model import KVCache, Transformer
 from lm.serve.engine import Engine, GenRequest
 from lm.serve.quantize import linear_weight_bytes, quantize_int8
-from lm.tokenizer import BPETokenizer, train_tokenizer
+from lm.tokenizer import BPETokenizer
 
-CORPUS = Path(__file__).parents[2] / "lm" / "corpora" / "tinyshakespeare.txt.gz"
 CTX = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tok() -> BPETokenizer:
-    text = gzip.decompress(CORPUS.read_bytes()).decode()[:60_000]
-    return train_tokenizer(iter(text.split("\n\n")), TokenizerConfig(vocab_size=400))
+def tok(small_tokenizer):
+    return small_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,36 +4,25 @@ logprobs, incremental text, per-row sampling, validation, stepping from other th
 from __future__ import annotations
 
 import copy
-import gzip
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import pre_tokenizers
 
-from lm.config import ModelConfig, TokenizerConfig
+from lm.config import ModelConfig
 from lm.model import Transformer
 from lm.serve.engine import Engine, GenRequest, _RowText, sample_rows
-from lm.tokenizer import train_tokenizer
 
-CORPUS = Path(__file__).parents[2] / "lm" / "corpora" / "tinyshakespeare.txt.gz"
 CTX = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is fastest and keeps timings steady on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    text = gzip.decompress(CORPUS.read_bytes()).decode()[:60_000]
-    return train_tokenizer(iter(text.split("\n\n")), TokenizerConfig(vocab_size=400))
+def tok(small_tokenizer):
+    return small_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -313,3 +302,33 @@ def test_stream_advanced_from_other_threads(engine, tok):
             if a is not None:
                 assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason)
     assert not torch.is_inference_mode_enabled()
+
+
+def test_batch_scheduler_forms_the_next_batch_from_requests_that_arrive_meanwhile(engine, tok):
+    """lm.serve.model_server.BatchScheduler (no Ray): a lone request decodes alone; the 6 that arrive
+    while it decodes form one batch; each gets exactly what the engine gives it alone."""
+    import asyncio
+
+    from lm.serve.model_server import BatchScheduler
+
+    sizes: list[int] = []
+    prompts = [f"LORD {i}:" for i in range(7)]
+
+    async def collect(queue):
+        outs = []
+        while (out := await queue.get()) is not None:
+            outs.append(out)
+        return "".join(o.text for o in outs), outs[-1].finish_reason
+
+    async def scenario():
+        scheduler = BatchScheduler(max_batch_size=8, observe_batch=sizes.append)
+        first = scheduler.submit(req(tok, prompts[0], 24, temperature=0), engine)
+        await asyncio.sleep(0)  # the first batch starts with the one request
+        rest = [scheduler.submit(req(tok, p, 24, temperature=0), engine) for p in prompts[1:]]
+        return await asyncio.gather(collect(first), *(collect(q) for q in rest))
+
+    results = asyncio.run(scenario())
+    assert sizes == [1, 6]
+    alone = engine.generate([req(tok, p, 24, temperature=0) for p in prompts])
+    assert [text for text, _ in results] == [c.text for c in alone]
+    assert all(reason in ("stop", "length") for _, reason in results)
