@@ -119,8 +119,10 @@ def write_shard(group: dict[str, Any], *, out_dir: str, fs_factory, seq_len: int
 # ------------------------------------------------------------------------------------- the stages
 
 
-def _batch_counts(batch: dict[str, Any], keys: list[str], sums: list[str]) -> dict[str, list]:
+def _batch_counts(batch: dict[str, Any], keys: list[str], sums: list[str]) -> Any:
     """Per-batch counts (and sums) by ``keys``: a few rows per batch, summed on the driver."""
+    import pyarrow as pa
+
     acc: dict[tuple, list[int]] = {}
     columns = [np.asarray(batch[k]).astype(str) for k in keys]
     values = [np.asarray(batch[c], dtype=np.int64) for c in sums]
@@ -129,11 +131,13 @@ def _batch_counts(batch: dict[str, Any], keys: list[str], sums: list[str]) -> di
         entry[0] += 1
         for j, v in enumerate(values):
             entry[j + 1] += int(v[i])
-    out: dict[str, list] = {k: [key[i] for key in acc] for i, k in enumerate(keys)}
-    out["count()"] = [e[0] for e in acc.values()]
+    # Typed Arrow columns: a list of numpy str scalars would become a tensor column in some blocks
+    # (numpy scalars look ndarray-like to Ray) and a string column in others, which Ray cannot concatenate.
+    out = {k: pa.array([str(key[i]) for key in acc], type=pa.string()) for i, k in enumerate(keys)}
+    out["count()"] = pa.array([e[0] for e in acc.values()], type=pa.int64())
     for j, c in enumerate(sums):
-        out[f"sum({c})"] = [e[j + 1] for e in acc.values()]
-    return out
+        out[f"sum({c})"] = pa.array([e[j + 1] for e in acc.values()], type=pa.int64())
+    return pa.table(out)
 
 
 def count_by(ds, keys: list[str], sums: list[str] = ()) -> list[dict]:
