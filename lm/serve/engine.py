@@ -32,10 +32,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from lm.model import KVCache, Transformer
+from lm.serve.text import RowText
 from lm.tokenizer import BPETokenizer
 
 
@@ -102,71 +104,12 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     return torch.where(sampled_rows, order.gather(1, index).squeeze(1), greedy)
 
 
-# ------------------------------------------------------------------------------- text of one row
-
-
-class _RowText:
-    """Incremental detokenization + stop strings for one row.
-
-    Text is decoded over a small window of recent tokens (vLLM's prefix/read offsets) and released
-    only when it ends on a whole character; the longest tail that could begin a stop string is held
-    back until it either completes one (then cut there) or cannot any more. ``finish`` flushes.
-    """
-
-    def __init__(self, tokenizer: BPETokenizer, stop: list[str]):
-        self.tok = tokenizer
-        self.stop = [s for s in stop if s]
-        self.longest = max((len(s) for s in self.stop), default=0)
-        self.ids: list[int] = []
-        self.prefix = self.read = 0  # ids[prefix:read] decode to the end of self.done
-        self.done = ""  # the text of ids[:read], which ends on a whole character
-        self.text = ""  # done + the whole characters decoded after it (cut at a stop string once found)
-        self.sent = 0  # characters of self.text already released
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """Append a token; return (text to release now, whether a stop string was found)."""
-        self.ids.append(token)
-        before = self.tok.decode(self.ids[self.prefix : self.read])
-        new = self.tok.decode(self.ids[self.prefix :])[len(before) :]
-        if new and not new.endswith("\ufffd"):
-            self.done += new
-            self.prefix, self.read = self.read, len(self.ids)
-            self.text = self.done
-        else:  # a character still in pieces: what precedes it is final, so stop strings can match it now
-            self.text = self.done + new.rstrip("\ufffd")
-        return self._release(final=False)
-
-    def finish(self) -> tuple[str, bool]:
-        """Flush everything held back (a trailing partial character decodes as U+FFFD)."""
-        before = self.tok.decode(self.ids[self.prefix : self.read])
-        self.done += self.tok.decode(self.ids[self.prefix :])[len(before) :]
-        self.prefix = self.read = len(self.ids)
-        self.text = self.done
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> tuple[str, bool]:
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            out, self.sent = self.text[self.sent :], len(self.text)
-            return out, True
-        end = len(self.text)
-        if not final:
-            pending = self.text[self.sent :]
-            for k in range(min(len(pending), self.longest - 1), 0, -1):
-                if any(s.startswith(pending[-k:]) for s in self.stop):
-                    end -= k
-                    break
-        out, self.sent = self.text[self.sent : end], end
-        return out, False
-
-
 @dataclass
 class _Row:
-    index: int  # position in the caller's request list
+    key: Any  # the caller's name for the request (its index, for stream())
     req: GenRequest
     generator: torch.Generator
-    text: _RowText
+    text: RowText
     n_tokens: int = 0
 
 
@@ -190,6 +133,10 @@ class Engine:
 
     # ------------------------------------------------------------------------------ public API
 
+    def batch(self) -> DecodeBatch:
+        """An empty running batch for continuous batching (rows join between steps)."""
+        return DecodeBatch(self)
+
     def stream(self, requests: list[GenRequest]) -> Iterator[list[StepOutput | None]]:
         """One prefill of all prompts (left-padded, KV cache), then one decode step at a time for the
         rows still running; yields per step a list aligned with ``requests``: a StepOutput for rows
@@ -211,24 +158,17 @@ class Engine:
         out: list[Completion] = []
         for start in range(0, len(requests), self.max_batch_size):
             chunk = requests[start : start + self.max_batch_size]
-            texts: list[list[str]] = [[] for _ in chunk]
-            ids: list[list[int]] = [[] for _ in chunk]
-            lps: list[list[float]] = [[] for _ in chunk]
-            reasons: list[str] = ["length"] * len(chunk)
+            whole = [Completion("", [], [] if r.logprobs else None, "length", len(r.prompt_ids), 0) for r in chunk]
             for step in self._steps(list(chunk)):
-                for i, s in enumerate(step):
-                    if s is None:
-                        continue
-                    texts[i].append(s.text)
-                    ids[i] += s.token_ids
-                    lps[i] += s.logprobs or []
-                    if s.finish_reason:
-                        reasons[i] = s.finish_reason
-            out += [
-                Completion("".join(texts[i]), ids[i], lps[i] if r.logprobs else None, reasons[i],
-                           len(r.prompt_ids), len(ids[i]))
-                for i, r in enumerate(chunk)
-            ]
+                for c, s in zip(whole, step, strict=True):
+                    if s is not None:
+                        c.text += s.text
+                        c.token_ids += s.token_ids
+                        c.completion_tokens += len(s.token_ids)
+                        if c.logprobs is not None:
+                            c.logprobs += s.logprobs or []
+                        c.finish_reason = s.finish_reason or c.finish_reason
+            out += whole
         return out
 
     def check(self, req: GenRequest, where: str = "request") -> None:
@@ -252,32 +192,88 @@ class Engine:
         if req.top_p is not None and not 0 < req.top_p <= 1:
             raise ValueError(f"{where}: top_p must be in (0, 1] or None, got {req.top_p!r}")
 
-    # ------------------------------------------------------------------------------ the loop
-
     def _steps(self, requests: list[GenRequest]) -> Iterator[list[StepOutput | None]]:
+        batch = self.batch()
+        batch.add(requests, list(range(len(requests))))
+        while batch:
+            outputs: list[StepOutput | None] = [None] * len(requests)
+            for i, out in batch.step():
+                outputs[i] = out
+            yield outputs
+
+
+class DecodeBatch:
+    """The rows decoding together on one engine: continuous batching.
+
+    ``add`` prefills new requests (left-padded among themselves) and merges them into the running
+    KV cache between steps (both sides left-padded to the same number of columns); ``step`` samples
+    one token for every row, accounts it, drops finished rows and runs one decode forward for the
+    rest. A row's output is the same whenever it joins: its positions, mask and generator are its own.
+
+        batch = engine.batch()
+        batch.add([req_a, req_b], keys=["a", "b"])
+        while batch:
+            for key, out in batch.step():       # (key, StepOutput); out.finish_reason on the last
+                ...
+            batch.add([req_c], keys=["c"])       # joins the running rows at the next step
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.rows: list[_Row] = []
+        self.state: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def room(self) -> int:
+        return self.engine.max_batch_size - len(self.rows)
+
+    def add(self, requests: list[GenRequest], keys: list) -> None:
+        """Prefill ``requests`` (checked first: ValueError naming the key) and merge them in."""
         if not requests:
             return
-        rows = [_Row(i, r, _generator(r.seed), _RowText(self.tokenizer, r.stop)) for i, r in enumerate(requests)]
+        if len(requests) > self.room():
+            raise ValueError(f"{len(requests)} requests do not fit: {len(self.rows)} of max_batch_size "
+                             f"{self.engine.max_batch_size} running")
+        for key, req in zip(keys, requests, strict=True):
+            self.engine.check(req, f"requests[{key!r}]")
+        tok = self.engine.tokenizer
+        rows = [_Row(k, r, _generator(r.seed), RowText(tok, r.stop)) for k, r in zip(keys, requests, strict=True)]
         state = self._prefill(rows)
-        while True:
-            tokens, logprobs = self._sample(state, rows)
-            outputs: list[StepOutput | None] = [None] * len(requests)
-            keep = []
-            for j, row in enumerate(rows):
-                outputs[row.index] = out = self._advance(row, tokens[j], logprobs[j] if logprobs else None)
-                if out.finish_reason is None:
-                    keep.append(j)
-            yield outputs
-            if not keep:
-                return
-            rows = [rows[j] for j in keep]
-            self._decode(state, keep)
+        self.state = _merge(self.state, state, self.rows, rows) if self.rows else state
+        self.rows += rows
+
+    def cancel(self, key) -> bool:
+        """Drop the row named ``key`` before the next step; False if it is not running."""
+        keep = [j for j, r in enumerate(self.rows) if r.key != key]
+        if len(keep) == len(self.rows):
+            return False
+        self._select(keep)
+        self.state["logits"] = self.state["logits"][keep] if keep else self.state["logits"][:0]
+        return True
+
+    def step(self) -> list[tuple[Any, StepOutput]]:
+        """One token for every row: [(key, StepOutput)]; finished rows leave the batch."""
+        if not self.rows:
+            return []
+        tokens, logprobs = self._sample()
+        outputs, keep = [], []
+        for j, row in enumerate(self.rows):
+            out = self._advance(row, tokens[j], logprobs[j] if logprobs else None)
+            outputs.append((row.key, out))
+            if out.finish_reason is None:
+                keep.append(j)
+        self._select(keep)
+        if self.rows:
+            self._decode()
+        return outputs
 
     def _advance(self, row: _Row, token: int, logprob: float | None) -> StepOutput:
         """Account one sampled token to a row (Python side)."""
         req = row.req
         lps = [] if req.logprobs else None
-        if token == self.tokenizer.eos_id and not req.ignore_eos:
+        if token == self.engine.tokenizer.eos_id and not req.ignore_eos:
             text, _ = row.text.finish()
             return StepOutput(text, [], lps, "stop")
         row.n_tokens += 1
@@ -294,20 +290,21 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, rows: list[_Row]) -> dict:
+        eng = self.engine
         lens = [len(r.req.prompt_ids) for r in rows]
-        P, B, dev = max(lens), len(rows), self.device
+        P, B, dev = max(lens), len(rows), eng.device
         ids = torch.tensor([[0] * (P - len(r.req.prompt_ids)) + list(r.req.prompt_ids) for r in rows], device=dev)
         mask = torch.tensor([[0] * (P - n) + [1] * n for n in lens], device=dev)
-        cache = KVCache(self.model.cfg, B, P + max(r.req.max_tokens for r in rows), device=dev,
-                        dtype=self.cache_dtype)
+        cache = KVCache(eng.model.cfg, B, P + max(r.req.max_tokens for r in rows), device=dev, dtype=eng.cache_dtype)
         padded = min(lens) < P
-        logits, _ = self.model(ids, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                               attention_mask=mask if padded else None, kv_cache=cache, last_only=True)
+        logits, _ = eng.model(ids, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                              attention_mask=mask if padded else None, kv_cache=cache, last_only=True)
         return {"logits": logits[:, -1], "mask": mask, "cache": cache, "padded": padded,
                 "pos": torch.tensor(lens, device=dev), "settings": _settings(rows, dev)}
 
     @torch.inference_mode()
-    def _sample(self, state: dict, rows: list[_Row]) -> tuple[list[int], list[float] | None]:
+    def _sample(self) -> tuple[list[int], list[float] | None]:
+        rows, state = self.rows, self.state
         logits = state["logits"]
         temperature, top_k, top_p = state["settings"]
         uniforms = torch.tensor(
@@ -322,24 +319,63 @@ class Engine:
         return tokens.tolist(), chosen.tolist()
 
     @torch.inference_mode()
-    def _decode(self, state: dict, keep: list[int]) -> None:
-        """Drop finished rows (and padding columns no kept row needs), then one forward of the rest."""
+    def _select(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` (and the cache columns some kept row attends to)."""
+        state = self.state
+        self.rows = [self.rows[j] for j in keep]
+        if not keep:
+            self.state = {"logits": state["logits"][:0]}
+            return
+        if len(keep) == state["mask"].size(0):
+            return
+        cache: KVCache = state["cache"]
+        sel = torch.tensor(keep, device=state["mask"].device)
+        mask = state["mask"][sel]
+        trim = int(mask.any(dim=0).int().argmax())  # first column some kept row attends to
+        cache.k, cache.v = cache.k[:, sel, :, trim:], cache.v[:, sel, :, trim:]
+        cache.max_len -= trim
+        cache.length -= trim
+        state["mask"] = mask = mask[:, trim:]
+        state["padded"] = not bool(mask.all())
+        state["pos"] = state["pos"][sel]
+        state["settings"] = tuple(t[sel] for t in state["settings"])
+        if "tokens" in state:
+            state["tokens"] = state["tokens"][sel]
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        """One forward of every row's last sampled token."""
+        state = self.state
         cache: KVCache = state["cache"]
         tokens, mask, pos = state["tokens"], state["mask"], state["pos"]
-        if len(keep) < tokens.numel():
-            sel = torch.tensor(keep, device=tokens.device)
-            tokens, mask, pos = tokens[sel], mask[sel], pos[sel]
-            state["settings"] = tuple(t[sel] for t in state["settings"])
-            trim = int(mask.any(dim=0).int().argmax())  # first column some kept row attends to
-            cache.k, cache.v = cache.k[:, sel, :, trim:], cache.v[:, sel, :, trim:]
-            cache.max_len -= trim
-            cache.length -= trim
-            mask = mask[:, trim:]
-            state["padded"] = not bool(mask.all())
-        mask = torch.cat([mask, mask.new_ones(len(keep), 1)], dim=1)
-        logits, _ = self.model(tokens[:, None], position_ids=pos[:, None],
-                               attention_mask=mask if state["padded"] else None, kv_cache=cache)
+        mask = torch.cat([mask, mask.new_ones(len(self.rows), 1)], dim=1)
+        logits, _ = self.engine.model(tokens[:, None], position_ids=pos[:, None],
+                                      attention_mask=mask if state["padded"] else None, kv_cache=cache)
         state.update(logits=logits[:, -1], mask=mask, pos=pos + 1)
+        del state["tokens"]
+
+
+@torch.inference_mode()
+def _merge(old: dict, new: dict, old_rows: list[_Row], new_rows: list[_Row]) -> dict:
+    """One state for both row sets: each side's cache columns right-aligned to the longer side (left
+    padding, masked), room for every row's remaining tokens."""
+    a, b = old["cache"], new["cache"]
+    cols = max(a.length, b.length)
+    rows = old_rows + new_rows
+    room = max(r.req.max_tokens - r.n_tokens for r in rows)
+    L, _, H, _, D = a.k.shape
+    Ba = a.k.size(1)
+    cache = KVCache.__new__(KVCache)
+    cache.k = a.k.new_zeros((L, Ba + b.k.size(1), H, cols + room, D))
+    cache.v = torch.zeros_like(cache.k)
+    cache.max_len, cache.length = cols + room, cols
+    for side, lo, hi in ((a, 0, Ba), (b, Ba, Ba + b.k.size(1))):
+        cache.k[:, lo:hi, :, cols - side.length : cols] = side.k[:, :, :, : side.length]
+        cache.v[:, lo:hi, :, cols - side.length : cols] = side.v[:, :, :, : side.length]
+    mask = torch.cat([torch.nn.functional.pad(s["mask"], (cols - s["mask"].size(1), 0)) for s in (old, new)])
+    return {"logits": torch.cat([old["logits"], new["logits"]]), "mask": mask, "cache": cache,
+            "padded": not bool(mask.all()), "pos": torch.cat([old["pos"], new["pos"]]),
+            "settings": tuple(torch.cat(pair) for pair in zip(old["settings"], new["settings"], strict=True))}
 
 
 def _generator(seed: int | None) -> torch.Generator:

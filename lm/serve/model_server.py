@@ -1,26 +1,27 @@
-"""The model deployment: one model directory on lm.serve.engine, dynamically batched.
+"""The model deployment: one model directory on lm.serve.engine, continuously batched.
 
 Each request (a dict from the ingress: prompt text + sampling settings) is tokenized and checked
-against the context here, then joins the :class:`BatchScheduler`: one batch decodes at a time (a
-prefill of its prompts together, then one step at a time) and every request that arrives meanwhile
-waits to form the next batch, up to ``serve.max_batch_size``. The engine's blocking steps run in a
-worker thread, so the replica keeps accepting requests while a batch decodes.
+against the context here, then joins the :class:`BatchScheduler`'s running batch at the next decode
+step (up to ``serve.max_batch_size`` rows) and leaves it the step it finishes. The engine's blocking
+steps run in a worker thread, so the replica keeps accepting requests while the batch decodes.
 
-Non-streamed requests go through ``complete`` (a second batch queue whose handler returns each
-request's whole completion: one message back instead of one per token). The stream a request gets:
-first a head (``prompt_tokens``, ``version``) or an ``error`` (the
-ingress answers 400), then one chunk per step (``text``, ``token_ids``, ``logprobs``, ``tokens``,
-``finish_reason``). Deterministic requests (temperature 0, or a seed) are answered from a bounded
-LRU cache when seen before on the same model version.
+Non-streamed requests go through ``complete`` (the whole completion in one reply instead of one
+message per token). The stream a request gets from ``generate``: first a head (``prompt_tokens``,
+``version``) or an ``error`` (the ingress answers 400), then one chunk per step (``text``,
+``token_ids``, ``logprobs``, ``tokens``, ``finish_reason``). A caller that goes away frees its row.
+Deterministic requests (temperature 0, or a seed) are answered from a bounded LRU cache when seen
+before on the same model version.
 
 Hot reload: ``reconfigure(user_config={"model_uri": …})`` loads the new directory in a thread and
-swaps the engine; batches already decoding finish on the engine they started with.
+swaps the engine; rows already decoding finish on the engine they started with.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import itertools
 import json
 from typing import Any
 
@@ -29,56 +30,86 @@ from lm.storage import ObjectStore
 
 
 class BatchScheduler:
-    """Dynamic batching on one engine: one batch decodes at a time; requests arriving meanwhile wait and
-    form the next batch (up to ``max_batch_size``) the moment the engine is free.
+    """Continuous batching on one engine: a loop steps one :class:`~lm.serve.engine.DecodeBatch`; a
+    request that arrives joins it at the next step (prefilled and merged into the running KV cache, up
+    to ``max_batch_size`` rows) and leaves the step it finishes, so nobody waits for a whole batch.
 
-    Serve's ``@serve.batch`` forms a new batch from whatever arrives within its timeout even while the
-    previous batch is still decoding, and those batches then run one after another: under steady load
-    it measured batches of 1-2 here (``jobs/bench/serve.py``). Each request gets an ``asyncio.Queue`` of
-    its StepOutputs, ended by None (or an exception)."""
+    Serve's ``@serve.batch`` instead forms batches from whatever arrives within its timeout, and runs
+    them one after another: under steady load it measured batches of 1-2 here (``jobs/bench/serve.py``).
+    Each step's blocking tensor work runs in a worker thread (one hop per step), so the replica keeps
+    accepting requests. After a hot reload, requests for the new engine wait until the rows on the old
+    one have finished. ``wait_s``: an idle engine waits this long for a burst to arrive together."""
 
     def __init__(self, max_batch_size: int, observe_batch=lambda n: None, wait_s: float = 0.0):
         self.max_batch_size, self.observe_batch, self.wait_s = max_batch_size, observe_batch, wait_s
-        self.pending: list[tuple[Any, Any, asyncio.Queue]] = []
+        self.pending: list[tuple[int, Any, Any]] = []  # (key, request, engine)
+        self.queues: dict[int, asyncio.Queue] = {}  # key -> the request's StepOutputs, then None or an error
+        self.cancelled: set[int] = set()
+        self._keys = itertools.count()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
-    def submit(self, request, engine) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue()
-        self.pending.append((request, engine, queue))
+    async def outputs(self, request, engine):
+        """The request's StepOutputs as they come; closing this early takes the row out of the batch."""
+        key = next(self._keys)
+        queue = self.queues[key] = asyncio.Queue()
+        self.pending.append((key, request, engine))
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
         self._wake.set()
-        return queue
+        try:
+            while (out := await queue.get()) is not None:
+                if isinstance(out, Exception):
+                    raise out
+                yield out
+        finally:
+            if key in self.queues:  # left early (client gone, call cancelled): free its row
+                self.cancelled.add(key)
+                self.pending = [p for p in self.pending if p[0] != key]
+                self.queues.pop(key, None)
 
     async def _run(self) -> None:
+        batch = None
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self.wait_s and len(self.pending) < self.max_batch_size:
-                await asyncio.sleep(self.wait_s)  # an idle engine: let a burst arrive together
-            while self.pending:
-                batch, self.pending = self.pending[: self.max_batch_size], self.pending[self.max_batch_size :]
-                self.observe_batch(len(batch))
-                try:
-                    steps = batch[0][1].stream([request for request, _, _ in batch])
-                    while (step := await asyncio.to_thread(next, steps, None)) is not None:
-                        for (_, _, queue), out in zip(batch, step, strict=True):
-                            if out is not None:
-                                queue.put_nowait(out)
-                    for _, _, queue in batch:
-                        queue.put_nowait(None)
-                except Exception as err:  # the engine failed: every request of the batch hears it
-                    for _, _, queue in batch:
+            if not self.pending and not batch:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            if not batch:
+                if self.wait_s and len(self.pending) < self.max_batch_size:
+                    await asyncio.sleep(self.wait_s)  # an idle engine: let a burst arrive together
+                batch = self.pending[0][2].batch()
+            joining = [p for p in self.pending if p[2] is batch.engine][: batch.room()]
+            if joining:
+                taken = {p[0] for p in joining}
+                self.pending = [p for p in self.pending if p[0] not in taken]
+                self.observe_batch(len(batch) + len(joining))
+            cancelled, self.cancelled = self.cancelled, set()
+            try:
+                outputs = await asyncio.to_thread(_step, batch, joining, cancelled)
+            except Exception as err:  # the engine failed: every request of the batch hears it
+                for key in [row.key for row in batch.rows] + [p[0] for p in joining]:
+                    if (queue := self.queues.pop(key, None)) is not None:
                         queue.put_nowait(err)
+                batch = None
+                continue
+            for key, out in outputs:
+                if (queue := self.queues.get(key)) is None:
+                    batch.cancel(key)  # its caller left while the step ran
+                    continue
+                queue.put_nowait(out)
+                if out.finish_reason is not None:
+                    queue.put_nowait(None)
+                    del self.queues[key]
 
 
-async def _outputs(queue: asyncio.Queue):
-    while (out := await queue.get()) is not None:
-        if isinstance(out, Exception):
-            raise out
-        yield out
+def _step(batch, joining: list, cancelled: set) -> list:
+    """One scheduler step in the worker thread: drop cancelled rows, admit new ones, decode one token."""
+    for key in cancelled:
+        batch.cancel(key)
+    batch.add([request for _, request, _ in joining], [key for key, _, _ in joining])
+    return batch.step()
 
 
 class ModelServer:
@@ -167,7 +198,7 @@ class ModelServer:
         if (cached := self._cached(key)) is not None:
             return {**head, **cached, "cached": True}
         whole = {"text": "", "token_ids": [], "logprobs": [] if request.logprobs else None, "finish_reason": None}
-        async for out in _outputs(self.scheduler.submit(request, engine)):
+        async for out in self.scheduler.outputs(request, engine):
             whole["text"] += out.text
             whole["token_ids"] += out.token_ids
             if request.logprobs:
@@ -196,18 +227,19 @@ class ModelServer:
         yield head
         whole = {"text": "", "token_ids": [], "logprobs": [] if request.logprobs else None, "tokens": [],
                  "finish_reason": None}
-        async for out in _outputs(self.scheduler.submit(request, engine)):
-            chunk = {"text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs,
-                     "tokens": [tokenizer.decode([i]) for i in out.token_ids] if request.logprobs else None,
-                     "finish_reason": out.finish_reason}
-            if out.token_ids:
-                self.m_tokens.inc(len(out.token_ids))
-            whole["text"] += out.text
-            whole["token_ids"] += out.token_ids
-            if request.logprobs:
-                whole["logprobs"] += out.logprobs or []
-                whole["tokens"] += chunk["tokens"]
-            whole["finish_reason"] = out.finish_reason or whole["finish_reason"]
-            yield chunk
+        async with contextlib.aclosing(self.scheduler.outputs(request, engine)) as outputs:  # a client gone: row freed
+            async for out in outputs:
+                chunk = {"text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs,
+                         "tokens": [tokenizer.decode([i]) for i in out.token_ids] if request.logprobs else None,
+                         "finish_reason": out.finish_reason}
+                if out.token_ids:
+                    self.m_tokens.inc(len(out.token_ids))
+                whole["text"] += out.text
+                whole["token_ids"] += out.token_ids
+                if request.logprobs:
+                    whole["logprobs"] += out.logprobs or []
+                    whole["tokens"] += chunk["tokens"]
+                whole["finish_reason"] = out.finish_reason or whole["finish_reason"]
+                yield chunk
         if key and whole["finish_reason"]:
             self.cache.put(key, whole)

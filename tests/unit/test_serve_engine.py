@@ -12,7 +12,8 @@ from tokenizers import pre_tokenizers
 
 from lm.config import ModelConfig
 from lm.model import Transformer
-from lm.serve.engine import Engine, GenRequest, _RowText, sample_rows
+from lm.serve.engine import Engine, GenRequest, sample_rows
+from lm.serve.text import RowText
 
 CTX = 64
 
@@ -74,6 +75,53 @@ def test_output_does_not_depend_on_the_batch(engine, tok):
         same(a, b)
     assert [len(c.token_ids) for c in alone][:1] == [3]
     assert alone[1].text != alone[3].text  # the rows really differ
+
+
+def test_rows_joining_a_running_batch_get_what_they_get_alone(engine, tok):
+    """Continuous batching: requests join between decode steps (longer and shorter prompts than the
+    running rows, so both sides of the merge are left-padded) and leave when done; each row's output
+    equals its output alone, greedy and seeded."""
+    reqs = mixed(tok)
+    alone = {i: engine.generate([r])[0] for i, r in enumerate(reqs)}
+    got: dict[int, list] = {i: [] for i in range(len(reqs))}
+    batch = engine.batch()
+    batch.add([reqs[1], reqs[3]], keys=[1, 3])
+    joins = {2: [0, 2], 4: [4]}  # after step 2: the longest prompt + another; after step 4: one more
+    step, sizes = 0, []
+    while batch:
+        for key, out in batch.step():
+            got[key].append(out)
+        step += 1
+        if step in joins:
+            batch.add([reqs[k] for k in joins[step]], keys=joins[step])
+        sizes.append(len(batch))
+    assert max(sizes) == 5
+    for i, outs in got.items():
+        merged = "".join(o.text for o in outs), [t for o in outs for t in o.token_ids], outs[-1].finish_reason
+        assert merged == (alone[i].text, alone[i].token_ids, alone[i].finish_reason), i
+        assert all(o.finish_reason is None for o in outs[:-1])
+
+
+def test_a_cancelled_row_leaves_and_the_others_are_unaffected(engine, tok):
+    reqs = mixed(tok)
+    alone = engine.generate(reqs)
+    batch = engine.batch()
+    batch.add(reqs, keys=list("abcde"))
+    texts = {k: "" for k in "abcde"}
+    batch.step()  # (each row's first text is dropped here: compare from the second step on)
+    assert batch.cancel("b") and not batch.cancel("b") and len(batch) == 4
+    ids: dict[str, list[int]] = {k: [] for k in "abcde"}
+    while batch:
+        for key, out in batch.step():
+            texts[key] += out.text
+            ids[key] += out.token_ids
+    assert ids["b"] == []
+    for key, full in zip("acde", [alone[0], alone[2], alone[3], alone[4]], strict=True):
+        assert ids[key] == full.token_ids[1:]
+    with pytest.raises(ValueError, match="do not fit"):
+        engine.batch().add(reqs * 2, keys=list(range(10)))
+    with pytest.raises(ValueError, match=r"requests\['bad'\]: max_tokens"):
+        engine.batch().add([req(tok, "To", 0)], keys=["bad"])
 
 
 def test_greedy_equals_transformer_generate(engine, model, tok):
@@ -195,7 +243,7 @@ def byte_tokens(tok, text: str) -> list[int]:
 
 
 def feed(tok, ids: list[int], stop: list[str]) -> tuple[list[str], str, bool]:
-    row, chunks, stopped = _RowText(tok, stop), [], False
+    row, chunks, stopped = RowText(tok, stop), [], False
     for t in ids:
         chunk, stopped = row.add(t)
         chunks.append(chunk)
@@ -246,11 +294,11 @@ class BytesTokenizer:
 
 def test_stop_string_found_in_the_token_that_completes_it():
     """'b' arrives together with the first byte of 世: the stop string 'ab' is complete at that token."""
-    row = _RowText(BytesTokenizer(), ["ab"])
+    row = RowText(BytesTokenizer(), ["ab"])
     assert row.add(0) == ("x", False)  # "a" could start the stop string: held back
     assert row.add(1) == ("", True)
     assert row.text == "x"
-    row = _RowText(BytesTokenizer(), ["!"])
+    row = RowText(BytesTokenizer(), ["!"])
     assert [row.add(i) for i in range(4)] == [("xa", False), ("b", False), ("世", False), ("", True)]
 
 
@@ -304,31 +352,46 @@ def test_stream_advanced_from_other_threads(engine, tok):
     assert not torch.is_inference_mode_enabled()
 
 
-def test_batch_scheduler_forms_the_next_batch_from_requests_that_arrive_meanwhile(engine, tok):
-    """lm.serve.model_server.BatchScheduler (no Ray): a lone request decodes alone; the 6 that arrive
-    while it decodes form one batch; each gets exactly what the engine gives it alone."""
+def test_batch_scheduler_admits_arrivals_into_the_running_batch(engine, tok):
+    """lm.serve.model_server.BatchScheduler (no Ray): a lone request starts decoding alone; the 6 that
+    arrive meanwhile join it at the next step (7 rows); a caller that leaves early frees its row; each
+    request gets exactly what the engine gives it alone."""
     import asyncio
+    import contextlib
 
     from lm.serve.model_server import BatchScheduler
 
     sizes: list[int] = []
     prompts = [f"LORD {i}:" for i in range(7)]
 
-    async def collect(queue):
+    async def collect(outputs, limit=None):
         outs = []
-        while (out := await queue.get()) is not None:
-            outs.append(out)
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
+                outs.append(out)
+                if len(outs) == limit:
+                    break
         return "".join(o.text for o in outs), outs[-1].finish_reason
 
     async def scenario():
         scheduler = BatchScheduler(max_batch_size=8, observe_batch=sizes.append)
-        first = scheduler.submit(req(tok, prompts[0], 24, temperature=0), engine)
-        await asyncio.sleep(0)  # the first batch starts with the one request
-        rest = [scheduler.submit(req(tok, p, 24, temperature=0), engine) for p in prompts[1:]]
-        return await asyncio.gather(collect(first), *(collect(q) for q in rest))
+        first = asyncio.create_task(collect(scheduler.outputs(req(tok, prompts[0], 24, temperature=0), engine)))
+        while not sizes:
+            await asyncio.sleep(0)  # the first step starts with the one request
+        rest = [collect(scheduler.outputs(req(tok, p, 24, temperature=0, ignore_eos=True), engine))
+                for p in prompts[1:]]
+        leaver = collect(scheduler.outputs(req(tok, "KING:", 24, temperature=0, ignore_eos=True), engine), limit=2)
+        results = await asyncio.gather(first, *rest, leaver)
+        for _ in range(50):
+            if not scheduler.queues and not scheduler.pending:
+                break
+            await asyncio.sleep(0.01)
+        return results, scheduler
 
-    results = asyncio.run(scenario())
-    assert sizes == [1, 6]
-    alone = engine.generate([req(tok, p, 24, temperature=0) for p in prompts])
-    assert [text for text, _ in results] == [c.text for c in alone]
-    assert all(reason in ("stop", "length") for _, reason in results)
+    results, scheduler = asyncio.run(scenario())
+    assert sizes == [1, 8] and not scheduler.queues and not scheduler.cancelled
+    alone = engine.generate([req(tok, prompts[0], 24, temperature=0)]
+                            + [req(tok, p, 24, temperature=0, ignore_eos=True) for p in prompts[1:]])
+    assert [text for text, _ in results[:7]] == [c.text for c in alone]
+    assert all(reason in ("stop", "length") for _, reason in results[:7])
+    assert results[7][1] is None  # the leaver read 2 steps and left
