@@ -23,6 +23,9 @@ import contextlib
 import hashlib
 import itertools
 import json
+import queue
+import threading
+import time
 from typing import Any
 
 from lm.config import Config
@@ -30,86 +33,102 @@ from lm.storage import ObjectStore
 
 
 class BatchScheduler:
-    """Continuous batching on one engine: a loop steps one :class:`~lm.serve.engine.DecodeBatch`; a
-    request that arrives joins it at the next step (prefilled and merged into the running KV cache, up
-    to ``max_batch_size`` rows) and leaves the step it finishes, so nobody waits for a whole batch.
+    """Continuous batching on one engine: a decode thread steps one :class:`~lm.serve.engine.DecodeBatch`;
+    a request that arrives joins it at the next step (prefilled and merged into the running KV cache,
+    up to ``max_batch_size`` rows) and leaves the step it finishes, so nobody waits for a whole batch.
 
-    Serve's ``@serve.batch`` instead forms batches from whatever arrives within its timeout, and runs
-    them one after another: under steady load it measured batches of 1-2 here (``jobs/bench/serve.py``).
-    Each step's blocking tensor work runs in a worker thread (one hop per step), so the replica keeps
-    accepting requests. After a hot reload, requests for the new engine wait until the rows on the old
-    one have finished. ``wait_s``: an idle engine waits this long for a burst to arrive together."""
+    The thread never waits for the event loop: it takes new requests and cancellations from an inbox
+    between steps and hands each step's outputs to the loop in one ``call_soon_threadsafe``. (A worker
+    -thread hop per step, ``asyncio.to_thread``, cost ~2.5 ms a step here; Serve's ``@serve.batch``
+    runs whole batches one after another and measured batches of 1-2 under steady load.) After a hot
+    reload, requests for the new engine wait until the rows on the old one have finished. ``wait_s``:
+    an idle engine waits this long for a burst to arrive together. ``observe_batch(n)``: rows decoding
+    together each time requests join."""
 
     def __init__(self, max_batch_size: int, observe_batch=lambda n: None, wait_s: float = 0.0):
         self.max_batch_size, self.observe_batch, self.wait_s = max_batch_size, observe_batch, wait_s
-        self.pending: list[tuple[int, Any, Any]] = []  # (key, request, engine)
         self.queues: dict[int, asyncio.Queue] = {}  # key -> the request's StepOutputs, then None or an error
-        self.cancelled: set[int] = set()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", key, request, engine) | ("cancel", key)
         self._keys = itertools.count()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     async def outputs(self, request, engine):
         """The request's StepOutputs as they come; closing this early takes the row out of the batch."""
+        self._loop = asyncio.get_running_loop()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._decode_loop, name="lmforge-decode", daemon=True)
+            self._thread.start()
         key = next(self._keys)
-        queue = self.queues[key] = asyncio.Queue()
-        self.pending.append((key, request, engine))
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        self._wake.set()
+        outputs = self.queues[key] = asyncio.Queue()
+        self.inbox.put(("add", key, request, engine))
         try:
-            while (out := await queue.get()) is not None:
+            while (out := await outputs.get()) is not None:
                 if isinstance(out, Exception):
                     raise out
                 yield out
         finally:
-            if key in self.queues:  # left early (client gone, call cancelled): free its row
-                self.cancelled.add(key)
-                self.pending = [p for p in self.pending if p[0] != key]
-                self.queues.pop(key, None)
+            if self.queues.pop(key, None) is not None:  # left early (client gone, call cancelled): free its row
+                self.inbox.put(("cancel", key))
 
-    async def _run(self) -> None:
-        batch = None
+    def close(self) -> None:
+        """Stop the decode thread (rows still running are dropped)."""
+        if self._thread is not None:
+            self.inbox.put(("stop",))
+            self._thread.join()
+            self._thread = None
+
+    def _deliver(self, outputs: list, joined: int) -> None:
+        """On the event loop: one step's (key, StepOutput | Exception) pairs to their requests."""
+        if joined:
+            self.observe_batch(joined)
+        for key, out in outputs:
+            if (outbox := self.queues.get(key)) is None:
+                continue  # its caller left; the cancel is in the inbox
+            outbox.put_nowait(out)
+            if isinstance(out, Exception) or out.finish_reason is not None:
+                if not isinstance(out, Exception):
+                    outbox.put_nowait(None)
+                del self.queues[key]
+
+    def _decode_loop(self) -> None:
+        batch, waiting, waited = None, [], False  # waiting: (key, request, engine) not yet in the batch
         while True:
-            if not self.pending and not batch:
-                await self._wake.wait()
-                self._wake.clear()
-                continue
+            messages = [] if batch or waiting else [self.inbox.get()]  # idle: sleep until a request comes
+            while not self.inbox.empty():
+                messages.append(self.inbox.get())
+            for message in messages:
+                if message[0] == "stop":
+                    return
+                if message[0] == "add":
+                    waiting.append(message[1:])
+                else:  # cancel
+                    waiting = [w for w in waiting if w[0] != message[1]]
+                    if batch:
+                        batch.cancel(message[1])
             if not batch:
-                if self.wait_s and len(self.pending) < self.max_batch_size:
-                    await asyncio.sleep(self.wait_s)  # an idle engine: let a burst arrive together
-                batch = self.pending[0][2].batch()
-            joining = [p for p in self.pending if p[2] is batch.engine][: batch.room()]
-            if joining:
-                taken = {p[0] for p in joining}
-                self.pending = [p for p in self.pending if p[0] not in taken]
-                self.observe_batch(len(batch) + len(joining))
-            cancelled, self.cancelled = self.cancelled, set()
-            try:
-                outputs = await asyncio.to_thread(_step, batch, joining, cancelled)
-            except Exception as err:  # the engine failed: every request of the batch hears it
-                for key in [row.key for row in batch.rows] + [p[0] for p in joining]:
-                    if (queue := self.queues.pop(key, None)) is not None:
-                        queue.put_nowait(err)
-                batch = None
-                continue
-            for key, out in outputs:
-                if (queue := self.queues.get(key)) is None:
-                    batch.cancel(key)  # its caller left while the step ran
+                if not waiting:
                     continue
-                queue.put_nowait(out)
-                if out.finish_reason is not None:
-                    queue.put_nowait(None)
-                    del self.queues[key]
-
-
-def _step(batch, joining: list, cancelled: set) -> list:
-    """One scheduler step in the worker thread: drop cancelled rows, admit new ones, decode one token."""
-    for key in cancelled:
-        batch.cancel(key)
-    batch.add([request for _, request, _ in joining], [key for key, _, _ in joining])
-    return batch.step()
+                if self.wait_s and not waited and len(waiting) < self.max_batch_size:
+                    time.sleep(self.wait_s)  # an idle engine: let a burst arrive together
+                    waited = True
+                    continue
+                batch, waited = waiting[0][2].batch(), False
+            joining = [w for w in waiting if w[2] is batch.engine][: batch.room()]
+            taken = {w[0] for w in joining}
+            waiting = [w for w in waiting if w[0] not in taken]
+            outputs: list = []
+            try:
+                batch.add([request for _, request, _ in joining], [key for key, _, _ in joining])
+            except Exception as err:  # refused requests hear why; the batch runs on
+                outputs, joining = [(key, err) for key, _, _ in joining], []
+            joined = len(batch) if joining else 0
+            try:
+                outputs += batch.step()
+            except Exception as err:  # the engine failed: every row of the batch hears it
+                outputs += [(row.key, err) for row in batch.rows]
+                batch = None
+            self._loop.call_soon_threadsafe(self._deliver, outputs, joined)
 
 
 class ModelServer:
