@@ -61,13 +61,18 @@ class ServeConfig(Section):
         "plain", description="plain: 'System: …\\n\\nUser: …\\n\\nAssistant:' turns, stopping at the next turn."
     )
     # how it runs
-    max_batch_size: int = Field(8, ge=1, description="Requests decoded together (lm.serve.model_server.BatchScheduler).")
+    max_batch_size: int = Field(8, ge=1, description="Rows decoded together: requests join the running batch "
+                                "between decode steps (continuous batching, lm.serve.model_server.BatchScheduler).")
     batch_wait_timeout_s: float = Field(
-        0.0, ge=0, description="An idle replica waits this long for more requests before starting a batch (requests "
-        "arriving while a batch decodes always wait for the next one).",
+        0.0, ge=0, description="An idle replica waits this long for more requests before its first decode step.",
     )
+    join_ratio: float = Field(
+        0.25, ge=0, description="Waiting requests join a running batch once they number at least this fraction of "
+        "its rows (one prefill for several), or after join_max_wait_steps steps; 0 = at the next step.",
+    )
+    join_max_wait_steps: int = Field(8, ge=0, description="The most decode steps a waiting request is held back.")
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="Per model replica; null = 2 x max_batch_size (a batch decoding, the next one filling)."
+        None, ge=1, description="Per model replica; null = 2 x max_batch_size (a batch decoding, the next ones waiting)."
     )
     replica_cpus: float = Field(1.0, gt=0, description="CPUs per model replica.")
     replica_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")

@@ -1,10 +1,12 @@
 """The serving engine: batched text generation for many requests at once, without Ray.
 
-It owns one prefill of every prompt of a batch (left-padded, one KV cache), then one decode step at
-a time for the rows still running, each row with its own sampling settings (temperature, top-k,
-top-p, its own seeded generator), stop strings, end-of-text and token budget; and the incremental
-detokenization that streams text without partial UTF-8 characters or text past a stop string.
-The Ray Serve deployment (lm.serve.model_server) wraps it; nothing here knows about HTTP or Ray.
+It owns the running batch (:class:`DecodeBatch`, continuous batching): new requests are prefilled
+(left-padded) and merged into the batch's KV cache between decode steps, each row with its own
+sampling settings (temperature, top-k, top-p, its own seeded generator; lm.serve.sampling), stop
+strings, end-of-text and token budget, and leaves the step it finishes; and the incremental
+detokenization (lm.serve.text) that streams text without partial UTF-8 characters or text past a
+stop string. The Ray Serve deployment (lm.serve.model_server) wraps it; nothing here knows about
+HTTP or Ray.
 
     engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=8)   # lm.modeldir.load_model_dir
     reqs = [GenRequest(tok.encode("ROMEO:"), 64, temperature=0.8, seed=1, stop=["\\n\\n"])]
@@ -13,6 +15,7 @@ The Ray Serve deployment (lm.serve.model_server) wraps it; nothing here knows ab
         for i, out in enumerate(step):       # StepOutput, or None once row i has finished
             ...out.text, out.token_ids, out.logprobs, out.finish_reason
     done = engine.generate(reqs)             # list[Completion], stream() run to the end
+    batch = engine.batch()                   # continuous batching: see DecodeBatch
 
 Guarantees: a request's output does not depend on what else is in its batch (greedy, and seeded
 sampling: each row draws one uniform number per step from its own CPU ``torch.Generator``, and the
@@ -37,6 +40,7 @@ from typing import Any
 import torch
 
 from lm.model import KVCache, Transformer
+from lm.serve.sampling import sample_rows
 from lm.serve.text import RowText
 from lm.tokenizer import BPETokenizer
 
@@ -72,36 +76,6 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-
-
-# ------------------------------------------------------------------------------------- sampling
-
-
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``logits`` [B, V], each row with its own settings ([B] tensors).
-
-    temperature 0 = greedy (argmax); else logits / temperature, keep the values >= the top_k-th
-    largest (top_k >= V: off), then the nucleus (tokens whose preceding mass is < top_p; top_p >= 1:
-    off), as :func:`lm.model.sample_next` does; the token is drawn by inverse CDF with ``uniforms``
-    (one number in [0, 1) per row), so a row's draw depends on its logits and its number only.
-    """
-    greedy = logits.argmax(dim=-1)
-    sampled_rows = temperature > 0
-    if not bool(sampled_rows.any()):
-        return greedy
-    V = logits.size(-1)
-    scaled = logits.float() / torch.where(sampled_rows, temperature, 1.0)[:, None]
-    values, order = scaled.sort(dim=-1, descending=True, stable=True)
-    kth = values.gather(1, (top_k.clamp(1, V) - 1)[:, None])
-    values = values.masked_fill(values < kth, float("-inf"))
-    probs = values.softmax(dim=-1)
-    outside = probs.cumsum(dim=-1) - probs >= top_p[:, None]  # the mass before this token reaches top_p
-    probs = values.masked_fill(outside, float("-inf")).softmax(dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    # right=True: the first index whose cdf exceeds u·total, never a token of probability 0
-    index = torch.searchsorted(cdf, uniforms[:, None].to(cdf) * cdf[:, -1:], right=True).clamp(max=V - 1)
-    return torch.where(sampled_rows, order.gather(1, index).squeeze(1), greedy)
 
 
 @dataclass
@@ -250,7 +224,6 @@ class DecodeBatch:
         if len(keep) == len(self.rows):
             return False
         self._select(keep)
-        self.state["logits"] = self.state["logits"][keep] if keep else self.state["logits"][:0]
         return True
 
     def step(self) -> list[tuple[Any, StepOutput]]:
@@ -320,27 +293,34 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def _select(self, keep: list[int]) -> None:
-        """Keep only rows ``keep`` (and the cache columns some kept row attends to)."""
-        state = self.state
-        self.rows = [self.rows[j] for j in keep]
+        """Keep only rows ``keep``: kept rows beyond the new row count move into the places freed below
+        it (a copy of those rows' cache, not of the whole cache), then the cache is narrowed (a view).
+        Leading cache columns no row needs any more are dropped at the next merge."""
+        state, n = self.state, len(keep)
+        if n == len(self.rows):
+            return
         if not keep:
-            self.state = {"logits": state["logits"][:0]}
+            self.rows, self.state = [], {}
             return
-        if len(keep) == state["mask"].size(0):
-            return
+        kept = set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in keep if i >= n]
+        order = list(range(n))  # new position -> old position
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        self.rows = [self.rows[i] for i in order]
         cache: KVCache = state["cache"]
-        sel = torch.tensor(keep, device=state["mask"].device)
-        mask = state["mask"][sel]
-        trim = int(mask.any(dim=0).int().argmax())  # first column some kept row attends to
-        cache.k, cache.v = cache.k[:, sel, :, trim:], cache.v[:, sel, :, trim:]
-        cache.max_len -= trim
-        cache.length -= trim
-        state["mask"] = mask = mask[:, trim:]
-        state["padded"] = not bool(mask.all())
-        state["pos"] = state["pos"][sel]
-        state["settings"] = tuple(t[sel] for t in state["settings"])
-        if "tokens" in state:
-            state["tokens"] = state["tokens"][sel]
+        dev = state["mask"].device
+        if holes:
+            dst, src = torch.tensor(holes, device=dev), torch.tensor(movers, device=dev)
+            cache.k[:, dst], cache.v[:, dst] = cache.k[:, src], cache.v[:, src]
+        cache.k, cache.v = cache.k[:, :n], cache.v[:, :n]
+        index = torch.tensor(order, device=dev)
+        for name in ("mask", "pos", "logits", "tokens"):
+            if name in state:
+                state[name] = state[name][index]
+        state["settings"] = tuple(t[index] for t in state["settings"])
+        state["padded"] = not bool(state["mask"].all())
 
     @torch.inference_mode()
     def _decode(self) -> None:
@@ -358,21 +338,24 @@ class DecodeBatch:
 @torch.inference_mode()
 def _merge(old: dict, new: dict, old_rows: list[_Row], new_rows: list[_Row]) -> dict:
     """One state for both row sets: each side's cache columns right-aligned to the longer side (left
-    padding, masked), room for every row's remaining tokens."""
+    padding, masked; leading columns no old row attends to any more dropped), room for every row's
+    remaining tokens."""
     a, b = old["cache"], new["cache"]
-    cols = max(a.length, b.length)
-    rows = old_rows + new_rows
-    room = max(r.req.max_tokens - r.n_tokens for r in rows)
-    L, _, H, _, D = a.k.shape
-    Ba = a.k.size(1)
+    trim = int(old["mask"].any(dim=0).int().argmax())  # the first column some old row attends to
+    a_len = a.length - trim
+    cols = max(a_len, b.length)
+    room = max(r.req.max_tokens - r.n_tokens for r in old_rows + new_rows)
+    L, Ba, H, _, D = a.k.shape
     cache = KVCache.__new__(KVCache)
     cache.k = a.k.new_zeros((L, Ba + b.k.size(1), H, cols + room, D))
     cache.v = torch.zeros_like(cache.k)
     cache.max_len, cache.length = cols + room, cols
-    for side, lo, hi in ((a, 0, Ba), (b, Ba, Ba + b.k.size(1))):
-        cache.k[:, lo:hi, :, cols - side.length : cols] = side.k[:, :, :, : side.length]
-        cache.v[:, lo:hi, :, cols - side.length : cols] = side.v[:, :, :, : side.length]
-    mask = torch.cat([torch.nn.functional.pad(s["mask"], (cols - s["mask"].size(1), 0)) for s in (old, new)])
+    cache.k[:, :Ba, :, cols - a_len : cols] = a.k[:, :, :, trim : a.length]
+    cache.v[:, :Ba, :, cols - a_len : cols] = a.v[:, :, :, trim : a.length]
+    cache.k[:, Ba:, :, cols - b.length : cols] = b.k[:, :, :, : b.length]
+    cache.v[:, Ba:, :, cols - b.length : cols] = b.v[:, :, :, : b.length]
+    pad = torch.nn.functional.pad
+    mask = torch.cat([pad(old["mask"][:, trim:], (cols - a_len, 0)), pad(new["mask"], (cols - b.length, 0))])
     return {"logits": torch.cat([old["logits"], new["logits"]]), "mask": mask, "cache": cache,
             "padded": not bool(mask.all()), "pos": torch.cat([old["pos"], new["pos"]]),
             "settings": tuple(torch.cat(pair) for pair in zip(old["settings"], new["settings"], strict=True))}

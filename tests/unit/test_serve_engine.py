@@ -12,7 +12,8 @@ from tokenizers import pre_tokenizers
 
 from lm.config import ModelConfig
 from lm.model import Transformer
-from lm.serve.engine import Engine, GenRequest, sample_rows
+from lm.serve.engine import Engine, GenRequest
+from lm.serve.sampling import sample_rows
 from lm.serve.text import RowText
 
 CTX = 64
@@ -397,3 +398,41 @@ def test_batch_scheduler_admits_arrivals_into_the_running_batch(engine, tok):
     assert [text for text, _ in results[:7]] == [c.text for c in alone]
     assert all(reason == "length" for _, reason in results[:7])
     assert results[7][1] is None  # the leaver read 2 steps and left
+
+
+def test_batch_scheduler_holds_a_lone_arrival_back_for_join_max_wait_steps(engine, tok):
+    """join_ratio 0.5: one request arriving at a batch of 4 rows is held back (a prefill for one is not
+    worth a step yet) until join_max_wait_steps=10 steps have passed; then it joins and gets its
+    answer, the same as alone."""
+    import asyncio
+
+    from lm.serve.model_server import BatchScheduler
+
+    order: list[str] = []
+    sizes: list[int] = []
+
+    async def collect(outputs):
+        return "".join([out.text async for out in outputs])
+
+    async def tagged(name, outputs):
+        async for out in outputs:
+            order.append(name)
+            yield out
+
+    async def scenario():
+        scheduler = BatchScheduler(max_batch_size=8, observe_batch=sizes.append, join_ratio=0.5, join_max_wait_steps=10)
+        running = [asyncio.create_task(collect(tagged(f"r{i}", scheduler.outputs(
+            req(tok, f"LORD {i}:", 40, temperature=0, ignore_eos=True), engine)))) for i in range(4)]
+        while sum(sizes) < 4 or "r0" not in order:
+            await asyncio.sleep(0)
+        order.append("submitted")
+        late = await collect(tagged("late", scheduler.outputs(
+            req(tok, "KING:", 3, temperature=0, ignore_eos=True), engine)))
+        await asyncio.gather(*running)
+        scheduler.close()
+        return late
+
+    late = asyncio.run(scenario())
+    after = order[order.index("submitted"):]
+    assert after[: after.index("late")].count("r0") >= 9  # held back ~10 steps (without: joins at the next)
+    assert late == engine.generate([req(tok, "KING:", 3, temperature=0, ignore_eos=True)])[0].text
