@@ -153,7 +153,9 @@ def test_concurrent_requests_are_batched_and_all_answered(server):
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda i: client.completions.create(model="lmforge", prompt=f"LORD {i}:",
                                                                      max_tokens=16, temperature=0.9), range(16)))
-    assert all(r.choices[0].text is not None and r.usage.completion_tokens > 0 for r in results)
+    # all answered (a sampled end-of-text as the first token is a legitimate empty answer)
+    assert all(r.choices[0].finish_reason in ("length", "stop") for r in results)
+    assert sum(r.usage.completion_tokens for r in results) > 16
     model = serve.get_deployment_handle("model", server["cfg"].serve.app_name)
     info = model.info.remote().result()
     assert info["version"] and info["context_length"] == 64
