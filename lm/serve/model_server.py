@@ -53,20 +53,21 @@ class BatchScheduler:
         self.max_batch_size, self.observe_batch, self.wait_s = max_batch_size, observe_batch, wait_s
         self.join_ratio, self.join_max_wait_steps = join_ratio, join_max_wait_steps
         self.queues: dict[int, asyncio.Queue] = {}  # key -> the request's StepOutputs, then None or an error
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", key, request, engine) | ("cancel", key)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", key, request, engine, whole) | ("cancel", key)
         self._keys = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
-    async def outputs(self, request, engine):
-        """The request's StepOutputs as they come; closing this early takes the row out of the batch."""
+    async def outputs(self, request, engine, whole: bool = False):
+        """The request's StepOutputs as they come (``whole``: one StepOutput with everything, once it has
+        finished: no event-loop work per step); closing this early takes the row out of the batch."""
         self._loop = asyncio.get_running_loop()
         if self._thread is None:
             self._thread = threading.Thread(target=self._decode_loop, name="lmforge-decode", daemon=True)
             self._thread.start()
         key = next(self._keys)
         outputs = self.queues[key] = asyncio.Queue()
-        self.inbox.put(("add", key, request, engine))
+        self.inbox.put(("add", key, request, engine, whole))
         try:
             while (out := await outputs.get()) is not None:
                 if isinstance(out, Exception):
@@ -99,6 +100,7 @@ class BatchScheduler:
     def _decode_loop(self) -> None:
         batch, waiting, waited = None, [], False  # waiting: (key, request, engine) not yet in the batch
         held = 0  # steps the waiting requests have been held back
+        partial: dict[int, Any] = {}  # key -> what a `whole` request has produced so far
         while True:
             messages = [] if batch or waiting else [self.inbox.get()]  # idle: sleep until a request comes
             while not self.inbox.empty():
@@ -107,9 +109,12 @@ class BatchScheduler:
                 if message[0] == "stop":
                     return
                 if message[0] == "add":
-                    waiting.append(message[1:])
+                    waiting.append(message[1:4])
+                    if message[4]:
+                        partial[message[1]] = None
                 else:  # cancel
                     waiting = [w for w in waiting if w[0] != message[1]]
+                    partial.pop(message[1], None)
                     if batch:
                         batch.cancel(message[1])
             if not batch:
@@ -138,7 +143,36 @@ class BatchScheduler:
             except Exception as err:  # the engine failed: every row of the batch hears it
                 outputs += [(row.key, err) for row in batch.rows]
                 batch = None
-            self._loop.call_soon_threadsafe(self._deliver, outputs, joined)
+            if partial:
+                outputs = _gather_whole(outputs, partial)
+            if outputs or joined:
+                self._loop.call_soon_threadsafe(self._deliver, outputs, joined)
+
+
+def _gather_whole(outputs: list, partial: dict) -> list:
+    """Hold back the steps of `whole` requests (keys in ``partial``), adding them up; release the sum
+    when the request finishes (or its error at once)."""
+    from lm.serve.engine import StepOutput
+
+    released = []
+    for key, out in outputs:
+        if key not in partial:
+            released.append((key, out))
+        elif isinstance(out, Exception):
+            del partial[key]
+            released.append((key, out))
+        else:
+            so_far = partial[key]
+            if so_far is not None:
+                out = StepOutput(so_far.text + out.text, so_far.token_ids + out.token_ids,
+                                 None if so_far.logprobs is None else so_far.logprobs + (out.logprobs or []),
+                                 out.finish_reason)
+            if out.finish_reason is None:
+                partial[key] = out
+            else:
+                del partial[key]
+                released.append((key, out))
+    return released
 
 
 class ModelServer:
@@ -229,7 +263,7 @@ class ModelServer:
         if (cached := self._cached(key)) is not None:
             return {**head, **cached, "cached": True}
         whole = {"text": "", "token_ids": [], "logprobs": [] if request.logprobs else None, "finish_reason": None}
-        async for out in self.scheduler.outputs(request, engine):
+        async for out in self.scheduler.outputs(request, engine, whole=True):  # one message, at the end
             whole["text"] += out.text
             whole["token_ids"] += out.token_ids
             if request.logprobs:
@@ -258,7 +292,7 @@ class ModelServer:
         yield head
         whole = {"text": "", "token_ids": [], "logprobs": [] if request.logprobs else None, "tokens": [],
                  "finish_reason": None}
-        async with contextlib.aclosing(self.scheduler.outputs(request, engine)) as outputs:  # a client gone: row freed
+        async with contextlib.aclosing(self.scheduler.outputs(request, engine)) as outputs:  # client gone: row freed
             async for out in outputs:
                 chunk = {"text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs,
                          "tokens": [tokenizer.decode([i]) for i in out.token_ids] if request.logprobs else None,

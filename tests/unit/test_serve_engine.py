@@ -355,8 +355,8 @@ def test_stream_advanced_from_other_threads(engine, tok):
 
 def test_batch_scheduler_admits_arrivals_into_the_running_batch(engine, tok):
     """lm.serve.model_server.BatchScheduler (no Ray): a lone request starts decoding alone; the 6 that
-    arrive meanwhile join it at the next step (7 rows); a caller that leaves early frees its row; each
-    request gets exactly what the engine gives it alone."""
+    arrive meanwhile join it (8 rows); a caller that leaves early frees its row; each request gets
+    exactly what the engine gives it alone, step by step or (``whole``) in one output at the end."""
     import asyncio
     import contextlib
 
@@ -372,7 +372,7 @@ def test_batch_scheduler_admits_arrivals_into_the_running_batch(engine, tok):
                 outs.append(out)
                 if len(outs) == limit:
                     break
-        return "".join(o.text for o in outs), outs[-1].finish_reason
+        return "".join(o.text for o in outs), outs[-1].finish_reason, len(outs)
 
     async def scenario():
         scheduler = BatchScheduler(max_batch_size=8, observe_batch=sizes.append)
@@ -380,8 +380,8 @@ def test_batch_scheduler_admits_arrivals_into_the_running_batch(engine, tok):
                                                                   ignore_eos=True), engine)))
         while not sizes:
             await asyncio.sleep(0)  # the first step starts with the one request
-        rest = [collect(scheduler.outputs(req(tok, p, 24, temperature=0, ignore_eos=True), engine))
-                for p in prompts[1:]]
+        rest = [collect(scheduler.outputs(req(tok, p, 24, temperature=0, ignore_eos=True), engine, whole=i % 2 == 1))
+                for i, p in enumerate(prompts[1:], start=1)]
         leaver = collect(scheduler.outputs(req(tok, "KING:", 24, temperature=0, ignore_eos=True), engine), limit=2)
         results = await asyncio.gather(first, *rest, leaver)
         for _ in range(50):
@@ -395,8 +395,9 @@ def test_batch_scheduler_admits_arrivals_into_the_running_batch(engine, tok):
     # the others joined while the first decoded (all at one step, or over a few: the thread does not wait)
     assert sizes[0] == 1 and sizes[-1] == 8 and sizes == sorted(sizes) and not scheduler.queues
     alone = engine.generate([req(tok, p, 24, temperature=0, ignore_eos=True) for p in prompts])
-    assert [text for text, _ in results[:7]] == [c.text for c in alone]
-    assert all(reason == "length" for _, reason in results[:7])
+    assert [text for text, _, _ in results[:7]] == [c.text for c in alone]
+    assert all(reason == "length" for _, reason, _ in results[:7])
+    assert [n for _, _, n in results[:7]] == [24, 1, 24, 1, 24, 1, 24]  # whole: one output
     assert results[7][1] is None  # the leaver read 2 steps and left
 
 
