@@ -10,6 +10,7 @@
     lm generate [--model URI] [--prompt P] [--config F] [key.sub=value ...]
     lm eval [--model URI] [--split S] [--text URI] [--compare URI] [--config F] [key.sub=value ...]
                                                             metrics, n-gram baseline, report (exit 1: comparison failed)
+    lm registry list | show [ID|ALIAS] | add --model URI | promote ID | reject ID | rollback   the model registry
 """
 
 from __future__ import annotations
@@ -146,6 +147,30 @@ def cmd_eval(cfg: Config, args: argparse.Namespace) -> str:
     return line
 
 
+def cmd_registry(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.registry import Registry, table
+    from lm.storage import ObjectStore
+
+    reg = Registry(ObjectStore(cfg.storage), cfg.registry_uri)
+    if args.action == "list":
+        return table(reg.versions(), reg.state()) + f"\n({cfg.registry_uri})"
+    if args.action == "show":
+        from dataclasses import asdict
+
+        return json.dumps(asdict(reg.get(args.ref)), indent=2)
+    if args.action == "add":
+        v = reg.register(args.model, parent=args.parent, note=args.note or "")
+        return f"registered {v.id} ({v.model_uri}) as a candidate"
+    if args.action == "promote":
+        state = reg.promote(args.version, reason=args.reason or "promoted by hand")
+    elif args.action == "reject":
+        state = reg.reject(args.version, reason=args.reason or "rejected by hand")
+    else:
+        state = reg.rollback(reason=args.reason or "rolled back by hand")
+    return f"{args.action}: production = {state['aliases'].get('production')}, previous = " \
+           f"{state['aliases'].get('previous', '-')}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm", description="lmforge: build, train and serve a GPT-style model on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -177,6 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["train", "val", "test"], help="score this split of the run's shards only")
     ev.add_argument("--text", metavar="URI", help="score this text source (file, folder or glob) only")
     ev.add_argument("--compare", metavar="URI", help="baseline model directory or report.json, judged by eval.compare")
+    registry = sub.add_parser("registry", help="the model registry (versions, production / previous)")
+    reg = registry.add_subparsers(dest="action", required=True)
+
+    def reg_cmd(action: str, text: str, *positional: tuple[str, dict]) -> argparse.ArgumentParser:
+        p = reg.add_parser(action, help=text, description=text)
+        for name, kw in positional:  # before the config overrides, which take every other word
+            p.add_argument(name, **kw)
+        _config_args(p)
+        p.set_defaults(func=cmd_registry)
+        return p
+
+    reg_cmd("list", "every version with its status and aliases")
+    reg_cmd("show", "one version (id or alias) as JSON", ("ref", {"nargs": "?", "default": "production"}))
+    reg_add = reg_cmd("add", "register a model directory as a candidate version")
+    reg_add.add_argument("--model", required=True, help="model directory URI")
+    reg_add.add_argument("--parent", help="the version it was trained from")
+    reg_add.add_argument("--note")
+    reg_cmd("promote", "make a version production (the old one becomes previous)",
+            ("version", {})).add_argument("--reason")
+    reg_cmd("reject", "mark a candidate rejected", ("version", {})).add_argument("--reason")
+    reg_cmd("rollback", "put the previous production version back").add_argument("--reason")
     return parser
 
 
@@ -188,12 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     from lm.data.sources import DataError
+    from lm.registry import RegistryError
     from lm.storage import StorageError
 
     try:
         cfg = load_config(args.config, args.overrides)
         print(args.func(cfg, args))
-    except (ConfigError, StorageError, DataError, FileNotFoundError) as err:
+    except (ConfigError, StorageError, DataError, RegistryError, FileNotFoundError) as err:
         print(f"lm: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -231,6 +231,9 @@ class ContinualConfig(Section):
     """Continuous learning loop (filled by the continual-learning stage)."""
 
     enabled: bool = Field(False, description="Run the serve→learn→redeploy loop.")
+    registry: str | None = Field(
+        None, description="The model registry (a folder or s3:// URI, lm.registry); null = <storage.root>/registry."
+    )
 
 
 class Config(Section):
@@ -267,6 +270,11 @@ class Config(Section):
     def run_uri(self) -> str:
         """Where this run's artifacts live."""
         return self.output or join_uri(self.storage.root, "runs", self.name)
+
+    @property
+    def registry_uri(self) -> str:
+        """Where the model registry lives (lm.registry)."""
+        return self.continual.registry or join_uri(self.storage.root, "registry")
 
     def with_absolute_paths(self) -> Config:
         """A copy whose local ``storage.root``, ``output`` and ``data.output`` are absolute paths: what a

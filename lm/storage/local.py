@@ -53,6 +53,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def create_if_absent(path: Path, data: bytes) -> bool:
+    """Write ``data`` at ``path`` only if nothing is there, atomically (filled in a temp sibling, then
+    hard-linked into place: ``link`` fails if the name exists); False if it was already there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(path)
+    try:
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def replace_dir(target: Path, fill: Callable[[Path], None]) -> None:
     """Build a folder with ``fill(tmp)`` in a temp sibling, then swap it in for ``target`` (the old version
     is moved aside, then removed); if anything fails, ``target`` is left as it was."""

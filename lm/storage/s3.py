@@ -141,6 +141,18 @@ class S3:
     def put_stream(self, f: IO[bytes], loc: Loc) -> None:
         self.client().upload_fileobj(f, loc.bucket, loc.key, Config=self._transfer())
 
+    def create_if_absent(self, loc: Loc, data: bytes) -> bool:
+        """A conditional PUT (``If-None-Match: *``): False if an object is already at ``loc`` (412, or 409
+        when another conditional write to the key is in flight)."""
+        try:
+            self.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
+        except bex.ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if _code(err) in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return False
+            raise
+        return True
+
     def get_file(self, loc: Loc, dst: Path) -> None:
         self.client().download_file(loc.bucket, loc.key, str(dst), Config=self._transfer())
 

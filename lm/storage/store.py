@@ -165,6 +165,17 @@ class ObjectStore:
         with self.open(uri, "wb") as f:
             f.write(data)
 
+    def create_if_absent(self, uri: str, data: bytes) -> bool:
+        """Write ``data`` at ``uri`` only if nothing is there yet, as one atomic step (S3: a conditional
+        PUT; a folder: a hard link); False if something was. Two writers racing for the same name: one
+        wins, the other gets False. The building block of the registry's compare-and-swap."""
+        loc = parse_uri(uri)
+        loc.require_writable()
+        with self._errors(uri, loc.bucket):
+            if loc.kind == "s3":
+                return self._s3.create_if_absent(loc, data)
+            return local.create_if_absent(loc.path, data)
+
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
 
