@@ -43,7 +43,10 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     route_prefix: str = Field("/", pattern=r"^/", description="Where the API is mounted.")
     app_name: str = Field("lmforge", pattern=r"^[A-Za-z0-9_.-]+$", description="Serve application name.")
-    model: str | None = Field(None, description="Model directory URI to serve; null = <run>/model.")
+    model: str | None = Field(
+        None, description="Model directory URI to serve, or registry:<alias|version> (registry:production follows "
+        "the registry's production version as it moves); null = <run>/model.")
+    registry_poll_s: float = Field(5.0, gt=0, description="How often replicas serving registry:<ref> re-read it.")
     model_name: str = Field("lmforge", description="Model id reported by /v1/models and required in requests.")
     # who may call
     api_keys_env: str = Field("LMFORGE_API_KEYS", description="Environment variable with comma-separated API keys.")
@@ -71,6 +74,9 @@ class ServeConfig(Section):
         "its rows (one prefill for several), or after join_max_wait_steps steps; 0 = at the next step.",
     )
     join_max_wait_steps: int = Field(8, ge=0, description="The most decode steps a waiting request is held back.")
+    engine_process: bool = Field(
+        False, description="Decode in a process of its own beside each model replica (no GIL shared with Serve's "
+        "request handling); false = a thread in the replica.")
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="Per model replica; null = 2 x max_batch_size (a batch decoding, the next ones waiting)."
     )

@@ -27,7 +27,7 @@ from ray import serve
 from lm.config import Config, join_uri
 from lm.serve import schemas
 from lm.serve.auth import authorized
-from lm.serve.model_server import ModelServer
+from lm.serve.model_server import REGISTRY, ModelServer
 from lm.storage import ObjectStore
 
 api = FastAPI(title="lmforge", description="OpenAI-compatible completions from an lmforge model directory.")
@@ -317,7 +317,13 @@ def build_app(cfg: Config, store: ObjectStore | None = None):
     store = store or ObjectStore(cfg.storage)
     digests = key_digests(load_api_keys(sc))
     model_uri = sc.model or join_uri(cfg.run_uri, "model")
-    store.read_text(join_uri(model_uri, "config.json"))  # fail now (StorageNotFound naming it) if it is missing
+    if model_uri.startswith(REGISTRY):  # fail now (RegistryError) if the registry has no such version
+        from lm.registry import Registry
+
+        checked = Registry(store, cfg.registry_uri).get(model_uri[len(REGISTRY):]).model_uri
+    else:
+        checked = model_uri
+    store.read_text(join_uri(checked, "config.json"))  # fail now (StorageNotFound naming it) if it is missing
     a = sc.autoscaling
     model = serve.deployment(ModelServer).options(
         name="model", max_ongoing_requests=sc.ongoing_requests,

@@ -148,23 +148,7 @@ class Engine:
     def check(self, req: GenRequest, where: str = "request") -> None:
         """Raise ValueError (naming ``where``) if ``req`` cannot run on this model. stream() checks every
         request and one bad request fails the whole call, so check each before it joins a batch."""
-        ctx, vocab = self.context_length(), self.model.cfg.vocab_size
-        n = len(req.prompt_ids)
-        if n == 0:
-            raise ValueError(f"{where}: the prompt is empty; it needs at least one token")
-        if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
-            raise ValueError(f"{where}: the prompt holds token ids outside [0, vocab_size={vocab})")
-        if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
-            raise ValueError(f"{where}: max_tokens must be an int >= 1, got {req.max_tokens!r}")
-        if n + req.max_tokens > ctx:
-            raise ValueError(f"{where}: prompt of {n} tokens + max_tokens {req.max_tokens} = "
-                             f"{n + req.max_tokens} exceeds the model's context length {ctx}")
-        if not (req.temperature >= 0 and req.temperature != float("inf")):
-            raise ValueError(f"{where}: temperature must be a finite number >= 0, got {req.temperature!r}")
-        if req.top_k is not None and (not isinstance(req.top_k, int) or req.top_k < 1):
-            raise ValueError(f"{where}: top_k must be an int >= 1 or None, got {req.top_k!r}")
-        if req.top_p is not None and not 0 < req.top_p <= 1:
-            raise ValueError(f"{where}: top_p must be in (0, 1] or None, got {req.top_p!r}")
+        check_request(req, self.context_length(), self.model.cfg.vocab_size, where)
 
     def _steps(self, requests: list[GenRequest]) -> Iterator[list[StepOutput | None]]:
         batch = self.batch()
@@ -359,6 +343,27 @@ def _merge(old: dict, new: dict, old_rows: list[_Row], new_rows: list[_Row]) -> 
     return {"logits": torch.cat([old["logits"], new["logits"]]), "mask": mask, "cache": cache,
             "padded": not bool(mask.all()), "pos": torch.cat([old["pos"], new["pos"]]),
             "settings": tuple(torch.cat(pair) for pair in zip(old["settings"], new["settings"], strict=True))}
+
+
+def check_request(req: GenRequest, context_length: int, vocab_size: int, where: str = "request") -> None:
+    """Raise ValueError (naming ``where``) if ``req`` cannot run on a model of this context and vocabulary."""
+    ctx, vocab = context_length, vocab_size
+    n = len(req.prompt_ids)
+    if n == 0:
+        raise ValueError(f"{where}: the prompt is empty; it needs at least one token")
+    if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
+        raise ValueError(f"{where}: the prompt holds token ids outside [0, vocab_size={vocab})")
+    if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+        raise ValueError(f"{where}: max_tokens must be an int >= 1, got {req.max_tokens!r}")
+    if n + req.max_tokens > ctx:
+        raise ValueError(f"{where}: prompt of {n} tokens + max_tokens {req.max_tokens} = "
+                         f"{n + req.max_tokens} exceeds the model's context length {ctx}")
+    if not (req.temperature >= 0 and req.temperature != float("inf")):
+        raise ValueError(f"{where}: temperature must be a finite number >= 0, got {req.temperature!r}")
+    if req.top_k is not None and (not isinstance(req.top_k, int) or req.top_k < 1):
+        raise ValueError(f"{where}: top_k must be an int >= 1 or None, got {req.top_k!r}")
+    if req.top_p is not None and not 0 < req.top_p <= 1:
+        raise ValueError(f"{where}: top_p must be in (0, 1] or None, got {req.top_p!r}")
 
 
 def _generator(seed: int | None) -> torch.Generator:

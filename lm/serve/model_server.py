@@ -13,7 +13,10 @@ Deterministic requests (temperature 0, or a seed) are answered from a bounded LR
 before on the same model version.
 
 Hot reload: ``reconfigure(user_config={"model_uri": …})`` loads the new directory in a thread and
-swaps the engine; rows already decoding finish on the engine they started with.
+swaps the engine; rows already decoding finish on the engine they started with. With
+``registry:production`` (``serve.model``) each replica loads the registry's production version and
+re-reads the alias every ``serve.registry_poll_s``, swapping the same way when it moves (promotion,
+rollback); responses then carry the registry's version id as ``system_fingerprint``.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from lm.config import Config
 from lm.storage import ObjectStore
+
+REGISTRY = "registry:"  # serve.model = registry:production follows the registry's production version
 
 
 class BatchScheduler:
@@ -67,7 +73,7 @@ class BatchScheduler:
             self._thread.start()
         key = next(self._keys)
         outputs = self.queues[key] = asyncio.Queue()
-        self.inbox.put(("add", key, request, engine, whole))
+        self.inbox.put(("add", key, request, self._engine_token(engine), whole))
         try:
             while (out := await outputs.get()) is not None:
                 if isinstance(out, Exception):
@@ -76,6 +82,10 @@ class BatchScheduler:
         finally:
             if self.queues.pop(key, None) is not None:  # left early (client gone, call cancelled): free its row
                 self.inbox.put(("cancel", key))
+
+    def _engine_token(self, engine):
+        """How the decode loop's inbox names an engine (the engine itself, in this process)."""
+        return engine
 
     def close(self) -> None:
         """Stop the decode thread (rows still running are dropped)."""
@@ -98,55 +108,77 @@ class BatchScheduler:
                 del self.queues[key]
 
     def _decode_loop(self) -> None:
-        batch, waiting, waited = None, [], False  # waiting: (key, request, engine) not yet in the batch
-        held = 0  # steps the waiting requests have been held back
-        partial: dict[int, Any] = {}  # key -> what a `whole` request has produced so far
-        while True:
-            messages = [] if batch or waiting else [self.inbox.get()]  # idle: sleep until a request comes
-            while not self.inbox.empty():
-                messages.append(self.inbox.get())
-            for message in messages:
-                if message[0] == "stop":
-                    return
-                if message[0] == "add":
-                    waiting.append(message[1:4])
-                    if message[4]:
-                        partial[message[1]] = None
-                else:  # cancel
-                    waiting = [w for w in waiting if w[0] != message[1]]
-                    partial.pop(message[1], None)
-                    if batch:
-                        batch.cancel(message[1])
-            if not batch:
-                if not waiting:
-                    continue
-                if self.wait_s and not waited and len(waiting) < self.max_batch_size:
-                    time.sleep(self.wait_s)  # an idle engine: let a burst arrive together
-                    waited = True
-                    continue
-                batch, waited = waiting[0][2].batch(), False
-            joining = [w for w in waiting if w[2] is batch.engine][: batch.room()]
-            if joining and batch and len(joining) < self.join_ratio * len(batch) and held < self.join_max_wait_steps:
-                joining, held = [], held + 1  # too few to be worth a prefill yet: decode on
+        def publish(outputs: list, joined: int) -> None:
+            self._loop.call_soon_threadsafe(self._deliver, outputs, joined)
+
+        decode_loop(self.inbox.get, self.inbox.empty, publish, self.settings(), engine_of=lambda engine: engine)
+
+    def settings(self) -> dict:
+        return {"max_batch_size": self.max_batch_size, "wait_s": self.wait_s, "join_ratio": self.join_ratio,
+                "join_max_wait_steps": self.join_max_wait_steps}
+
+
+def decode_loop(get: Callable[[], Any], empty: Callable[[], bool], publish: Callable[[list, int], None], settings: dict,
+                engine_of: Callable[[Any], Any], on_message: Callable[[tuple], None] = lambda m: None) -> None:
+    """The continuous-batching loop (see BatchScheduler), wherever it runs: ``get`` blocks for the next
+    inbox message (None: nothing yet, look again), ``empty`` says whether more are queued, ``publish``
+    hands a step's outputs on, ``engine_of`` turns a message's engine field into an Engine, and
+    ``on_message`` takes any message other than add / cancel / stop."""
+    max_batch_size, wait_s = settings["max_batch_size"], settings["wait_s"]
+    join_ratio, join_max_wait_steps = settings["join_ratio"], settings["join_max_wait_steps"]
+    batch, waiting, waited = None, [], False  # waiting: (key, request, engine) not yet in the batch
+    held = 0  # steps the waiting requests have been held back
+    partial: dict[int, Any] = {}  # key -> what a `whole` request has produced so far
+    while True:
+        messages = [] if batch or waiting else [get()]  # idle: sleep until a request comes
+        while not empty():
+            messages.append(get())
+        for message in messages:
+            if message is None:
+                continue
+            if message[0] == "stop":
+                return
+            if message[0] == "add":
+                waiting.append((message[1], message[2], engine_of(message[3])))
+                if message[4]:
+                    partial[message[1]] = None
+            elif message[0] == "cancel":
+                waiting = [w for w in waiting if w[0] != message[1]]
+                partial.pop(message[1], None)
+                if batch:
+                    batch.cancel(message[1])
             else:
-                held = 0
-            taken = {w[0] for w in joining}
-            waiting = [w for w in waiting if w[0] not in taken]
-            outputs: list = []
-            try:
-                batch.add([request for _, request, _ in joining], [key for key, _, _ in joining])
-            except Exception as err:  # refused requests hear why; the batch runs on
-                outputs, joining = [(key, err) for key, _, _ in joining], []
-            joined = len(batch) if joining else 0
-            try:
-                outputs += batch.step()
-            except Exception as err:  # the engine failed: every row of the batch hears it
-                outputs += [(row.key, err) for row in batch.rows]
-                batch = None
-            if partial:
-                outputs = _gather_whole(outputs, partial)
-            if outputs or joined:
-                self._loop.call_soon_threadsafe(self._deliver, outputs, joined)
+                on_message(message)
+        if not batch:
+            if not waiting:
+                continue
+            if wait_s and not waited and len(waiting) < max_batch_size:
+                time.sleep(wait_s)  # an idle engine: let a burst arrive together
+                waited = True
+                continue
+            batch, waited = waiting[0][2].batch(), False
+        joining = [w for w in waiting if w[2] is batch.engine][: batch.room()]
+        if joining and batch and len(joining) < join_ratio * len(batch) and held < join_max_wait_steps:
+            joining, held = [], held + 1  # too few to be worth a prefill yet: decode on
+        else:
+            held = 0
+        taken = {w[0] for w in joining}
+        waiting = [w for w in waiting if w[0] not in taken]
+        outputs: list = []
+        try:
+            batch.add([request for _, request, _ in joining], [key for key, _, _ in joining])
+        except Exception as err:  # refused requests hear why; the batch runs on
+            outputs, joining = [(key, err) for key, _, _ in joining], []
+        joined = len(batch) if joining else 0
+        try:
+            outputs += batch.step()
+        except Exception as err:  # the engine failed: every row of the batch hears it
+            outputs += [(row.key, err) for row in batch.rows]
+            batch = None
+        if partial:
+            outputs = _gather_whole(outputs, partial)
+        if outputs or joined:
+            publish(outputs, joined)
 
 
 def _gather_whole(outputs: list, partial: dict) -> list:
@@ -185,8 +217,10 @@ class ModelServer:
         torch.set_num_threads(max(1, round(cfg.serve.replica_cpus)))  # more threads than CPUs thrash
         self.cfg, self.store = cfg, store
         self.engine: Any = None
-        self.version: str | None = None
+        self.version: str | None = None  # the registry's version id, or a digest of the directory
         self.model_uri: str | None = None
+        self.source = ""  # what reconfigure was given: a directory or registry:<ref>
+        self._follower: asyncio.Task | None = None
         self.cache = ResponseCache(cfg.serve.cache_entries)
         self.m_tokens = Counter("lmforge_generated_tokens", description="Tokens generated.")
         self.m_batch = Histogram("lmforge_batch_size", description="Requests decoded together.",
@@ -194,14 +228,27 @@ class ModelServer:
         self.m_cache = Counter("lmforge_cache_lookups", description="Response-cache lookups by result.",
                                tag_keys=("result",))
         sc = cfg.serve
-        self.scheduler = BatchScheduler(sc.max_batch_size, self.m_batch.observe, sc.batch_wait_timeout_s,
-                                        sc.join_ratio, sc.join_max_wait_steps)
+        batching = (sc.max_batch_size, self.m_batch.observe, sc.batch_wait_timeout_s, sc.join_ratio,
+                    sc.join_max_wait_steps)
+        if sc.engine_process:
+            from lm.serve.engine_process import ProcessScheduler
+
+            self.scheduler = ProcessScheduler(cfg.storage, sc.quantize, max(1, round(sc.replica_cpus)), *batching)
+        else:
+            self.scheduler = BatchScheduler(*batching)
 
     # ------------------------------------------------------------------------------------ loading
 
     def _load(self, uri: str) -> tuple[Any, str]:
-        from lm.modeldir import load_model_dir
+        from lm.config import join_uri
         from lm.serve.engine import Engine
+
+        lineage = self.store.read_text(join_uri(uri, "lineage.json")) if self.store.exists(
+            join_uri(uri, "lineage.json")) else "{}"
+        version = hashlib.sha256(f"{uri}\n{json.dumps(json.loads(lineage), sort_keys=True)}".encode()).hexdigest()[:12]
+        if hasattr(self.scheduler, "load"):  # the engine process loads the weights
+            return self.scheduler.load(uri), version
+        from lm.modeldir import load_model_dir
 
         loaded = load_model_dir(self.store, uri)
         model = loaded.model.eval()
@@ -209,15 +256,48 @@ class ModelServer:
             from lm.serve.quantize import quantize_int8
 
             model = quantize_int8(model)
-        version = hashlib.sha256(f"{uri}\n{json.dumps(loaded.lineage, sort_keys=True)}".encode()).hexdigest()[:12]
         return Engine(model, loaded.tokenizer, max_batch_size=self.cfg.serve.max_batch_size), version
 
     async def reconfigure(self, user_config: dict) -> None:
+        """``model_uri``: a model directory, or ``registry:<alias or version>`` (then the registry is
+        polled every ``serve.registry_poll_s`` and the model swapped when the alias moves)."""
         uri = user_config["model_uri"]
-        if uri == self.model_uri and self.engine is not None and not user_config.get("force"):
+        self.source = uri
+        if uri.startswith(REGISTRY):
+            model_uri, vid = await asyncio.to_thread(self._resolve, uri[len(REGISTRY):])
+            await self._swap(model_uri, vid, bool(user_config.get("force")))
+            if self._follower is None or self._follower.done():
+                self._follower = asyncio.get_running_loop().create_task(self._follow())
             return
-        engine, version = await asyncio.to_thread(self._load, uri)
-        self.engine, self.version, self.model_uri = engine, version, uri  # in-flight batches keep the old one
+        await self._swap(uri, None, bool(user_config.get("force")))
+
+    def _resolve(self, ref: str) -> tuple[str, str]:
+        from lm.registry import Registry
+
+        version = Registry(self.store, self.cfg.registry_uri).get(ref)
+        return version.model_uri, version.id
+
+    async def _swap(self, uri: str, registry_version: str | None, force: bool = False) -> None:
+        if uri == self.model_uri and self.engine is not None and not force:
+            return
+        engine, digest = await asyncio.to_thread(self._load, uri)
+        # in-flight rows finish on the engine they started with
+        old, self.engine, self.version, self.model_uri = self.engine, engine, registry_version or digest, uri
+        if old is not None and hasattr(self.scheduler, "unload"):
+            self.scheduler.unload(old)
+
+    async def _follow(self) -> None:
+        """While serving ``registry:<ref>``: re-resolve it now and then; a registry that cannot be read
+        (or a model that cannot be loaded) leaves the current model serving."""
+        import logging
+
+        while self.source.startswith(REGISTRY):
+            await asyncio.sleep(self.cfg.serve.registry_poll_s)
+            try:
+                model_uri, vid = await asyncio.to_thread(self._resolve, self.source[len(REGISTRY):])
+                await self._swap(model_uri, vid)
+            except Exception as err:  # keep serving what we have
+                logging.getLogger("lmforge.serve").warning("registry follow: %s", err)
 
     def info(self) -> dict:
         return {"model_uri": self.model_uri, "version": self.version, "context_length": self.engine.context_length(),

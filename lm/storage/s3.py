@@ -131,6 +131,14 @@ class S3:
             out += [p["Prefix"][len(prefix) :] for p in page.get("CommonPrefixes", [])]
         return sorted(r for r in out if r)
 
+    def etags(self, loc: Loc) -> dict[str, str]:
+        """Key (relative to ``loc``) -> ETag of every object under ``loc`` as a prefix."""
+        prefix, out = f"{loc.key}/" if loc.key else "", {}
+        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+            for o in page.get("Contents", []):
+                out[o["Key"][len(prefix) :]] = str(o.get("ETag", "")).strip('"')
+        return out
+
     def open_reader(self, loc: Loc) -> IO[bytes]:
         body = self.client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
         return io.BufferedReader(BodyReader(body), buffer_size=MIB)  # type: ignore[return-value]

@@ -124,6 +124,23 @@ class ObjectStore:
         base = uri_prefix.rstrip("/")
         return [join_uri(base, rel) + "/" * rel.endswith("/") for rel in self._rels(loc, recursive)]
 
+    def list_etags(self, uri_prefix: str) -> dict[str, str]:
+        """Full URI -> a version tag of every file under a folder/prefix: the S3 ETag, or size and
+        modification time for a local file (a rewritten object gets a new tag)."""
+        loc = parse_uri(uri_prefix)
+        base = uri_prefix.rstrip("/")
+        if loc.kind == "s3":
+            with self._errors(uri_prefix, loc.bucket):
+                return {join_uri(base, rel): tag for rel, tag in sorted(self._s3.etags(loc).items())}
+        out = {}
+        for rel in self._rels(loc):
+            if loc.kind == "local":
+                st = (loc.path / rel).stat()
+                out[join_uri(base, rel)] = f"{st.st_size}-{st.st_mtime_ns}"
+            else:
+                out[f"bundled://{rel}"] = "bundled"
+        return out
+
     def open(self, uri: str, mode: str = "rb") -> IO[bytes]:
         """A binary stream: ``rb`` streams the object; ``wb`` makes it appear whole on a clean close."""
         loc = parse_uri(uri)

@@ -1,6 +1,7 @@
 """Ray Serve end to end over real HTTP on 127.0.0.1: the official `openai` client (plain and streaming),
 auth, every class of bad input (4xx, never 5xx), concurrency with batching, the response cache,
-feedback capture, hot reload under load with no failed request, and autoscaling 1 → 2 → 1."""
+feedback capture, hot reload under load with no failed request, following the registry's production
+alias (promotion and rollback), and autoscaling 1 → 2 → 1."""
 
 import json
 import re
@@ -248,6 +249,53 @@ def test_hot_reload_under_load_fails_no_request(server):
         t.join()
     assert not errors, errors[:3]
     assert fingerprints[-1] != before and len(fingerprints) > 8
+
+
+def test_serving_follows_the_registry_production_alias(server):
+    """serve.model=registry:production: the replicas load the registry's production version and swap
+    when a promotion (then a rollback) moves it, under load, with no failed request."""
+    from lm.registry import Registry
+    from lm.serve.app import start
+
+    cfg, client = server["cfg"], server["client"]
+    reg = Registry(ObjectStore(cfg.storage), cfg.registry_uri)
+    v1 = reg.register(server["v1"])
+    v2 = reg.register(server["v2"], parent=v1.id)
+    reg.promote(v1.id)
+    start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], "serve.model=registry:production",
+                                                    "serve.registry_poll_s=0.5"]))
+    errors, fingerprints, stop = [], [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                r = client.completions.create(model="lmforge", prompt="WHO:", max_tokens=4, temperature=0.7)
+                fingerprints.append(r.system_fingerprint)
+            except Exception as err:  # any failure fails the test
+                errors.append(repr(err))
+
+    def settles_on(version: str) -> bool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if fingerprints[-6:] == [version] * 6:
+                return True
+            time.sleep(0.3)
+        return False
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        assert settles_on(v1.id), fingerprints[-6:]
+        reg.promote(v2.id, reason="gate passed")
+        assert settles_on(v2.id), fingerprints[-6:]
+        reg.rollback(reason="test")
+        assert settles_on(v1.id), fingerprints[-6:]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
 
 
 def test_autoscaling_up_under_load_and_back_down(server):

@@ -437,3 +437,47 @@ def test_batch_scheduler_holds_a_lone_arrival_back_for_join_max_wait_steps(engin
     after = order[order.index("submitted"):]
     assert after[: after.index("late")].count("r0") >= 9  # held back ~10 steps (without: joins at the next)
     assert late == engine.generate([req(tok, "KING:", 3, temperature=0, ignore_eos=True)])[0].text
+
+
+def test_process_scheduler_decodes_in_a_child_process_like_the_engine(model, tok, tmp_path):
+    """lm.serve.engine_process: the same decode loop in a spawned process, fed through queues; every
+    request gets what the engine in this process gives it; a load error reaches the caller; a second
+    model loads beside the first."""
+    import asyncio
+
+    from lm.config import GenerateConfig, StorageConfig
+    from lm.modeldir import save_model_dir
+    from lm.serve.engine_process import ProcessScheduler
+    from lm.storage import ObjectStore, StorageError
+
+    store = ObjectStore(StorageConfig(root=str(tmp_path)))
+    uri = str(tmp_path / "model")
+    save_model_dir(store, uri, model, tok, GenerateConfig(), {"run": "process-test"})
+    scheduler = ProcessScheduler(store.cfg, None, 1, max_batch_size=4, join_ratio=0.5, join_max_wait_steps=2)
+    try:
+        engine = scheduler.load(uri)
+        assert engine.context_length() == CTX and engine.tokenizer.encode("To") == tok.encode("To")
+        reqs = [req(tok, p, 12, temperature=0, ignore_eos=True) for p in ("ROMEO:", "To be", "KING", "Speak on")]
+        reqs += [req(tok, "LORD:", 10, temperature=0.9, seed=3)]
+
+        async def one(r, whole):
+            return "".join([o.text async for o in scheduler.outputs(r, engine, whole=whole)])
+
+        async def run_all():
+            return await asyncio.gather(*(one(r, i % 2 == 0) for i, r in enumerate(reqs)))
+
+        texts = asyncio.run(run_all())
+        assert texts == [c.text for c in Engine(model, tok, max_batch_size=8).generate(reqs)]
+        with pytest.raises(StorageError, match="no published model directory"):
+            scheduler.load(str(tmp_path / "missing"))
+        second = scheduler.load(uri)
+        assert second.ref != engine.ref
+        scheduler.unload(engine)
+        assert "".join(asyncio.run(_collect(scheduler, reqs[0], second))) == texts[0]
+    finally:
+        scheduler.close()
+    assert not scheduler._process.is_alive()
+
+
+async def _collect(scheduler, request, engine) -> list[str]:
+    return [o.text async for o in scheduler.outputs(request, engine)]

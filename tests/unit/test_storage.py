@@ -387,3 +387,18 @@ def test_env_var_configuration(s3_server, monkeypatch):
     # a pickled store (e.g. shipped to a Ray worker) keeps its settings, not the worker's env
     clone = pickle.loads(pickle.dumps(s3_server.store()))
     assert clone.read_text(f"s3://{bucket}/env.txt") == "from env"
+
+
+def test_list_etags_changes_when_an_object_is_rewritten(store_root):
+    from lm.config import join_uri
+
+    store, base = store_root.store, join_uri(store_root.uri, "inbox")
+    store.write_bytes(join_uri(base, "a.txt"), b"one")
+    store.write_bytes(join_uri(base, "sub/b.txt"), b"two")
+    first = store.list_etags(base)
+    assert sorted(first) == [join_uri(base, "a.txt"), join_uri(base, "sub/b.txt")] and all(first.values())
+    time.sleep(0.01)
+    store.write_bytes(join_uri(base, "a.txt"), b"one, rewritten")
+    second = store.list_etags(base)
+    assert second[join_uri(base, "a.txt")] != first[join_uri(base, "a.txt")]
+    assert second[join_uri(base, "sub/b.txt")] == first[join_uri(base, "sub/b.txt")]
