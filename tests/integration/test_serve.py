@@ -3,6 +3,7 @@ auth, every class of bad input (4xx, never 5xx), concurrency with batching, the 
 feedback capture, hot reload under load with no failed request, following the registry's production
 alias (promotion and rollback), and autoscaling 1 → 2 → 1."""
 
+import contextlib
 import json
 import re
 import socket
@@ -32,6 +33,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def under_load(client, prompt: str, max_tokens: int, temperature: float, threads: int):
+    """Requests sent back to back from ``threads`` threads while the block runs: yields the lists of
+    system_fingerprints answered and of errors (any failure fails the caller's test)."""
+    fingerprints, errors, stop = [], [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                r = client.completions.create(model="lmforge", prompt=prompt, max_tokens=max_tokens,
+                                              temperature=temperature)
+                fingerprints.append(r.system_fingerprint)
+            except Exception as err:
+                errors.append(repr(err))
+
+    workers = [threading.Thread(target=load) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    try:
+        yield fingerprints, errors
+    finally:
+        stop.set()
+        for t in workers:
+            t.join()
 
 
 def model_dir(store: ObjectStore, cfg, uri: str, seed: int) -> str:
@@ -223,30 +250,14 @@ def test_feedback_is_captured_as_jsonl(server):
 def test_hot_reload_under_load_fails_no_request(server):
     from lm.serve.app import start
 
-    client, errors, fingerprints = server["client"], [], []
-    stop = threading.Event()
-
-    def load():
-        while not stop.is_set():
-            try:
-                r = client.completions.create(model="lmforge", prompt="RELOAD:", max_tokens=8, temperature=0)
-                fingerprints.append(r.system_fingerprint)
-            except Exception as err:  # any failure fails the test
-                errors.append(repr(err))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(2)
-    before = fingerprints[-1]
-    start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], f"serve.model={server['v2']}"]))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not fingerprints or fingerprints[-1] == before):
-        time.sleep(0.5)
-    time.sleep(2)
-    stop.set()
-    for t in threads:
-        t.join()
+    with under_load(server["client"], "RELOAD:", 8, 0.0, threads=4) as (fingerprints, errors):
+        time.sleep(2)
+        before = fingerprints[-1]
+        start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], f"serve.model={server['v2']}"]))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not fingerprints or fingerprints[-1] == before):
+            time.sleep(0.5)
+        time.sleep(2)
     assert not errors, errors[:3]
     assert fingerprints[-1] != before and len(fingerprints) > 8
 
@@ -264,17 +275,8 @@ def test_serving_follows_the_registry_production_alias(server):
     reg.promote(v1.id)
     start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], "serve.model=registry:production",
                                                     "serve.registry_poll_s=0.5"]))
-    errors, fingerprints, stop = [], [], threading.Event()
 
-    def load():
-        while not stop.is_set():
-            try:
-                r = client.completions.create(model="lmforge", prompt="WHO:", max_tokens=4, temperature=0.7)
-                fingerprints.append(r.system_fingerprint)
-            except Exception as err:  # any failure fails the test
-                errors.append(repr(err))
-
-    def settles_on(version: str) -> bool:
+    def settles_on(fingerprints: list, version: str) -> bool:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if fingerprints[-6:] == [version] * 6:
@@ -282,19 +284,12 @@ def test_serving_follows_the_registry_production_alias(server):
             time.sleep(0.3)
         return False
 
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        assert settles_on(v1.id), fingerprints[-6:]
+    with under_load(client, "WHO:", 4, 0.7, threads=3) as (fingerprints, errors):
+        assert settles_on(fingerprints, v1.id), fingerprints[-6:]
         reg.promote(v2.id, reason="gate passed")
-        assert settles_on(v2.id), fingerprints[-6:]
+        assert settles_on(fingerprints, v2.id), fingerprints[-6:]
         reg.rollback(reason="test")
-        assert settles_on(v1.id), fingerprints[-6:]
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+        assert settles_on(fingerprints, v1.id), fingerprints[-6:]
     assert not errors, errors[:3]
 
 

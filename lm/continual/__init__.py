@@ -1,0 +1,1 @@
+"""Continuous learning: served traffic and new data back into training, gated and rolled out."""
