@@ -40,11 +40,45 @@ def pack_rows(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: int) -
     return rows, len(flat) - n_rows * width
 
 
-def rows_to_inputs_targets(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split packed rows ``[n, seq_len + 1]`` into ``inputs = rows[:, :-1]``, ``targets = rows[:, 1:]``.
+def pack_examples(examples: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: int
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Supervised examples ``(token ids, loss mask)`` (each already ending in end-of-text, as
+    lm.continual.feedback.sft_tokens makes them) concatenated and cut into rows of ``seq_len + 1``
+    like :func:`pack_rows`, their masks alongside: ``(rows int32, masks uint8, n_dropped)``."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    width = seq_len + 1
+    ids, masks = [], []
+    for tokens, mask in examples:
+        if len(tokens) != len(mask):
+            raise ValueError(f"an example has {len(tokens)} tokens but a mask of {len(mask)}")
+        ids.append(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        masks.append(np.asarray(mask, dtype=np.uint8).reshape(-1))
+    if not ids:
+        return np.zeros((0, width), dtype=np.int32), np.zeros((0, width), dtype=np.uint8), 0
+    flat, flat_mask = np.concatenate(ids), np.concatenate(masks)
+    if flat.size and (flat.min() < _INT32.min or flat.max() > _INT32.max):
+        raise ValueError("token ids do not fit in int32")
+    n = len(flat) // width
+    return (flat[: n * width].astype(np.int32).reshape(n, width), flat_mask[: n * width].reshape(n, width),
+            len(flat) - n * width)
 
-    Works on numpy arrays and torch tensors alike (views, no copy).
+
+def rows_to_inputs_targets(rows, loss_mask=None, ignore_index: int = -100):
+    """Split packed rows ``[n, seq_len + 1]`` into ``inputs = rows[:, :-1]``, ``targets = rows[:, 1:]``;
+    with a ``loss_mask`` of the rows' shape, targets whose mask is 0 become ``ignore_index`` (no loss:
+    the prompt of a supervised example).
+
+    Works on numpy arrays and torch tensors alike (views, no copy, unless masked).
     """
     if rows.ndim != 2 or rows.shape[1] < 2:
         raise ValueError(f"rows must have shape [n, seq_len + 1] with seq_len >= 1, got {tuple(rows.shape)}")
-    return rows[:, :-1], rows[:, 1:]
+    inputs, targets = rows[:, :-1], rows[:, 1:]
+    if loss_mask is None:
+        return inputs, targets
+    if tuple(loss_mask.shape) != tuple(rows.shape):
+        raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)}, the rows {tuple(rows.shape)}")
+    keep = loss_mask[:, 1:] != 0
+    masked = targets.clone() if hasattr(targets, "clone") else targets.copy()
+    masked[~keep] = ignore_index
+    return inputs, masked

@@ -71,3 +71,21 @@ def test_token_count_is_conserved(docs, seq_len):
     assert 0 <= dropped < seq_len + 1
     stream = [t for d in docs for t in [*d, EOS]]
     assert rows.reshape(-1).tolist() == stream[: rows.size]
+
+
+def test_supervised_examples_pack_with_their_masks_and_mask_the_prompt_targets():
+    import torch
+
+    from lm.data.pack import pack_examples
+
+    # two examples: prompt 1 2 → response 3 E; prompt 4 → response 5 6 E   (E = end-of-text)
+    examples = [([1, 2, 3, EOS], [0, 0, 1, 1]), ([4, 5, 6, EOS], [0, 1, 1, 1])]
+    rows, masks, dropped = pack_examples(examples, seq_len=3)
+    assert rows.tolist() == [[1, 2, 3, 0], [4, 5, 6, 0]] and masks.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
+    assert dropped == 0 and rows.dtype == np.int32 and masks.dtype == np.uint8
+    inputs, targets = rows_to_inputs_targets(torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(masks))
+    # the target at position t is the token t+1, counted only where that token is part of a response
+    assert inputs.tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert targets.tolist() == [[-100, 3, 0], [5, 6, 0]]
+    with pytest.raises(ValueError, match="mask of 3"):
+        pack_examples([([1, 2], [0, 1, 1])], seq_len=3)
