@@ -29,7 +29,7 @@ from lm.modeldir import load_model_dir, save_model_dir
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer, bytes_per_token, train_tokenizer
 from lm.train.local import pick_device, train_local
-from lm.train.loop import build_model
+from lm.train.loop import build_model, load_init_weights
 from lm.train.metrics import history_jsonl, loss_curve_png
 from lm.train.trainer import TrainSummary, train
 
@@ -60,6 +60,8 @@ def _train_here(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifest: di
     train_rows = load_rows(store, data, "train")
     val_rows = load_rows(store, data, "val") if "val" in manifest["splits"] else None
     model = build_model(cfg, tok.vocab_size)
+    if cfg.train.init_from:
+        load_init_weights(model, store, cfg.train.init_from)
     log(f"model: {model.num_parameters():,} parameters; training on {pick_device(cfg.train.device)}")
     result = train_local(cfg, model, train_rows, val_rows, log=log)
     train_uri = join_uri(cfg.run_uri, "train")

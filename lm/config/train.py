@@ -46,6 +46,9 @@ class TrainConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the plain (single-process) loop runs.")
     seed: int = Field(1337, description="Seed for init, batch sampling and dropout.")
+    init_from: str | None = Field(
+        None, description="Start from this model directory's weights (fine-tuning); a resumed run uses its checkpoint."
+    )
     trainer: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray Train + DeepSpeed (lm.train.trainer); local: the plain single-process loop."
     )

@@ -56,6 +56,21 @@ def build_model(cfg: Config, vocab_size: int) -> Transformer:
     return Transformer(cfg.model.model_copy(update={"vocab_size": max(cfg.model.vocab_size, vocab_size)}))
 
 
+def load_init_weights(model: Transformer, store: ObjectStore, uri: str) -> None:
+    """``train.init_from``: start from a model directory's weights (fine-tuning, continual learning).
+    Every tensor must be there with this model's shape (same architecture and vocabulary)."""
+    from lm.modeldir import load_model_dir
+
+    source = load_model_dir(store, uri).model.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name not in source:
+            raise ValueError(f"train.init_from={uri}: it has no {name}; it is not a model of this architecture")
+        if source[name].shape != tensor.shape:
+            raise ValueError(f"train.init_from={uri}: {name} is {tuple(source[name].shape)} there but "
+                             f"{tuple(tensor.shape)} in this config's model (check model.* and the tokenizer)")
+    model.load_state_dict(source)
+
+
 def measured_peak_flops(device: torch.device, size: int = 1024, repeats: int = 5, trials: int = 4) -> float:
     """FLOP/s of a square fp32 matmul on ``device``, the best of a few timed trials after a warm-up
     (the MFU denominator when train.peak_flops is not given)."""
@@ -129,12 +144,15 @@ class Worker:
         val = self.manifest["splits"].get("val", {})
         self.tokens_per_byte = val.get("tokens", 0) / val["bytes"] if val.get("bytes") else None
         self.model = build_model(cfg, self.tok.vocab_size)
+        checkpoint = ray.train.get_checkpoint()
+        if self.tc.init_from and checkpoint is None:  # a resumed run continues from its own checkpoint
+            load_init_weights(self.model, self.store, self.tc.init_from)
         self.model.activation_checkpointing = self.tc.activation_checkpointing
         self.step, self.history = 0, []
         self.stopping = EarlyStopping(self.tc.early_stopping_patience)
         self.peak = self.tc.peak_flops or measured_peak_flops(self.device)
         self.flops_per_token = flops_per_token(self.model.cfg, cfg.seq_len)
-        self.engine = self._engine(ray.train.get_checkpoint())
+        self.engine = self._engine(checkpoint)
         self.accum = self.engine.gradient_accumulation_steps()
         self.writer = self._tensorboard()
 

@@ -88,3 +88,28 @@ def test_early_stopping_counts_evaluations_without_improvement():
     assert resumed.update(2.45) is True
     never = EarlyStopping(None)
     assert not any(never.update(v) for v in [1.0, 2.0, 3.0, 4.0])
+
+
+def test_init_from_loads_a_model_directory_and_refuses_another_shape(tmp_path, small_tokenizer):
+    import torch
+
+    from lm.config import GenerateConfig, ModelConfig, StorageConfig
+    from lm.model import Transformer
+    from lm.modeldir import save_model_dir
+    from lm.storage import ObjectStore
+    from lm.train.loop import load_init_weights
+
+    store = ObjectStore(StorageConfig(root=str(tmp_path)))
+    cfg = ModelConfig(n_layers=2, n_heads=2, d_model=32, vocab_size=small_tokenizer.vocab_size, max_seq_len=32)
+    torch.manual_seed(1)
+    source = Transformer(cfg)
+    save_model_dir(store, str(tmp_path / "prod"), source, small_tokenizer, GenerateConfig(), {"run": "prod"})
+    torch.manual_seed(2)
+    target = Transformer(cfg)
+    assert not torch.equal(target.lm_head.weight, source.lm_head.weight)
+    load_init_weights(target, store, str(tmp_path / "prod"))
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    wider = Transformer(cfg.model_copy(update={"d_model": 64}))
+    with pytest.raises(ValueError, match=r"init_from=.*model.embed_tokens.weight is \(\d+, 32\) there but"):
+        load_init_weights(wider, store, str(tmp_path / "prod"))
