@@ -473,11 +473,41 @@ def test_process_scheduler_decodes_in_a_child_process_like_the_engine(model, tok
         second = scheduler.load(uri)
         assert second.ref != engine.ref
         scheduler.unload(engine)
-        assert "".join(asyncio.run(_collect(scheduler, reqs[0], second))) == texts[0]
+        assert asyncio.run(_text(scheduler.outputs(reqs[0], second))) == texts[0]
     finally:
         scheduler.close()
     assert not scheduler._process.is_alive()
 
 
-async def _collect(scheduler, request, engine) -> list[str]:
-    return [o.text async for o in scheduler.outputs(request, engine)]
+def test_batch_scheduler_refuses_a_bad_request_alone(engine, tok):
+    """A request the engine refuses when it joins (here: token ids outside the vocabulary) raises in
+    its own caller, streamed or whole; the rows already decoding finish as if it never came."""
+    import asyncio
+
+    from lm.serve.model_server import BatchScheduler
+
+    good = req(tok, "ROMEO:", 16, temperature=0, ignore_eos=True)
+    bad = GenRequest([tok.vocab_size + 5], 4)
+
+    async def scenario():
+        scheduler = BatchScheduler(max_batch_size=8)
+        running = asyncio.create_task(_text(scheduler.outputs(good, engine)))
+        await asyncio.sleep(0.01)
+        outcomes = []
+        for whole in (False, True):
+            try:
+                await _text(scheduler.outputs(bad, engine, whole=whole))
+                outcomes.append("answered")
+            except ValueError as err:
+                outcomes.append(str(err))
+        text = await running
+        scheduler.close()
+        return outcomes, text
+
+    outcomes, text = asyncio.run(scenario())
+    assert all("outside [0, vocab_size" in o for o in outcomes), outcomes
+    assert text == engine.generate([good])[0].text
+
+
+async def _text(outputs) -> str:
+    return "".join([o.text async for o in outputs])
