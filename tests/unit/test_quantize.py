@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
-from lm.config import ModelConfig
 from lm.model import KVCache, Transformer
 from lm.serve.engine import Engine, GenRequest
 from lm.serve.quantize import linear_weight_bytes, quantize_int8
@@ -25,11 +24,8 @@ def tok(small_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def model(tok: BPETokenizer) -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, vocab_size=tok.vocab_size,
-                      max_seq_len=CTX, init_std=0.02, tie_embeddings=True)
-    return Transformer(cfg).eval()
+def model(tok: BPETokenizer, small_model) -> Transformer:
+    return small_model(tok, d_model=64, max_seq_len=CTX, init_std=0.02, tie_embeddings=True)
 
 
 @pytest.fixture(scope="module")

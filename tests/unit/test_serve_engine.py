@@ -10,8 +10,6 @@ import pytest
 import torch
 from tokenizers import pre_tokenizers
 
-from lm.config import ModelConfig
-from lm.model import Transformer
 from lm.serve.engine import Engine, GenRequest
 from lm.serve.sampling import sample_rows
 from lm.serve.text import RowText
@@ -28,11 +26,8 @@ def tok(small_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    cfg = ModelConfig(n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, vocab_size=tok.vocab_size,
-                      max_seq_len=CTX, init_std=0.3)
-    return Transformer(cfg).eval()
+def model(tok, small_model):
+    return small_model(tok, max_seq_len=CTX, init_std=0.3)
 
 
 @pytest.fixture(scope="module")
