@@ -4,7 +4,7 @@
     reg = Registry(store, cfg.registry_uri)                  # <storage.root>/registry unless continual.registry
     v = reg.register("s3://b/runs/x/model", parent="v000001", metrics={...}, config_hash=..., data_manifest=...)
     reg.promote(v.id, reason="gate passed")                  # production := v, previous := the old production
-    reg.resolve("production").model_uri                      # what serving loads
+    reg.get("production").model_uri                          # what serving loads
     reg.rollback(reason="bad answers")                       # production := previous
     lm registry list | show [ID|ALIAS] | promote ID | reject ID | rollback | add --model URI
 
@@ -104,7 +104,6 @@ class Registry:
             raise RegistryError(f"the registry at {self.uri} has no {ref} version yet")
         return self._with_state(self._record(vid), state)
 
-    resolve = get
 
     def events(self) -> list[dict[str, Any]]:
         """Every committed event, oldest first."""

@@ -242,10 +242,13 @@ class ModelServer:
     def _load(self, uri: str) -> tuple[Any, str]:
         from lm.config import join_uri
         from lm.serve.engine import Engine
+        from lm.storage import StorageNotFound
 
-        lineage = self.store.read_text(join_uri(uri, "lineage.json")) if self.store.exists(
-            join_uri(uri, "lineage.json")) else "{}"
-        version = hashlib.sha256(f"{uri}\n{json.dumps(json.loads(lineage), sort_keys=True)}".encode()).hexdigest()[:12]
+        try:
+            lineage = json.loads(self.store.read_text(join_uri(uri, "lineage.json")))
+        except StorageNotFound:
+            lineage = {}
+        version = hashlib.sha256(f"{uri}\n{json.dumps(lineage, sort_keys=True)}".encode()).hexdigest()[:12]
         if hasattr(self.scheduler, "load"):  # the engine process loads the weights
             return self.scheduler.load(uri), version
         from lm.modeldir import load_model_dir
