@@ -11,6 +11,8 @@
     lm eval [--model URI] [--split S] [--text URI] [--compare URI] [--config F] [key.sub=value ...]
                                                             metrics, n-gram baseline, report (exit 1: comparison failed)
     lm registry list | show [ID|ALIAS] | add --model URI | promote ID | reject ID | rollback   the model registry
+    lm continual [--watch [--iterations N]] [--config F] [key.sub=value ...]
+                                                            new data + feedback → fine-tune → gate → promote / reject
 """
 
 from __future__ import annotations
@@ -171,6 +173,22 @@ def cmd_registry(cfg: Config, args: argparse.Namespace) -> str:
            f"{state['aliases'].get('previous', '-')}"
 
 
+def cmd_continual(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.continual.iteration import run_iteration, watch
+    from lm.registry import Registry, table
+    from lm.storage import ObjectStore
+
+    store = ObjectStore(cfg.storage)
+    if args.watch:
+        watch(cfg, store, iterations=args.iterations)
+        outcome = "watch ended"
+    else:
+        found = run_iteration(cfg, store)
+        outcome = f"continual: {found['verdict']}" + (f" {found['version']}" if found.get("version") else "")
+    reg = Registry(store, cfg.registry_uri)
+    return f"{outcome}\n{table(reg.versions(), reg.state())}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm", description="lmforge: build, train and serve a GPT-style model on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -202,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["train", "val", "test"], help="score this split of the run's shards only")
     ev.add_argument("--text", metavar="URI", help="score this text source (file, folder or glob) only")
     ev.add_argument("--compare", metavar="URI", help="baseline model directory or report.json, judged by eval.compare")
+    cont = add("continual", cmd_continual, "one continual-learning iteration: new documents and feedback → "
+               "fine-tune production → gate → promote or reject (a re-run resumes an interrupted one)")
+    cont.add_argument("--watch", action="store_true", help="repeat every continual.interval_s seconds")
+    cont.add_argument("--iterations", type=int, help="with --watch: stop after N iterations")
     registry = sub.add_parser("registry", help="the model registry (versions, production / previous)")
     reg = registry.add_subparsers(dest="action", required=True)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from lm.config import Config, dump_yaml, join_uri
 from lm.data.documents import iter_documents
-from lm.data.loader import load_rows
+from lm.data.loader import load_split
 from lm.data.pipeline import data_uri, prepare_data
 from lm.data.sources import plan_files
 from lm.inference import generate_text
@@ -54,16 +54,16 @@ def tokenizer_stage(store: ObjectStore, cfg: Config) -> TokenizerReport:
     return TokenizerReport(tok, uri, bytes_per_token(tok, held_out), time.perf_counter() - start)
 
 
-def _train_here(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifest: dict, log: Log) -> TrainSummary:
+def train_in_process(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifest: dict, log: Log) -> TrainSummary:
     """train.trainer=local: the plain single-process loop, writing what the Ray trainer writes."""
     data = data_uri(cfg)
-    train_rows = load_rows(store, data, "train")
-    val_rows = load_rows(store, data, "val") if "val" in manifest["splits"] else None
+    train_rows, train_mask = load_split(store, data, "train")
+    val_rows, val_mask = load_split(store, data, "val") if "val" in manifest["splits"] else (None, None)
     model = build_model(cfg, tok.vocab_size)
     if cfg.train.init_from:
         load_init_weights(model, store, cfg.train.init_from)
     log(f"model: {model.num_parameters():,} parameters; training on {pick_device(cfg.train.device)}")
-    result = train_local(cfg, model, train_rows, val_rows, log=log)
+    result = train_local(cfg, model, train_rows, val_rows, log=log, train_mask=train_mask, val_mask=val_mask)
     train_uri = join_uri(cfg.run_uri, "train")
     store.write_text(join_uri(train_uri, "metrics.jsonl"), history_jsonl(result.history))
     store.write_bytes(join_uri(train_uri, "loss.png"), loss_curve_png(result.history, f"{cfg.name}: loss"))
@@ -97,7 +97,7 @@ def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) ->
             "Ray Train + DeepSpeed")
         result = train(cfg, store, log)
     else:
-        result = _train_here(cfg, store, tok, manifest, log)
+        result = train_in_process(cfg, store, tok, manifest, log)
     from lm.eval.evaluate import evaluate
 
     evaluation = evaluate(cfg, store, model_uri, log)

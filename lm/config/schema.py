@@ -14,8 +14,10 @@ from pydantic import Field, SecretStr, model_validator
 
 from lm.config.base import ConfigError as ConfigError  # re-exported
 from lm.config.base import Section
+from lm.config.continual import ContinualConfig
 from lm.config.eval import EvalConfig
 from lm.config.serve import ServeConfig
+from lm.config.sources import SourceConfig
 from lm.config.train import TrainConfig
 from lm.config.tune import TuneConfig
 
@@ -35,30 +37,6 @@ class StorageConfig(Section):
     )
     multipart_threshold_mb: int = Field(
         64, ge=5, description="Uploads at or above this size (MiB) use S3 multipart upload."
-    )
-
-
-class SourceConfig(Section):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Short name used in manifests and reports.")
-    uri: str = Field(
-        ...,
-        description="File, folder or glob: a local path, file://, s3://bucket/prefix, or bundled://NAME "
-        "for a corpus shipped inside lmforge (bundled://tinyshakespeare).",
-    )
-    format: Literal["auto", "txt", "jsonl", "parquet"] = Field(
-        "auto", description="File format; auto picks by extension (.txt/.jsonl/.parquet, optionally .gz or .zst)."
-    )
-    delimiter: str | None = Field(
-        "\n\n", description="For txt: split each file into documents on this string; null = one document per file."
-    )
-    text_field: str = Field("text", description="For jsonl / parquet: the field or column holding the text.")
-    weight: float = Field(
-        1.0, gt=0, description="Mixing weight: each train document is used this many times on average "
-        "(2 doubles the source, 0.25 keeps a stable quarter); validation and test are not re-weighted.",
-    )
-    split: Literal["train", "val", "test"] | None = Field(
-        None, description="Put every document of this source in one split (e.g. a fixed held-out set); "
-        "null = the hash split of data.val_fraction / test_fraction.",
     )
 
 
@@ -227,15 +205,6 @@ class GenerateConfig(Section):
     seed: int | None = Field(0, description="Sampling seed; null = nondeterministic.")
 
 
-class ContinualConfig(Section):
-    """Continuous learning loop (filled by the continual-learning stage)."""
-
-    enabled: bool = Field(False, description="Run the serve→learn→redeploy loop.")
-    registry: str | None = Field(
-        None, description="The model registry (a folder or s3:// URI, lm.registry); null = <storage.root>/registry."
-    )
-
-
 class Config(Section):
     """Everything one lmforge run needs."""
 
@@ -270,6 +239,11 @@ class Config(Section):
     def run_uri(self) -> str:
         """Where this run's artifacts live."""
         return self.output or join_uri(self.storage.root, "runs", self.name)
+
+    @property
+    def feedback_uri(self) -> str:
+        """Where Serve records completions and feedback (lm.serve.feedback) and lm.continual reads them."""
+        return self.serve.feedback.uri or join_uri(self.storage.root, "feedback")
 
     @property
     def registry_uri(self) -> str:

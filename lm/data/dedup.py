@@ -295,3 +295,77 @@ def near_dedup(ds: Any, cfg: DedupConfig, num_partitions: int | None = None) -> 
     if not drop:
         return ds, 0
     return filter_in(ds, "id", drop, keep=False), len(drop)
+
+
+# ------------------------------------------------------------------ dedup against an existing corpus
+
+INDEX_KNOWN_EXACT, INDEX_KNOWN_NEAR = "duplicate_of_corpus", "near_duplicate_of_corpus"
+
+
+def index_rows(batch: dict[str, np.ndarray], cfg: DedupConfig) -> Any:
+    """map_batches UDF: (hash, text) → the corpus index's rows (hash, sig): the exact-dedup key and,
+    when ``cfg.near``, the MinHash signature (an empty list otherwise)."""
+    import pyarrow as pa
+
+    hashes = pa.array(np.asarray(batch["hash"]).astype(str))
+    if not cfg.near:
+        return pa.table({"hash": hashes, "sig": pa.array([[] for _ in range(len(hashes))], type=pa.list_(pa.uint32()))})
+    sigs = minhash_batch(batch["text"], cfg)
+    offsets = pa.array(np.arange(0, sigs.size + 1, cfg.num_perm, dtype=np.int32))
+    return pa.table({"hash": hashes, "sig": pa.ListArray.from_arrays(offsets, pa.array(sigs.reshape(-1), type=pa.uint32()))})
+
+
+class CorpusIndex:
+    """What a corpus already holds, to deduplicate new documents against it (continual learning):
+    the exact hashes of its documents and their MinHash signatures, bucketed by LSH band key.
+
+        index = CorpusIndex.from_tables([pq.read_table(...) for each index file], cfg.data.dedup)
+        ds.map_batches(mark_known, fn_kwargs={"index": index}, batch_format="numpy")   # adds column "known"
+    """
+
+    def __init__(self, hashes: Iterable[str], signatures: np.ndarray, cfg: DedupConfig):
+        self.cfg, self.hashes = cfg, set(hashes)
+        self.signatures = np.asarray(signatures, dtype=np.uint32).reshape(-1, cfg.num_perm)
+        self.buckets: dict[int, list[int]] = {}
+        if cfg.near and len(self.signatures):
+            for i, keys in enumerate(band_keys(self.signatures, cfg.bands).tolist()):
+                for key in keys:
+                    self.buckets.setdefault(key, []).append(i)
+
+    @classmethod
+    def from_tables(cls, tables: Iterable[Any], cfg: DedupConfig) -> CorpusIndex:
+        """From index tables (columns hash, sig) as :func:`index_rows` writes them; signatures of
+        another length (another num_perm) are left out of near matching."""
+        hashes: list[str] = []
+        sigs: list[np.ndarray] = []
+        for table in tables:
+            hashes += table.column("hash").to_pylist()
+            for sig in table.column("sig").to_pylist():
+                if len(sig) == cfg.num_perm:
+                    sigs.append(np.asarray(sig, dtype=np.uint32))
+        return cls(hashes, np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), np.uint32), cfg)
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def known(self, hashes: Sequence[str], texts: Sequence[str]) -> list[str]:
+        """Per document: "" (new), INDEX_KNOWN_EXACT (its hash is in the corpus) or INDEX_KNOWN_NEAR (an
+        indexed document shares an LSH bucket with it at estimated Jaccard ≥ cfg.threshold)."""
+        out = [INDEX_KNOWN_EXACT if h in self.hashes else "" for h in hashes]
+        todo = [i for i, reason in enumerate(out) if not reason]
+        if not (self.cfg.near and self.buckets and todo):
+            return out
+        sigs = minhash_batch([texts[i] for i in todo], self.cfg)
+        for i, sig, keys in zip(todo, sigs, band_keys(sigs, self.cfg.bands).tolist(), strict=True):
+            candidates = sorted({j for key in keys for j in self.buckets.get(key, ())})
+            if candidates and np.max(estimated_jaccard(self.signatures[candidates], sig)) >= self.cfg.threshold:
+                out[i] = INDEX_KNOWN_NEAR
+        return out
+
+
+def mark_known(batch: dict[str, np.ndarray], index: CorpusIndex) -> dict[str, np.ndarray]:
+    """map_batches UDF: a ``known`` column (see :meth:`CorpusIndex.known`) beside (hash, text, …)."""
+    out = dict(batch)
+    out["known"] = np.asarray(index.known(np.asarray(batch["hash"]).astype(str).tolist(),
+                                          [str(t) for t in batch["text"]]), dtype=object)
+    return out

@@ -4,7 +4,10 @@
     for x, y in iter_batches(store, data_uri, "train", batch_size=16, seed=1, epoch=0): ...   # tests, 1 process
     ds = ray_dataset(store, data_uri, "train")      # for ray.train.get_dataset_shard("train")
 
-Rows hold ``seq_len + 1`` tokens; inputs are ``row[:-1]``, targets ``row[1:]``. Each epoch visits
+Rows hold ``seq_len + 1`` tokens; inputs are ``row[:-1]``, targets ``row[1:]``. A shard may also hold
+a ``loss_mask`` column (supervised examples: 0 on prompt tokens, no loss there); :func:`load_split`
+returns it (ones for shards without one). A manifest's shard paths are relative to its folder, or
+whole URIs (a continual-learning mix refers to shards of other data directories). Each epoch visits
 every row once, in an order drawn from ``seed`` and ``epoch`` (shards shuffled, rows within a shard
 shuffled), so a resumed run sees the same order.
 """
@@ -29,21 +32,73 @@ def read_manifest(store: ObjectStore, data_uri: str) -> dict:
     return json.loads(store.read_text(uri))
 
 
+def shard_uri(data_uri: str, path: str) -> str:
+    """A manifest's shard path as a URI: relative to the data folder unless it is one already."""
+    return path if "://" in path or path.startswith("/") else join_uri(data_uri, path)
+
+
 def shard_uris(manifest: dict, data_uri: str, split: str) -> list[str]:
-    found = [join_uri(data_uri, s["path"]) for s in manifest["shards"] if s["split"] == split]
+    found = [shard_uri(data_uri, s["path"]) for s in manifest["shards"] if s["split"] == split]
     if not found:
         raise ValueError(f"{data_uri}: the manifest has no shards for split {split!r}")
     return found
+
+
+def _fixed_lists(column, dtype) -> np.ndarray:
+    column = column.combine_chunks()
+    return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, column.type.list_size)
+
+
+def shard_bytes(rows: np.ndarray, loss_mask: np.ndarray | None = None) -> bytes:
+    """A shard file (Parquet, zstd): column ``tokens`` (fixed lists of int32) and optionally ``loss_mask``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    width = rows.shape[1]
+    columns = {"tokens": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=pa.int32()), width)}
+    if loss_mask is not None:
+        columns["loss_mask"] = pa.FixedSizeListArray.from_arrays(pa.array(loss_mask.reshape(-1), type=pa.uint8()), width)
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf, compression="zstd")
+    return buf.getvalue()
 
 
 def read_shard(store: ObjectStore, uri: str) -> np.ndarray:
     """One shard as an int32 array [rows, seq_len + 1]."""
     import pyarrow.parquet as pq
 
-    column = pq.read_table(io.BytesIO(store.read_bytes(uri)), columns=["tokens"]).column("tokens")
-    column = column.combine_chunks()
-    width = column.type.list_size
-    return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.int32).reshape(-1, width)
+    return _fixed_lists(pq.read_table(io.BytesIO(store.read_bytes(uri)), columns=["tokens"]).column("tokens"), np.int32)
+
+
+def read_shard_masked(store: ObjectStore, uri: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """One shard's rows and its ``loss_mask`` (uint8, the rows' shape), None when it has none."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(store.read_bytes(uri)))
+    rows = _fixed_lists(table.column("tokens"), np.int32)
+    mask = _fixed_lists(table.column("loss_mask"), np.uint8) if "loss_mask" in table.column_names else None
+    return rows, mask
+
+
+def load_split(store: ObjectStore, data_uri: str, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every row of ``split`` and their loss mask (None when no shard has one; ones for shards without)."""
+    parts = [read_shard_masked(store, u) for u in shard_uris(read_manifest(store, data_uri), data_uri, split)]
+    rows = np.concatenate([r for r, _ in parts])
+    if all(m is None for _, m in parts):
+        return rows, None
+    return rows, np.concatenate([np.ones_like(r, dtype=np.uint8) if m is None else m for r, m in parts])
+
+
+def corpus_index_tables(store: ObjectStore, data_uri: str) -> list:
+    """The corpus index of a data directory (lm.data.pipeline) as pyarrow tables (hash, sig)."""
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(store, data_uri)
+    if "index" not in manifest:
+        raise StorageError(f"{data_uri}: this data (format {manifest.get('format')}) has no corpus index; "
+                           "prepare it again with this version (`lm data prepare`)")
+    uris = sorted(u for u in store.list(join_uri(data_uri, manifest["index"]) + "/") if u.endswith(".parquet"))
+    return [pq.read_table(io.BytesIO(store.read_bytes(u))) for u in uris]
 
 
 def load_rows(store: ObjectStore, data_uri: str, split: str) -> np.ndarray:

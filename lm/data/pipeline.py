@@ -12,7 +12,9 @@ Stages (each a Ray Data step over the pure functions in lm.data.*; the UDFs live
 
 Output under ``data.output`` (default ``<run>/data``): ``tokenizer.json``,
 ``shards-<fingerprint>/{train,val,test}-NNNNN.parquet`` (column ``tokens``: seq_len + 1 int32
-each) and ``manifest.json``. A re-run with the same inputs finds its manifest and does nothing.
+each), ``index-<fingerprint>/*.parquet`` (the corpus index: hash and MinHash signature of every kept
+document, what lm.continual deduplicates new documents against) and ``manifest.json``. A re-run with
+the same inputs finds its manifest and does nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from functools import partial
 
 from lm.cluster import connect
 from lm.config import Config, join_uri
-from lm.data.dedup import exact_dedup, near_dedup
+from lm.data.dedup import (
+    INDEX_KNOWN_EXACT,
+    INDEX_KNOWN_NEAR,
+    CorpusIndex,
+    exact_dedup,
+    index_rows,
+    mark_known,
+    near_dedup,
+)
 from lm.data.sources import OBJECT_REASONS, DataError, plan_files, read_file_task
 from lm.data.steps import TokenizeActor, add_bucket, count_by, hash_sample, read_and_clean, write_shard
 from lm.data.tables import filter_in
@@ -35,7 +45,7 @@ from lm.tokenizer import BPETokenizer, train_tokenizer
 
 Log = Callable[[str], None]
 MANIFEST = "manifest.json"
-FORMAT = "lmforge.data/1"
+FORMAT = "lmforge.data/2"  # /2: a corpus index (index-<fingerprint>/) beside the shards
 
 
 def data_uri(cfg: Config) -> str:
@@ -58,9 +68,11 @@ def settings_hash(cfg: Config) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def inputs_fingerprint(cfg: Config, files: list[dict]) -> str:
-    """Hash of everything that determines the output: the files (uri, size) and the settings."""
+def inputs_fingerprint(cfg: Config, files: list[dict], extra: str = "") -> str:
+    """Hash of everything that determines the output: the files (uri, size), the settings and ``extra``
+    (a given tokenizer, a corpus index)."""
     blob = json.dumps({"files": [(f["uri"], f.get("size", -1)) for f in files], "settings": settings_hash(cfg)})
+    blob += extra
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -78,17 +90,30 @@ def _train_tokenizer(cfg: Config, docs, log: Log) -> BPETokenizer:
     return train_tokenizer((str(r["text"]) for r in rows), cfg.tokenizer)
 
 
-def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print) -> dict:
-    """Run the whole pipeline; return the manifest (published at ``<data>/manifest.json``)."""
+def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print, *,
+                 tokenizer: BPETokenizer | None = None, known: CorpusIndex | None = None,
+                 export_texts: tuple[str, ...] = (), only: set[str] | None = None) -> dict:
+    """Run the whole pipeline; return the manifest (published at ``<data>/manifest.json``).
+
+    For an increment of an existing corpus (lm.continual): ``tokenizer`` is used instead of training
+    one, documents ``known`` to the corpus (exact or near duplicates) are dropped and counted, and the
+    cleaned documents of the ``export_texts`` splits are also written as ``<split>-texts.jsonl``; ``only``
+    restricts the sources' files to these URIs (the objects an iteration claimed)."""
     start = time.perf_counter()
     store = store or ObjectStore(cfg.storage)
     out = data_uri(cfg)
     files = plan_files(store, cfg.data)  # raises before any work if a source is missing
-    fingerprint = inputs_fingerprint(cfg, files)
+    if only is not None:
+        files = [f for f in files if f["uri"] in only]
+        if not files:
+            raise DataError(f"none of the {len(only)} given objects is a file of data.sources")
+    extra = json.dumps([tokenizer.fingerprint() if tokenizer else None, len(known) if known else None,
+                        sorted(export_texts)])
+    fingerprint = inputs_fingerprint(cfg, files, extra)
     manifest_uri = join_uri(out, MANIFEST)
     if store.exists(manifest_uri):
         old = json.loads(store.read_text(manifest_uri))
-        if old.get("inputs_fingerprint") == fingerprint:
+        if old.get("inputs_fingerprint") == fingerprint and old.get("format") == FORMAT:
             log(f"data: {manifest_uri} is up to date (inputs {fingerprint}); nothing to do")
             return old
     log(f"data: {len(files)} files from {len(cfg.data.sources)} sources → {out}")
@@ -98,7 +123,7 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
     if cfg.data.shuffle_strategy == "sort":  # datasets made below keep it
         context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
-        manifest = _run_stages(cfg, store, files, fingerprint, log)
+        manifest = _run_stages(cfg, store, files, fingerprint, log, tokenizer, known, export_texts)
     finally:
         context.shuffle_strategy = previous
     log(f"data: manifest → {manifest_uri} ({time.perf_counter() - start:.0f} s)")
@@ -117,7 +142,8 @@ class _StageClock:
         self.last = now
 
 
-def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint: str, log: Log) -> dict:
+def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint: str, log: Log,
+                tokenizer: BPETokenizer | None, known: CorpusIndex | None, export_texts: tuple[str, ...]) -> dict:
     import ray
 
     done = _StageClock(log)
@@ -148,14 +174,26 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
         docs, n_near = near_dedup(docs, cfg.data.dedup, parts)
         docs = docs.materialize()
         done(f"near dedup: {n_near} removed")
-    if n_clean - n_exact - n_near == 0:
+    known_counts = {INDEX_KNOWN_EXACT: 0, INDEX_KNOWN_NEAR: 0}
+    if known is not None and len(known) and n_clean - n_exact - n_near > 0:
+        marked = docs.map_batches(mark_known, fn_kwargs={"index": known}, batch_format="numpy").materialize()
+        known_counts.update({r["known"]: r["count()"] for r in count_by(marked, ["known"]) if r["known"]})
+        docs = filter_in(marked, "known", [""]).drop_columns(["known"]).materialize()
+        done(f"dedup against the corpus ({len(known):,} documents): {known_counts[INDEX_KNOWN_EXACT]} exact, "
+             f"{known_counts[INDEX_KNOWN_NEAR]} near duplicates removed")
+    if n_clean - n_exact - n_near - sum(known_counts.values()) == 0:
         raise DataError(f"no documents left after reading and filtering {len(files)} files "
-                        f"(dropped: {_reason_totals(reasons)}; skipped objects: {len(skipped)})")
+                        f"(dropped: {_reason_totals(reasons)}; duplicates: {n_exact} exact, {n_near} near, "
+                        f"{sum(known_counts.values())} of the existing corpus; skipped objects: {len(skipped)})")
 
-    tok = _train_tokenizer(cfg, docs, log)
+    tok = tokenizer or _train_tokenizer(cfg, docs, log)
     tokenizer_uri = join_uri(out, "tokenizer.json")
     store.publish_file(tok.to_json().encode(), tokenizer_uri)
-    done(f"tokenizer trained ({tok.vocab_size} tokens)")
+    done(f"tokenizer {'given' if tokenizer else 'trained'} ({tok.vocab_size} tokens)")
+    texts = _export_texts(store, out, docs, export_texts)
+    fs, index_path = store.pyarrow_filesystem(join_uri(out, f"index-{fingerprint}"))
+    docs.select_columns(["hash", "text"]).map_batches(index_rows, fn_kwargs={"cfg": cfg.data.dedup},
+                                                      batch_format="numpy").write_parquet(index_path, filesystem=fs)
 
     tokens = docs.map_batches(TokenizeActor, fn_constructor_kwargs={
         "tokenizer_json": tok.to_json(), "weights": {s.name: s.weight for s in cfg.data.sources}},
@@ -179,8 +217,11 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     done(f"packed and wrote {len(shards)} shards")
 
     manifest = _manifest(cfg, fingerprint, files, tok, shards, per_source, reasons, skipped, n_exact, n_near)
+    manifest["dedup"].update({"corpus_exact": known_counts[INDEX_KNOWN_EXACT],
+                              "corpus_near": known_counts[INDEX_KNOWN_NEAR]})
+    manifest.update(index=f"index-{fingerprint}", texts=texts)
     store.publish_file(json.dumps(manifest, indent=2, sort_keys=True).encode(), manifest_uri)
-    _remove_stale_shards(store, out, f"shards-{fingerprint}")
+    _remove_stale(store, out, fingerprint)
     log(summary_table(manifest))
     return manifest
 
@@ -230,10 +271,23 @@ def _manifest(cfg, fingerprint, files, tok, shards, per_source, reasons, skipped
     }
 
 
-def _remove_stale_shards(store: ObjectStore, out: str, keep: str) -> None:
+def _export_texts(store: ObjectStore, out: str, docs, splits: tuple[str, ...]) -> dict[str, str]:
+    """The cleaned, deduplicated documents of ``splits`` as ``<split>-texts.jsonl`` ({"text": …} lines)."""
+    written = {}
+    for split in splits:
+        rows = sorted(filter_in(docs, "split", [split]).select_columns(["id", "text"]).take_all(), key=lambda r: r["id"])
+        store.write_text(join_uri(out, f"{split}-texts.jsonl"), "".join(json.dumps({"text": str(r["text"])}) + "\n"
+                                                                         for r in rows))
+        written[split] = f"{split}-texts.jsonl"
+    return written
+
+
+def _remove_stale(store: ObjectStore, out: str, fingerprint: str) -> None:
+    """Shard and index folders of earlier runs with other inputs."""
     stale = {u[len(out):].lstrip("/").split("/", 1)[0] for u in store.list(out)}
     for name in sorted(stale):
-        if name.startswith("shards-") and name != keep:
+        prefix = name.split("-", 1)[0]
+        if prefix in ("shards", "index") and name != f"{prefix}-{fingerprint}":
             store.delete(join_uri(out, name))
 
 

@@ -12,7 +12,6 @@ UDFs over the pure functions in lm.data.*, and the tokenizer actor. No Ray impor
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Callable, Iterator
 from itertools import chain
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 
 from lm.config import join_uri
 from lm.data.clean import clean_batch
+from lm.data.loader import shard_bytes
 from lm.data.pack import pack_rows
 from lm.data.split import hash_unit, mixing_copies, split_batch
 from lm.tokenizer import BPETokenizer
@@ -94,16 +94,11 @@ def write_shard(group: dict[str, Any], *, out_dir: str, fs_factory, seq_len: int
     """Pack one (split, bucket) group into rows of seq_len + 1 and write it as one Parquet file."""
     import pyarrow as pa
     import pyarrow.fs
-    import pyarrow.parquet as pq
 
     order = np.argsort(np.asarray(group["id"], dtype=object).astype(str))
     split, bucket = str(group["split"][0]), int(group["bucket"][0])
     rows, dropped = pack_rows((group["tokens"][i] for i in order), seq_len, eos_id)
-    flat = pa.array(rows.reshape(-1), type=pa.int32())
-    table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(flat, seq_len + 1)})
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    data = buf.getvalue()
+    data = shard_bytes(rows.reshape(-1, seq_len + 1))
     name = f"{split}-{bucket:05d}.parquet"
     fs, path = fs_factory(join_uri(out_dir, name))
     if isinstance(fs, pa.fs.LocalFileSystem):  # S3 has no directories (and must not get markers)

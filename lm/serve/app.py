@@ -70,7 +70,7 @@ class Api:
             from lm.serve.feedback import FeedbackLog
 
             fb = self.sc.feedback
-            self.feedback = FeedbackLog(store, fb.uri or join_uri(cfg.storage.root, "feedback"),
+            self.feedback = FeedbackLog(store, cfg.feedback_uri,
                                         flush_interval_s=fb.flush_interval_s, flush_records=fb.flush_records)
         self.m_requests = Counter("lmforge_requests", description="HTTP requests by route and status.",
                                   tag_keys=("route", "status"))

@@ -36,8 +36,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def to_inputs_targets(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return rows_to_inputs_targets(torch.from_numpy(batch.astype(np.int64)).to(device))
+def to_inputs_targets(batch: np.ndarray, device: torch.device, mask: np.ndarray | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows → (inputs, targets) on ``device``; targets under a 0 of ``mask`` (a prompt) get no loss."""
+    rows = torch.from_numpy(batch.astype(np.int64))
+    inputs, targets = rows_to_inputs_targets(rows, None if mask is None else torch.from_numpy(mask))
+    return inputs.to(device), targets.to(device)
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -47,14 +51,14 @@ def autocast_for(precision: str, device: torch.device):
 
 
 @torch.no_grad()
-def estimate_loss(model, rows: np.ndarray, cfg: Config, device: torch.device) -> float:
+def estimate_loss(model, rows: np.ndarray, cfg: Config, device: torch.device, mask: np.ndarray | None = None) -> float:
     """Mean loss over the first ``eval_batches`` batches of ``rows`` (the same rows every time)."""
     was_training = model.training
     model.eval()
     bs = cfg.train.batch_size
     losses = []
     for i in range(0, min(len(rows), bs * cfg.train.eval_batches), bs):
-        x, y = to_inputs_targets(rows[i : i + bs], device)
+        x, y = to_inputs_targets(rows[i : i + bs], device, None if mask is None else mask[i : i + bs])
         with autocast_for(cfg.train.precision, device):
             _, loss = model(x, y)
         losses.append(loss.item())
@@ -68,8 +72,11 @@ def train_local(
     train_rows: np.ndarray,
     val_rows: np.ndarray | None = None,
     log: Callable[[str], None] = print,
+    train_mask: np.ndarray | None = None,
+    val_mask: np.ndarray | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place with AdamW + warm-up/cosine for ``max_steps`` (or ``max_seconds``)."""
+    """Train ``model`` in place with AdamW + warm-up/cosine for ``max_steps`` (or ``max_seconds``);
+    ``*_mask``: loss masks of the rows (lm.data.loader.load_split)."""
     tc = cfg.train
     device = pick_device(tc.device)
     model.to(device).train()
@@ -84,7 +91,7 @@ def train_local(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
         idx = global_batch_indices(len(train_rows), tc.seed, step * tc.batch_size, tc.batch_size)
-        x, y = to_inputs_targets(train_rows[idx], device)
+        x, y = to_inputs_targets(train_rows[idx], device, None if train_mask is None else train_mask[idx])
         with autocast_for(tc.precision, device):
             _, loss = model(x, y)
         loss.backward()
@@ -101,7 +108,7 @@ def train_local(
             record = {"step": step + 1, "loss": loss.item(), "lr": lr_at(step, tc),
                       "tokens_per_s": tokens_since_log / max(now - last_log, 1e-9), "elapsed_s": elapsed}
             if val_rows is not None and len(val_rows) and ((step + 1) % tc.eval_interval == 0 or last):
-                record["val_loss"] = estimate_loss(model, val_rows, cfg, device)
+                record["val_loss"] = estimate_loss(model, val_rows, cfg, device, val_mask)
             result.history.append(record)
             val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
             log(f"step {step + 1:>5}/{tc.max_steps} loss {record['loss']:.4f}{val} "

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lm.config import Config, join_uri
-from lm.data.loader import load_rows, read_manifest
+from lm.data.loader import load_split, read_manifest
 from lm.data.pipeline import data_uri
 from lm.model import Transformer, flops_per_token
 from lm.storage import ObjectStore
@@ -139,8 +139,9 @@ class Worker:
         self.data = data_uri(cfg)
         self.manifest = read_manifest(self.store, self.data)
         self.tok = BPETokenizer.from_json(self.store.read_text(join_uri(self.data, self.manifest["tokenizer"]["path"])))
-        self.train_rows = load_rows(self.store, self.data, "train")
-        self.val_rows = load_rows(self.store, self.data, "val") if "val" in self.manifest["splits"] else None
+        self.train_rows, self.train_mask = load_split(self.store, self.data, "train")
+        self.val_rows, self.val_mask = (load_split(self.store, self.data, "val") if "val" in self.manifest["splits"]
+                                        else (None, None))
         val = self.manifest["splits"].get("val", {})
         self.tokens_per_byte = val.get("tokens", 0) / val["bytes"] if val.get("bytes") else None
         self.model = build_model(cfg, self.tok.vocab_size)
@@ -231,7 +232,8 @@ class Worker:
         for m in range(self.accum):
             first = ((self.step * self.accum + m) * world + rank) * micro
             idx = global_batch_indices(len(self.train_rows), self.tc.seed, first, micro)
-            x, y = to_inputs_targets(self.train_rows[idx], self.device)
+            x, y = to_inputs_targets(self.train_rows[idx], self.device,
+                                     None if self.train_mask is None else self.train_mask[idx])
             _, loss = self.engine(x, y)
             self.engine.backward(loss)
             self.engine.step()
@@ -264,7 +266,9 @@ class Worker:
         losses = []
         for i in range(per_rank):
             b = (self.rank + i * self.world) % n_batches
-            x, y = to_inputs_targets(self.val_rows[b * micro : (b + 1) * micro], self.device)
+            part = slice(b * micro, (b + 1) * micro)
+            x, y = to_inputs_targets(self.val_rows[part], self.device,
+                                     None if self.val_mask is None else self.val_mask[part])
             losses.append(self.engine(x, y)[1].item())
         self.engine.train()
         val_loss = _all_mean([float(np.mean(losses))], self.world)[0]

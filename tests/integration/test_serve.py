@@ -3,10 +3,8 @@ auth, every class of bad input (4xx, never 5xx), concurrency with batching, the 
 feedback capture, hot reload under load with no failed request, following the registry's production
 alias (promotion and rollback), and autoscaling 1 → 2 → 1."""
 
-import contextlib
 import json
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from serving import KEY, free_port, settles_on, under_load
 
 from lm.config import load_config
 from lm.data.documents import iter_documents
@@ -26,39 +25,6 @@ from lm.train.loop import build_model
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).parents[2]
-KEY = "sk-test-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def under_load(client, prompt: str, max_tokens: int, temperature: float, threads: int):
-    """Requests sent back to back from ``threads`` threads while the block runs: yields the lists of
-    system_fingerprints answered and of errors (any failure fails the caller's test)."""
-    fingerprints, errors, stop = [], [], threading.Event()
-
-    def load():
-        while not stop.is_set():
-            try:
-                r = client.completions.create(model="lmforge", prompt=prompt, max_tokens=max_tokens,
-                                              temperature=temperature)
-                fingerprints.append(r.system_fingerprint)
-            except Exception as err:
-                errors.append(repr(err))
-
-    workers = [threading.Thread(target=load) for _ in range(threads)]
-    for t in workers:
-        t.start()
-    try:
-        yield fingerprints, errors
-    finally:
-        stop.set()
-        for t in workers:
-            t.join()
 
 
 def model_dir(store: ObjectStore, cfg, uri: str, seed: int) -> str:
@@ -275,14 +241,6 @@ def test_serving_follows_the_registry_production_alias(server):
     reg.promote(v1.id)
     start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], "serve.model=registry:production",
                                                     "serve.registry_poll_s=0.5"]))
-
-    def settles_on(fingerprints: list, version: str) -> bool:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if fingerprints[-6:] == [version] * 6:
-                return True
-            time.sleep(0.3)
-        return False
 
     with under_load(client, "WHO:", 4, 0.7, threads=3) as (fingerprints, errors):
         assert settles_on(fingerprints, v1.id), fingerprints[-6:]

@@ -1,0 +1,206 @@
+"""One iteration's training data: the new documents through the data pipeline (with the production
+tokenizer, deduplicated against the corpus), served feedback as supervised examples, replay rows of
+the earlier data, and the mix manifest the trainer reads like any data directory.
+
+    mix = build_mix(cfg, store, iteration_uri, inputs, tokenizer, log)   # inputs: URI -> ETag (the claim)
+
+Layout under the iteration's folder (every step is skipped when its output is already there, so an
+interrupted iteration resumes where it was):
+
+    new/            lm.data.pipeline's output for the new documents (+ ``val-texts.jsonl``)
+    feedback.jsonl  feedback pairs as text documents (``continual.feedback_as: text``)
+    mix/            ``manifest.json`` (shards by URI: new, supervised, replay), ``tokenizer.json``,
+                    ``sft-train.parquet`` / ``sft-val.parquet`` (tokens + loss_mask), ``replay-train.parquet``
+    gate-new.jsonl  the held-out part of the new data as text: the gate's ``new`` set
+
+The corpus the new documents are deduplicated against is the original data (``data.output``) plus
+the new documents of every earlier iteration, through their corpus indexes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lm.config import Config, SourceConfig, join_uri
+from lm.continual.feedback import Pair, parse_lines, sft_pairs, sft_tokens
+from lm.data.dedup import CorpusIndex
+from lm.data.loader import corpus_index_tables, load_rows, read_manifest, shard_bytes
+from lm.data.pack import pack_examples
+from lm.data.pipeline import FORMAT, data_uri, prepare_data
+from lm.data.sources import DataError, plan_files
+from lm.data.split import assign_split
+from lm.storage import ObjectStore
+from lm.tokenizer import BPETokenizer
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Mix:
+    data_uri: str  # the mix data directory (manifest.json): what the fine-tuning trainer reads
+    gate_texts: str | None  # JSONL of the new data's held-out texts (None: there are none)
+    rows: dict[str, int] = field(default_factory=dict)  # train rows by part: new, sft, replay
+    counts: dict[str, object] = field(default_factory=dict)  # what was kept and dropped, by reason
+
+
+def list_inputs(cfg: Config, store: ObjectStore, log: Log = print) -> dict[str, str]:
+    """URI -> ETag of every object under ``continual.corpus`` and (``use_feedback``) the feedback logs."""
+    found: dict[str, str] = {}
+    for src in cfg.continual.corpus:
+        try:
+            files = [f["uri"] for f in plan_files(store, cfg.data.model_copy(update={"sources": [src]}))]
+        except DataError as err:
+            log(f"continual: {err}")
+            continue
+        tags: dict[str, str] = {}
+        for prefix in sorted({u.rsplit("/", 1)[0] for u in files}):
+            tags.update(store.list_etags(prefix + "/"))
+        found.update({u: tags.get(u, "") for u in files})
+    if cfg.continual.use_feedback:
+        found.update({u: t for u, t in store.list_etags(cfg.feedback_uri + "/").items() if u.endswith(".jsonl")})
+    return found
+
+
+def is_feedback(cfg: Config, uri: str) -> bool:
+    return uri.startswith(cfg.feedback_uri.rstrip("/") + "/")
+
+
+def corpus_index(cfg: Config, store: ObjectStore, earlier: list[str]) -> CorpusIndex:
+    """The original data's corpus index plus those of the earlier iterations' new documents."""
+    tables = corpus_index_tables(store, data_uri(cfg))
+    for uri in earlier:
+        if store.exists(join_uri(uri, "new", "manifest.json")):
+            tables += corpus_index_tables(store, join_uri(uri, "new"))
+    return CorpusIndex.from_tables(tables, cfg.data.dedup)
+
+
+def feedback_pairs(cfg: Config, store: ObjectStore, uris: list[str], earlier: list[str]) -> tuple[list[Pair], Counter]:
+    """Pairs of the new feedback logs; a rating or correction of a completion logged in an earlier
+    (already learned) file is joined with that completion."""
+    counts: Counter = Counter()
+    records = parse_lines((line for u in uris for line in store.read_text(u).splitlines()), counts)
+    have = {r.get("id") for r in records if r.get("type") in ("completion", "chat")}
+    wanted = {r.get("id") for r in records if r.get("type") == "feedback"} - have
+    if wanted:
+        for u in earlier:
+            older = parse_lines(store.read_text(u).splitlines(), Counter())
+            records += [r for r in older if r.get("type") in ("completion", "chat") and r.get("id") in wanted]
+    pairs, more = sft_pairs(records, use_unrated=cfg.continual.use_unrated)
+    return pairs, counts + more
+
+
+def _write_sft(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, pairs: list[Pair]) -> dict:
+    """Supervised rows of ``pairs`` by split (the documents' split rule on the pair id), as shards."""
+    out = {}
+    for split in ("train", "val"):
+        chosen = [p for p in pairs if assign_split(p.id, cfg.data.val_fraction, 0.0) == split]
+        rows, mask, _ = pack_examples((sft_tokens(tok, p) for p in chosen), cfg.seq_len)
+        keep = mask[:, 1:].sum(axis=1) > 0  # a row with no response target would have no loss at all
+        rows, mask = rows[keep], mask[keep]
+        if len(rows):
+            name = f"sft-{split}.parquet"
+            store.write_bytes(join_uri(mix_uri, name), shard_bytes(rows, mask))
+            out[split] = {"path": join_uri(mix_uri, name), "split": split, "rows": len(rows)}
+    return out
+
+
+def _replay(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, new_rows: int) -> dict | None:
+    """Rows of the original train split, ``replay_ratio`` of the mix, drawn with the train seed."""
+    ratio = cfg.continual.replay_ratio
+    want = math.ceil(new_rows * ratio / (1 - ratio))
+    if want == 0:
+        return None
+    base = data_uri(cfg)
+    manifest = read_manifest(store, base)
+    if manifest["tokenizer"]["hash"] != tok.fingerprint():
+        raise DataError(f"{base}: made with another tokenizer than the production model's; it cannot be replayed")
+    rows = load_rows(store, base, "train")
+    picked = rows[np.random.default_rng(cfg.train.seed).choice(len(rows), size=want, replace=want > len(rows))]
+    uri = join_uri(mix_uri, "replay-train.parquet")
+    store.write_bytes(uri, shard_bytes(picked))
+    return {"path": uri, "split": "train", "rows": want}
+
+
+def build_mix(cfg: Config, store: ObjectStore, it_uri: str, inputs: dict[str, str], tok: BPETokenizer, *,
+              earlier_runs: list[str], earlier_inputs: list[str], log: Log = print) -> Mix:
+    """The iteration's data (see the module docstring). ``inputs``: this iteration's claimed objects;
+    ``earlier_runs``: the folders of earlier iterations; ``earlier_inputs``: the objects they took."""
+    mix_uri = join_uri(it_uri, "mix")
+    gate_uri = join_uri(it_uri, "gate-new.jsonl")
+    if store.exists(join_uri(mix_uri, "manifest.json")):
+        manifest = read_manifest(store, mix_uri)
+        log(f"continual: data of this iteration already built ({mix_uri})")
+        return Mix(mix_uri, gate_uri if store.exists(gate_uri) else None, manifest["parts"], manifest["counts"])
+    feedback = sorted(u for u in inputs if is_feedback(cfg, u))
+    documents = {u for u in inputs if not is_feedback(cfg, u)}
+    earlier_feedback = [u for u in earlier_inputs if is_feedback(cfg, u)]
+    pairs, fb_counts = feedback_pairs(cfg, store, feedback, earlier_feedback) if feedback else ([], Counter())
+    counts: dict[str, object] = {"feedback": dict(fb_counts), "documents": len(documents)}
+    sources = list(cfg.continual.corpus)
+    if pairs and cfg.continual.feedback_as == "text":
+        text_uri = join_uri(it_uri, "feedback.jsonl")
+        store.write_text(text_uri, "".join(json.dumps({"text": p.prompt + p.response}) + "\n" for p in pairs))
+        sources.append(SourceConfig(name="feedback", uri=text_uri, format="jsonl"))
+        documents.add(text_uri)
+    shards: list[dict] = []
+    gate_texts: list[str] = []
+    parts = {"new": 0, "sft": 0, "replay": 0}
+    new_uri = join_uri(it_uri, "new")
+    if documents:
+        inc = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources, "output": new_uri})})
+        try:
+            index = corpus_index(cfg, store, earlier_runs)
+            new = prepare_data(inc, store, log, tokenizer=tok, known=index, export_texts=("val",), only=documents)
+        except DataError as err:
+            counts["documents_note"] = str(err)
+            log(f"continual: no new documents to learn from: {err}")
+        else:
+            counts.update(dropped=new["dropped"], dedup=new["dedup"], skipped_objects=len(new["skipped_objects"]))
+            shards += [{**s, "path": join_uri(new_uri, s["path"])} for s in new["shards"] if s["split"] in ("train", "val")]
+            parts["new"] = sum(s["rows"] for s in new["shards"] if s["split"] == "train")
+            if "val" in new.get("texts", {}):
+                gate_texts += [json.loads(line)["text"] for line in
+                               store.read_text(join_uri(new_uri, new["texts"]["val"])).splitlines() if line.strip()]
+    sft = _write_sft(cfg, store, mix_uri, tok, pairs) if pairs and cfg.continual.feedback_as == "sft" else {}
+    shards += list(sft.values())
+    gate_texts += [p.prompt + p.response for p in pairs
+                   if cfg.continual.feedback_as == "sft" and assign_split(p.id, cfg.data.val_fraction, 0.0) == "val"]
+    parts["sft"] = sft["train"]["rows"] if "train" in sft else 0
+    if not parts["new"] + parts["sft"]:
+        log("continual: no new training rows in this iteration's inputs")
+        return Mix(mix_uri, None, parts, counts)
+    replay = _replay(cfg, store, mix_uri, tok, parts["new"] + parts["sft"])
+    if replay:
+        shards.append(replay)
+        parts["replay"] = replay["rows"]
+    if gate_texts:
+        store.write_text(gate_uri, "".join(json.dumps({"text": t}) + "\n" for t in gate_texts))
+    _write_manifest(cfg, store, mix_uri, tok, inputs, shards, parts, counts)
+    log(f"continual: training mix → {mix_uri}: {parts['new']} new rows, {parts['sft']} supervised rows, "
+        f"{parts['replay']} replay rows; {len(gate_texts)} held-out texts for the gate")
+    return Mix(mix_uri, gate_uri if gate_texts else None, parts, counts)
+
+
+def _write_manifest(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, inputs: dict[str, str],
+                    shards: list[dict], parts: dict, counts: dict) -> None:
+    store.publish_file(tok.to_json().encode(), join_uri(mix_uri, "tokenizer.json"))
+    splits: dict[str, dict] = {}
+    for s in shards:
+        agg = splits.setdefault(s["split"], {"rows": 0, "shards": 0})
+        agg["rows"] += s["rows"]
+        agg["shards"] += 1
+    fingerprint = hashlib.sha256(json.dumps(sorted(inputs.items())).encode()).hexdigest()[:16]
+    manifest = {"format": FORMAT, "kind": "continual-mix", "inputs_fingerprint": fingerprint, "seq_len": cfg.seq_len,
+                "row_length": cfg.seq_len + 1,
+                "tokenizer": {"path": "tokenizer.json", "hash": tok.fingerprint(), "vocab_size": tok.vocab_size,
+                              "eos_id": tok.eos_id, "pad_id": tok.pad_id},
+                "shards": [{k: s[k] for k in ("path", "split", "rows")} for s in shards],
+                "splits": splits, "parts": parts, "counts": counts, "inputs": inputs}
+    store.publish_file(json.dumps(manifest, indent=2, sort_keys=True).encode(), join_uri(mix_uri, "manifest.json"))

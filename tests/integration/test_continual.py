@@ -1,0 +1,199 @@
+"""Continuous learning end to end on the shared local Ray cluster and the real SeaweedFS S3 server:
+a base model trained on three quarters of tinyshakespeare is v1 in the registry and served by Ray
+Serve from ``registry:production``; served completions, their feedback and the last quarter of the
+corpus (new documents) feed an iteration on Ray Train + DeepSpeed that is killed during fine-tuning,
+resumed, gated and promoted while clients keep calling (no failed request, answers move to v2), then
+rolled back; garbage (random bytes, repeated junk, gibberish) is rejected and production stays."""
+
+import gzip
+import json
+import os
+import random
+import signal
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from serving import KEY, free_port, settles_on, under_load
+
+from lm.config import load_config
+from lm.continual.iteration import continual_uri, iteration_uri, run_iteration
+from lm.continual.ledger import Ledger
+from lm.registry import Registry
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
+
+REPO = Path(__file__).parents[2]
+TINY = REPO / "configs/tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def loop(ray_session, s3_server, monkeypatch_module):
+    """The corpus, the base model (v1, production) and the config every test of the loop shares."""
+    from lm.pipeline import run_main
+
+    for key, value in s3_server.env().items():
+        monkeypatch_module.setenv(key, value)
+    monkeypatch_module.setenv("LMFORGE_API_KEYS", KEY)
+    root = f"s3://{s3_server.new_bucket('loop')}"
+    store = s3_server.store(root=root)
+    speeches = gzip.decompress((REPO / "lm/corpora/tinyshakespeare.txt.gz").read_bytes()).decode().split("\n\n")
+    cut = int(len(speeches) * 0.75)
+    store.write_text(f"{root}/corpus/shakespeare-a.txt", "\n\n".join(speeches[:cut]))
+    port = free_port()
+    overrides = [f"storage.root={root}", f"data.sources=[{{name: shakespeare, uri: '{root}/corpus/'}}]",
+                 f"continual.corpus=[{{name: incoming, uri: '{root}/incoming/'}}]",
+                 "train.max_steps=400", "train.trainer=local", "train.eval_interval=10", "train.workers=1",
+                 "train.cpus_per_worker=0.5", "continual.steps=30", "continual.lr=1e-3",
+                 "eval.generation_set=null", "eval.labelled_set=null", 'eval.prompts=["ROMEO:"]',
+                 "eval.max_batches=24", "eval.ngram_max_train_tokens=100000",
+                 f"serve.port={port}", "serve.replica_cpus=0.5", "serve.autoscaling.max_replicas=1",
+                 "serve.model=registry:production", "serve.registry_poll_s=0.5",
+                 "serve.feedback.enabled=true", "serve.feedback.flush_interval_s=0.5"]
+    cfg = load_config(TINY, overrides)
+    run_main(cfg, store, log=lambda line: None)
+    registry = Registry(store, cfg.registry_uri)
+    v1 = registry.register(f"{root}/runs/tiny/model", note="base: 3/4 of tinyshakespeare")
+    registry.promote(v1.id, reason="base model")
+    yield {"cfg": cfg, "overrides": overrides, "store": store, "root": root, "registry": registry, "v1": v1.id,
+           "later": speeches[cut:], "base": f"http://127.0.0.1:{port}/v1",
+           "ray_address": ray_session.get_runtime_context().gcs_address}
+    from ray import serve
+
+    serve.shutdown()  # the next module's Serve starts its proxy on its own port
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def continual_job(loop, *extra: str) -> subprocess.Popen:
+    """``python jobs/continual.py`` on the shared cluster (as `ray job submit` would run it), in its own
+    process group so that it can be killed."""
+    env = {**os.environ, "RAY_ADDRESS": loop["ray_address"]}
+    return subprocess.Popen([sys.executable, "jobs/continual.py", "-c", str(TINY), *loop["overrides"], *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def committed_checkpoint(store, run_uri: str) -> bool:
+    """Whether Ray Train has committed a checkpoint of the run (its checkpoint manager's snapshot names one):
+    from then on, a new run of the same name restores from it."""
+    uri = f"{run_uri}checkpoint_manager_snapshot.json"
+    return store.exists(uri) and json.loads(store.read_text(uri)).get("latest_checkpoint_result") is not None
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_feedback_and_new_documents_become_v2_in_serving_after_a_killed_and_resumed_iteration(loop):
+    from ray import serve
+
+    from lm.serve.app import start
+
+    cfg, store, registry, root = loop["cfg"], loop["store"], loop["registry"], loop["root"]
+    start(cfg)
+    client = openai.OpenAI(base_url=loop["base"], api_key=KEY, max_retries=0)
+    try:
+        # served traffic and what users said about it
+        prompts = ["ROMEO:\n", "JULIET:\n", "KING RICHARD III:\n", "First Citizen:\n", "MENENIUS:\n", "GLOUCESTER:\n"]
+        answers = [client.completions.create(model="lmforge", prompt=p, max_tokens=12, temperature=0) for p in prompts]
+        assert {a.system_fingerprint for a in answers} == {loop["v1"]}
+        for i, a in enumerate(answers):
+            body = {"id": a.id, "correction": "Good morrow, my lord; what news?"} if i % 2 else {"id": a.id, "rating": 1}
+            r = httpx.post(f"{loop['base']}/feedback", json=body, headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 200, r.text
+
+        def all_feedback_written() -> bool:
+            lines = [json.loads(x) for u in store.list(cfg.feedback_uri + "/") for x in store.read_text(u).splitlines()]
+            return sum(r["type"] == "feedback" for r in lines) == len(prompts)
+
+        wait_for(all_feedback_written, 30, "the feedback logs")
+        store.write_text(f"{root}/incoming/shakespeare-b.txt", "\n\n".join(loop["later"][: len(loop["later"]) // 2]))
+
+        # the iteration on Ray Train + DeepSpeed, killed once it has a checkpoint
+        ray_train = ["train.trainer=ray"]
+        job = continual_job(loop, *ray_train)
+        checkpoints = f"{iteration_uri(cfg, 1)}/train/ray/"
+        try:
+            wait_for(lambda: committed_checkpoint(store, checkpoints), 300, "a committed fine-tuning checkpoint")
+        finally:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        ledger = Ledger(store, continual_uri(cfg))
+        assert ledger.open_iteration()["n"] == 1
+        claimed = ledger.iterations()[0]["inputs"]
+        assert f"{root}/incoming/shakespeare-b.txt" in claimed
+        assert sum(u.startswith(cfg.feedback_uri) for u in claimed) >= 1
+
+        # run again while clients keep calling: it resumes, promotes v2, and serving moves to it
+        with under_load(client, "ROMEO:", 4, 0.7, threads=1) as (fingerprints, errors):
+            assert settles_on(fingerprints, loop["v1"])
+            job = continual_job(loop, *ray_train)
+            out, _ = job.communicate(timeout=600)
+            assert job.returncode == 0, out[-3000:]
+            assert "resuming iteration 1" in out, out[-3000:]
+            assert "resumed at step" in out, [line for line in out.splitlines() if "step" in line]
+            outcome = ledger.iterations()[0]["outcome"]
+            assert outcome["verdict"] == "promoted", outcome
+            v2 = outcome["version"]
+            assert registry.get("production").id == v2 and registry.get(v2).parent == loop["v1"]
+            assert settles_on(fingerprints, v2), fingerprints[-6:]
+            registry.rollback(reason="test: rollback puts v1 back into serving")
+            assert settles_on(fingerprints, loop["v1"]), fingerprints[-6:]
+        assert not errors, errors[:3]
+    finally:
+        serve.delete(cfg.serve.app_name)
+
+    # what it learned from, once
+    assert outcome["rows"]["new"] > 0 and outcome["rows"]["sft"] > 0 and outcome["rows"]["replay"] > 0
+    assert outcome["counts"]["feedback"]["kept: correction"] == 3
+    assert outcome["counts"]["feedback"]["kept: rated good"] == 3
+    assert any(r.startswith("PASS fixed/bpb") for r in outcome["reasons"])
+    assert any(r.startswith("PASS new/bpb") for r in outcome["reasons"])
+    history = [json.loads(x) for x in store.read_text(f"{iteration_uri(cfg, 1)}/train/metrics.jsonl").splitlines()]
+    assert [h["step"] for h in history if "val_loss" in h] == [10, 20, 30]  # one curve across the restart
+    assert registry.get(v2).status == "rejected" and "rolled back" in registry.get(v2).reason
+    seen = [u for it in ledger.iterations() for u in it["inputs"]]
+    assert len(seen) == len(set(seen))
+
+
+def test_garbage_is_rejected_and_production_stays(loop):
+    cfg, store, registry, root = loop["cfg"], loop["store"], loop["registry"], loop["root"]
+    production = registry.get("production").id
+    lines: list[str] = []
+
+    # random bytes and repeated junk: nothing survives cleaning, so there is nothing to learn
+    store.write_bytes(f"{root}/incoming/random.bin", random.Random(0).randbytes(30_000))
+    store.write_text(f"{root}/incoming/junk.txt", "\n\n".join("BUY NOW buy now CLICK HERE " * 50 for _ in range(40)))
+    first = run_iteration(cfg, store, log=lines.append)
+    assert first["verdict"] == "rejected" and "no new data to learn from" in first["reasons"][0], first
+    assert "1 objects skipped" in first["counts"]["documents_note"] or "skipped objects: 1" in first["counts"]["documents_note"]
+    assert registry.get("production").id == production
+
+    # gibberish that reads as text passes cleaning, is learned, and the gate sees the forgetting
+    rng = random.Random(1)
+    symbols = string.ascii_letters + string.digits + "#$%&*+<=>@[]^_{|}~"
+    gibberish = ["\n".join(" ".join("".join(rng.choice(symbols) for _ in range(rng.randint(2, 9))) for _ in range(12))
+                           for _ in range(6)) for _ in range(150)]
+    store.write_text(f"{root}/incoming/gibberish.txt", "\n\n".join(gibberish))
+    second = run_iteration(cfg, store, log=lines.append)
+    assert second["verdict"] == "rejected", second
+    assert any(r.startswith("FAIL fixed/bpb") for r in second["reasons"]), second["reasons"]
+    assert registry.get(second["version"]).status == "rejected"
+    assert registry.get("production").id == production
+    again = run_iteration(cfg, store, log=lines.append)
+    assert again["verdict"] == "nothing new"  # every input was taken once, whatever its verdict
