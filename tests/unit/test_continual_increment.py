@@ -1,0 +1,133 @@
+"""The pieces of a continual-learning iteration that need no Ray: dedup against an existing corpus,
+shards with loss masks and a manifest of shards by URI, training on the response only, feedback
+joined across log files, and the configs of the fine-tune and the gate."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from lm.config import Config, ConfigError, DedupConfig, StorageConfig, load_config
+from lm.continual.feedback import Pair, sft_tokens
+from lm.continual.increment import feedback_pairs, is_feedback, list_inputs
+from lm.continual.iteration import fine_tune_config, gate_config, iteration_uri
+from lm.data.clean import text_hash
+from lm.data.dedup import INDEX_KNOWN_EXACT, INDEX_KNOWN_NEAR, CorpusIndex, index_rows
+from lm.data.loader import load_split, shard_bytes
+from lm.data.pack import pack_examples
+from lm.storage import ObjectStore
+from lm.train.local import estimate_loss, train_local
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wise", "kings",
+         "count", "golden", "stars", "above", "silent", "rivers", "and", "old", "sailors", "sing", "of", "distant",
+         "harbours", "under", "pale", "autumn", "moons"]
+
+
+def text(seed: int, n: int = 60) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS, size=n))
+
+
+def test_corpus_index_finds_exact_and_near_copies_of_indexed_documents():
+    cfg = DedupConfig()
+    corpus = [text(i) for i in range(20)]
+    table = index_rows({"hash": np.array([text_hash(t) for t in corpus]), "text": np.array(corpus, dtype=object)}, cfg)
+    index = CorpusIndex.from_tables([table], cfg)
+    assert len(index) == 20
+    near = corpus[3].split()
+    near[10] = "zebra"  # one word of sixty changed
+    candidates = [corpus[5], " ".join(near), text(99)]
+    assert index.known([text_hash(t) for t in candidates], candidates) == [INDEX_KNOWN_EXACT, INDEX_KNOWN_NEAR, ""]
+    exact_only = DedupConfig(near=False)
+    plain = CorpusIndex.from_tables([index_rows({"hash": np.array([text_hash(t) for t in corpus]),
+                                                 "text": np.array(corpus, dtype=object)}, exact_only)], exact_only)
+    assert plain.known([text_hash(t) for t in candidates], candidates) == [INDEX_KNOWN_EXACT, "", ""]
+
+
+def test_load_split_reads_masks_and_shards_named_by_uri(tmp_path):
+    store = ObjectStore(StorageConfig(root=str(tmp_path)))
+    rows_a = np.arange(12, dtype=np.int32).reshape(2, 6)
+    rows_b = np.arange(100, 118, dtype=np.int32).reshape(3, 6)
+    mask_b = np.zeros((3, 6), dtype=np.uint8)
+    mask_b[:, 3:] = 1
+    store.write_bytes(f"{tmp_path}/data/a.parquet", shard_bytes(rows_a))
+    store.write_bytes(f"{tmp_path}/elsewhere/b.parquet", shard_bytes(rows_b, mask_b))
+    manifest = {"shards": [{"path": "a.parquet", "split": "train", "rows": 2},
+                           {"path": f"{tmp_path}/elsewhere/b.parquet", "split": "train", "rows": 3}]}
+    store.write_text(f"{tmp_path}/data/manifest.json", json.dumps(manifest))
+    rows, mask = load_split(store, f"{tmp_path}/data", "train")
+    assert rows.tolist() == [*rows_a.tolist(), *rows_b.tolist()]
+    assert mask.tolist() == [[1] * 6, [1] * 6, *mask_b.tolist()]
+    manifest["shards"] = manifest["shards"][:1]
+    store.write_text(f"{tmp_path}/data/manifest.json", json.dumps(manifest))
+    assert load_split(store, f"{tmp_path}/data", "train")[1] is None
+
+
+def test_a_loss_mask_trains_the_response_and_not_the_prompt(small_tokenizer, small_model, one_torch_thread):
+    """Prompts are random letters, responses a fixed phrase: with the mask the model learns the response
+    as well as without it, but not the prompts, which it is never asked to predict."""
+    tok = small_tokenizer
+    rng = np.random.default_rng(0)
+    pairs = [Pair("".join(rng.choice(list("abcdefghij"), size=12)) + "\n", "To be, or not to be.", "rated", str(i))
+             for i in range(200)]
+    rows, mask, _ = pack_examples((sft_tokens(tok, p) for p in pairs), 32)
+    cfg = Config(train={"batch_size": 16, "max_steps": 150, "warmup_steps": 5, "lr": 3e-3, "eval_batches": 4,
+                        "log_interval": 100, "device": "cpu"})
+    prompt_only = (1 - mask).astype(np.uint8)
+    losses = {}
+    for name, train_mask in (("masked", mask), ("unmasked", None)):
+        model = small_model(tok, max_seq_len=32).train()
+        train_local(cfg, model, rows, log=lambda _: None, train_mask=train_mask)
+        losses[name] = {"response": estimate_loss(model, rows, cfg, torch.device("cpu"), mask),
+                        "prompt": estimate_loss(model, rows, cfg, torch.device("cpu"), prompt_only)}
+    assert losses["masked"]["response"] < 1.0 and losses["unmasked"]["response"] < 1.0
+    assert losses["masked"]["prompt"] > losses["unmasked"]["prompt"] + 1.0, losses
+
+
+def test_feedback_on_a_completion_logged_earlier_is_joined_with_it(tmp_path):
+    store = ObjectStore(StorageConfig(root=str(tmp_path)))
+    cfg = load_config(None, [f"storage.root={tmp_path}"])
+    old, new = f"{cfg.feedback_uri}/2026-11-26/a.jsonl", f"{cfg.feedback_uri}/2026-11-27/b.jsonl"
+    store.write_text(old, json.dumps({"type": "completion", "id": "c1", "prompts": ["Q:"], "completions": [" A"]}) + "\n")
+    store.write_text(new, "\n".join([json.dumps({"type": "feedback", "id": "c1", "correction": " Better."}),
+                                     json.dumps({"type": "completion", "id": "c2", "prompts": ["P:"],
+                                                 "completions": [" B"]}),
+                                     json.dumps({"type": "feedback", "id": "c2", "rating": 1}), "not json"]))
+    pairs, counts = feedback_pairs(cfg, store, [new], [old])
+    assert [(p.prompt, p.response, p.source) for p in pairs] == [("P:", " B", "rated"), ("Q:", " Better.", "correction")]
+    assert counts["skipped: not JSON"] == 1
+    assert is_feedback(cfg, new) and not is_feedback(cfg, f"{tmp_path}/incoming/x.txt")
+    assert set(list_inputs(cfg, store)) == {old, new}  # no corpus configured: the feedback logs only
+
+
+def test_fine_tune_and_gate_configs(tmp_path):
+    cfg = load_config(None, [f"storage.root={tmp_path}", "continual.steps=25", "continual.lr=2e-4",
+                             "train.eval_interval=100", "train.max_seconds=5"])
+    ft = fine_tune_config(cfg, 3, f"{tmp_path}/mix", f"{tmp_path}/model")
+    assert ft.run_uri == iteration_uri(cfg, 3) == f"{tmp_path}/registry/continual/runs/i000003"
+    assert (ft.train.init_from, ft.train.max_steps, ft.train.lr, ft.train.eval_interval, ft.train.max_seconds) == (
+        f"{tmp_path}/model", 25, 2e-4, 25, None)
+    assert ft.data.output == f"{tmp_path}/mix"
+    gate = gate_config(cfg, 3, f"{tmp_path}/new.jsonl")
+    assert [s.name for s in gate.eval.sets] == ["fixed", "new"] and gate.eval.sets[1].uri == f"{tmp_path}/new.jsonl"
+    assert gate.data.output == f"{tmp_path}/runs/default/data"  # the original data's validation split
+    assert [r.key for r in gate.eval.compare] == ["fixed/bpb", "new/bpb"]
+
+
+def test_continual_config_is_checked():
+    with pytest.raises(ConfigError, match="unknown sets"):
+        load_config(None, ["continual.gate=[{set: val, metric: bpb, max_regression: 0.1}]"])
+    with pytest.raises(ConfigError, match="replay_ratio"):
+        load_config(None, ["continual.replay_ratio=1"])
+
+
+def test_shard_bytes_round_trip_types():
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(shard_bytes(np.ones((2, 4), np.int32), np.zeros((2, 4), np.uint8))))
+    assert table.schema.field("tokens").type == pa.list_(pa.int32(), 4)
+    assert table.schema.field("loss_mask").type == pa.list_(pa.uint8(), 4)
