@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 # A two-trial Ray Tune sweep on the demo's shards, the main job (data → train → evaluation report →
-# sample), then Ray Serve hosts the trained model and answers one request through the openai client.
+# sample), Ray Serve hosts the trained model and answers one request through the openai client, then
+# one continual-learning iteration (new documents → fine-tune → gate → promote / reject) prints the registry.
 demo: install
 	$(BIN)/lm tune --config configs/tune/demo.yaml --resume
 	$(BIN)/lm run --config $(CONFIG)
 	LMFORGE_API_KEYS=$${LMFORGE_API_KEYS:-demo-key} $(BIN)/lm serve --config $(CONFIG) --ask "ROMEO:"
+	$(BIN)/lm continual --config $(CONFIG)
 
 lint: install
 	$(BIN)/ruff check .

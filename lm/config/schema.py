@@ -251,13 +251,16 @@ class Config(Section):
         return self.continual.registry or join_uri(self.storage.root, "registry")
 
     def with_absolute_paths(self) -> Config:
-        """A copy whose local ``storage.root``, ``output`` and ``data.output`` are absolute paths: what a
-        driver hands to Ray workers, which run in another working directory."""
+        """A copy whose local ``storage.root``, ``output``, ``data.output`` and ``continual.registry`` are
+        absolute paths: what a driver hands to Ray workers, which run in another working directory."""
         from lm.storage.uri import absolute_uri
 
         data = self.data.model_copy(update={"output": self.data.output and absolute_uri(self.data.output)})
         storage = self.storage.model_copy(update={"root": absolute_uri(self.storage.root)})
-        return self.model_copy(update={"storage": storage, "data": data, "output": self.output and absolute_uri(self.output)})
+        continual = self.continual.model_copy(
+            update={"registry": self.continual.registry and absolute_uri(self.continual.registry)})
+        return self.model_copy(update={"storage": storage, "data": data, "continual": continual,
+                                       "output": self.output and absolute_uri(self.output)})
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, secrets masked (safe to print and store)."""

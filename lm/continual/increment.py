@@ -59,8 +59,8 @@ def list_inputs(cfg: Config, store: ObjectStore, log: Log = print) -> dict[str, 
         except DataError as err:
             log(f"continual: {err}")
             continue
-        tags: dict[str, str] = {}
-        for prefix in sorted({u.rsplit("/", 1)[0] for u in files}):
+        tags = {u: "bundled" for u in files if u.startswith("bundled://")}  # shipped with lmforge: never change
+        for prefix in sorted({u.rsplit("/", 1)[0] for u in files if u not in tags}):
             tags.update(store.list_etags(prefix + "/"))
         found.update({u: tags.get(u, "") for u in files})
     if cfg.continual.use_feedback:

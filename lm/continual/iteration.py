@@ -28,7 +28,7 @@ from lm.continual.increment import Mix, build_mix, list_inputs
 from lm.continual.ledger import Ledger
 from lm.data.loader import read_manifest
 from lm.data.pipeline import data_uri
-from lm.registry import Registry, Version
+from lm.registry import Registry, RegistryError, Version
 from lm.storage import ObjectStore
 
 Log = Callable[[str], None]
@@ -108,9 +108,10 @@ def run_iteration(cfg: Config, store: ObjectStore | None = None, log: Log = prin
     ``<iteration>/outcome.json``): ``verdict`` promoted / rejected / nothing new, reasons, version."""
     from lm.eval.evaluate import evaluate
 
+    cfg = cfg.with_absolute_paths()  # the mix names shards by URI, and Ray workers run elsewhere
     store = store or ObjectStore(cfg.storage)
     registry = Registry(store, cfg.registry_uri)
-    registry.get("production")  # fails here, naming the registry, when nothing is in production
+    _bootstrap(cfg, store, registry, log)
     ledger = Ledger(store, continual_uri(cfg))
     it = ledger.open_iteration()
     if it is not None:
@@ -159,6 +160,21 @@ def run_iteration(cfg: Config, store: ObjectStore | None = None, log: Log = prin
     else:
         registry.reject(version.id, reason=f"continual iteration {n}: " + "; ".join(r for r in reasons if r.startswith("FAIL")))
     return _finish(store, ledger, n, it_uri, {**outcome, "verdict": "promoted" if passed else "rejected"}, log)
+
+
+def _bootstrap(cfg: Config, store: ObjectStore, registry: Registry, log: Log) -> None:
+    """An empty registry starts from this run's model (``<run>/model``): registered and promoted as the
+    first production version. A registry with versions but no production one is an error."""
+    if registry.versions():
+        registry.get("production")  # fails here, naming the registry, when nothing is in production
+        return
+    model_uri = join_uri(cfg.run_uri, "model")
+    if not store.exists(join_uri(model_uri, "config.json")):
+        raise RegistryError(f"the registry at {cfg.registry_uri} is empty and there is no model at {model_uri} to "
+                            "start from: train one (`lm run` / `lm train`) or `lm registry add` + `promote` one")
+    v = registry.register(model_uri, note=f"run {cfg.name}: the first production version")
+    registry.promote(v.id, reason="the registry's first version")
+    log(f"continual: registry was empty: {model_uri} is {v.id}, in production")
 
 
 def _tokenizer(store: ObjectStore, version: Version):

@@ -131,3 +131,28 @@ def test_shard_bytes_round_trip_types():
     table = pq.read_table(io.BytesIO(shard_bytes(np.ones((2, 4), np.int32), np.zeros((2, 4), np.uint8))))
     assert table.schema.field("tokens").type == pa.list_(pa.int32(), 4)
     assert table.schema.field("loss_mask").type == pa.list_(pa.uint8(), 4)
+
+
+def test_watch_repeats_iterations_and_outlives_a_failed_one(tmp_path, capsys):
+    """Nothing new: each iteration says so and claims nothing; an empty registry with no run model to
+    start from is a clear error (exit 2 from `lm continual`), and --watch keeps going after it."""
+    from lm.cli import main
+    from lm.continual.iteration import continual_uri, watch
+    from lm.continual.ledger import Ledger
+    from lm.registry import Registry
+
+    cfg = load_config(None, [f"storage.root={tmp_path}", "continual.interval_s=0.01"])
+    store = ObjectStore(cfg.storage)
+    assert main(["continual", f"storage.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"the registry at {cfg.registry_uri} is empty and there is no model at {tmp_path}/runs/default/model" in err
+    lines: list[str] = []
+    watch(cfg, store, lines.append, iterations=2)
+    assert [line.split(":")[0] for line in lines] == ["continual", "continual"]
+    assert all("iteration failed: RegistryError" in line for line in lines), lines
+    registry = Registry(store, cfg.registry_uri)
+    registry.promote(registry.register(f"{tmp_path}/some/model").id)
+    lines.clear()
+    watch(cfg, store, lines.append, iterations=3)
+    assert lines == ["continual: nothing new since the last iteration"] * 3
+    assert Ledger(store, continual_uri(cfg)).iterations() == []
