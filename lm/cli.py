@@ -4,7 +4,8 @@
     lm data prepare     [--config F] [key.sub=value ...]   corpora → cleaned, deduplicated token shards (Ray Data)
     lm train            [--config F] [key.sub=value ...]   Ray Train + DeepSpeed on the shards (resumes a run)
     lm tune [--resume]  [--config F] [key.sub=value ...]   Ray Tune sweep over training (cfg.tune.space)
-    lm serve [--render F | --ask P] [--config F] [key.sub=value ...]   Ray Serve: OpenAI-compatible API (or write a Serve config)
+    lm serve [--render F [--rayservice] | --ask P] [--config F] [key.sub=value ...]
+                                                            Ray Serve: OpenAI-compatible API (or write a Serve config / RayService)
     lm config show      [--config F] [key.sub=value ...]   print the resolved config
     lm tokenizer train  [--config F] [key.sub=value ...]   train + publish the BPE tokenizer
     lm generate [--model URI] [--prompt P] [--config F] [key.sub=value ...]
@@ -72,6 +73,11 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> str:
     if args.render:
         from pathlib import Path
 
+        if args.rayservice:
+            from lm.infra import rayservice
+
+            Path(args.render).write_text(rayservice(cfg, args.config, args.overrides))
+            return f"serve: KubeRay RayService → {args.render} (kubectl apply -f {args.render})"
         Path(args.render).write_text(render(cfg, args.config, args.overrides))
         return f"serve: Serve config → {args.render} (serve deploy {args.render})"
     if args.ask is not None:
@@ -208,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = add("serve", cmd_serve, "host the model behind an OpenAI-compatible API on Ray Serve (blocks)")
     srv.add_argument("--render", metavar="FILE", help="write a Serve config file (serve deploy, RayService) and exit")
     srv.add_argument("--ask", metavar="PROMPT", help="deploy, answer PROMPT through the openai client, stop")
+    srv.add_argument("--rayservice", action="store_true", help="with --render: a KubeRay RayService manifest instead")
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="action", required=True)
     add("show", cmd_config_show, "print the resolved config (preset + overrides, secrets masked)", config)
     tokenizer = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)

@@ -19,10 +19,22 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def _job_env_vars() -> dict[str, str]:
+    """The environment variables of the runtime env this process was submitted with (``ray job submit``)."""
+    import json
+
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return ((json.loads(injected).get("runtime_env") or {}).get("env_vars") or {}) if injected else {}
+
+
 def connect():
-    """``ray`` after ``ray.init`` (once per process; an existing connection is kept as it is)."""
+    """``ray`` after ``ray.init`` (once per process; an existing connection is kept as it is). In a
+    submitted job, only the variables its own runtime env does not set are added (Ray refuses to merge
+    the same key twice)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(configure_logging=False, runtime_env={"env_vars": worker_env()})
+        submitted = _job_env_vars()
+        extra = {k: v for k, v in worker_env().items() if k not in submitted}
+        ray.init(configure_logging=False, runtime_env={"env_vars": extra} if extra else None)
     return ray

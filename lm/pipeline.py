@@ -1,6 +1,6 @@
 """The main job: corpus → data shards + tokenizer → model → evaluation → sample, every artifact under ``cfg.run_uri``.
 
-``lm run`` / ``make demo`` / ``jobs/main.py`` call :func:`run_main`. Each stage is a function of
+``lm run`` / ``make demo`` / ``jobs/pipeline.py`` call :func:`run_main`. Each stage is a function of
 (config, store) that reads and writes object storage, so the same job runs on a local folder or S3.
 
     <run>/config.yaml               the resolved config (secrets masked)

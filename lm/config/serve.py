@@ -83,6 +83,14 @@ class ServeConfig(Section):
     replica_cpus: float = Field(1.0, gt=0, description="CPUs per model replica.")
     replica_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
     ingress_cpus: float = Field(0.1, ge=0, description="CPUs of the HTTP ingress replica.")
+    replica_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per model replica (e.g. {worker: 1}: one replica "
+        "per node that offers one).",
+    )
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="Where Serve runs HTTP proxies: every node (behind a load balancer), or the head "
+        "only (several nodes on one machine would otherwise bind the same port).",
+    )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 Linear layers (CPU replicas).")
     cache_entries: int = Field(1024, ge=0, description="Exact-match response cache for deterministic requests; 0 = off.")

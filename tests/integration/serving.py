@@ -5,6 +5,12 @@ import socket
 import threading
 import time
 
+from lm.data.documents import iter_documents
+from lm.modeldir import save_model_dir
+from lm.storage import ObjectStore
+from lm.tokenizer import train_tokenizer
+from lm.train.loop import build_model
+
 KEY = "sk-test-0123456789"
 
 
@@ -48,3 +54,12 @@ def settles_on(fingerprints: list, version: str, timeout: float = 60) -> bool:
             return True
         time.sleep(0.3)
     return False
+
+
+def model_dir(store: ObjectStore, cfg, uri: str, seed: int) -> str:
+    """A randomly initialised tiny model with a real tokenizer (serving does not care how good it is)."""
+    docs = (d.text for d, _ in zip(iter_documents(store, cfg.data, "train"), range(400), strict=False))
+    tok = train_tokenizer(docs, cfg.tokenizer)
+    model = build_model(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})}), tok.vocab_size)
+    save_model_dir(store, uri, model, tok, cfg.generate, {"run": f"serve-test-{seed}"})
+    return uri

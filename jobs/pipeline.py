@@ -1,6 +1,6 @@
 """The main job for `ray job submit`: parse the config, run lmforge's lifecycle.
 
-    ray job submit --working-dir . -- python jobs/main.py --config configs/shakespeare-cpu.yaml
+    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/shakespeare-cpu.yaml
 """
 
 import sys
