@@ -6,17 +6,16 @@ until it succeeds, its artifacts checked in the bucket, and that cluster stopped
 (never `ray stop`, which would also stop the suite's shared cluster). Then `lm generate` reads the
 job's model from S3, and wrong credentials give one clear error without the secret."""
 
+import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from serving import free_port
+from clusters import auth_headers, auth_mode, kill_leftovers, local_cluster
 
 from lm.cluster import worker_env
 
@@ -27,67 +26,27 @@ BIN = Path(sys.executable).parent
 EXCLUDES = [".venv", ".git", "lmforge-store", "**/__pycache__", "tests", ".ruff_cache", ".pytest_cache"]
 
 
-def _cluster_processes(marker: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(marker in part for part in p.info["cmdline"] or ()):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-TOKEN = Path.home() / ".ray" / "auth_token"
-
-
-def auth_mode() -> str:
-    """Ray turns token authentication on when a token file exists; every side must then say so."""
-    return "token" if TOKEN.exists() else "disabled"
-
-
-def auth_headers() -> dict[str, str]:
-    """The Jobs SDK's bearer token (this process settled its own auth mode when it first used Ray)."""
-    return {"Authorization": f"Bearer {TOKEN.read_text().strip()}"} if TOKEN.exists() else {}
-
-
 @pytest.fixture
 def head(s3_server, monkeypatch):
-    """A Ray head of its own (`ray start --head --block`), stopped at the end by killing its processes."""
+    """A Ray head of its own (cluster/local.py: `ray start --head --block` with ports of its own, so it
+    can run beside the suite's cluster), on a node whose environment holds the S3 credentials; stopped
+    at the end by killing exactly its processes."""
     from ray.job_submission import JobSubmissionClient
 
     monkeypatch.setenv("RAY_AUTH_MODE", auth_mode())  # the same for `ray start` and the Jobs SDK
-
+    for key, value in s3_server.env().items():  # what an instance profile gives a cloud node
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{BIN}:{os.environ['PATH']}")  # `python` in a job is this environment's
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    port, dashboard, ray_client = free_port(), free_port(), free_port()
-    env = {**os.environ, **s3_server.env(), "PATH": f"{BIN}:{os.environ['PATH']}"}  # `python` in a job is ours
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}",
-                             f"--ray-client-server-port={ray_client}",
-                             "--disable-usage-stats"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    client, error, deadline = None, None, time.monotonic() + 120
-    while client is None and time.monotonic() < deadline and proc.poll() is None:
-        try:
-            client = JobSubmissionClient(address, headers=auth_headers())
-            client.list_jobs()
-        except Exception as err:  # not up yet
-            client, error = None, err
-            time.sleep(1)
+    local_cluster(temp_dir, "up", "--workers", "0", "--head-cpus", "2")
+    state = json.loads((Path(temp_dir) / "local-cluster.json").read_text())
     try:
-        assert client is not None, f"the head did not come up: {error!r}"
-        yield {"client": client, "address": address, "gcs": f"127.0.0.1:{port}", "temp_dir": temp_dir}
+        yield {"client": JobSubmissionClient(state["dashboard"], headers=auth_headers())}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for p in _cluster_processes(temp_dir):  # anything left of this cluster (workers, agents)
-            p.kill()
-        psutil.wait_procs(_cluster_processes(temp_dir), timeout=10)
+        local_cluster(temp_dir, "down")
+        left = kill_leftovers(temp_dir)
+        assert not left, left  # `down` stopped everything it started
 
 
 @pytest.mark.s3

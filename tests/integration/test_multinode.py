@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import openai
-import psutil
 import pytest
+from clusters import auth_mode, kill_leftovers, local_cluster
 from serving import KEY, free_port, model_dir
 
 from lm.config import load_config
@@ -28,26 +28,16 @@ REPO = Path(__file__).parents[2]
 TINY = REPO / "configs/tiny.yaml"
 
 
-def local_cluster(temp_dir: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, "cluster/local.py", "--temp-dir", temp_dir, *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def nodes():
-    # Ray turns token authentication on when a token file exists: every node and client must say so
-    os.environ["RAY_AUTH_MODE"] = "token" if (Path.home() / ".ray" / "auth_token").exists() else "disabled"
-    temp_dir = tempfile.mkdtemp(prefix="mn", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    local_cluster(temp_dir, "up", "--workers", "2", "--cpus", "1", "--head-cpus", "1")
-    state = json.loads((Path(temp_dir) / "local-cluster.json").read_text())
-    yield state
-    local_cluster(temp_dir, "down")
-    left = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in p.info["cmdline"] or ())]
-    for p in left:
-        p.kill()
-    assert not left, [" ".join(p.info["cmdline"][:3]) for p in left]  # `down` stopped everything it started
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", auth_mode())  # the same for every node and client
+        temp_dir = tempfile.mkdtemp(prefix="mn", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+        local_cluster(temp_dir, "up", "--workers", "2", "--cpus", "1", "--head-cpus", "1")
+        yield json.loads((Path(temp_dir) / "local-cluster.json").read_text())
+        local_cluster(temp_dir, "down")
+        left = kill_leftovers(temp_dir)
+        assert not left, left  # `down` stopped everything it started
 
 
 def actor_nodes(dashboard: str, class_part: str) -> list[str]:
