@@ -14,6 +14,10 @@
     lm registry list | show [ID|ALIAS] | add --model URI | promote ID | reject ID | rollback   the model registry
     lm continual [--watch [--iterations N]] [--config F] [key.sub=value ...]
                                                             new data + feedback → fine-tune → gate → promote / reject
+    lm rag build | search QUERY [--top-k K] [--config F] [key.sub=value ...]
+                                                            the retrieval index (rag.sources → rag.index) / a lookup
+    lm prune --out URI --sparsity S --method unstructured|heads|channels [--model URI] [--scope global|matrix]
+             [--finetune-steps N] [--data URI] [--config F] [key.sub=value ...]   magnitude pruning (lm.compress.prune)
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def cmd_tune(cfg: Config, args: argparse.Namespace) -> str:
 
 
 def cmd_serve(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.serve.app import render, start
+    from lm.serve.deploy import render, start
 
     if args.render:
         from pathlib import Path
@@ -81,7 +85,7 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> str:
         Path(args.render).write_text(render(cfg, args.config, args.overrides))
         return f"serve: Serve config → {args.render} (serve deploy {args.render})"
     if args.ask is not None:
-        from lm.serve.app import ask_once
+        from lm.serve.deploy import ask_once
 
         done = ask_once(cfg, args.ask)
         print(args.ask + done["choices"][0]["text"])
@@ -195,6 +199,33 @@ def cmd_continual(cfg: Config, args: argparse.Namespace) -> str:
     return f"{outcome}\n{table(reg.versions(), reg.state())}"
 
 
+def cmd_rag(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.rag import RagIndex, build_index
+
+    if args.action == "build":
+        manifest = build_index(cfg)
+        return json.dumps({k: manifest[k] for k in ("passages", "documents")} | {"index": cfg.rag_uri})
+    from lm.storage import ObjectStore
+
+    hits = RagIndex.load(ObjectStore(cfg.storage), cfg.rag_uri).search(args.query, args.top_k or cfg.rag.top_k)
+    return "\n".join(f"{h['score']:8.3f}  {h['id']}  {h['text'][:100]}" for h in hits) or "(no passage shares a word)"
+
+
+def cmd_prune(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.compress.prune import PruneError, prune_dir
+    from lm.storage import ObjectStore
+
+    model_uri = args.model or join_uri(cfg.run_uri, "model")
+    try:
+        r = prune_dir(ObjectStore(cfg.storage), model_uri, args.out, args.sparsity, args.method, scope=args.scope,
+                      finetune_steps=args.finetune_steps, cfg=cfg, data_uri=args.data)
+    except PruneError as err:
+        raise ConfigError(f"lm prune: {err}") from None
+    tuned = f", fine-tuned {r['finetune']['steps']} steps" if "finetune" in r else ""
+    return (f"prune {args.method}: {r['params_before']:,} → {r['params_after']:,} parameters, measured sparsity "
+            f"{r['actual_sparsity']:.4f} of the block weights{tuned} → {r['uri']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm", description="lmforge: build, train and serve a GPT-style model on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -231,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
                "fine-tune production → gate → promote or reject (a re-run resumes an interrupted one)")
     cont.add_argument("--watch", action="store_true", help="repeat every continual.interval_s seconds")
     cont.add_argument("--iterations", type=int, help="with --watch: stop after N iterations")
+    rag = sub.add_parser("rag", help="retrieval-augmented generation: the passage index").add_subparsers(
+        dest="action", required=True)
+    add("build", cmd_rag, "index rag.sources (BM25 over passages) into rag.index", rag)
+    rag_search = rag.add_parser("search", help="the best passages for a query", description="the best passages")
+    rag_search.add_argument("query")
+    rag_search.add_argument("--top-k", type=int, help="passages to show (default: rag.top_k)")
+    _config_args(rag_search)
+    rag_search.set_defaults(func=cmd_rag)
+    pr = add("prune", cmd_prune, "magnitude pruning of a model directory (unstructured, or whole attention heads / "
+             "MLP channels, which shrinks the model), optionally fine-tuned a few steps, into a new directory")
+    pr.add_argument("--model", help="model directory URI (default: <run>/model)")
+    pr.add_argument("--out", required=True, help="where the pruned model directory goes")
+    pr.add_argument("--sparsity", type=float, required=True, help="fraction to remove, in [0, 1)")
+    pr.add_argument("--method", required=True, help="unstructured | heads | channels")
+    pr.add_argument("--scope", default="matrix", help="unstructured: rank weights per matrix (matrix) or all at once (global)")
+    pr.add_argument("--finetune-steps", type=int, default=0, help="then train this many steps (train.*, plain loop)")
+    pr.add_argument("--data", help="fine-tuning data folder (default: what the model was trained on, else <run>/data)")
     registry = sub.add_parser("registry", help="the model registry (versions, production / previous)")
     reg = registry.add_subparsers(dest="action", required=True)
 
@@ -263,13 +311,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     from lm.data.sources import DataError
+    from lm.rag import RagError
     from lm.registry import RegistryError
     from lm.storage import StorageError
 
     try:
         cfg = load_config(args.config, args.overrides)
         print(args.func(cfg, args))
-    except (ConfigError, StorageError, DataError, RegistryError, FileNotFoundError) as err:
+    except (ConfigError, StorageError, DataError, RegistryError, RagError, FileNotFoundError) as err:
         print(f"lm: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -3,7 +3,7 @@
     lm serve --render infra/rayservice.yaml --rayservice -c configs/gpt2-124m.yaml
 
 The Serve application inside (``serveConfigV2``) is the Serve config file of ``lm serve --render``
-(lm.serve.app.render), so ``serve deploy`` and KubeRay run the same thing. The image and the Ray
+(lm.serve.deploy.render), so ``serve deploy`` and KubeRay run the same thing. The image and the Ray
 version come from this installation (lmforge's and ray's versions), which is what the committed
 manifests are checked against (tests/unit/test_infra.py).
 """
@@ -84,7 +84,7 @@ spec:                                   # the service's desired state
 
 def rayservice(cfg: Config, config_path: str | None, overrides: list[str]) -> str:
     """The RayService manifest serving ``cfg`` (see the module docstring)."""
-    from lm.serve.app import render
+    from lm.serve.deploy import render
 
     serve_config = render(cfg, config_path, overrides)
     body = "\n".join("    " + line if line else "" for line in serve_config.rstrip("\n").splitlines())

@@ -209,6 +209,17 @@ class Transformer(nn.Module):
         """
         if last_only and targets is not None:
             raise ValueError("last_only=True computes no loss; pass targets=None")
+        hidden = self.hidden_states(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                    kv_cache=kv_cache, last_only=last_only)
+        logits = self.lm_head(hidden).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def hidden_states(self, input_ids, *, position_ids=None, attention_mask=None, kv_cache=None, last_only=False):
+        """The final normed hidden states [B, T (1 with last_only), d_model]: what ``lm_head`` reads
+        (arguments as in :meth:`forward`)."""
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and start + T > kv_cache.max_len:
@@ -226,13 +237,9 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, i)
-        logits = self.lm_head(self.model.norm(x[:, -1:] if last_only else x)).float()
         if kv_cache is not None:
             kv_cache.length += T
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return self.model.norm(x[:, -1:] if last_only else x)
 
     @staticmethod
     def _attention_mask(B, T, start, attention_mask, device) -> torch.Tensor | bool:

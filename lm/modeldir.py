@@ -76,7 +76,7 @@ def config_from_hf(d: dict) -> ModelConfig:
             ("mlp_bias", not d.get("mlp_bias")),
             ("rope_scaling", not d.get("rope_scaling")),
             ("rope_parameters", rope.get("rope_type", "default") == "default"),
-            ("head_dim", d.get("head_dim") in (None, d["hidden_size"] // d["num_attention_heads"])),
+            ("head_dim", d.get("head_dim") is None or (isinstance(d["head_dim"], int) and d["head_dim"] % 2 == 0)),
         ]
         if not ok
     ]
@@ -85,7 +85,10 @@ def config_from_hf(d: dict) -> ModelConfig:
     n_heads, d_model = d["num_attention_heads"], d["hidden_size"]
     n_kv = d.get("num_key_value_heads") or n_heads
     ff = d["intermediate_size"]
+    head_dim = d.get("head_dim") or d_model // n_heads
+    default_head_dim = d_model // n_heads if d_model % n_heads == 0 else None
     cfg = ModelConfig(
+        d_head=None if head_dim == default_head_dim else head_dim,  # a pruned model: n_heads x head_dim < d_model
         n_layers=d["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=None if n_kv == n_heads else n_kv,

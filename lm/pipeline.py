@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lm.compress.distill import check_run_teacher, load_teacher
+from lm.compress.distill import lineage as distill_lineage
 from lm.config import Config, dump_yaml, join_uri
 from lm.data.documents import iter_documents
 from lm.data.loader import load_split
@@ -62,8 +64,13 @@ def train_in_process(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifes
     model = build_model(cfg, tok.vocab_size)
     if cfg.train.init_from:
         load_init_weights(model, store, cfg.train.init_from)
-    log(f"model: {model.num_parameters():,} parameters; training on {pick_device(cfg.train.device)}")
-    result = train_local(cfg, model, train_rows, val_rows, log=log, train_mask=train_mask, val_mask=val_mask)
+    device = pick_device(cfg.train.device)
+    log(f"model: {model.num_parameters():,} parameters; training on {device}")
+    distill = cfg.train.distill
+    teacher = (load_teacher(store, distill.teacher, tok, cfg.seq_len, cfg.train.precision, device)
+               if distill.teacher else None)
+    result = train_local(cfg, model, train_rows, val_rows, log=log, train_mask=train_mask, val_mask=val_mask,
+                         teacher=teacher)
     train_uri = join_uri(cfg.run_uri, "train")
     store.write_text(join_uri(train_uri, "metrics.jsonl"), history_jsonl(result.history))
     store.write_bytes(join_uri(train_uri, "loss.png"), loss_curve_png(result.history, f"{cfg.name}: loss"))
@@ -72,6 +79,8 @@ def train_in_process(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifes
                "data_manifest": join_uri(data, "manifest.json"), "data_inputs": manifest["inputs_fingerprint"],
                "steps": result.steps, "tokens": result.tokens, "final_loss": result.history[-1]["loss"],
                "trainer": "local"}
+    if distilled := distill_lineage(distill):
+        lineage["distill"] = distilled
     save_model_dir(store, model_uri, model.cpu(), tok, cfg.generate, lineage)
     return TrainSummary(model_uri, result.steps, result.seconds, result.history, None)
 
@@ -81,6 +90,7 @@ def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) ->
     store = store or ObjectStore(cfg.storage)
     log(f"run {cfg.name} → {cfg.run_uri}")
     plan_files(store, cfg.data)  # fail before any work if a source is missing
+    check_run_teacher(cfg, store)  # or train.distill.teacher is no model directory with the context
     store.write_text(join_uri(cfg.run_uri, "config.yaml"), dump_yaml(cfg))
 
     manifest = prepare_data(cfg, store, log)

@@ -16,8 +16,9 @@ generation may end early at end-of-text, so tokens are counted from ``usage.comp
     ``generate(do_sample=True, temperature=0.8, top_k=0)`` one request at a time in this process, on
     as many torch threads as the model replica gets CPUs; tokens/s = generated tokens / wall seconds.
     Also lm.serve.engine in this process, one request at a time (same prompts, same threads).
-  * HTTP: one model replica (autoscaling fixed at 1) with ``serve.replica_cpus`` CPUs, deployed with
-    ``lm.serve.app.start``; closed-loop load at each concurrency (that many requests always in flight,
+  * HTTP: one model replica (autoscaling fixed at 1) with ``serve.replica_cpus`` CPUs (``--colocate``, the
+    default: the API inside that replica, ``serve.colocate``; ``--no-colocate``: a separate ingress), deployed with
+    ``lm.serve.deploy.start``; closed-loop load at each concurrency (that many requests always in flight,
     ``max(--requests, 8 x concurrency)`` requests): tokens/s = completion tokens / wall seconds from the
     first send to the last answer (the target's number); also steady-state tokens/s (the tokens of the
     requests answered before the last one was sent, over that time: without the drain at the end,
@@ -251,12 +252,12 @@ def healthz(base: str, repeats: int) -> dict:
     return {"requests": repeats, **latency_stats(times)}
 
 
-def deploy(model: str, port: int, max_batch_size: int, replica_cpus: float) -> dict:
-    from lm.serve.app import start
+def deploy(model: str, port: int, max_batch_size: int, replica_cpus: float, colocate: bool) -> dict:
+    from lm.serve.deploy import start
 
     overrides = [f"serve.model={model}", "serve.require_auth=false", f"serve.port={port}", "serve.cache_entries=0",
                  f"serve.replica_cpus={replica_cpus}", f"serve.max_batch_size={max_batch_size}",
-                 "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1"]
+                 "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1", f"serve.colocate={colocate}"]
     cfg = load_config(REPO / "configs/shakespeare-cpu.yaml", overrides)
     t = time.perf_counter()
     start(cfg)
@@ -265,7 +266,7 @@ def deploy(model: str, port: int, max_batch_size: int, replica_cpus: float) -> d
     return {"max_batch_size": sc.max_batch_size, "max_ongoing_requests": sc.ongoing_requests,
             "batch_wait_timeout_s": sc.batch_wait_timeout_s, "replica_cpus": sc.replica_cpus,
             "replica_torch_threads": max(1, round(sc.replica_cpus)), "ingress_cpus": sc.ingress_cpus,
-            "replicas": 1, "cache_entries": sc.cache_entries}
+            "replicas": 1, "cache_entries": sc.cache_entries, "colocate": sc.colocate}
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -296,6 +297,8 @@ def main() -> None:
                         help="serve.replica_cpus; the baselines use as many torch threads (rounded)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="levels, comma-separated")
     parser.add_argument("--overhead-requests", type=int, default=30)
+    parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=True,
+                        help="serve.colocate: the API inside the model replica (--no-colocate: a separate ingress)")
     parser.add_argument("--out", default="jobs/bench/results/serve.json")
     args = parser.parse_args()
     levels_of = tuple(int(c) for c in args.concurrency.split(","))
@@ -331,7 +334,7 @@ def main() -> None:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         http: dict = {}
-        settings = deploy(str(model_dir), port, args.max_batch_size, args.replica_cpus)
+        settings = deploy(str(model_dir), port, args.max_batch_size, args.replica_cpus, args.colocate)
         over = {"healthz": healthz(base, args.overhead_requests),
                 "max_tokens_1": overhead(base, engine, prompts, 1, args.overhead_requests),
                 f"max_tokens_{args.max_tokens}": overhead(base, engine, prompts, args.max_tokens,
@@ -340,7 +343,7 @@ def main() -> None:
             f"{over['max_tokens_1']['http_p50_ms']} ms vs in-process {over['max_tokens_1']['in_process_p50_ms']} ms")
         http["batched"] = {"settings": settings, "levels": load_levels(base, prompts, levels_of, args.requests,
                                                                        args.max_tokens, "batched")}
-        settings = deploy(str(model_dir), port, 1, args.replica_cpus)
+        settings = deploy(str(model_dir), port, 1, args.replica_cpus, args.colocate)
         http["unbatched"] = {"settings": settings, "levels": load_levels(base, prompts, levels_of, args.requests,
                                                                          args.max_tokens, "unbatched")}
     finally:

@@ -7,7 +7,7 @@ validated by the pydantic schema (``schema.py``) *before* any work starts. Unkno
     from lm.config import load_config
     cfg = load_config("configs/tiny.yaml", ["model.n_layers=4", "train.lr=1e-3"])
 
-Sections: storage, data, tokenizer, model, train, generate, tune, eval, serve, continual. Later
+Sections: storage, data, tokenizer, model, train, generate, tune, eval, serve, continual, rag. Later
 stages fill the sections they own; every field carries a description (``lm config show`` prints the resolved values).
 """
 

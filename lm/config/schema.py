@@ -16,7 +16,9 @@ from lm.config.base import ConfigError as ConfigError  # re-exported
 from lm.config.base import Section
 from lm.config.continual import ContinualConfig
 from lm.config.eval import EvalConfig
+from lm.config.rag import RagConfig
 from lm.config.serve import ServeConfig
+from lm.config.sft import SFTConfig
 from lm.config.sources import SourceConfig
 from lm.config.train import TrainConfig
 from lm.config.tune import TuneConfig
@@ -91,6 +93,10 @@ class DedupConfig(Section):
 
 
 class DataConfig(Section):
+    format: Literal["text", "sft"] = Field(
+        "text", description="text: documents for language modelling (loss on every token); sft: prompt / "
+        "response JSONL records (data.sft) rendered with the chat template, loss on the response only.",
+    )
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [SourceConfig(name="tinyshakespeare", uri="bundled://tinyshakespeare")],
         description="Corpora to read.",
@@ -120,6 +126,7 @@ class DataConfig(Section):
         1024, gt=0, description="Skip (and report) single files larger than this many MiB (reason too_large)."
     )
     seed: int = Field(1234, description="Seed for the tokenizer-training sample and shard shuffling.")
+    sft: SFTConfig = Field(default_factory=SFTConfig)
 
     @model_validator(mode="after")
     def _check_fractions(self) -> DataConfig:
@@ -128,6 +135,8 @@ class DataConfig(Section):
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique, got {names}")
+        if self.format == "sft" and (bad := [s.name for s in self.sources if s.format not in ("auto", "jsonl")]):
+            raise ValueError(f"format sft reads JSONL records; sources {bad} declare another format")
         return self
 
 
@@ -159,6 +168,10 @@ class ModelConfig(Section):
     d_ff: int | None = Field(
         None, ge=1, description="SwiGLU hidden size (intermediate_size); null = 8/3·d_model rounded up to 64."
     )
+    d_head: int | None = Field(
+        None, ge=2, description="Width of one attention head (head_dim; even, for RoPE); null = d_model / n_heads. "
+        "Set when heads were pruned away (lm prune --method heads), so n_heads x d_head < d_model.",
+    )
     max_seq_len: int = Field(256, ge=2, description="Context length (max_position_embeddings).")
     vocab_size: int = Field(4096, ge=2, description="Embedding rows; the tokenizer's vocab size is used when smaller.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
@@ -169,9 +182,12 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
-        if self.d_model % self.n_heads:
+        if self.d_head is not None:
+            if self.d_head % 2:
+                raise ValueError(f"d_head ({self.d_head}) must be even for RoPE")
+        elif self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if (self.d_model // self.n_heads) % 2:
+        elif (self.d_model // self.n_heads) % 2:
             raise ValueError(f"head dim d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
@@ -183,7 +199,7 @@ class ModelConfig(Section):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
 
     @property
     def ff_dim(self) -> int:
@@ -222,12 +238,16 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
+    rag: RagConfig = Field(default_factory=RagConfig)
 
     @model_validator(mode="after")
     def _check_lengths(self) -> Config:
         if self.data.seq_len is not None and self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         self.train.grad_accum(self.seq_len)  # global_batch_tokens must divide evenly
+        if self.data.format == "sft" and self.continual.feedback_as == "text":
+            raise ValueError("continual.feedback_as text needs data.format text: with sft data, feedback pairs "
+                             "are supervised examples (feedback_as: sft)")
         return self
 
     @property
@@ -250,17 +270,28 @@ class Config(Section):
         """Where the model registry lives (lm.registry)."""
         return self.continual.registry or join_uri(self.storage.root, "registry")
 
+    @property
+    def rag_uri(self) -> str:
+        """Where the retrieval index lives (lm.rag)."""
+        return self.rag.index or join_uri(self.storage.root, "rag", "index")
+
     def with_absolute_paths(self) -> Config:
-        """A copy whose local ``storage.root``, ``output``, ``data.output`` and ``continual.registry`` are
-        absolute paths: what a driver hands to Ray workers, which run in another working directory."""
+        """A copy whose local ``storage.root``, ``output``, ``data.output``, ``continual.registry``,
+        ``train.init_from`` and ``train.distill.teacher`` are absolute paths: what a driver hands to Ray
+        workers, which run in another working directory."""
         from lm.storage.uri import absolute_uri
 
         data = self.data.model_copy(update={"output": self.data.output and absolute_uri(self.data.output)})
         storage = self.storage.model_copy(update={"root": absolute_uri(self.storage.root)})
         continual = self.continual.model_copy(
             update={"registry": self.continual.registry and absolute_uri(self.continual.registry)})
-        return self.model_copy(update={"storage": storage, "data": data, "continual": continual,
-                                       "output": self.output and absolute_uri(self.output)})
+        rag = self.rag.model_copy(update={"index": self.rag.index and absolute_uri(self.rag.index)})
+        teacher = self.train.distill.teacher
+        distill = self.train.distill.model_copy(update={"teacher": teacher and absolute_uri(teacher)})
+        train = self.train.model_copy(update={"init_from": self.train.init_from and absolute_uri(self.train.init_from),
+                                              "distill": distill})
+        return self.model_copy(update={"storage": storage, "data": data, "continual": continual, "rag": rag,
+                                       "train": train, "output": self.output and absolute_uri(self.output)})
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, secrets masked (safe to print and store)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lm.config.base import Section
 
@@ -59,13 +59,23 @@ class ServeConfig(Section):
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(4, ge=1, description="Largest n (completions per prompt).")
     max_prompts: int = Field(16, ge=1, description="Most prompts in one completions request.")
+    max_embedding_inputs: int = Field(256, ge=1, description="Most inputs in one embeddings request.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
+    templates: dict[str, str] = Field(
+        default_factory=dict, description="Named prompt templates a request may apply (\"template\": name): "
+        "{prompt} is the request's prompt (chat: the last user message), other {fields} come from the "
+        "request's template_vars.",
+    )
+    rag: bool = Field(
+        False, description="Load the retrieval index (rag section, `lm rag build`) in every replica so requests "
+        "may ask for \"rag\": the best passages go into the prompt and come back as sources.",
+    )
     chat_template: Literal["plain"] = Field(
         "plain", description="plain: 'System: …\\n\\nUser: …\\n\\nAssistant:' turns, stopping at the next turn."
     )
     # how it runs
     max_batch_size: int = Field(8, ge=1, description="Rows decoded together: requests join the running batch "
-                                "between decode steps (continuous batching, lm.serve.model_server.BatchScheduler).")
+                                "between decode steps (continuous batching, lm.serve.scheduler.BatchScheduler).")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="An idle replica waits this long for more requests before its first decode step.",
     )
@@ -74,6 +84,10 @@ class ServeConfig(Section):
         "its rows (one prefill for several), or after join_max_wait_steps steps; 0 = at the next step.",
     )
     join_max_wait_steps: int = Field(8, ge=0, description="The most decode steps a waiting request is held back.")
+    colocate: bool = Field(
+        False, description="The model in the HTTP ingress's own replicas (one deployment: no handle hop between "
+        "processes per request, lower latency on few cores); false = an ingress deployment in front of separately "
+        "scaled model replicas.")
     engine_process: bool = Field(
         False, description="Decode in a process of its own beside each model replica (no GIL shared with Serve's "
         "request handling); false = a thread in the replica.")
@@ -95,6 +109,22 @@ class ServeConfig(Section):
     quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 Linear layers (CPU replicas).")
     cache_entries: int = Field(1024, ge=0, description="Exact-match response cache for deterministic requests; 0 = off.")
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+
+    @field_validator("templates")
+    @classmethod
+    def _check_templates(cls, value: dict[str, str]) -> dict[str, str]:
+        from string import Formatter
+
+        for name, text in value.items():
+            try:
+                fields = [f for _, f, _, _ in Formatter().parse(text) if f is not None]
+            except ValueError as err:
+                raise ValueError(f"template {name!r}: {err}") from None
+            if "prompt" not in fields:
+                raise ValueError(f"template {name!r} has no {{prompt}} field")
+            if bad := [f for f in fields if not f.isidentifier()]:
+                raise ValueError(f"template {name!r}: fields must be plain names, got {bad}")
+        return value
 
     @model_validator(mode="after")
     def _batching(self) -> ServeConfig:

@@ -9,6 +9,23 @@ from pydantic import Field, model_validator
 from lm.config.base import Section
 
 
+class DistillConfig(Section):
+    """Knowledge distillation (lm.compress.distill): learn from a teacher model's logits as well as the data."""
+
+    teacher: str | None = Field(
+        None, description="Teacher model directory (URI) whose logits the student learns from; it must use the "
+        "data's tokenizer and hold a context >= the training sequence length. null = no distillation.",
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="Softmax temperature T of teacher and student in the KL term (scaled by T^2). "
+        "1 suited lmforge's small models: T = 2 or 4 left the student worse than training without a teacher.",
+    )
+    weight: float = Field(
+        0.5, ge=0, le=1, description="Share w of the KL term: loss = (1 - w) x cross-entropy + w x T^2 x "
+        "KL(teacher || student), over the positions that carry a loss. Validation loss stays plain cross-entropy.",
+    )
+
+
 class TrainConfig(Section):
     """Training: the optimizer and schedule (every loop), and the Ray Train + DeepSpeed run (lm.train)."""
 
@@ -48,6 +65,9 @@ class TrainConfig(Section):
     seed: int = Field(1337, description="Seed for init, batch sampling and dropout.")
     init_from: str | None = Field(
         None, description="Start from this model directory's weights (fine-tuning); a resumed run uses its checkpoint."
+    )
+    distill: DistillConfig = Field(
+        default_factory=DistillConfig, description="Knowledge distillation from a teacher model (off by default)."
     )
     trainer: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray Train + DeepSpeed (lm.train.trainer); local: the plain single-process loop."

@@ -8,7 +8,10 @@ pairs, and a pair turned into tokens whose loss covers the response only. Pure f
 
 Rules: a correction replaces the answer (the pair is prompt → correction); a rating of 1 keeps the
 model's answer; a rating of -1 without a correction drops it; unrated (or 0) answers are kept only
-with ``use_unrated``. Records that cannot be read are skipped and counted by reason.
+with ``use_unrated``. Records that cannot be read are skipped and counted by reason. A chat record's
+prompt is already the chat template's text; its answers and corrections become the reply as the model
+writes it after ``Assistant:`` (lm.chat.assistant_reply), and the tokens are lm.chat.sft_tokens', the
+same as supervised fine-tuning data (``data.format: sft``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from lm import chat
 from lm.tokenizer import BPETokenizer
 
 
@@ -75,6 +79,9 @@ def sft_pairs(records: Iterable[dict], *, use_unrated: bool = False) -> tuple[li
         n = len(texts) // len(prompts)  # choices per prompt, in prompt order
         fb = feedback.get(rid, {})
         correction, rating = fb.get("correction"), fb.get("rating")
+        if r["type"] == "chat":  # the reply as the model writes it after "Assistant:"
+            texts = [chat.assistant_reply(t) if t.strip() else t for t in texts]
+            correction = chat.assistant_reply(correction) if isinstance(correction, str) else correction
         if isinstance(correction, str) and correction.strip():
             pairs.append(Pair(prompts[0], correction, "correction", rid))
             counts["kept: correction"] += 1
@@ -94,7 +101,5 @@ def sft_pairs(records: Iterable[dict], *, use_unrated: bool = False) -> tuple[li
 
 def sft_tokens(tokenizer: BPETokenizer, pair: Pair) -> tuple[list[int], list[int]]:
     """The example's token ids (prompt, response, end-of-text) and a loss mask over them: 1 where the
-    token is part of the response (or the end-of-text after it), 0 on the prompt."""
-    prompt = tokenizer.encode(pair.prompt)
-    response = [*tokenizer.encode(pair.response), tokenizer.eos_id]
-    return prompt + response, [0] * len(prompt) + [1] * len(response)
+    token is part of the response (or the end-of-text after it), 0 on the prompt (lm.chat.sft_tokens)."""
+    return chat.sft_tokens(tokenizer, pair.prompt, pair.response)

@@ -31,7 +31,7 @@ import numpy as np
 from lm.config import Config, SourceConfig, join_uri
 from lm.continual.feedback import Pair, parse_lines, sft_pairs, sft_tokens
 from lm.data.dedup import CorpusIndex
-from lm.data.loader import corpus_index_tables, load_rows, read_manifest, shard_bytes
+from lm.data.loader import corpus_index_tables, load_split, read_manifest, shard_bytes
 from lm.data.pack import pack_examples
 from lm.data.pipeline import FORMAT, data_uri, prepare_data
 from lm.data.sources import DataError, plan_files
@@ -121,10 +121,10 @@ def _replay(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, ne
     manifest = read_manifest(store, base)
     if manifest["tokenizer"]["hash"] != tok.fingerprint():
         raise DataError(f"{base}: made with another tokenizer than the production model's; it cannot be replayed")
-    rows = load_rows(store, base, "train")
-    picked = rows[np.random.default_rng(cfg.train.seed).choice(len(rows), size=want, replace=want > len(rows))]
+    rows, mask = load_split(store, base, "train")  # SFT data (data.format: sft) keeps its loss masks
+    picked = np.random.default_rng(cfg.train.seed).choice(len(rows), size=want, replace=want > len(rows))
     uri = join_uri(mix_uri, "replay-train.parquet")
-    store.write_bytes(uri, shard_bytes(picked))
+    store.write_bytes(uri, shard_bytes(rows[picked], None if mask is None else mask[picked]))
     return {"path": uri, "split": "train", "rows": want}
 
 

@@ -40,11 +40,15 @@ def pack_rows(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: int) -
     return rows, len(flat) - n_rows * width
 
 
-def pack_examples(examples: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: int
-                  ) -> tuple[np.ndarray, np.ndarray, int]:
+def pack_examples(examples: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: int,
+                  pad_id: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Supervised examples ``(token ids, loss mask)`` (each already ending in end-of-text, as
-    lm.continual.feedback.sft_tokens makes them) concatenated and cut into rows of ``seq_len + 1``
-    like :func:`pack_rows`, their masks alongside: ``(rows int32, masks uint8, n_dropped)``."""
+    lm.chat.sft_tokens makes them) concatenated and cut into rows of ``seq_len + 1`` like
+    :func:`pack_rows`, their masks alongside: ``(rows int32, masks uint8, n_dropped)``.
+
+    With ``pad_id``, no example straddles two rows (its response always sees its whole prompt): a row
+    takes whole examples in order and is filled up with ``pad_id`` (mask 0); the last row is padded and
+    kept (``n_dropped`` is 0); an example longer than a row is a ValueError (filter them first)."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     width = seq_len + 1
@@ -59,9 +63,29 @@ def pack_examples(examples: Iterable[tuple[Sequence[int], Sequence[int]]], seq_l
     flat, flat_mask = np.concatenate(ids), np.concatenate(masks)
     if flat.size and (flat.min() < _INT32.min or flat.max() > _INT32.max):
         raise ValueError("token ids do not fit in int32")
+    if pad_id is not None:
+        return (*_pad_rows(ids, masks, width, pad_id), 0)
     n = len(flat) // width
     return (flat[: n * width].astype(np.int32).reshape(n, width), flat_mask[: n * width].reshape(n, width),
             len(flat) - n * width)
+
+
+def _pad_rows(ids: list[np.ndarray], masks: list[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole examples per row, greedily in order, the rest of each row ``pad_id`` with mask 0."""
+    places, row, used = [], 0, 0
+    for i, example in enumerate(ids):
+        if len(example) > width:
+            raise ValueError(f"example {i} has {len(example)} tokens, more than a row of {width}")
+        if used + len(example) > width:
+            row, used = row + 1, 0
+        places.append((row, used))
+        used += len(example)
+    rows = np.full((row + 1, width), pad_id, dtype=np.int32)
+    out_mask = np.zeros((row + 1, width), dtype=np.uint8)
+    for (r, start), example, mask in zip(places, ids, masks, strict=True):
+        rows[r, start : start + len(example)] = example
+        out_mask[r, start : start + len(example)] = mask
+    return rows, out_mask
 
 
 def rows_to_inputs_targets(rows, loss_mask=None, ignore_index: int = -100):

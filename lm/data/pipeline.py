@@ -8,13 +8,15 @@ Stages (each a Ray Data step over the pure functions in lm.data.*; the UDFs live
   the text hash) → near dedup (MinHash + LSH) → split (hash of the document id) → tokenizer trained
   on a seeded sample of the train split → tokenize (actor pool, tokenizer loaded once per actor) →
   pack + write Parquet shards (groupby on a hash bucket, so shard contents are deterministic) →
-  ``manifest.json`` published last.
+  ``manifest.json`` published last. With ``data.format: sft`` the records of prompt / response JSONL
+  go through lm.data.sft's read, tokenize and write steps instead (loss mask on the response only).
 
 Output under ``data.output`` (default ``<run>/data``): ``tokenizer.json``,
 ``shards-<fingerprint>/{train,val,test}-NNNNN.parquet`` (column ``tokens``: seq_len + 1 int32
-each), ``index-<fingerprint>/*.parquet`` (the corpus index: hash and MinHash signature of every kept
-document, what lm.continual deduplicates new documents against) and ``manifest.json``. A re-run with
-the same inputs finds its manifest and does nothing.
+each; SFT shards add ``loss_mask``), ``index-<fingerprint>/*.parquet`` (the corpus index: hash and
+MinHash signature of every kept document, what lm.continual deduplicates new documents against) and
+``manifest.json``. A re-run with the same inputs finds its manifest and does nothing. A fine-tuning
+run (``train.init_from``) is tokenized with that model's tokenizer.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from lm.data.dedup import (
     mark_known,
     near_dedup,
 )
+from lm.data.sft import SFTTokenizeActor, manifest_entry, read_records, write_sft_shard
 from lm.data.sources import OBJECT_REASONS, DataError, plan_files, read_file_task
 from lm.data.steps import TokenizeActor, add_bucket, count_by, hash_sample, read_and_clean, write_shard
 from lm.data.tables import filter_in
@@ -57,9 +60,10 @@ _EXECUTION_ONLY = {"output", "tokenize_actors", "actor_cpus", "shuffle_partition
 
 def settings_hash(cfg: Config) -> str:
     """Hash of the settings that shape the output (not where it goes nor how it is executed)."""
+    sft_only = {"format", "sft"} if cfg.data.format == "text" else set()  # text data keeps its earlier hash
     blob = json.dumps(
         {
-            "data": cfg.data.model_dump(mode="json", exclude=_EXECUTION_ONLY),
+            "data": cfg.data.model_dump(mode="json", exclude=_EXECUTION_ONLY | sft_only),
             "tokenizer": cfg.tokenizer.model_dump(mode="json"),
             "seq_len": cfg.seq_len,
         },
@@ -90,6 +94,17 @@ def _train_tokenizer(cfg: Config, docs, log: Log) -> BPETokenizer:
     return train_tokenizer((str(r["text"]) for r in rows), cfg.tokenizer)
 
 
+def init_tokenizer(store: ObjectStore, model_uri: str) -> BPETokenizer:
+    """The tokenizer of the model ``train.init_from`` names: fine-tuning data must be tokenized with it."""
+    uri = join_uri(model_uri, "tokenizer.json")
+    if not store.exists(uri):
+        what = "has no tokenizer.json" if store.exists(join_uri(model_uri, "config.json")) else "is not a model directory"
+        raise DataError(f"train.init_from={model_uri} {what}: the data of a fine-tuning run is tokenized with the "
+                        "model's own tokenizer (train the model first, e.g. `lm run`, or point init_from at its "
+                        "<run>/model)")
+    return BPETokenizer.from_json(store.read_text(uri))
+
+
 def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print, *,
                  tokenizer: BPETokenizer | None = None, known: CorpusIndex | None = None,
                  export_texts: tuple[str, ...] = (), only: set[str] | None = None) -> dict:
@@ -98,9 +113,12 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
     For an increment of an existing corpus (lm.continual): ``tokenizer`` is used instead of training
     one, documents ``known`` to the corpus (exact or near duplicates) are dropped and counted, and the
     cleaned documents of the ``export_texts`` splits are also written as ``<split>-texts.jsonl``; ``only``
-    restricts the sources' files to these URIs (the objects an iteration claimed)."""
+    restricts the sources' files to these URIs (the objects an iteration claimed). Without ``tokenizer``,
+    a run that fine-tunes (``train.init_from``) uses that model's tokenizer; others train one."""
     start = time.perf_counter()
     store = store or ObjectStore(cfg.storage)
+    if tokenizer is None and cfg.train.init_from:
+        tokenizer = init_tokenizer(store, cfg.train.init_from)
     out = data_uri(cfg)
     files = plan_files(store, cfg.data)  # raises before any work if a source is missing
     if only is not None:
@@ -150,19 +168,22 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     out = data_uri(cfg)
     manifest_uri = join_uri(out, MANIFEST)
 
+    sft = cfg.data.format == "sft"
     read = partial(read_file_task, filesystem_factory=store.pyarrow_filesystem, clean=cfg.data.clean,
                    max_file_bytes=int(cfg.data.max_file_mb * 2**20))
     split = {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction,
              "fixed": {s.name: s.split for s in cfg.data.sources if s.split}}
+    reader, kwargs = ((read_records, {"read": read, "sft": cfg.data.sft, "clean": cfg.data.clean, "split": split})
+                      if sft else (read_and_clean, {"read": read, "cfg": cfg.data.clean, "split": split}))
     rows = ray.data.from_items(files, override_num_blocks=max(1, len(files))).map_batches(
-        read_and_clean, fn_kwargs={"read": read, "cfg": cfg.data.clean, "split": split}, batch_size=1).materialize()
+        reader, fn_kwargs=kwargs, batch_size=1).materialize()
 
     skipped = filter_in(rows, "reason", sorted(OBJECT_REASONS)).select_columns(["uri", "reason", "detail"])
     skipped = sorted(skipped.take_all(), key=lambda r: (r["uri"], r["reason"]))
     reasons = [r for r in count_by(rows, ["source", "reason"]) if r["reason"] not in OBJECT_REASONS]
     docs = filter_in(rows, "reason", [""]).drop_columns(["reason", "detail"])
     n_clean = sum(r["count()"] for r in reasons if r["reason"] == "")
-    done(f"read and cleaned {n_clean} documents ({len(skipped)} objects skipped)")
+    done(f"read and cleaned {n_clean} {'records' if sft else 'documents'} ({len(skipped)} objects skipped)")
     parts = cfg.data.shuffle_partitions
     n_exact = 0
     if cfg.data.dedup.exact and n_clean > 1:
@@ -195,23 +216,32 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     docs.select_columns(["hash", "text"]).map_batches(index_rows, fn_kwargs={"cfg": cfg.data.dedup},
                                                       batch_format="numpy").write_parquet(index_path, filesystem=fs)
 
-    tokens = docs.map_batches(TokenizeActor, fn_constructor_kwargs={
-        "tokenizer_json": tok.to_json(), "weights": {s.name: s.weight for s in cfg.data.sources}},
+    actor_kwargs = {"tokenizer_json": tok.to_json(), "weights": {s.name: s.weight for s in cfg.data.sources}}
+    tokens = docs.map_batches(SFTTokenizeActor if sft else TokenizeActor,
+                              fn_constructor_kwargs={**actor_kwargs, "seq_len": cfg.seq_len} if sft else actor_kwargs,
                               batch_size=1024, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
                                   size=cfg.data.tokenize_actors), num_cpus=cfg.data.actor_cpus).materialize()
-    per_source = count_by(tokens, ["source", "split"], ["n_tokens", "n_bytes", "original"])
-    done(f"tokenized {sum(r['sum(n_tokens)'] for r in per_source):,} tokens")
+    if sft:  # records longer than a row are dropped here, counted like the read stage's reasons
+        reasons += count_by(filter_in(tokens, "reason", [""], keep=False), ["source", "reason"])
+        tokens = filter_in(tokens, "reason", [""]).materialize()
+        if tokens.count() == 0:
+            raise DataError(f"no record fits a row of {cfg.seq_len + 1} tokens (dropped: {_reason_totals(reasons)})")
+    size = "n_all" if sft else "n_tokens"  # what the rows hold (SFT: prompt and response)
+    per_source = count_by(tokens, ["source", "split"], sorted({"n_tokens", "n_bytes", "original", size}))
+    done(f"tokenized {sum(r['sum(n_tokens)'] for r in per_source):,} {'response ' if sft else ''}tokens")
     seq_len = cfg.seq_len
     split_tokens: dict[str, int] = {}
     for r in per_source:
-        split_tokens[r["split"]] = split_tokens.get(r["split"], 0) + r["sum(n_tokens)"]
+        split_tokens[r["split"]] = split_tokens.get(r["split"], 0) + r[f"sum({size})"]
     shards_per_split = {s: max(1, math.ceil(n / (seq_len + 1) / cfg.data.rows_per_shard))
                         for s, n in split_tokens.items()}
     shard_dir = join_uri(out, f"shards-{fingerprint}")
     written = (tokens.map_batches(add_bucket, fn_kwargs={"shards_per_split": shards_per_split}, batch_format="numpy")
                .groupby(["split", "bucket"], num_partitions=parts)
-               .map_groups(write_shard, fn_kwargs={"out_dir": shard_dir, "fs_factory": store.pyarrow_filesystem,
-                                                    "seq_len": seq_len, "eos_id": tok.eos_id}, batch_format="numpy")
+               .map_groups(write_sft_shard if sft else write_shard,
+                           fn_kwargs={"out_dir": shard_dir, "fs_factory": store.pyarrow_filesystem, "seq_len": seq_len,
+                                      **({"pad_id": tok.pad_id} if sft else {"eos_id": tok.eos_id})},
+                           batch_format="numpy")
                .take_all())
     shards = sorted(({**w, "path": f"shards-{fingerprint}/{w['path']}"} for w in written), key=lambda w: w["path"])
     done(f"packed and wrote {len(shards)} shards")
@@ -220,6 +250,8 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     manifest["dedup"].update({"corpus_exact": known_counts[INDEX_KNOWN_EXACT],
                               "corpus_near": known_counts[INDEX_KNOWN_NEAR]})
     manifest.update(index=f"index-{fingerprint}", texts=texts)
+    if sft:
+        manifest.update(kind="sft", sft=manifest_entry(cfg.data.sft))
     store.publish_file(json.dumps(manifest, indent=2, sort_keys=True).encode(), manifest_uri)
     _remove_stale(store, out, fingerprint)
     log(summary_table(manifest))

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from lm.config import CleanConfig, DataConfig, SourceConfig
 from lm.data.clean import decode_utf8
 from lm.storage import ObjectStore
+from lm.storage.uri import parse_uri
 
 __all__ = ["DOCUMENT_REASONS", "OBJECT_REASONS", "DataError", "plan_files", "read_file_task"]
 
@@ -111,11 +112,13 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 
 def _compression_of(uri: str) -> str:
     if uri.startswith("bundled://") or uri.endswith(".gz"):
-        return "gzip"  # bundled://NAME is read through its lm/corpora/NAME.txt.gz file
+        return "gzip"  # bundled://NAME is read through its lm/corpora/NAME.txt.gz (or .jsonl.gz) file
     return "zstd" if uri.endswith((".zst", ".zstd")) else ""
 
 
 def _format_of(uri: str, declared: str) -> str:
+    if uri.startswith("bundled://"):  # bundled://NAME: by the file behind it (NAME.txt.gz or NAME.jsonl.gz)
+        uri = parse_uri(uri).path.name
     ext = posixpath.splitext(re.sub(r"\.(gz|zst|zstd)$", "", uri))[1]
     by_ext = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(ext, "txt")
     return by_ext if declared == "auto" else declared

@@ -4,7 +4,8 @@ UDFs over the pure functions in lm.data.*, and the tokenizer actor. No Ray impor
   read_and_clean   files → cleaned documents with their split (one fused task per file)
   TokenizeActor    documents → token arrays, train documents repeated by their source's mixing weight
   add_bucket       the shard each document goes to (a hash of its id: deterministic shard contents)
-  write_shard      one (split, bucket) group → packed rows → one Parquet file
+  write_shard      one (split, bucket) group → packed rows → one Parquet file (write_file: the write itself)
+  repeat_by_weight train rows repeated by their source's mixing weight (also lm.data.sft's tokenizer)
   count_by         counts and sums per key, per batch in parallel, added up on the driver
   hash_sample      a seeded, id-hash-chosen share of the rows
 """
@@ -50,16 +51,26 @@ class TokenizeActor:
             "n_tokens": pa.array(lengths.astype(np.int64) + 1),  # + end-of-text
             "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
         })
-        copies = [mixing_copies(i, sp, self.weights[src])
-                  for i, sp, src in zip(batch["id"], batch["split"], batch["source"], strict=True)]
-        if all(c == 1 for c in copies):
-            return table.append_column("original", pa.array(np.ones(len(copies), dtype=np.int64)))
-        take = np.repeat(np.arange(len(copies)), copies)
-        copy = np.concatenate([np.arange(c) for c in copies]).astype(np.int64) if take.size else take
-        table = table.take(pa.array(take))
-        ids = [i if k == 0 else f"{i}~{k}" for i, k in zip(table.column("id").to_pylist(), copy.tolist(), strict=True)]
-        table = table.set_column(0, "id", pa.array(ids, type=pa.string()))
-        return table.append_column("original", pa.array((copy == 0).astype(np.int64)))
+        return repeat_by_weight(table, self.weights)
+
+
+def repeat_by_weight(table: Any, weights: dict[str, float]) -> Any:
+    """The rows of a pyarrow table (columns id, split, source, …) each repeated by its source's mixing
+    weight (:func:`~lm.data.split.mixing_copies`; copy k > 0 gets the id ``<id>~k``), with a column
+    ``original`` (1 for the first copy, 0 for the others)."""
+    import pyarrow as pa
+
+    copies = [mixing_copies(i, sp, weights[src]) for i, sp, src in zip(
+        table.column("id").to_pylist(), table.column("split").to_pylist(), table.column("source").to_pylist(),
+        strict=True)]
+    if all(c == 1 for c in copies):
+        return table.append_column("original", pa.array(np.ones(len(copies), dtype=np.int64)))
+    take = np.repeat(np.arange(len(copies)), copies)
+    copy = np.concatenate([np.arange(c) for c in copies]).astype(np.int64) if take.size else take
+    table = table.take(pa.array(take))
+    ids = [i if k == 0 else f"{i}~{k}" for i, k in zip(table.column("id").to_pylist(), copy.tolist(), strict=True)]
+    table = table.set_column(table.schema.get_field_index("id"), "id", pa.array(ids, type=pa.string()))
+    return table.append_column("original", pa.array((copy == 0).astype(np.int64)))
 
 
 READ_BATCH_ROWS = 4096
@@ -90,21 +101,26 @@ def add_bucket(batch: dict[str, Any], shards_per_split: dict[str, int]) -> dict[
     return batch
 
 
-def write_shard(group: dict[str, Any], *, out_dir: str, fs_factory, seq_len: int, eos_id: int) -> dict[str, Any]:
-    """Pack one (split, bucket) group into rows of seq_len + 1 and write it as one Parquet file."""
+def write_file(fs_factory, uri: str, data: bytes) -> None:
+    """Write ``data`` at ``uri`` through the pyarrow filesystem of ``fs_factory`` (from a Ray worker)."""
     import pyarrow as pa
     import pyarrow.fs
 
+    fs, path = fs_factory(uri)
+    if isinstance(fs, pa.fs.LocalFileSystem):  # S3 has no directories (and must not get markers)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_shard(group: dict[str, Any], *, out_dir: str, fs_factory, seq_len: int, eos_id: int) -> dict[str, Any]:
+    """Pack one (split, bucket) group into rows of seq_len + 1 and write it as one Parquet file."""
     order = np.argsort(np.asarray(group["id"], dtype=object).astype(str))
     split, bucket = str(group["split"][0]), int(group["bucket"][0])
     rows, dropped = pack_rows((group["tokens"][i] for i in order), seq_len, eos_id)
     data = shard_bytes(rows.reshape(-1, seq_len + 1))
     name = f"{split}-{bucket:05d}.parquet"
-    fs, path = fs_factory(join_uri(out_dir, name))
-    if isinstance(fs, pa.fs.LocalFileSystem):  # S3 has no directories (and must not get markers)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    write_file(fs_factory, join_uri(out_dir, name), data)
     return {
         "path": [name], "split": [split], "rows": [len(rows)], "tokens": [int(rows.size)],
         "dropped_tail_tokens": [dropped], "docs": [len(order)], "sha256": [hashlib.sha256(data).hexdigest()],

@@ -1,8 +1,8 @@
 """The Ray Serve application: an OpenAI-compatible FastAPI ingress (``Api``) in front of the batched
-model deployment (lm.serve.model_server).
+model deployment (lm.serve.model_server), or with the model in its own replicas (``serve.colocate``).
 
-    lm serve -c configs/shakespeare-cpu.yaml              # runs until Ctrl-C; settings from serve.*
-    lm serve --render F -c configs/shakespeare-cpu.yaml  # a Serve config file for `serve deploy` (--rayservice: KubeRay)
+    lm serve -c configs/shakespeare-cpu.yaml              # runs until Ctrl-C (lm.serve.deploy); settings from serve.*
+    build_app(cfg)                                        # the Serve application (serve.run / import_path app_builder)
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream`` as server-sent
 events), ``GET /v1/models``, ``POST /v1/feedback``, ``GET /healthz``. Bearer API keys (lm.serve.auth);
@@ -58,12 +58,24 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+def _sources(choice: dict, head: dict) -> dict:
+    """A choice with the passages retrieval put into its prompt (``rag`` requests)."""
+    return {**choice, "sources": head["sources"]} if "sources" in head else choice
+
+
+def _with_sources(chunk: dict, head: dict) -> dict:
+    chunk["choices"] = [_sources(c, head) for c in chunk["choices"]]
+    return chunk
+
+
 @serve.ingress(api)  # at import: each replica imports this module and gets the class-based routes
 class Api:
     def __init__(self, model, cfg: Config, store: ObjectStore, key_digests: frozenset[str]):
+        """``model``: the model deployment's handle, or None to hold a ModelServer here (serve.colocate)."""
         from ray.serve.metrics import Counter, Histogram
 
         self.model, self.cfg, self.sc = model, cfg, cfg.serve
+        self.local = ModelServer(cfg, store) if model is None else None
         self.digests = key_digests
         self.feedback = None
         if self.sc.feedback.enabled:
@@ -106,21 +118,46 @@ class Api:
             raise BadRequest(400, f"give 1 to {self.sc.max_prompts} prompts, got {prompts}", param="prompt")
         if len(body.stop_list()) > 4:
             raise BadRequest(400, "stop takes at most 4 sequences", param="stop")
+        if (top_k := body.rag_top_k(self.cfg.rag.top_k)) is not None:
+            if not self.sc.rag:
+                raise BadRequest(400, "retrieval is off on this server (serve.rag)", param="rag")
+            if top_k > self.cfg.rag.max_top_k:
+                raise BadRequest(400, f"rag.top_k {top_k} exceeds this server's limit of {self.cfg.rag.max_top_k}",
+                                 param="rag.top_k")
+
+    def _templated(self, body: schemas._Request, prompt: str) -> str:
+        """The prompt through the request's named template (serve.templates), if it names one."""
+        if body.template is None:
+            return prompt
+        try:
+            return schemas.apply_template(self.sc.templates, body.template, prompt, body.template_vars)
+        except ValueError as err:
+            param = "template_vars" if "template_vars" in str(err) or "has no fields" in str(err) else "template"
+            raise BadRequest(400, str(err), param=param) from None
 
     def _record(self, route: str, status: int, start: float) -> None:
         self.m_requests.inc(tags={"route": route, "status": str(status)})
         self.m_latency.observe((time.perf_counter() - start) * 1000, tags={"route": route})
 
+    async def reconfigure(self, user_config: dict) -> None:
+        """serve.colocate: the model's hot reload (lm.serve.model_server.ModelServer.reconfigure)."""
+        await self.local.reconfigure(user_config)
+
     # ---------------------------------------------------------------------------------- streams
+
+    def _stream(self, request: dict):
+        if self.local is not None:
+            return self.local.generate(request)
+        return self.model.options(stream=True).generate.remote(request)
 
     async def _open(self, requests: list[dict]) -> tuple[list, list[dict]]:
         """Start one model stream per request and read each head; a 400 if any request is refused."""
-        streams = [self.model.options(stream=True).generate.remote(r) for r in requests]
+        streams = [self._stream(r) for r in requests]
         heads = await asyncio.gather(*(s.__anext__() for s in streams))
         for head in heads:
             if "error" in head:
                 for s in streams:
-                    s.cancel()
+                    await s.aclose() if self.local is not None else s.cancel()
                 raise BadRequest(400, head["error"], param=head.get("param"),
                                  code="context_length_exceeded" if head.get("param") else None)
         return streams, heads
@@ -128,7 +165,8 @@ class Api:
     async def _complete(self, requests: list[dict]) -> list[dict]:
         """Non-streamed requests: each answered whole by the model deployment (one reply, not one message
         per token); a 400 if any is refused."""
-        results = await asyncio.gather(*(self.model.complete.remote(r) for r in requests))
+        complete = self.local.complete if self.local is not None else self.model.complete.remote
+        results = await asyncio.gather(*(complete(r) for r in requests))
         for result in results:
             if "error" in result:
                 raise BadRequest(400, result["error"], param=result.get("param"),
@@ -161,12 +199,15 @@ class Api:
                 t.cancel()
 
     def _requests(self, prompts: list[str], body: schemas._Request, max_tokens: int, stops: list[str],
-                  logprobs: bool) -> list[dict]:
-        """One model request per (prompt, choice); choice j of a seeded request uses seed + j."""
+                  logprobs: bool, queries: list[str] | None = None) -> list[dict]:
+        """One model request per (prompt, choice); choice j of a seeded request uses seed + j. ``queries``:
+        what retrieval looks up for each prompt (with ``rag``)."""
+        top_k = body.rag_top_k(self.cfg.rag.top_k)
         return [{"prompt": p, "max_tokens": max_tokens, "temperature": body.temperature,
                  "top_p": body.top_p if body.top_p < 1 else None, "top_k": body.top_k,
-                 "seed": None if body.seed is None else body.seed + j, "stop": stops, "logprobs": logprobs}
-                for p in prompts for j in range(body.n)]
+                 "seed": None if body.seed is None else body.seed + j, "stop": stops, "logprobs": logprobs,
+                 "rag": None if top_k is None else {"query": (queries or prompts)[i], "top_k": top_k}}
+                for i, p in enumerate(prompts) for j in range(body.n)]
 
     def _capture(self, kind: str, rid: str, prompts: list[str], texts: list[str], version: str, body) -> None:
         if self.feedback is not None:
@@ -189,10 +230,11 @@ class Api:
     async def completions(self, request: Request, body: schemas.CompletionRequest):
         start = time.perf_counter()
         await self._admit(request)
-        prompts, max_tokens = body.prompts(), body.max_tokens or 16
-        self._check(body, max_tokens, len(prompts))
+        asked, max_tokens = body.prompts(), body.max_tokens or 16
+        self._check(body, max_tokens, len(asked))
+        prompts = [self._templated(body, p) for p in asked]
         logprobs = body.logprobs is not None
-        requests = self._requests(prompts, body, max_tokens, body.stop_list(), logprobs)
+        requests = self._requests(prompts, body, max_tokens, body.stop_list(), logprobs, asked)
         if body.stream:
             streams, heads = await self._open(requests)
         else:
@@ -214,9 +256,10 @@ class Api:
         if body.stream:
             async def events():
                 texts = [""] * len(streams)
-                if body.echo:
-                    for i in range(len(streams)):
-                        yield _sse(schemas.completion_chunk(rid, body.model, i, prompts[i // body.n], None))
+                for i, head in enumerate(heads):
+                    if body.echo or "sources" in head:
+                        chunk = schemas.completion_chunk(rid, body.model, i, prompts[i // body.n] if body.echo else "", None)
+                        yield _sse(_with_sources(chunk, head))
                 async for i, chunk in self._merge(streams):
                     texts[i] += chunk["text"]
                     lp = choice_logprobs(chunk) if logprobs else None
@@ -228,8 +271,9 @@ class Api:
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"x-lmforge-model-version": version})
         wholes = heads
-        choices = [{"text": (prompts[i // body.n] if body.echo else "") + w["text"], "index": i,
-                    "logprobs": choice_logprobs(w), "finish_reason": w["finish_reason"]} for i, w in enumerate(wholes)]
+        choices = [_sources({"text": (prompts[i // body.n] if body.echo else "") + w["text"], "index": i,
+                             "logprobs": choice_logprobs(w), "finish_reason": w["finish_reason"]}, w)
+                   for i, w in enumerate(wholes)]
         completion_tokens = sum(len(w["token_ids"]) for w in wholes)
         self._capture("completion", rid, prompts, [w["text"] for w in wholes], version, body)
         self._record("completions", 200, start)
@@ -243,9 +287,13 @@ class Api:
         await self._admit(request)
         max_tokens = body.token_budget(self.cfg.generate.max_new_tokens)
         self._check(body, max_tokens, 1)
-        prompt = schemas.chat_prompt(body.messages)
+        messages, query = list(body.messages), ""
+        if users := [i for i, m in enumerate(messages) if m.role == "user"]:
+            query = messages[users[-1]].content
+            messages[users[-1]] = messages[users[-1]].model_copy(update={"content": self._templated(body, query)})
+        prompt = schemas.chat_prompt(messages)
         stops = [*body.stop_list(), *schemas.CHAT_STOPS]
-        requests = self._requests([prompt], body, max_tokens, stops, False)
+        requests = self._requests([prompt], body, max_tokens, stops, False, [query or prompt])
         if body.stream:
             streams, heads = await self._open(requests)
         else:
@@ -256,8 +304,9 @@ class Api:
         if body.stream:
             async def events():
                 texts, tokens = [""] * len(streams), 0
-                for i in range(len(streams)):
-                    yield _sse(schemas.chat_chunk(rid, body.model, i, {"role": "assistant", "content": ""}, None))
+                for i, head in enumerate(heads):
+                    chunk = schemas.chat_chunk(rid, body.model, i, {"role": "assistant", "content": ""}, None)
+                    yield _sse(_with_sources(chunk, head))
                 async for i, chunk in self._merge(streams):
                     texts[i] += chunk["text"]
                     tokens += len(chunk["token_ids"])
@@ -273,13 +322,34 @@ class Api:
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"x-lmforge-model-version": version})
         wholes = heads
-        choices = [{"index": i, "message": {"role": "assistant", "content": w["text"].strip()},
-                    "logprobs": None, "finish_reason": w["finish_reason"]} for i, w in enumerate(wholes)]
+        choices = [_sources({"index": i, "message": {"role": "assistant", "content": w["text"].strip()},
+                             "logprobs": None, "finish_reason": w["finish_reason"]}, w) for i, w in enumerate(wholes)]
         self._capture("chat", rid, [prompt], [w["text"] for w in wholes], version, body)
         self._record("chat", 200, start)
         response = schemas.chat_response(rid, body.model, choices, prompt_tokens,
                                          sum(len(w["token_ids"]) for w in wholes))
         return JSONResponse({**response, "system_fingerprint": version})
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, request: Request, body: schemas.EmbeddingRequest) -> dict:
+        """One unit vector per input: the mean of the model's final hidden states (lm.inference.embed_ids)."""
+        start = time.perf_counter()
+        await self._admit(request)
+        if body.model != self.sc.model_name:
+            raise BadRequest(404, f"model {body.model!r} does not exist; this server has {self.sc.model_name!r}",
+                             param="model", code="model_not_found")
+        inputs = body.inputs()
+        if not 1 <= len(inputs) <= self.sc.max_embedding_inputs:
+            raise BadRequest(400, f"give 1 to {self.sc.max_embedding_inputs} inputs, got {len(inputs)}", param="input")
+        embed = self.local.embed if self.local is not None else self.model.embed.remote
+        result = await embed(inputs)
+        if "error" in result:
+            raise BadRequest(400, result["error"], param=result.get("param"))
+        if body.dimensions is not None and body.dimensions != len(result["embeddings"][0]):
+            raise BadRequest(400, f"dimensions {body.dimensions}: this model's embeddings have "
+                                  f"{len(result['embeddings'][0])}", param="dimensions")
+        self._record("embeddings", 200, start)
+        return schemas.embedding_response(body.model, result["embeddings"], body.encoding_format, result["prompt_tokens"])
 
     @api.post("/v1/feedback")
     async def feedback_route(self, request: Request, body: schemas.FeedbackRequest) -> dict:
@@ -325,16 +395,16 @@ def build_app(cfg: Config, store: ObjectStore | None = None):
         checked = model_uri
     store.read_text(join_uri(checked, "config.json"))  # fail now (StorageNotFound naming it) if it is missing
     a = sc.autoscaling
-    model = serve.deployment(ModelServer).options(
-        name="model", max_ongoing_requests=sc.ongoing_requests,
-        autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                            "initial_replicas": max(a.min_replicas, 1),
-                            "target_ongoing_requests": a.target_ongoing_requests,
-                            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s},
-        ray_actor_options={"num_cpus": sc.replica_cpus, "num_gpus": sc.replica_gpus, "resources": sc.replica_resources,
-                           **_replica_env()},
-        user_config={"model_uri": model_uri},
-    ).bind(cfg, store)
+    replicas = {"max_ongoing_requests": sc.ongoing_requests, "user_config": {"model_uri": model_uri},
+                "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                       "initial_replicas": max(a.min_replicas, 1),
+                                       "target_ongoing_requests": a.target_ongoing_requests,
+                                       "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s},
+                "ray_actor_options": {"num_cpus": sc.replica_cpus, "num_gpus": sc.replica_gpus,
+                                      "resources": sc.replica_resources, **_replica_env()}}
+    if sc.colocate:  # one deployment: the model replicas answer HTTP themselves
+        return serve.deployment(Api).options(name="model", **replicas).bind(None, cfg, store, digests)
+    model = serve.deployment(ModelServer).options(name="model", **replicas).bind(cfg, store)
     ingress = serve.deployment(Api).options(
         name="api", ray_actor_options={"num_cpus": sc.ingress_cpus, **_replica_env()}, max_ongoing_requests=1000)
     return ingress.bind(model, cfg, store, digests)
@@ -345,47 +415,3 @@ def app_builder(args: dict):
     from lm.config import load_config
 
     return build_app(load_config(args.get("config"), list(args.get("overrides") or [])))
-
-
-def start(cfg: Config, store: ObjectStore | None = None, blocking: bool = False):
-    """Start Serve's HTTP proxy on ``serve.host:serve.port`` and deploy the app; returns its handle."""
-    from lm.cluster import connect
-
-    connect()
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, proxy_location=cfg.serve.proxy_location)
-    return serve.run(build_app(cfg, store), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix,
-                     blocking=blocking)
-
-
-def ask_once(cfg: Config, prompt: str, store: ObjectStore | None = None) -> dict:
-    """Deploy, answer one completion through the official ``openai`` client over HTTP, delete the app
-    (``lm serve --ask``: the demo's check that serving works end to end)."""
-    import openai
-
-    from lm.serve.auth import load_api_keys
-
-    sc, gen = cfg.serve, cfg.generate
-    keys = sorted(load_api_keys(sc))
-    start(cfg, store)
-    host = "127.0.0.1" if sc.host in ("0.0.0.0", "::") else sc.host
-    client = openai.OpenAI(base_url=f"http://{host}:{sc.port}{sc.route_prefix.rstrip('/')}/v1",
-                           api_key=keys[0] if keys else "none", max_retries=0)
-    try:
-        done = client.completions.create(model=sc.model_name, prompt=prompt, temperature=gen.temperature,
-                                         max_tokens=gen.max_new_tokens, top_p=gen.top_p or 1.0, seed=gen.seed)
-    finally:
-        serve.delete(sc.app_name)
-    return done.model_dump()
-
-
-def render(cfg: Config, config_path: str | None, overrides: list[str]) -> str:
-    """A Serve config file (``serve deploy``, KubeRay RayService) for this config."""
-    import yaml
-
-    sc = cfg.serve
-    doc = {"proxy_location": sc.proxy_location, "http_options": {"host": sc.host, "port": sc.port},
-           "applications": [{"name": sc.app_name, "route_prefix": sc.route_prefix,
-                             "import_path": "lm.serve.app:app_builder",
-                             "args": {"config": config_path, "overrides": overrides}}]}
-    return ("# Generated by `lm serve --render`; deploy with `serve deploy <this file>`.\n"
-            + yaml.safe_dump(doc, sort_keys=False))

@@ -6,7 +6,7 @@ Measured on the 2-core VM (16 closed-loop clients, jobs/bench/serve.py's load): 
 child against 1.03-1.10k in the replica's thread, so it is off by default there: with two cores the
 limit is CPU shared with Serve's proxy, ingress and the client, not the GIL. It is for machines where
 Serve's request handling (many streamed requests) would contend for the replica's GIL.
-:class:`ProcessScheduler` keeps :class:`~lm.serve.model_server.BatchScheduler`'s interface
+:class:`ProcessScheduler` keeps :class:`~lm.serve.scheduler.BatchScheduler`'s interface
 (``outputs(request, engine, whole)``, ``close()``) but runs the same :func:`decode_loop` in a spawned
 child: requests, cancellations and model loads go in through one multiprocessing queue, each step's
 outputs come back through another, read by a thread that hands them to the event loop. The child
@@ -32,7 +32,7 @@ from typing import Any
 
 from lm.config import ModelConfig, StorageConfig
 from lm.serve.engine import GenRequest, check_request
-from lm.serve.model_server import BatchScheduler, decode_loop
+from lm.serve.scheduler import BatchScheduler, decode_loop
 from lm.tokenizer import BPETokenizer
 
 

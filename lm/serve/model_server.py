@@ -24,187 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import json
-import queue
-import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 from lm.config import Config
+from lm.serve.scheduler import BatchScheduler
 from lm.storage import ObjectStore
 
 REGISTRY = "registry:"  # serve.model = registry:production follows the registry's production version
-
-
-class BatchScheduler:
-    """Continuous batching on one engine: a decode thread steps one :class:`~lm.serve.engine.DecodeBatch`;
-    a request that arrives joins it at the next step (prefilled and merged into the running KV cache,
-    up to ``max_batch_size`` rows) and leaves the step it finishes, so nobody waits for a whole batch.
-
-    The thread never waits for the event loop: it takes new requests and cancellations from an inbox
-    between steps and hands each step's outputs to the loop in one ``call_soon_threadsafe``. (A worker
-    -thread hop per step, ``asyncio.to_thread``, cost ~2.5 ms a step here; Serve's ``@serve.batch``
-    runs whole batches one after another and measured batches of 1-2 under steady load.) Joining costs
-    a prefill and a cache merge, so arrivals are held back until they number ``join_ratio`` x the
-    running rows or have waited ``join_max_wait_steps`` steps (TGI's waiting_served_ratio and
-    max_waiting_tokens; about +40% tok/s in one process at 16 closed-loop clients). After a hot reload,
-    requests for the new engine wait until the rows on the old one have finished. ``wait_s``: an idle
-    engine waits this long for a burst to arrive together. ``observe_batch(n)``: rows decoding
-    together each time requests join."""
-
-    def __init__(self, max_batch_size: int, observe_batch=lambda n: None, wait_s: float = 0.0,
-                 join_ratio: float = 0.0, join_max_wait_steps: int = 0):
-        self.max_batch_size, self.observe_batch, self.wait_s = max_batch_size, observe_batch, wait_s
-        self.join_ratio, self.join_max_wait_steps = join_ratio, join_max_wait_steps
-        self.queues: dict[int, asyncio.Queue] = {}  # key -> the request's StepOutputs, then None or an error
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", key, request, engine, whole) | ("cancel", key)
-        self._keys = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    async def outputs(self, request, engine, whole: bool = False):
-        """The request's StepOutputs as they come (``whole``: one StepOutput with everything, once it has
-        finished: no event-loop work per step); closing this early takes the row out of the batch."""
-        self._loop = asyncio.get_running_loop()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._decode_loop, name="lmforge-decode", daemon=True)
-            self._thread.start()
-        key = next(self._keys)
-        outputs = self.queues[key] = asyncio.Queue()
-        self.inbox.put(("add", key, request, self._engine_token(engine), whole))
-        try:
-            while (out := await outputs.get()) is not None:
-                if isinstance(out, Exception):
-                    raise out
-                yield out
-        finally:
-            if self.queues.pop(key, None) is not None:  # left early (client gone, call cancelled): free its row
-                self.inbox.put(("cancel", key))
-
-    def _engine_token(self, engine):
-        """How the decode loop's inbox names an engine (the engine itself, in this process)."""
-        return engine
-
-    def close(self) -> None:
-        """Stop the decode thread (rows still running are dropped)."""
-        if self._thread is not None:
-            self.inbox.put(("stop",))
-            self._thread.join()
-            self._thread = None
-
-    def _deliver(self, outputs: list, joined: int) -> None:
-        """On the event loop: one step's (key, StepOutput | Exception) pairs to their requests."""
-        if joined:
-            self.observe_batch(joined)
-        for key, out in outputs:
-            if (outbox := self.queues.get(key)) is None:
-                continue  # its caller left; the cancel is in the inbox
-            outbox.put_nowait(out)
-            if isinstance(out, Exception) or out.finish_reason is not None:
-                if not isinstance(out, Exception):
-                    outbox.put_nowait(None)
-                del self.queues[key]
-
-    def _decode_loop(self) -> None:
-        def publish(outputs: list, joined: int) -> None:
-            self._loop.call_soon_threadsafe(self._deliver, outputs, joined)
-
-        decode_loop(self.inbox.get, self.inbox.empty, publish, self.settings(), engine_of=lambda engine: engine)
-
-    def settings(self) -> dict:
-        return {"max_batch_size": self.max_batch_size, "wait_s": self.wait_s, "join_ratio": self.join_ratio,
-                "join_max_wait_steps": self.join_max_wait_steps}
-
-
-def decode_loop(get: Callable[[], Any], empty: Callable[[], bool], publish: Callable[[list, int], None], settings: dict,
-                engine_of: Callable[[Any], Any], on_message: Callable[[tuple], None] = lambda m: None) -> None:
-    """The continuous-batching loop (see BatchScheduler), wherever it runs: ``get`` blocks for the next
-    inbox message (None: nothing yet, look again), ``empty`` says whether more are queued, ``publish``
-    hands a step's outputs on, ``engine_of`` turns a message's engine field into an Engine, and
-    ``on_message`` takes any message other than add / cancel / stop."""
-    max_batch_size, wait_s = settings["max_batch_size"], settings["wait_s"]
-    join_ratio, join_max_wait_steps = settings["join_ratio"], settings["join_max_wait_steps"]
-    batch, waiting, waited = None, [], False  # waiting: (key, request, engine) not yet in the batch
-    held = 0  # steps the waiting requests have been held back
-    partial: dict[int, Any] = {}  # key -> what a `whole` request has produced so far
-    while True:
-        messages = [] if batch or waiting else [get()]  # idle: sleep until a request comes
-        while not empty():
-            messages.append(get())
-        for message in messages:
-            if message is None:
-                continue
-            if message[0] == "stop":
-                return
-            if message[0] == "add":
-                waiting.append((message[1], message[2], engine_of(message[3])))
-                if message[4]:
-                    partial[message[1]] = None
-            elif message[0] == "cancel":
-                waiting = [w for w in waiting if w[0] != message[1]]
-                partial.pop(message[1], None)
-                if batch:
-                    batch.cancel(message[1])
-            else:
-                on_message(message)
-        if not batch:
-            if not waiting:
-                continue
-            if wait_s and not waited and len(waiting) < max_batch_size:
-                time.sleep(wait_s)  # an idle engine: let a burst arrive together
-                waited = True
-                continue
-            batch, waited = waiting[0][2].batch(), False
-        joining = [w for w in waiting if w[2] is batch.engine][: batch.room()]
-        if joining and batch and len(joining) < join_ratio * len(batch) and held < join_max_wait_steps:
-            joining, held = [], held + 1  # too few to be worth a prefill yet: decode on
-        else:
-            held = 0
-        taken = {w[0] for w in joining}
-        waiting = [w for w in waiting if w[0] not in taken]
-        outputs: list = []
-        try:
-            batch.add([request for _, request, _ in joining], [key for key, _, _ in joining])
-        except Exception as err:  # refused requests hear why; the batch runs on
-            outputs, joining = [(key, err) for key, _, _ in joining], []
-        joined = len(batch) if joining else 0
-        try:
-            outputs += batch.step()
-        except Exception as err:  # the engine failed: every row of the batch hears it
-            outputs += [(row.key, err) for row in batch.rows]
-            batch = None
-        if partial:
-            outputs = _gather_whole(outputs, partial)
-        if outputs or joined:
-            publish(outputs, joined)
-
-
-def _gather_whole(outputs: list, partial: dict) -> list:
-    """Hold back the steps of `whole` requests (keys in ``partial``), adding them up; release the sum
-    when the request finishes (or its error at once)."""
-    from lm.serve.engine import StepOutput
-
-    released = []
-    for key, out in outputs:
-        if key not in partial:
-            released.append((key, out))
-        elif isinstance(out, Exception):
-            del partial[key]
-            released.append((key, out))
-        else:
-            so_far = partial[key]
-            if so_far is not None:
-                out = StepOutput(so_far.text + out.text, so_far.token_ids + out.token_ids,
-                                 None if so_far.logprobs is None else so_far.logprobs + (out.logprobs or []),
-                                 out.finish_reason)
-            if out.finish_reason is None:
-                partial[key] = out
-            else:
-                del partial[key]
-                released.append((key, out))
-    return released
 
 
 class ModelServer:
@@ -222,6 +49,11 @@ class ModelServer:
         self.source = ""  # what reconfigure was given: a directory or registry:<ref>
         self._follower: asyncio.Task | None = None
         self.cache = ResponseCache(cfg.serve.cache_entries)
+        self.rag = None
+        if cfg.serve.rag:  # the retrieval index (lm.rag), loaded once per replica
+            from lm.rag import RagIndex
+
+            self.rag = RagIndex.load(store, cfg.rag_uri)
         self.m_tokens = Counter("lmforge_generated_tokens", description="Tokens generated.")
         self.m_batch = Histogram("lmforge_batch_size", description="Requests decoded together.",
                                  boundaries=[1, 2, 4, 8, 16, 32, 64])
@@ -313,8 +145,17 @@ class ModelServer:
         from lm.serve.engine import GenRequest
 
         engine, version = self.engine, self.version
-        ids = engine.tokenizer.encode(req["prompt"]) or [engine.tokenizer.eos_id]
         limit = engine.context_length()
+        prompt, extra = req["prompt"], {}
+        if req.get("rag"):  # the best passages that fit in front of the prompt (lm.rag)
+            from lm.rag import augment
+
+            hits = self.rag.search(req["rag"]["query"], req["rag"]["top_k"])
+            budget = limit - req["max_tokens"]
+            prompt, used = augment(self.cfg.rag.template, prompt, hits,
+                                   lambda text: len(engine.tokenizer.encode(text)) <= budget)
+            extra["sources"] = [{k: h[k] for k in ("id", "doc", "source", "score", "text")} for h in used]
+        ids = engine.tokenizer.encode(prompt) or [engine.tokenizer.eos_id]
         if len(ids) + req["max_tokens"] > limit:
             param = "prompt" if len(ids) >= limit else "max_tokens"
             return {"error": f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)} and "
@@ -326,7 +167,7 @@ class ModelServer:
             engine.check(request)  # one bad request must not fail the batch it would join
         except ValueError as err:
             return {"error": str(err), "param": None}
-        return engine, version, request, self.cache.key(version, req)
+        return engine, version, request, self.cache.key(version, req), extra
 
     def _cached(self, key: str | None) -> dict | None:
         if not key:
@@ -335,14 +176,37 @@ class ModelServer:
         self.m_cache.inc(tags={"result": "hit" if cached else "miss"})
         return cached
 
+    async def embed(self, inputs: list) -> dict:
+        """``inputs``: texts or token-id lists → ``{"embeddings", "prompt_tokens", "version"}`` (one unit
+        vector per input, lm.inference.embed_ids) or an ``error`` naming the input that cannot be embedded."""
+        from lm.inference import embed_ids
+
+        engine, version = self.engine, self.version
+        if not hasattr(engine, "model"):
+            return {"error": "embeddings need the model in the replica (serve.engine_process: false)", "param": None}
+        tok, limit = engine.tokenizer, engine.context_length()
+        id_lists = []
+        for i, item in enumerate(inputs):
+            ids = tok.encode(item) if isinstance(item, str) else list(item)
+            if not ids:
+                return {"error": f"input[{i}] is empty", "param": "input"}
+            if len(ids) > limit:
+                return {"error": f"input[{i}] has {len(ids)} tokens; this model reads at most {limit}", "param": "input"}
+            if bad := [t for t in ids if not 0 <= t < tok.vocab_size]:
+                return {"error": f"input[{i}] holds token ids outside the vocabulary (0..{tok.vocab_size - 1}): "
+                                 f"{bad[:3]}", "param": "input"}
+            id_lists.append(ids)
+        vectors = await asyncio.to_thread(embed_ids, engine.model, id_lists)
+        return {"embeddings": vectors, "prompt_tokens": sum(map(len, id_lists)), "version": version}
+
     async def complete(self, req: dict) -> dict:
         """One request, answered whole (one batched call, no per-step messages between processes):
         ``prompt_tokens``, ``version``, ``cached`` and the completion (or an ``error``)."""
         prepared = self._prepare(req)
         if isinstance(prepared, dict):
             return prepared
-        engine, version, request, key = prepared
-        head = {"prompt_tokens": len(request.prompt_ids), "version": version}
+        engine, version, request, key, extra = prepared
+        head = {"prompt_tokens": len(request.prompt_ids), "version": version, **extra}
         if (cached := self._cached(key)) is not None:
             return {**head, **cached, "cached": True}
         whole = {"text": "", "token_ids": [], "logprobs": [] if request.logprobs else None, "finish_reason": None}
@@ -365,9 +229,9 @@ class ModelServer:
         if isinstance(prepared, dict):
             yield prepared
             return
-        engine, version, request, key = prepared
+        engine, version, request, key, extra = prepared
         tokenizer = engine.tokenizer
-        head = {"prompt_tokens": len(request.prompt_ids), "version": version}
+        head = {"prompt_tokens": len(request.prompt_ids), "version": version, **extra}
         if (cached := self._cached(key)) is not None:
             yield {**head, "cached": True}
             yield cached

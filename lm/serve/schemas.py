@@ -18,7 +18,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-CHAT_STOPS = ["\n\nUser:", "\n\nSystem:"]
+from lm import chat
+
+CHAT_STOPS = chat.CHAT_STOPS  # the template lives in lm.chat (shared with supervised fine-tuning)
+
+
+class RagOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int | None = Field(None, ge=1, description="Passages to retrieve (default: rag.top_k).")
 
 
 class _Request(BaseModel):
@@ -36,6 +44,17 @@ class _Request(BaseModel):
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=0, le=0, description="Accepted for compatibility; only 0 is supported.")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="Accepted for compatibility; only 0 is supported.")
+    template: str | None = Field(None, description="lmforge extension: a named prompt template (serve.templates) "
+                                 "applied to the prompt (chat: to the last user message).")
+    template_vars: dict[str, str] = Field(default_factory=dict, description="The template's other {fields}.")
+    rag: bool | RagOptions = Field(False, description="lmforge extension: put the best passages of the retrieval "
+                                   "index into the prompt (serve.rag); the response lists them as sources.")
+
+    def rag_top_k(self, default: int) -> int | None:
+        """Passages asked for (None: no retrieval)."""
+        if isinstance(self.rag, RagOptions):
+            return self.rag.top_k or default
+        return default if self.rag else None
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -76,6 +95,21 @@ class ChatRequest(_Request):
         return self.max_completion_tokens or self.max_tokens or default
 
 
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., min_length=1)
+    input: str | list[str] | list[int] | list[list[int]] = Field(..., description="Text(s) or token-id list(s).")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="Accepted only when it is the model's own width.")
+    user: str | None = None
+
+    def inputs(self) -> list:
+        if isinstance(self.input, str) or (self.input and isinstance(self.input[0], int)):
+            return [self.input]
+        return list(self.input)
+
+
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -88,9 +122,35 @@ class FeedbackRequest(BaseModel):
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The ``plain`` chat template (see the module docstring)."""
-    turns = [f"{m.role.capitalize()}: {m.content}" for m in messages]
-    return "\n\n".join([*turns, "Assistant:"])
+    """The ``plain`` chat template (see the module docstring; lm.chat renders it)."""
+    return chat.chat_prompt(messages)
+
+
+def apply_template(templates: dict[str, str], name: str, prompt: str, variables: dict[str, str]) -> str:
+    """The named template with ``prompt`` and ``variables`` filled in (ValueError naming what is wrong)."""
+    from string import Formatter
+
+    if name not in templates:
+        raise ValueError(f"template {name!r} does not exist; this server has {sorted(templates) or 'none'}")
+    fields = {f for _, f, _, _ in Formatter().parse(templates[name]) if f}
+    if missing := sorted(fields - {"prompt"} - set(variables)):
+        raise ValueError(f"template {name!r} needs template_vars {missing}")
+    if extra := sorted(set(variables) - fields):
+        raise ValueError(f"template {name!r} has no fields {extra}")
+    return templates[name].format(**{**variables, "prompt": prompt})
+
+
+def embedding_response(model: str, vectors: list[list[float]], encoding: str, prompt_tokens: int) -> dict:
+    """OpenAI's embeddings list (``base64``: little-endian float32 bytes, as the openai client expects)."""
+    import base64
+
+    import numpy as np
+
+    def encode(v: list[float]):
+        return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() if encoding == "base64" else v
+
+    return {"object": "list", "model": model, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]}
 
 
 def new_id(kind: str) -> str:

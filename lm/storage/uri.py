@@ -1,7 +1,8 @@
 """Storage URIs: what a URI names. :func:`parse_uri` turns a path, ``file://PATH``, ``s3://bucket/key`` or
 ``bundled://NAME`` into a :class:`Loc` (backend kind plus local path or bucket and key), rejecting unknown
 schemes and bad corpus names; a ``Loc`` also says whether it may be written and how to name an S3 key under
-it as a folder/prefix. Bundled corpora are the ``lm/corpora/NAME.txt.gz`` files shipped with the package."""
+it as a folder/prefix. Bundled corpora are the ``lm/corpora/NAME.txt.gz`` (text) and ``NAME.jsonl.gz``
+(records, e.g. supervised fine-tuning data) files shipped with the package."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from lm.storage.errors import StorageError
 
 CORPORA = Path(__file__).parents[1] / "corpora"
+BUNDLED_SUFFIXES = (".txt.gz", ".jsonl.gz")
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,21 @@ def parse_uri(uri: str | os.PathLike) -> Loc:
         name = uri[10:].strip("/")
         if name and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
             raise StorageError(f"{uri}: invalid bundled corpus name")
-        return Loc(uri, "bundled", path=CORPORA / f"{name}.txt.gz" if name else CORPORA)
+        return Loc(uri, "bundled", path=_bundled_path(name) if name else CORPORA)
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(f"{uri}: unsupported URI scheme (use a path, file://, s3:// or bundled://)")
     return Loc(uri, "local", path=Path(uri.removeprefix("file://")).expanduser())
 
 
+def _bundled_path(name: str) -> Path:
+    """The file of bundled corpus ``name`` (the .txt.gz one when there is none, so a miss names it)."""
+    found = [CORPORA / f"{name}{suffix}" for suffix in BUNDLED_SUFFIXES if (CORPORA / f"{name}{suffix}").is_file()]
+    return found[0] if found else CORPORA / f"{name}{BUNDLED_SUFFIXES[0]}"
+
+
 def bundled_names() -> list[str]:
     """The names of the bundled corpora, sorted."""
-    return sorted(p.name.removesuffix(".txt.gz") for p in CORPORA.glob("*.txt.gz"))
+    return sorted(p.name.removesuffix(suffix) for suffix in BUNDLED_SUFFIXES for p in CORPORA.glob(f"*{suffix}"))
 
 
 def absolute_uri(uri: str) -> str:

@@ -3,6 +3,10 @@ reference the distributed trainer is checked against.
 
     result = train_local(cfg, model, train_rows, val_rows)   # rows: [N, seq_len + 1] packed tokens
     result.history  # [{"step", "loss", "lr", "val_loss"?, "tokens_per_s"}, ...]
+
+With ``teacher`` (a frozen model, lm.compress.distill.load_teacher) the loss is the distillation loss of
+``train.distill`` (cross-entropy mixed with the KL divergence to the teacher's logits), and the logged
+records add ``distill_ce`` and ``distill_kl``; validation loss stays the plain cross-entropy.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lm.compress.distill import distill_loss, teacher_logits
 from lm.config import Config
 from lm.data.pack import rows_to_inputs_targets
 from lm.train.optim import build_adamw, global_batch_indices, lr_at
@@ -74,9 +79,11 @@ def train_local(
     log: Callable[[str], None] = print,
     train_mask: np.ndarray | None = None,
     val_mask: np.ndarray | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with AdamW + warm-up/cosine for ``max_steps`` (or ``max_seconds``);
-    ``*_mask``: loss masks of the rows (lm.data.loader.load_split)."""
+    ``*_mask``: loss masks of the rows (lm.data.loader.load_split); ``teacher``: distil from it
+    (on the training device, see the module docstring)."""
     tc = cfg.train
     device = pick_device(tc.device)
     model.to(device).train()
@@ -93,7 +100,11 @@ def train_local(
         idx = global_batch_indices(len(train_rows), tc.seed, step * tc.batch_size, tc.batch_size)
         x, y = to_inputs_targets(train_rows[idx], device, None if train_mask is None else train_mask[idx])
         with autocast_for(tc.precision, device):
-            _, loss = model(x, y)
+            logits, loss = model(x, y)
+            if teacher is not None:
+                parts = distill_loss(logits, teacher_logits(teacher, x), y, temperature=tc.distill.temperature,
+                                     weight=tc.distill.weight)
+                loss = parts.loss
         loss.backward()
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -107,6 +118,8 @@ def train_local(
             now = time.perf_counter()
             record = {"step": step + 1, "loss": loss.item(), "lr": lr_at(step, tc),
                       "tokens_per_s": tokens_since_log / max(now - last_log, 1e-9), "elapsed_s": elapsed}
+            if teacher is not None:
+                record.update(distill_ce=parts.ce.item(), distill_kl=parts.kl.item())
             if val_rows is not None and len(val_rows) and ((step + 1) % tc.eval_interval == 0 or last):
                 record["val_loss"] = estimate_loss(model, val_rows, cfg, device, val_mask)
             result.history.append(record)

@@ -14,6 +14,9 @@ builds the trainer). Each worker:
   DeepSpeed checkpoint (+ RNG, history, a consolidated copy of the weights) reported to Ray Train;
 * at the end, rank 0 publishes the consolidated model directory (lm.modeldir) at ``<run>/model``.
 
+With ``train.distill.teacher`` every worker also holds the frozen teacher (lm.compress.distill) and
+trains on its distillation loss; ``distill_ce`` / ``distill_kl`` join the logged metrics.
+
 Resume: from ``ray.train.get_checkpoint()`` (a restarted worker group, or a re-run of the same run):
 model, optimizer, scheduler, step, RNG and the data position (the step) come back, so the curve goes
 on as if never stopped. With a different number of workers the consolidated weights are loaded
@@ -35,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lm.compress.distill import distill_loss, load_teacher, teacher_logits
+from lm.compress.distill import lineage as distill_lineage
 from lm.config import Config, join_uri
 from lm.data.loader import load_split, read_manifest
 from lm.data.pipeline import data_uri
@@ -144,6 +149,10 @@ class Worker:
                                         else (None, None))
         val = self.manifest["splits"].get("val", {})
         self.tokens_per_byte = val.get("tokens", 0) / val["bytes"] if val.get("bytes") else None
+        distill = self.tc.distill  # the teacher is checked (tokenizer, context) before the model is built
+        self.teacher = (load_teacher(self.store, distill.teacher, self.tok, cfg.seq_len, self.tc.precision, self.device)
+                        if distill.teacher else None)
+        self.distill_parts = (0.0, 0.0)  # the last step's cross-entropy and KL terms
         self.model = build_model(cfg, self.tok.vocab_size)
         checkpoint = ray.train.get_checkpoint()
         if self.tc.init_from and checkpoint is None:  # a resumed run continues from its own checkpoint
@@ -228,21 +237,28 @@ class Worker:
 
     def _train_step(self) -> float:
         micro, world, rank = self.tc.batch_size, self.world, self.rank
-        total = 0.0
+        total, ce, kl, distill = 0.0, 0.0, 0.0, self.tc.distill
         for m in range(self.accum):
             first = ((self.step * self.accum + m) * world + rank) * micro
             idx = global_batch_indices(len(self.train_rows), self.tc.seed, first, micro)
             x, y = to_inputs_targets(self.train_rows[idx], self.device,
                                      None if self.train_mask is None else self.train_mask[idx])
-            _, loss = self.engine(x, y)
+            logits, loss = self.engine(x, y)
+            if self.teacher is not None:
+                parts = distill_loss(logits, teacher_logits(self.teacher, x), y, temperature=distill.temperature,
+                                     weight=distill.weight)
+                loss, ce, kl = parts.loss, ce + parts.ce.item(), kl + parts.kl.item()
             self.engine.backward(loss)
             self.engine.step()
             total += loss.item()
+        self.distill_parts = (ce / self.accum, kl / self.accum)
         return total / self.accum
 
     def _train_metrics(self, loss: float, steps_per_s: float | None) -> dict[str, Any]:
         loss_mean = _all_mean([loss], self.world)[0]
         record: dict[str, Any] = {"step": self.step, "loss": loss_mean, "lr": lr_at(self.step - 1, self.tc)}
+        if self.teacher is not None:
+            record["distill_ce"], record["distill_kl"] = _all_mean(list(self.distill_parts), self.world)
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             record["grad_norm"] = float(norm)
@@ -287,6 +303,8 @@ class Worker:
         parts = [f"step {self.step:>5}/{self.tc.max_steps}", f"loss {record['loss']:.4f}"]
         if "val_loss" in record:
             parts.append(f"val {record['val_loss']:.4f}" + (f" ({record['val_bpb']:.3f} bpb)" if "val_bpb" in record else ""))
+        if "distill_kl" in record:
+            parts.append(f"kl {record['distill_kl']:.4f}")
         parts.append(f"lr {record['lr']:.2e}")
         if "grad_norm" in record:
             parts.append(f"gnorm {record['grad_norm']:.2f}")
@@ -345,6 +363,8 @@ class Worker:
                    "tokens": self.step * self.tc.batch_size * self.accum * self.world * self.cfg.seq_len,
                    "final_loss": last["loss"], "val_loss": last.get("val_loss"), "trainer": "ray+deepspeed",
                    "zero_stage": self.tc.zero_stage, "workers": self.world}
+        if distilled := distill_lineage(self.tc.distill):
+            lineage["distill"] = distilled
         save_model_dir(self.store, join_uri(self.cfg.run_uri, "model"), model, self.tok, self.cfg.generate, lineage)
 
 

@@ -10,6 +10,7 @@ checkpoint (Ray Train restores the run from its storage), also with another numb
 
 Outputs under ``<run>``: ``train/ray/`` (Ray Train checkpoints, each a DeepSpeed checkpoint),
 ``train/metrics.jsonl``, ``train/loss.png``, ``train/tensorboard/`` and the model directory ``model/``.
+With ``train.distill.teacher`` the teacher is checked before the data and again before Ray Train starts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lm.cluster import connect, worker_env
+from lm.compress.distill import check_run_teacher
 from lm.config import Config, join_uri
 from lm.data.pipeline import prepare_data
 from lm.storage import ObjectStore
@@ -73,8 +75,10 @@ def train(cfg: Config, store: ObjectStore | None = None, log: Log = print, *, ca
     """Prepare data if needed (``prepare``), train with Ray Train + DeepSpeed, publish ``<run>/model``."""
     cfg = cfg.with_absolute_paths()  # the workers run elsewhere: ./lmforge-store must mean this folder
     store = store or ObjectStore(cfg.storage)
+    check_run_teacher(cfg, store)  # train.distill.teacher: a model directory with the context, before any work
     if prepare:
         prepare_data(cfg, store, log)
+        check_run_teacher(cfg, store)  # and the prepared data's tokenizer, before the workers start
     tc = cfg.train
     log(f"train: {tc.workers} workers x {tc.batch_size} sequences x {tc.grad_accum(cfg.seq_len)} accumulation, "
         f"ZeRO-{tc.zero_stage}, {tc.precision}, {tc.max_steps} steps → {join_uri(cfg.run_uri, 'train')}")

@@ -128,9 +128,11 @@ def _tuner(cfg: Config, store: ObjectStore, resume: bool, log: Log):
         raise ConfigError(f"a sweep already exists at {join_uri(uris['ray'], EXPERIMENT)}: pass --resume to continue "
                           "it, or give the run another name")
     if tc.scheduler == "asha":
+        # stop_last_trials=False: a trial reaching max_t ends by itself; stopping it at its last report
+        # would kill it while it publishes its model directory
         scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
                                   grace_period=tc.grace_period or cfg.train.eval_interval,
-                                  reduction_factor=tc.reduction_factor)
+                                  reduction_factor=tc.reduction_factor, stop_last_trials=False)
     else:
         scheduler = FIFOScheduler()
     if tc.search == "optuna":

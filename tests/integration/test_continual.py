@@ -102,7 +102,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 def test_feedback_and_new_documents_become_v2_in_serving_after_a_killed_and_resumed_iteration(loop):
     from ray import serve
 
-    from lm.serve.app import start
+    from lm.serve.deploy import start
 
     cfg, store, registry, root = loop["cfg"], loop["store"], loop["registry"], loop["root"]
     start(cfg)

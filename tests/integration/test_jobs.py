@@ -56,8 +56,9 @@ def test_the_tiny_pipeline_runs_as_a_submitted_job_on_s3(head, s3_server):
     client = head["client"]
     root = f"s3://{s3_server.new_bucket('job')}/lmforge"
     job = client.submit_job(
+        # the plain training loop: Ray Train on a real multi-node cluster is test_multinode's; this is the job
         entrypoint=f"python jobs/pipeline.py --config configs/tiny.yaml storage.root={root} train.max_steps=20 "
-                   "eval.max_examples=4 'eval.prompts=[\"ROMEO:\"]'",
+                   "train.trainer=local eval.max_examples=4 'eval.prompts=[\"ROMEO:\"]'",
         runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": worker_env()})
     deadline, status = time.monotonic() + 600, None
     while time.monotonic() < deadline:

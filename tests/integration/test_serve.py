@@ -1,7 +1,8 @@
 """Ray Serve end to end over real HTTP on 127.0.0.1: the official `openai` client (plain and streaming),
 auth, every class of bad input (4xx, never 5xx), concurrency with batching, the response cache,
-feedback capture, hot reload under load with no failed request, following the registry's production
-alias (promotion and rollback), and autoscaling 1 → 2 → 1."""
+feedback capture, embeddings, retrieval-augmented prompts with their sources, named prompt templates,
+hot reload under load with no failed request, the model in the ingress's replicas (serve.colocate),
+following the registry's production alias (promotion and rollback), and autoscaling 1 → 2 → 1."""
 
 import json
 import re
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from serving import KEY, free_port, model_dir, settles_on, under_load
@@ -21,18 +23,27 @@ from lm.storage import ObjectStore
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).parents[2]
+FACTS = {"zembla.txt": "The capital of Zembla is Quixotl.\n\nZembla exports amber.",
+         "orbis.txt": "Orbis is ruled by librarians with lanterns.",
+         "rain.txt": "Rain falls on the northern hills."}
 
 
 @pytest.fixture(scope="module")
 def server(ray_session, tmp_path_factory, monkeypatch_module):
     from ray import serve
 
-    from lm.serve.app import start
+    from lm.rag import build_index
+    from lm.serve.deploy import start
 
     root = tmp_path_factory.mktemp("serve")
     monkeypatch_module.setenv("LMFORGE_API_KEYS", f"other-key,{KEY}")
     port = free_port()
+    (root / "facts").mkdir()
+    for name, text in FACTS.items():
+        (root / "facts" / name).write_text(text)
     overrides = [f"storage.root={root}", f"serve.port={port}", "serve.max_batch_size=4", "serve.replica_cpus=0.5",
+                 "serve.rag=true", f"rag.sources=[{{name: facts, uri: '{root}/facts'}}]", "rag.passage_words=8",
+                 "rag.overlap_words=2", 'serve.templates={qa: "Q: {prompt} ({tone})\\nA:"}',
                  "serve.autoscaling.max_replicas=2", "serve.autoscaling.target_ongoing_requests=2",
                  "serve.autoscaling.upscale_delay_s=1", "serve.autoscaling.downscale_delay_s=4",
                  "serve.feedback.enabled=true", "serve.feedback.flush_interval_s=0.5", "serve.max_body_bytes=20000"]
@@ -41,6 +52,7 @@ def server(ray_session, tmp_path_factory, monkeypatch_module):
     first = model_dir(store, cfg, f"{root}/models/v1", seed=1)
     second = model_dir(store, cfg, f"{root}/models/v2", seed=2)
     cfg = load_config(REPO / "configs/tiny.yaml", [*overrides, f"serve.model={first}"])
+    build_index(cfg, store, log=lambda _: None)
     start(cfg)
     base = f"http://127.0.0.1:{port}/v1"
     yield {"cfg": cfg, "overrides": overrides, "base": base, "root": root, "v1": first, "v2": second,
@@ -200,8 +212,65 @@ def test_feedback_is_captured_as_jsonl(server):
     assert any(r["type"] == "feedback" and r["correction"] == "Good morrow." for r in records)
 
 
+def test_embeddings_through_the_openai_client(server):
+    client = server["client"]
+    got = client.embeddings.create(model="lmforge", input=["ROMEO: good night", "KING:", "ROMEO: good night"])
+    vectors = np.array([d.embedding for d in got.data])  # the client asks for base64 and decodes it
+    assert [d.index for d in got.data] == [0, 1, 2] and vectors.shape == (3, 64)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5) and np.allclose(vectors[0], vectors[2])
+    assert got.usage.prompt_tokens > 3
+    headers = {"Authorization": f"Bearer {KEY}"}
+    plain = httpx.post(f"{server['base']}/embeddings", headers=headers,
+                       json={"model": "lmforge", "input": "KING:", "encoding_format": "float"}).json()
+    assert np.allclose(plain["data"][0]["embedding"], vectors[1], atol=1e-6)
+    for body, status, param in [({"model": "lmforge", "input": []}, 400, "input"),
+                                ({"model": "lmforge", "input": ""}, 400, "input"),
+                                ({"model": "lmforge", "input": [[1, 2], [10**7]]}, 400, "input"),
+                                ({"model": "lmforge", "input": "ROMEO: " * 80}, 400, "input"),
+                                ({"model": "lmforge", "input": "x", "dimensions": 7}, 400, "dimensions"),
+                                ({"model": "ada", "input": "x"}, 404, "model")]:
+        r = httpx.post(f"{server['base']}/embeddings", headers=headers, json=body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text)
+
+
+def test_retrieval_puts_passages_in_the_prompt_and_returns_sources(server):
+    client = server["client"]
+    plain = client.completions.create(model="lmforge", prompt="Capital of Zembla?", max_tokens=4, temperature=0)
+    done = client.completions.create(model="lmforge", prompt="Capital of Zembla?", max_tokens=4, temperature=0,
+                                     extra_body={"rag": {"top_k": 2}})
+    sources = done.choices[0].model_extra["sources"]
+    assert sources and "zembla.txt" in sources[0]["doc"] and "Quixotl" in sources[0]["text"]
+    assert len(sources) <= 2 and done.usage.prompt_tokens > plain.usage.prompt_tokens + 5
+    assert "sources" not in (plain.choices[0].model_extra or {})
+    streamed = list(client.completions.create(model="lmforge", prompt="Who rules Orbis?", max_tokens=4,
+                                              temperature=0, stream=True, extra_body={"rag": True}))
+    assert "orbis.txt" in streamed[0].choices[0].model_extra["sources"][0]["doc"]
+    chat = client.chat.completions.create(model="lmforge", max_tokens=4, temperature=0, extra_body={"rag": True},
+                                          messages=[{"role": "user", "content": "Where does rain fall?"}])
+    assert "rain.txt" in chat.choices[0].model_extra["sources"][0]["doc"]
+    with pytest.raises(openai.BadRequestError, match="exceeds this server's limit"):
+        client.completions.create(model="lmforge", prompt="x", max_tokens=2, extra_body={"rag": {"top_k": 99}})
+
+
+def test_named_prompt_templates_through_the_api(server):
+    client = server["client"]
+    done = client.completions.create(model="lmforge", prompt="Why?", max_tokens=2, temperature=0, echo=True,
+                                     extra_body={"template": "qa", "template_vars": {"tone": "gravely"}})
+    assert done.choices[0].text.startswith("Q: Why? (gravely)\nA:")
+    chat = client.chat.completions.create(model="lmforge", max_tokens=2, temperature=0,
+                                          messages=[{"role": "user", "content": "Why?"}],
+                                          extra_body={"template": "qa", "template_vars": {"tone": "gravely"}})
+    assert chat.usage.prompt_tokens > client.chat.completions.create(
+        model="lmforge", max_tokens=2, temperature=0, messages=[{"role": "user", "content": "Why?"}]).usage.prompt_tokens
+    for extra, param in [({"template": "nope"}, "template"), ({"template": "qa"}, "template_vars"),
+                         ({"template": "qa", "template_vars": {"tone": "x", "mood": "y"}}, "template_vars")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="lmforge", prompt="Why?", max_tokens=2, extra_body=extra)
+        assert err.value.body["param"] == param
+
+
 def test_hot_reload_under_load_fails_no_request(server):
-    from lm.serve.app import start
+    from lm.serve.deploy import start
 
     with under_load(server["client"], "RELOAD:", 8, 0.0, threads=4) as (fingerprints, errors):
         time.sleep(2)
@@ -215,11 +284,43 @@ def test_hot_reload_under_load_fails_no_request(server):
     assert fingerprints[-1] != before and len(fingerprints) > 8
 
 
+def test_colocated_replicas_answer_http_themselves(server):
+    """serve.colocate: one deployment whose replicas hold the model (no ingress hop): the openai client
+    streamed and whole, a refused streamed request, and a reload under load with no failed request."""
+    from ray import serve
+
+    from lm.serve.deploy import start
+
+    client, app = server["client"], server["cfg"].serve.app_name
+    start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], "serve.colocate=true", "serve.rag=false",
+                                                    f"serve.model={server['v1']}"]))
+    assert set(serve.status().applications[app].deployments) == {"model"}
+    assert len(client.embeddings.create(model="lmforge", input="COLO:").data[0].embedding) == 64
+    with pytest.raises(openai.BadRequestError, match=r"retrieval is off on this server \(serve.rag\)"):
+        client.completions.create(model="lmforge", prompt="x", max_tokens=2, extra_body={"rag": True})
+    pieces = [c.choices[0].text for c in client.completions.create(model="lmforge", prompt="COLO:", max_tokens=10,
+                                                                    temperature=0, stream=True)]
+    whole = client.completions.create(model="lmforge", prompt="COLO:", max_tokens=10, temperature=0, seed=3)
+    assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        list(client.completions.create(model="lmforge", prompt="ROMEO: " * 80, max_tokens=1, stream=True))
+    with under_load(client, "COLO:", 6, 0.7, threads=3) as (fingerprints, errors):
+        assert settles_on(fingerprints, whole.system_fingerprint), fingerprints[-6:]
+        start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], "serve.colocate=true",
+                                                        f"serve.model={server['v2']}"]))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and fingerprints[-1] == whole.system_fingerprint:
+            time.sleep(0.5)
+        time.sleep(1)
+    assert not errors, errors[:3]
+    assert fingerprints[-1] != whole.system_fingerprint
+
+
 def test_serving_follows_the_registry_production_alias(server):
     """serve.model=registry:production: the replicas load the registry's production version and swap
     when a promotion (then a rollback) moves it, under load, with no failed request."""
     from lm.registry import Registry
-    from lm.serve.app import start
+    from lm.serve.deploy import start
 
     cfg, client = server["cfg"], server["client"]
     reg = Registry(ObjectStore(cfg.storage), cfg.registry_uri)
@@ -274,7 +375,7 @@ def test_lm_serve_ask_deploys_answers_through_the_openai_client_and_stops(server
     """What `make demo` runs (`lm serve --ask`); last in this module: it deletes the app."""
     from ray import serve
 
-    from lm.serve.app import ask_once
+    from lm.serve.deploy import ask_once
 
     done = ask_once(server["cfg"], "KING:")
     assert done["object"] == "text_completion" and done["usage"]["completion_tokens"] > 0

@@ -1,14 +1,11 @@
 """`lm train` on Ray Train + DeepSpeed (CPU, gloo): ZeRO stages, exact resume, resume on another
-number of workers, a killed worker, and the published model directory."""
+number of workers, and the published model directory. (Workers killed mid-run, resuming from the last
+checkpoint: test_multinode, where a whole node with a worker goes away.)"""
 
 import shutil
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
-import torch
 
 from lm.config import load_config
 from lm.data.pipeline import prepare_data
@@ -40,11 +37,12 @@ def losses(history: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in history}
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_zero_stage_trains_checkpoints_and_publishes_a_model(ray_session, data_dir, tmp_path, monkeypatch, stage):
-    accumulate = ["train.global_batch_tokens=2048"] if stage == 1 else []  # 2 micro-batches per step
+def test_zero3_trains_checkpoints_and_publishes_a_model(ray_session, data_dir, tmp_path, monkeypatch):
+    """ZeRO-3 with gradient accumulation (ZeRO-1 runs in the resume test below, ZeRO-2 in the others)."""
+    stage = 3
     monkeypatch.chdir(tmp_path)  # a relative storage root means this folder to the workers too
-    cfg = config(Path("."), data_dir, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=20", *accumulate)
+    cfg = config(Path("."), data_dir, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=20",
+                 "train.global_batch_tokens=2048")  # 2 micro-batches per step
     summary = train(cfg, log=lambda _: None)
     curve = [r["loss"] for r in summary.history]
     assert summary.steps == 20 and curve[-1] < curve[0] - 0.5  # the loss falls (from ln 512 = 6.24)
@@ -65,8 +63,12 @@ def test_zero_stage_trains_checkpoints_and_publishes_a_model(ray_session, data_d
 
 
 def test_resume_continues_the_same_curve_and_on_fewer_workers(ray_session, data_dir, tmp_path):
-    steps = ["train.max_steps=20"]
-    straight = losses(train(config(tmp_path, data_dir, "straight", *steps), log=lambda _: None).history)
+    """On ZeRO-1: an exact resume, and a resume on one worker instead of two."""
+    steps = ["train.max_steps=20", "train.zero_stage=1"]
+    straight_run = train(config(tmp_path, data_dir, "straight", *steps), log=lambda _: None)
+    straight = losses(straight_run.history)
+    shards = [p.name for p in (Path(straight_run.best_checkpoint) / "state").iterdir() if "optim_states" in p.name]
+    assert len(shards) == 2 and straight[20] < straight[1] - 0.5, (shards, straight)  # ZeRO-1 shards, it learns
 
     train(config(tmp_path, data_dir, "halves", *steps, "train.stop_after_steps=10"), log=lambda _: None)
     shutil.copytree(tmp_path / "runs" / "halves", tmp_path / "runs" / "smaller")  # the same half, twice
@@ -81,40 +83,3 @@ def test_resume_continues_the_same_curve_and_on_fewer_workers(ray_session, data_
     after = losses(smaller.history)
     assert smaller.steps == 20 and after[10] == pytest.approx(straight[10], abs=1e-4)
     assert after[12] < straight[2] and abs(after[20] - straight[20]) < 0.5  # it carries on, not from scratch
-
-
-def _train_worker_pids() -> list[int]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                found.append(p.pid)
-        except psutil.Error:
-            continue
-    return found
-
-
-def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, data_dir, tmp_path):
-    cfg = config(tmp_path, data_dir, "killed", "train.max_steps=40", "train.max_failures=1")
-    ckpts = tmp_path / "runs" / "killed" / "train" / "ray"
-    killed: list[int] = []
-
-    def kill_after_first_checkpoint() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            if any(ckpts.glob("checkpoint_*")) and (pids := _train_worker_pids()):
-                psutil.Process(pids[-1]).kill()
-                killed.append(pids[-1])
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
-    summary = train(cfg, log=lambda _: None)
-    killer.join()
-    assert killed, "no worker was killed"
-    assert summary.steps == 40
-    steps = [r["step"] for r in summary.history]
-    assert steps == sorted(set(steps)) and steps[-1] == 40  # the curve goes on from the checkpoint
-    curve = [r["loss"] for r in summary.history]
-    assert curve[-1] < curve[0] - 1.0
-    assert torch.isfinite(torch.tensor(curve)).all()

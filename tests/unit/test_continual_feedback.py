@@ -30,7 +30,7 @@ def test_feedback_rules_and_bad_records():
     pairs, more = sft_pairs(records)
     counts.update(more)
     assert pairs == [Pair("P1", "a1", "rated", "cmpl-a"), Pair("P2", "a2", "rated", "cmpl-a"),
-                     Pair("User: hi", "better", "correction", "chatcmpl-c")]
+                     Pair("User: hi", " better", "correction", "chatcmpl-c")]  # a chat reply follows "Assistant:"
     assert counts == Counter({"kept: rated good": 1, "kept: correction": 1, "dropped: rated bad": 1,
                               "dropped: unrated": 2, "skipped: not JSON": 1, "skipped: not an object": 1,
                               "skipped: malformed completion": 1, "skipped: unknown type": 1,

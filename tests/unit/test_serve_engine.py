@@ -349,13 +349,13 @@ def test_stream_advanced_from_other_threads(engine, tok):
 
 
 def test_batch_scheduler_admits_arrivals_into_the_running_batch(engine, tok):
-    """lm.serve.model_server.BatchScheduler (no Ray): a lone request starts decoding alone; the 6 that
+    """lm.serve.scheduler.BatchScheduler (no Ray): a lone request starts decoding alone; the 6 that
     arrive meanwhile join it (8 rows); a caller that leaves early frees its row; each request gets
     exactly what the engine gives it alone, step by step or (``whole``) in one output at the end."""
     import asyncio
     import contextlib
 
-    from lm.serve.model_server import BatchScheduler
+    from lm.serve.scheduler import BatchScheduler
 
     sizes: list[int] = []
     prompts = [f"LORD {i}:" for i in range(7)]
@@ -402,7 +402,7 @@ def test_batch_scheduler_holds_a_lone_arrival_back_for_join_max_wait_steps(engin
     answer, the same as alone."""
     import asyncio
 
-    from lm.serve.model_server import BatchScheduler
+    from lm.serve.scheduler import BatchScheduler
 
     order: list[str] = []
     sizes: list[int] = []
@@ -479,7 +479,7 @@ def test_batch_scheduler_refuses_a_bad_request_alone(engine, tok):
     its own caller, streamed or whole; the rows already decoding finish as if it never came."""
     import asyncio
 
-    from lm.serve.model_server import BatchScheduler
+    from lm.serve.scheduler import BatchScheduler
 
     good = req(tok, "ROMEO:", 16, temperature=0, ignore_eos=True)
     bad = GenRequest([tok.vocab_size + 5], 4)

@@ -102,7 +102,7 @@ def test_feedback_flushes_in_the_background_of_an_event_loop(tmp_path):
 
 
 def test_render_writes_a_serve_config_bound_to_loopback():
-    from lm.serve.app import render
+    from lm.serve.deploy import render
 
     cfg = load_config(REPO / "configs/tiny.yaml", ["serve.port=8123"])
     doc = yaml.safe_load(render(cfg, "configs/tiny.yaml", ["serve.port=8123"]))

@@ -1,0 +1,1 @@
+"""Model compression: pruning (lm.compress.prune) and distillation (lm.compress.distill)."""
