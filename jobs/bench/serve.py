@@ -16,8 +16,8 @@ generation may end early at end-of-text, so tokens are counted from ``usage.comp
     ``generate(do_sample=True, temperature=0.8, top_k=0)`` one request at a time in this process, on
     as many torch threads as the model replica gets CPUs; tokens/s = generated tokens / wall seconds.
     Also lm.serve.engine in this process, one request at a time (same prompts, same threads).
-  * HTTP: one model replica (autoscaling fixed at 1) with ``serve.replica_cpus`` CPUs (``--colocate``, the
-    default: the API inside that replica, ``serve.colocate``; ``--no-colocate``: a separate ingress), deployed with
+  * HTTP: one model replica (autoscaling fixed at 1) with ``serve.replica_cpus`` CPUs (a separate ingress in
+    front of it, serve's default; ``--colocate``: the API inside that replica, ``serve.colocate``), deployed with
     ``lm.serve.deploy.start``; closed-loop load at each concurrency (that many requests always in flight,
     ``max(--requests, 8 x concurrency)`` requests): tokens/s = completion tokens / wall seconds from the
     first send to the last answer (the target's number); also steady-state tokens/s (the tokens of the
@@ -297,8 +297,8 @@ def main() -> None:
                         help="serve.replica_cpus; the baselines use as many torch threads (rounded)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="levels, comma-separated")
     parser.add_argument("--overhead-requests", type=int, default=30)
-    parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=True,
-                        help="serve.colocate: the API inside the model replica (--no-colocate: a separate ingress)")
+    parser.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False,
+                        help="serve.colocate: the API inside the model replica (default: a separate ingress)")
     parser.add_argument("--out", default="jobs/bench/results/serve.json")
     args = parser.parse_args()
     levels_of = tuple(int(c) for c in args.concurrency.split(","))
