@@ -17,7 +17,6 @@ after Serve rewrites the methods into class-based routes.)
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +27,7 @@ from lm.config import Config, join_uri
 from lm.serve import schemas
 from lm.serve.auth import authorized
 from lm.serve.model_server import REGISTRY, ModelServer
+from lm.serve.scheduler import merge_streams
 from lm.storage import ObjectStore
 
 api = FastAPI(title="lmforge", description="OpenAI-compatible completions from an lmforge model directory.")
@@ -56,16 +56,6 @@ async def _invalid(_request: Request, err: RequestValidationError) -> JSONRespon
 
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
-def _sources(choice: dict, head: dict) -> dict:
-    """A choice with the passages retrieval put into its prompt (``rag`` requests)."""
-    return {**choice, "sources": head["sources"]} if "sources" in head else choice
-
-
-def _with_sources(chunk: dict, head: dict) -> dict:
-    chunk["choices"] = [_sources(c, head) for c in chunk["choices"]]
-    return chunk
 
 
 @serve.ingress(api)  # at import: each replica imports this module and gets the class-based routes
@@ -173,31 +163,6 @@ class Api:
                                  code="context_length_exceeded" if result.get("param") else None)
         return results
 
-    @staticmethod
-    async def _merge(streams) -> AsyncIterator[tuple[int, dict]]:
-        """Chunks of several streams as they come, tagged with the stream's index."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i, stream):
-            try:
-                async for chunk in stream:
-                    await queue.put((i, chunk))
-            finally:
-                await queue.put((i, None))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        open_streams = len(streams)
-        try:
-            while open_streams:
-                i, chunk = await queue.get()
-                if chunk is None:
-                    open_streams -= 1
-                else:
-                    yield i, chunk
-        finally:
-            for t in tasks:
-                t.cancel()
-
     def _requests(self, prompts: list[str], body: schemas._Request, max_tokens: int, stops: list[str],
                   logprobs: bool, queries: list[str] | None = None) -> list[dict]:
         """One model request per (prompt, choice); choice j of a seeded request uses seed + j. ``queries``:
@@ -259,8 +224,8 @@ class Api:
                 for i, head in enumerate(heads):
                     if body.echo or "sources" in head:
                         chunk = schemas.completion_chunk(rid, body.model, i, prompts[i // body.n] if body.echo else "", None)
-                        yield _sse(_with_sources(chunk, head))
-                async for i, chunk in self._merge(streams):
+                        yield _sse(schemas.with_sources(chunk, head))
+                async for i, chunk in merge_streams(streams):
                     texts[i] += chunk["text"]
                     lp = choice_logprobs(chunk) if logprobs else None
                     yield _sse(schemas.completion_chunk(rid, body.model, i, chunk["text"], chunk["finish_reason"], lp))
@@ -271,8 +236,9 @@ class Api:
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"x-lmforge-model-version": version})
         wholes = heads
-        choices = [_sources({"text": (prompts[i // body.n] if body.echo else "") + w["text"], "index": i,
-                             "logprobs": choice_logprobs(w), "finish_reason": w["finish_reason"]}, w)
+        choices = [schemas.with_sources_choice({"text": (prompts[i // body.n] if body.echo else "") + w["text"],
+                                                "index": i, "logprobs": choice_logprobs(w),
+                                                "finish_reason": w["finish_reason"]}, w)
                    for i, w in enumerate(wholes)]
         completion_tokens = sum(len(w["token_ids"]) for w in wholes)
         self._capture("completion", rid, prompts, [w["text"] for w in wholes], version, body)
@@ -306,8 +272,8 @@ class Api:
                 texts, tokens = [""] * len(streams), 0
                 for i, head in enumerate(heads):
                     chunk = schemas.chat_chunk(rid, body.model, i, {"role": "assistant", "content": ""}, None)
-                    yield _sse(_with_sources(chunk, head))
-                async for i, chunk in self._merge(streams):
+                    yield _sse(schemas.with_sources(chunk, head))
+                async for i, chunk in merge_streams(streams):
                     texts[i] += chunk["text"]
                     tokens += len(chunk["token_ids"])
                     delta = {"content": chunk["text"]} if chunk["text"] else {}
@@ -322,8 +288,9 @@ class Api:
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"x-lmforge-model-version": version})
         wholes = heads
-        choices = [_sources({"index": i, "message": {"role": "assistant", "content": w["text"].strip()},
-                             "logprobs": None, "finish_reason": w["finish_reason"]}, w) for i, w in enumerate(wholes)]
+        choices = [schemas.with_sources_choice({"index": i, "message": {"role": "assistant", "content": w["text"].strip()},
+                                                "logprobs": None, "finish_reason": w["finish_reason"]}, w)
+                   for i, w in enumerate(wholes)]
         self._capture("chat", rid, [prompt], [w["text"] for w in wholes], version, body)
         self._record("chat", 200, start)
         response = schemas.chat_response(rid, body.model, choices, prompt_tokens,

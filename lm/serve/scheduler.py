@@ -1,6 +1,7 @@
 """Continuous batching on one engine (no Ray): :class:`BatchScheduler` runs a decode thread over one
 :class:`~lm.serve.engine.DecodeBatch` that requests join and leave between steps; :func:`decode_loop` is
-that loop (shared with the engine process, lm.serve.engine_process). Used by lm.serve.model_server.
+that loop (shared with the engine process, lm.serve.engine_process); :func:`merge_streams` interleaves the
+chunks of several requests (the ingress's n > 1 and multi-prompt streams). Used by lm.serve.model_server and app.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 
@@ -181,3 +182,28 @@ def _gather_whole(outputs: list, partial: dict) -> list:
                 del partial[key]
                 released.append((key, out))
     return released
+
+
+async def merge_streams(streams) -> AsyncIterator[tuple[int, Any]]:
+    """Chunks of several streams as they come, tagged with the stream's index."""
+    arrivals: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for chunk in stream:
+                await arrivals.put((i, chunk))
+        finally:
+            await arrivals.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    open_streams = len(streams)
+    try:
+        while open_streams:
+            i, chunk = await arrivals.get()
+            if chunk is None:
+                open_streams -= 1
+            else:
+                yield i, chunk
+    finally:
+        for t in tasks:
+            t.cancel()

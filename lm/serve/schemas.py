@@ -153,6 +153,16 @@ def embedding_response(model: str, vectors: list[list[float]], encoding: str, pr
             "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]}
 
 
+def with_sources_choice(choice: dict, head: dict) -> dict:
+    """A choice with the passages retrieval put into its prompt (``rag`` requests: the model's ``sources``)."""
+    return {**choice, "sources": head["sources"]} if "sources" in head else choice
+
+
+def with_sources(chunk: dict, head: dict) -> dict:
+    chunk["choices"] = [with_sources_choice(c, head) for c in chunk["choices"]]
+    return chunk
+
+
 def new_id(kind: str) -> str:
     return f"{kind}-{uuid.uuid4().hex[:24]}"
 
