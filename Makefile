@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/python -c 'from lm.train.engine import build_cpu_ops; build_cpu_ops()'  # DeepSpeed's CPU ops, once
 	touch $@
 
 # A two-trial Ray Tune sweep on the demo's shards, the main job (data → train → evaluation report →

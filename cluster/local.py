@@ -113,14 +113,37 @@ def add(temp_dir: Path, name: str) -> None:
     (temp_dir / STATE).write_text(json.dumps(state, indent=2))
 
 
-def down(temp_dir: Path) -> None:
-    """Stop every node of this cluster: SIGTERM (``ray start --block`` stops what it started), then SIGKILL."""
+def _cluster_processes(temp_dir: Path) -> list:
+    """This cluster's processes: every Ray daemon has the cluster's temp dir on its command line."""
+    import psutil  # a dependency of Ray
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        with contextlib.suppress(psutil.Error):
+            line = " ".join(p.info["cmdline"] or ())
+            mine = p.pid != os.getpid() and str(temp_dir) in line and "ray" in line
+            if mine and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(p)
+    return found
+
+
+def down(temp_dir: Path, grace_s: float = 3) -> None:
+    """Stop every node of this cluster: SIGTERM to the node groups, SIGKILL once ``grace_s`` has passed,
+    then SIGKILL to any of its daemons still there (one in a session of its own) until none is left."""
     state = json.loads((temp_dir / STATE).read_text())
     for pid in state["nodes"].values():
         _signal(pid, signal.SIGTERM)
-    time.sleep(3)
+    deadline = time.monotonic() + grace_s
+    while _cluster_processes(temp_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
     for pid in state["nodes"].values():
         _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while (left := _cluster_processes(temp_dir)) and time.monotonic() < deadline:
+        for p in left:
+            with contextlib.suppress(Exception):
+                p.kill()
+        time.sleep(0.2)
     (temp_dir / STATE).unlink()
 
 

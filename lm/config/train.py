@@ -88,6 +88,12 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(False, description="Recompute each block's activations in backward.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts after a failure (-1: unlimited).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept, ranked by validation loss (best kept).")
+    poll_interval_s: float | None = Field(
+        None, gt=0, le=60, description="How often Ray Train's controller polls the workers (its "
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; null = Ray's 2 s). A worker's report waits until the controller "
+        "has taken the previous one, and a run ends at the poll after its last step: runs of seconds (tests, "
+        "smoke checks) save time with 0.25; long runs on many workers keep Ray's default.",
+    )
     gpu_memory_gb: float | None = Field(
         None, gt=0, description="GPU memory per device this config is sized for (checked on paper by "
         "lm.train.ds_config.memory_estimate in the tests); null = not stated.",

@@ -1,4 +1,5 @@
-"""One DeepSpeed engine from our config: the model, AdamW with decay/no-decay groups, our schedule.
+"""One DeepSpeed engine from our config: the model, AdamW with decay/no-decay groups, our schedule;
+and :func:`build_cpu_ops`, which compiles DeepSpeed's CPU ops ahead of the first run.
 
     engine = initialize_engine(model, cfg.train, seq_len=cfg.seq_len, on_gpu=False)
 
@@ -34,3 +35,21 @@ def initialize_engine(model: torch.nn.Module, tc: TrainConfig, *, seq_len: int, 
     if tc.compile:
         engine.compile()  # compiles the module in place: parameter names and checkpoints are unchanged
     return engine
+
+
+def build_cpu_ops(log=print) -> list[str]:
+    """Compile DeepSpeed's CPU ops now (CPU Adam for ``train.offload_optimizer``, the shared-memory
+    collectives every CPU worker loads) instead of inside the first run; ``make install`` calls this.
+    They land in ``TORCH_EXTENSIONS_DIR`` and are reused while the Python environment stays the same.
+    A no-op list where DeepSpeed's accelerator is not the CPU (GPU machines build their own ops)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return []
+    built = []
+    for name in ("CPUAdamBuilder", "ShareMemCommBuilder"):
+        accelerator.create_op_builder(name).load(verbose=False)
+        built.append(name)
+        log(f"deepspeed op ready: {name}")
+    return built

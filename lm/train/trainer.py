@@ -15,7 +15,9 @@ With ``train.distill.teacher`` the teacher is checked before the data and again 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from lm.data.pipeline import prepare_data
 from lm.storage import ObjectStore
 
 Log = Callable[[str], None]
+POLL_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 @dataclass
@@ -70,6 +73,24 @@ def build_trainer(cfg: Config, store: ObjectStore, callbacks: Sequence = ()):
     )
 
 
+@contextlib.contextmanager
+def controller_poll_interval(seconds: float | None):
+    """Ray Train hands the driver's ``RAY_TRAIN_*`` variables to the controller it starts in ``fit()``:
+    set its poll interval for this fit only (``train.poll_interval_s``), then put the variable back."""
+    if seconds is None:
+        yield
+        return
+    before = os.environ.get(POLL_VAR)
+    os.environ[POLL_VAR] = str(seconds)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(POLL_VAR, None)
+        else:
+            os.environ[POLL_VAR] = before
+
+
 def train(cfg: Config, store: ObjectStore | None = None, log: Log = print, *, callbacks: Sequence = (),
           prepare: bool = True) -> TrainSummary:
     """Prepare data if needed (``prepare``), train with Ray Train + DeepSpeed, publish ``<run>/model``."""
@@ -84,7 +105,8 @@ def train(cfg: Config, store: ObjectStore | None = None, log: Log = print, *, ca
         f"ZeRO-{tc.zero_stage}, {tc.precision}, {tc.max_steps} steps → {join_uri(cfg.run_uri, 'train')}")
     connect()
     start = time.perf_counter()
-    result = build_trainer(cfg, store, callbacks).fit()
+    with controller_poll_interval(tc.poll_interval_s):
+        result = build_trainer(cfg, store, callbacks).fit()
     if result.error:
         raise result.error
     seconds = time.perf_counter() - start

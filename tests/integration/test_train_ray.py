@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lm.config import load_config
-from lm.data.pipeline import prepare_data
+from lm.data.pipeline import data_uri
 from lm.inference import generate_text
 from lm.modeldir import load_model_dir
 from lm.storage import ObjectStore
@@ -20,14 +20,12 @@ REPO = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
-def data_dir(ray_session, tmp_path_factory) -> Path:
-    """The tiny preset's shards, prepared once and shared by every run of this module."""
-    out = tmp_path_factory.mktemp("train-data") / "data"
-    prepare_data(load_config(REPO / "configs/tiny.yaml", [f"data.output={out}"]), log=lambda _: None)
-    return out
+def data_dir(tiny_run) -> str:
+    """The tiny preset's shards, as the session's tiny run prepared them (every run here reads them)."""
+    return data_uri(tiny_run.cfg)
 
 
-def config(root: Path, data: Path, name: str, *extra: str):
+def config(root: Path, data: str, name: str, *extra: str):
     return load_config(REPO / "configs/tiny.yaml", [
         f"storage.root={root}", f"name={name}", f"data.output={data}", "train.log_interval=2",
         "train.eval_interval=10", "train.warmup_steps=4", "train.workers=2", *extra])

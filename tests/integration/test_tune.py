@@ -15,6 +15,7 @@ import yaml
 
 from lm.cli import main as lm_main
 from lm.config import load_config
+from lm.data.pipeline import data_uri
 from lm.storage import ObjectStore
 from lm.tune.sweep import tune
 
@@ -29,30 +30,42 @@ OVERRIDES = ["name=sweep", "train.workers=1", "train.zero_stage=1", "train.max_s
              f"tune.space={json.dumps(SPACE)}", "tune.grace_period=10", "tune.reduction_factor=2"]
 
 
-def tune_args(root: Path) -> list[str]:
-    return ["-c", str(REPO / "configs/tiny.yaml"), f"storage.root={root}", *OVERRIDES]
+def tune_args(root: Path, data: str) -> list[str]:
+    """`lm tune` arguments; the trials train on ``data``, the session's tiny shards (the same data config)."""
+    return ["-c", str(REPO / "configs/tiny.yaml"), f"storage.root={root}", f"data.output={data}", *OVERRIDES]
+
+
+def terminated_in_saved_state(experiment: Path) -> bool:
+    """Whether Tune's newest saved experiment state has a finished trial (what `--resume` starts from)."""
+    for state in sorted(experiment.glob("experiment_state-*.json"))[-1:]:
+        try:
+            trials = [json.loads(t[0]) for t in json.loads(state.read_text())["trial_data"]]
+        except (json.JSONDecodeError, KeyError, OSError):  # being written
+            return False
+        return any(t.get("status") == "TERMINATED" for t in trials)
+    return False
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_session, tmp_path_factory):
+def sweep(ray_session, tiny_run, tmp_path_factory):
     """The sweep, interrupted: `lm tune` runs as its own driver on the shared cluster and is killed
     (SIGKILL, its trials die with it) once a first trial has finished; `--resume` then completes it."""
     root = tmp_path_factory.mktemp("tune")
+    args = tune_args(root, data_uri(tiny_run.cfg))
     trials = root / "runs/sweep/tune/trials"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     with (root / "first-driver.log").open("wb") as out:
-        driver = subprocess.Popen([sys.executable, "-m", "lm.cli", "tune", *tune_args(root)], env=env, stdout=out,
+        driver = subprocess.Popen([sys.executable, "-m", "lm.cli", "tune", *args], env=env, stdout=out,
                                   stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
-        while not list(trials.glob("*/model/model.safetensors")):
+        while not terminated_in_saved_state(root / "runs/sweep/tune/ray/sweep"):  # Tune saves it every few s
             assert driver.poll() is None, (root / "first-driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no trial finished in 10 minutes"
-            time.sleep(1)
-        time.sleep(12)  # Tune saves its experiment state at least every 10 s
+            time.sleep(0.5)
         driver.kill()
         driver.wait()
     finished_before = {p: p.stat().st_mtime for p in trials.glob("*/train/metrics.jsonl")}
-    cfg = load_config(*tune_args(root)[1:2], tune_args(root)[2:])
+    cfg = load_config(args[1], args[2:])
     return cfg, tune(cfg, log=lambda _: None, resume=True), finished_before
 
 
@@ -107,8 +120,9 @@ def test_resume_completes_the_interrupted_sweep_without_retraining_finished_tria
     assert finished_before and len(result.table) == 4
     assert {p: p.stat().st_mtime for p in finished_before} == finished_before  # not trained again
     # a fresh start over an existing sweep is refused; --resume of a finished one runs nothing
-    assert lm_main(["tune", *tune_args(Path(cfg.storage.root))]) == 2
+    args = tune_args(Path(cfg.storage.root), cfg.data.output)
+    assert lm_main(["tune", *args]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert lm_main(["tune", "--resume", *tune_args(Path(cfg.storage.root))]) == 0
+    assert lm_main(["tune", "--resume", *args]) == 0
     assert "4 trials" in capsys.readouterr().out
     assert {p: p.stat().st_mtime for p in finished_before} == finished_before

@@ -1,4 +1,7 @@
-"""Ray-free training pieces: LR schedule, parameter groups, batch sampling, text stop sequences."""
+"""Ray-free training pieces: LR schedule, parameter groups, batch sampling, text stop sequences, and the
+setting lm.train hands to Ray Train's controller."""
+
+import os
 
 import numpy as np
 import pytest
@@ -113,3 +116,21 @@ def test_init_from_loads_a_model_directory_and_refuses_another_shape(tmp_path, s
     wider = Transformer(cfg.model_copy(update={"d_model": 64}))
     with pytest.raises(ValueError, match=r"init_from=.*model.embed_tokens.weight is \(\d+, 32\) there but"):
         load_init_weights(wider, store, str(tmp_path / "prod"))
+
+
+def test_poll_interval_reaches_ray_trains_controller_for_one_fit_only(monkeypatch):
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    from lm.train.trainer import POLL_VAR, controller_poll_interval
+
+    assert POLL_VAR == HEALTH_CHECK_INTERVAL_S_ENV_VAR and POLL_VAR in ENV_VARS_TO_PROPAGATE  # Ray hands it on
+    monkeypatch.delenv(POLL_VAR, raising=False)
+    with controller_poll_interval(0.25):
+        assert os.environ[POLL_VAR] == "0.25"
+    assert POLL_VAR not in os.environ
+    monkeypatch.setenv(POLL_VAR, "5")  # a user's own setting wins when the config leaves it at null
+    with controller_poll_interval(None):
+        assert os.environ[POLL_VAR] == "5"
+    with controller_poll_interval(1):
+        assert os.environ[POLL_VAR] == "1"
+    assert os.environ[POLL_VAR] == "5"
