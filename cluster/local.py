@@ -43,11 +43,16 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _start(args: list[str], log: Path) -> int:
+# The head checks every node each second and declares it dead after 3 missed checks (~3 s; Ray's
+# defaults take ~15 s): on one machine a node that stops answering has gone away.
+HEAD_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+
+
+def _start(args: list[str], log: Path, env: dict[str, str] | None = None) -> int:
     """``ray start --block ARGS`` in a process group of its own; returns its pid."""
     with open(log, "ab") as out:
         proc = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ})
+                                stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
     return proc.pid
 
 
@@ -84,7 +89,7 @@ def up(temp_dir: Path, workers: int, cpus: int, head_cpus: int) -> dict:
     state["nodes"]["head"] = _start(["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1",
                                      f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
                                      *_node_args("head", head_cpus, False)],
-                                    temp_dir / "head.log")
+                                    temp_dir / "head.log", HEAD_ENV)
     _wait_for_nodes(address, 1)
     for i in range(1, workers + 1):  # one at a time: nodes starting together race for the same ports
         state["nodes"][f"worker-{i}"] = _start([f"--address={address}", *_node_args(f"worker-{i}", cpus, True)],

@@ -28,7 +28,8 @@ class EvalSetConfig(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Name in the report and in compare rules.")
     split: Literal["train", "val", "test"] | None = Field(
         None, description="A split of the run's shards (data.output / <run>/data); re-tokenized from its text "
-        "when the model's tokenizer is not the one the shards were made with.",
+        "when the model's tokenizer is not the one the shards were made with. Supervised shards "
+        "(data.format: sft) are scored on the responses only, through their loss masks, as training scores them.",
     )
     uri: str | None = Field(
         None, description="A text source instead: file, folder or glob (local, file://, s3://, bundled://), "

@@ -10,7 +10,8 @@ interrupted iteration resumes where it was):
     new/            lm.data.pipeline's output for the new documents (+ ``val-texts.jsonl``)
     feedback.jsonl  feedback pairs as text documents (``continual.feedback_as: text``)
     mix/            ``manifest.json`` (shards by URI: new, supervised, replay), ``tokenizer.json``,
-                    ``sft-train.parquet`` / ``sft-val.parquet`` (tokens + loss_mask), ``replay-train.parquet``
+                    ``sft-train.parquet`` / ``sft-val.parquet`` (tokens + loss_mask; whole examples per
+                    row, padded; a pair longer than a row is left out and counted), ``replay-train.parquet``
     gate-new.jsonl  the held-out part of the new data as text: the gate's ``new`` set
 
 The corpus the new documents are deduplicated against is the original data (``data.output``) plus
@@ -96,19 +97,23 @@ def feedback_pairs(cfg: Config, store: ObjectStore, uris: list[str], earlier: li
     return pairs, counts + more
 
 
-def _write_sft(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, pairs: list[Pair]) -> dict:
-    """Supervised rows of ``pairs`` by split (the documents' split rule on the pair id), as shards."""
-    out = {}
+def write_sft(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, pairs: list[Pair]) -> tuple[dict, int]:
+    """Supervised rows of ``pairs`` by split (the documents' split rule on the pair id), as shards: whole
+    examples per row, padded (as lm.data.sft packs them), so a response always sees its whole prompt.
+    Returns the shards and how many pairs were left out for being longer than a row."""
+    out, too_long = {}, 0
     for split in ("train", "val"):
-        chosen = [p for p in pairs if assign_split(p.id, cfg.data.val_fraction, 0.0) == split]
-        rows, mask, _ = pack_examples((sft_tokens(tok, p) for p in chosen), cfg.seq_len)
+        examples = [sft_tokens(tok, p) for p in pairs if assign_split(p.id, cfg.data.val_fraction, 0.0) == split]
+        fit = [e for e in examples if len(e[0]) <= cfg.seq_len + 1]
+        too_long += len(examples) - len(fit)
+        rows, mask, _ = pack_examples(fit, cfg.seq_len, pad_id=tok.pad_id)
         keep = mask[:, 1:].sum(axis=1) > 0  # a row with no response target would have no loss at all
         rows, mask = rows[keep], mask[keep]
         if len(rows):
             name = f"sft-{split}.parquet"
             store.write_bytes(join_uri(mix_uri, name), shard_bytes(rows, mask))
             out[split] = {"path": join_uri(mix_uri, name), "split": split, "rows": len(rows)}
-    return out
+    return out, too_long
 
 
 def _replay(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, new_rows: int) -> dict | None:
@@ -168,7 +173,9 @@ def build_mix(cfg: Config, store: ObjectStore, it_uri: str, inputs: dict[str, st
             if "val" in new.get("texts", {}):
                 gate_texts += [json.loads(line)["text"] for line in
                                store.read_text(join_uri(new_uri, new["texts"]["val"])).splitlines() if line.strip()]
-    sft = _write_sft(cfg, store, mix_uri, tok, pairs) if pairs and cfg.continual.feedback_as == "sft" else {}
+    sft, too_long = write_sft(cfg, store, mix_uri, tok, pairs) if pairs and cfg.continual.feedback_as == "sft" else ({}, 0)
+    if too_long:
+        counts["feedback"]["skipped: longer than a row"] = too_long
     shards += list(sft.values())
     gate_texts += [p.prompt + p.response for p in pairs
                    if cfg.continual.feedback_as == "sft" and assign_split(p.id, cfg.data.val_fraction, 0.0) == "val"]

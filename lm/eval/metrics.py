@@ -1,8 +1,10 @@
 """Token-level sums → loss, perplexity, bits per byte and next-token top-1 accuracy (pure torch, one process).
 
 Rows are packed token rows ``[n, seq_len + 1]`` (the shards' layout, lm.data.pack): inputs ``row[:-1]``,
-targets ``row[1:]``. A negative id is padding (the tail of a text set's last row, lm.eval.sets) and is
-neither scored nor fed to the model (padding only ever follows the real tokens, and attention is causal).
+targets ``row[1:]``. A negative id is not scored: −1 is padding (the tail of a text set's last row,
+lm.eval.sets), neither scored nor fed to the model (padding only ever follows the real tokens, and
+attention is causal); −(id + 2) is a token the model reads but is not scored on (:func:`hide_targets`:
+the prompt of a supervised example, loss mask 0), so SFT data is scored on its responses as it trains.
 
 Bits per byte = the summed negative log-likelihood in bits ÷ the UTF-8 bytes that the scored target
 tokens encode. :func:`token_byte_lengths` gives those bytes per token id: in a byte-level BPE every
@@ -75,6 +77,22 @@ def token_byte_lengths(tokenizer: BPETokenizer, size: int | None = None) -> np.n
     return table
 
 
+def hide_targets(rows: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
+    """``rows`` with every target whose loss mask is 0 hidden as −(id + 2): still read, not scored."""
+    hidden = np.array(rows, dtype=np.int32, copy=True)
+    off = np.asarray(loss_mask) == 0
+    off[:, 0] = False  # the first token of a row is never a target
+    hidden[off] = -hidden[off] - 2
+    return hidden
+
+
+def read_ids(rows):
+    """The ids the model reads from rows (numpy or torch): hidden targets back to their ids, padding 0."""
+    if isinstance(rows, torch.Tensor):
+        return torch.where(rows <= -2, -rows - 2, rows).clamp(min=0)
+    return np.maximum(np.where(rows <= -2, -rows - 2, rows), 0)
+
+
 def sums_from_logits(logits: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> TokenSums:
     """Sums over the non-negative ``targets`` [B, T] of ``logits`` [B, T, V] (nats; byte table [≥ V])."""
     keep = targets >= 0
@@ -100,7 +118,7 @@ def model_sums(model: torch.nn.Module, rows: np.ndarray, token_bytes: np.ndarray
         for start in range(0, len(rows), batch_size):
             batch = torch.from_numpy(np.asarray(rows[start : start + batch_size], dtype=np.int64)).to(device)
             inputs, targets = batch[:, :-1], batch[:, 1:]
-            logits, _ = model(inputs.clamp(min=0))
+            logits, _ = model(read_ids(inputs))
             total = total + sums_from_logits(logits, targets, table)
     finally:
         model.train(was_training)

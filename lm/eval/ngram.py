@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lm.eval.metrics import read_ids
+
 _MAX_KEY = 2**63
 
 
@@ -168,11 +170,12 @@ class NGramLM:
         return self._probs(contexts, np.full(len(tokens), len(ctx)), tokens)
 
     def log_probs(self, rows: np.ndarray) -> np.ndarray:
-        """ln P(row[j] | row[j − order + 1 : j]) for the targets ``rows[:, 1:]``; 0 where the target is padding."""
+        """ln P(row[j] | row[j − order + 1 : j]) for the targets ``rows[:, 1:]``; 0 where the target is not scored (negative)."""
         rows = np.asarray(rows, dtype=np.int64)
         n, width = rows.shape
         w = self.order - 1
-        padded = np.concatenate([np.zeros((n, w), dtype=np.int64), rows], axis=1)  # context ids before row start
+        ids = read_ids(rows)  # contexts may hold tokens that are read but not scored (lm.eval.metrics.hide_targets)
+        padded = np.concatenate([np.zeros((n, w), dtype=np.int64), ids], axis=1)  # context ids before row start
         positions = np.arange(1, width)
         targets = rows[:, 1:]
         keep = targets >= 0
@@ -186,5 +189,5 @@ class NGramLM:
         return out
 
     def nll(self, rows: np.ndarray, chunk_rows: int = 4096) -> float:
-        """Summed negative log-likelihood (nats) of the non-padding targets of ``rows``, in chunks."""
+        """Summed negative log-likelihood (nats) of the scored (non-negative) targets of ``rows``, in chunks."""
         return float(sum(-self.log_probs(rows[i : i + chunk_rows]).sum() for i in range(0, len(rows), chunk_rows)))

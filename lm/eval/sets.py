@@ -4,7 +4,8 @@ A set is a split of the run's shards or any text source (a file, folder or glob 
 read and cleaned like ``data.sources``: .txt / .jsonl / .parquet, optionally .gz / .zst):
 
 * split, the model's tokenizer made the shards: the shards' rows as they are (``shard_uris`` set, so
-  the Ray backend reads the files itself);
+  the Ray backend reads the files itself); supervised shards (``data.format: sft``) are read here with
+  their loss masks, so only the responses are scored, as in training;
 * split, another tokenizer made them: the rows are decoded with the data's tokenizer and re-encoded
   with the model's, so bits per byte compare across tokenizers;
 * text: :func:`text_rows`: every token is scored exactly once, so the scored bytes are the text's.
@@ -29,10 +30,11 @@ import numpy as np
 from lm.config import Config, DataConfig, SourceConfig, join_uri
 from lm.config.eval import EvalSetConfig
 from lm.data.clean import clean_text
-from lm.data.loader import read_manifest, read_shard, shard_uris
+from lm.data.loader import read_manifest, read_shard, read_shard_masked, shard_uris
 from lm.data.pipeline import data_uri
 from lm.data.sources import DataError, plan_files, read_file_task
 from lm.data.split import assign_split
+from lm.eval.metrics import hide_targets
 from lm.storage import ObjectStore, StorageError
 from lm.tokenizer import BPETokenizer
 
@@ -45,7 +47,7 @@ SPEAKERS = 4  # the builtin labelled set: the corpus's most frequent speakers
 class EvalRows:
     name: str
     source: str  # what was read, for the report
-    rows: np.ndarray | None  # [n, seq_len + 1]; negative ids = padding; None: not loaded (read shard_uris)
+    rows: np.ndarray | None  # [n, seq_len + 1]; negative ids are not scored (lm.eval.metrics); None: read shard_uris
     n_rows: int
     shard_uris: list[str] | None = None  # the rows are these shards as they are (the Ray backend reads them)
     note: str = ""
@@ -92,11 +94,16 @@ def _decode_documents(rows: np.ndarray, tok: BPETokenizer) -> list[str]:
     return [text for s, e in zip(starts, ends, strict=True) if e > s and (text := tok.decode(flat[s:e].tolist()))]
 
 
-def _read_rows(store: ObjectStore, uris: list[str], max_rows: int | None) -> np.ndarray:
-    """The rows of the shards at ``uris`` in order, reading no more shards than ``max_rows`` needs."""
+def _read_rows(store: ObjectStore, uris: list[str], max_rows: int | None, masked: bool = False) -> np.ndarray:
+    """The rows of the shards at ``uris`` in order, reading no more shards than ``max_rows`` needs;
+    ``masked``: with their loss masks applied (lm.eval.metrics.hide_targets)."""
     parts, n = [], 0
     for uri in uris:
-        parts.append(read_shard(store, uri))
+        if masked:
+            rows, mask = read_shard_masked(store, uri)
+            parts.append(rows if mask is None else hide_targets(rows, mask))
+        else:
+            parts.append(read_shard(store, uri))
         n += len(parts[-1])
         if max_rows is not None and n >= max_rows:
             break
@@ -104,22 +111,26 @@ def _read_rows(store: ObjectStore, uris: list[str], max_rows: int | None) -> np.
 
 
 def split_rows(store: ObjectStore, cfg: Config, split: str, tok: BPETokenizer, seq_len: int,
-               max_rows: int | None = None, lazy: bool = False) -> EvalRows:
+               max_rows: int | None = None, lazy: bool = False, every_token: bool = False) -> EvalRows:
     """The rows of a split of the run's shards, in ``tok``'s tokens (see the module doc); ``lazy``: leave
-    shards made with ``tok`` unread (``rows`` None) unless ``max_rows`` cuts them."""
+    shards made with ``tok`` unread (``rows`` None) unless ``max_rows`` cuts them. Supervised shards
+    (``data.format: sft``) are scored on their responses, as they train, unless ``every_token``."""
     data = data_uri(cfg)
     manifest = read_manifest(store, data)
     if split not in manifest["splits"]:
         raise DataError(f"{data}: the manifest has no {split!r} split (splits: {sorted(manifest['splits'])})")
     source = f"split {split} of {data}"
+    masked = manifest.get("kind") == "sft" and not every_token
     if manifest["tokenizer"]["hash"] == tok.fingerprint():
         if manifest["row_length"] > seq_len + 1:
             raise DataError(f"{data}: rows of {manifest['row_length']} tokens exceed the model's context "
                             f"({seq_len} + 1)")
         uris = shard_uris(manifest, data, split)
-        if lazy and max_rows is None:
+        if lazy and max_rows is None and not masked:
             return EvalRows(split, source, None, manifest["splits"][split]["rows"], uris)
-        rows = _read_rows(store, uris, max_rows)
+        rows = _read_rows(store, uris, max_rows, masked)
+        if masked:
+            return EvalRows(split, source, rows, len(rows), None, "supervised rows: scored on the responses")
         return EvalRows(split, source, rows, len(rows), uris)
     data_tok = BPETokenizer.from_json(store.read_text(join_uri(data, manifest["tokenizer"]["path"])))
     docs = _decode_documents(_read_rows(store, shard_uris(manifest, data, split), max_rows), data_tok)
@@ -144,7 +155,8 @@ def ngram_train_rows(store: ObjectStore, cfg: Config, tok: BPETokenizer, seq_len
                      max_tokens: int) -> tuple[np.ndarray | None, str]:
     """Rows of the train split (in ``tok``'s tokens, at most ``max_tokens``) to fit the n-gram on; (None, why) if none."""
     try:
-        found = split_rows(store, cfg, "train", tok, seq_len, max_rows=max(1, max_tokens // (seq_len + 1)))
+        found = split_rows(store, cfg, "train", tok, seq_len, max_rows=max(1, max_tokens // (seq_len + 1)),
+                           every_token=True)
     except (DataError, StorageError) as err:
         return None, f"no n-gram baseline: {err}"
     rows = found.rows

@@ -6,6 +6,7 @@ model replicas sit on the two worker nodes and the endpoint keeps answering when
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from clusters import auth_mode, kill_leftovers, local_cluster
 from serving import KEY, free_port, model_dir
 
 from lm.config import load_config
+from lm.data.pipeline import data_uri
 from lm.storage import ObjectStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -51,19 +53,17 @@ def actor_nodes(dashboard: str, class_part: str) -> list[str]:
     return [a["node_id"] for a in json.loads(done.stdout) if class_part in a["class_name"]]
 
 
-def snapshot_has_checkpoint(run_dir: Path) -> bool:
-    snapshot = run_dir / "train" / "ray" / "checkpoint_manager_snapshot.json"
-    try:
-        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
-    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
-        return False
+def committed_checkpoint(run_dir: Path) -> bool:
+    """Whether Ray Train has taken a checkpoint of the run: the second checkpoint folder exists, so the
+    first one's report has been collected (a worker's report waits until the previous one is taken)."""
+    return len(list((run_dir / "train" / "ray").glob("checkpoint_*"))) >= 2
 
 
-def test_training_spread_over_two_nodes_recovers_when_one_goes_away(nodes, tmp_path):
+def test_training_spread_over_two_nodes_recovers_when_one_goes_away(nodes, tiny_run, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": nodes["address"]}
-    run = subprocess.Popen(
-        [sys.executable, "jobs/train.py", "-c", str(TINY), f"storage.root={tmp_path}", "train.workers=2",
-         "train.cpus_per_worker=0.5", "train.resources_per_worker={worker: 1}", "train.max_failures=3",
+    run = subprocess.Popen(  # on the session's tiny shards (a folder every node reads)
+        [sys.executable, "jobs/train.py", "-c", str(TINY), f"storage.root={tmp_path}",
+         f"data.output={data_uri(tiny_run.cfg)}", "train.workers=2", "train.cpus_per_worker=0.5", "train.resources_per_worker={worker: 1}", "train.max_failures=3",
          "train.max_steps=200", "train.eval_interval=20", "train.log_interval=20"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "runs" / "tiny"
@@ -73,7 +73,7 @@ def test_training_spread_over_two_nodes_recovers_when_one_goes_away(nodes, tmp_p
         while len(workers) < 2 and time.monotonic() < deadline and run.poll() is None:
             workers = actor_nodes(nodes["dashboard"], "RayTrainWorker")
         assert len(workers) == 2 and len(set(workers)) == 2, workers  # the two training workers on two nodes
-        while not snapshot_has_checkpoint(run_dir) and time.monotonic() < deadline and run.poll() is None:
+        while not committed_checkpoint(run_dir) and time.monotonic() < deadline and run.poll() is None:
             time.sleep(0.2)
         assert run.poll() is None, run.stdout.read()[-3000:]
         local_cluster(nodes["temp_dir"], "kill", "1")  # at once: a worker node goes away with one training worker
@@ -85,13 +85,12 @@ def test_training_spread_over_two_nodes_recovers_when_one_goes_away(nodes, tmp_p
         if run.poll() is None:
             run.kill()
     assert run.returncode == 0, out[-4000:]
-    assert "resumed at step" in out, [line for line in out.splitlines() if "step" in line][-20:]
+    resumed = [int(m) for m in re.findall(r"resumed at step (\d+)", out)]
+    assert resumed and 20 <= resumed[0] < 200, [line for line in out.splitlines() if "step" in line][-20:]  # mid-run
     history = [json.loads(x) for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     evals = [h["step"] for h in history if "val_loss" in h]
     assert evals == sorted(set(evals)) and evals[-1] == 200  # one curve, every step counted once
     assert (run_dir / "model" / "config.json").exists()
-
-
 
 
 def test_serve_replicas_on_two_nodes_keep_answering_when_one_goes_away(nodes, tmp_path):
@@ -130,7 +129,7 @@ def test_serve_replicas_on_two_nodes_keep_answering_when_one_goes_away(nodes, tm
         time.sleep(3)
         gone = time.monotonic()
         local_cluster(nodes["temp_dir"], "kill", "2")  # one replica's node goes away
-        time.sleep(30)
+        time.sleep(20)
         stop.set()
         for t in threads:
             t.join()
@@ -143,8 +142,9 @@ def test_serve_replicas_on_two_nodes_keep_answering_when_one_goes_away(nodes, tm
         local_cluster(nodes["temp_dir"], "add", "2")
     before = [ok for _, done, ok in answers if done < gone]
     failed_at = [round(sent - gone, 1) for sent, _, ok in answers if not ok]
-    # Ray declares the node dead after 5 failed health checks 3 s apart (~15 s), then Serve drops its replica
-    settled = [ok for sent, _, ok in answers if sent > gone + 20]
+    # the head declares the node dead after 3 failed health checks 1 s apart (cluster/local.py), then Serve
+    # drops its replica
+    settled = [ok for sent, _, ok in answers if sent > gone + 10]
     assert before and all(before)
     assert len(settled) >= 10 and all(settled), f"failures at {failed_at} s after the node loss"
     assert len(failed_at) <= 4, failed_at  # at most the requests that were on the lost replica

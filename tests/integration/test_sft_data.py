@@ -15,6 +15,7 @@ from lm import chat
 from lm.config import TokenizerConfig, join_uri, load_config
 from lm.data.loader import load_split, read_manifest
 from lm.data.pipeline import prepare_data
+from lm.eval.sets import split_rows
 from lm.tokenizer import train_tokenizer
 
 pytestmark = [pytest.mark.ray]
@@ -69,3 +70,8 @@ def test_prepare_sft_records_into_masked_shards(ray_session, store_root):
             assert replies == [" " + e.split("\n\nAssistant: ", 1)[1] for e in examples[:-1]]
     assert found == expected
     assert loss_tokens == sum(e["tokens"] for e in manifest["splits"].values())
+    # lm eval scores these rows on their responses, as training does; the n-gram fits on every token
+    scored = split_rows(store, cfg, "val", tok, cfg.seq_len)
+    _, val_mask = load_split(store, data, "val")
+    assert scored.shard_uris is None and (scored.rows[:, 1:] >= 0).sum() == val_mask[:, 1:].sum()
+    assert (split_rows(store, cfg, "val", tok, cfg.seq_len, every_token=True).rows >= 0).all()

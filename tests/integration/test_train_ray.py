@@ -35,13 +35,24 @@ def losses(history: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in history}
 
 
-def test_zero3_trains_checkpoints_and_publishes_a_model(ray_session, data_dir, tmp_path, monkeypatch):
-    """ZeRO-3 with gradient accumulation (ZeRO-1 runs in the resume test below, ZeRO-2 in the others)."""
-    stage = 3
-    monkeypatch.chdir(tmp_path)  # a relative storage root means this folder to the workers too
-    cfg = config(Path("."), data_dir, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=20",
-                 "train.global_batch_tokens=2048")  # 2 micro-batches per step
-    summary = train(cfg, log=lambda _: None)
+ZERO3 = ["train.zero_stage=3", "train.max_steps=20", "train.global_batch_tokens=2048"]  # 2 micro-batches a step
+
+
+@pytest.fixture(scope="module")
+def zero3_run(data_dir, tmp_path_factory):
+    """20 steps of ZeRO-3 with gradient accumulation on 2 workers, uninterrupted, from a relative storage
+    root (it means the driver's folder to the workers too); the resume test's reference curve."""
+    root = tmp_path_factory.mktemp("zero3")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        cfg = config(Path("."), data_dir, "zero3", *ZERO3)
+        return cfg, train(cfg, log=lambda _: None), root
+
+
+def test_zero3_trains_checkpoints_and_publishes_a_model(zero3_run, monkeypatch):
+    """ZeRO-3 with gradient accumulation (ZeRO-1 runs in the distillation test, ZeRO-2 in the others)."""
+    cfg, summary, root = zero3_run
+    monkeypatch.chdir(root)
     curve = [r["loss"] for r in summary.history]
     assert summary.steps == 20 and curve[-1] < curve[0] - 0.5  # the loss falls (from ln 512 = 6.24)
     evals = [r for r in summary.history if "val_loss" in r]
@@ -56,28 +67,23 @@ def test_zero3_trains_checkpoints_and_publishes_a_model(ray_session, data_dir, t
     assert loaded.model.num_parameters() > 0
     assert isinstance(generate_text(loaded.model, loaded.tokenizer, ["ROMEO:"], cfg.generate)[0], str)
     for name in ("metrics.jsonl", "loss.png"):
-        assert (tmp_path / "runs" / f"zero{stage}" / "train" / name).stat().st_size > 0
-    assert any((tmp_path / "runs" / f"zero{stage}" / "train" / "tensorboard").iterdir())
+        assert (root / "runs" / "zero3" / "train" / name).stat().st_size > 0
+    assert any((root / "runs" / "zero3" / "train" / "tensorboard").iterdir())
 
 
-def test_resume_continues_the_same_curve_and_on_fewer_workers(ray_session, data_dir, tmp_path):
-    """On ZeRO-1: an exact resume, and a resume on one worker instead of two."""
-    steps = ["train.max_steps=20", "train.zero_stage=1"]
-    straight_run = train(config(tmp_path, data_dir, "straight", *steps), log=lambda _: None)
-    straight = losses(straight_run.history)
-    shards = [p.name for p in (Path(straight_run.best_checkpoint) / "state").iterdir() if "optim_states" in p.name]
-    assert len(shards) == 2 and straight[20] < straight[1] - 0.5, (shards, straight)  # ZeRO-1 shards, it learns
-
-    train(config(tmp_path, data_dir, "halves", *steps, "train.stop_after_steps=10"), log=lambda _: None)
+def test_resume_continues_the_same_curve_and_on_fewer_workers(zero3_run, data_dir, tmp_path):
+    """An exact resume of the ZeRO-3 run above, and a resume on one worker instead of two."""
+    straight = losses(zero3_run[1].history)
+    train(config(tmp_path, data_dir, "halves", *ZERO3, "train.stop_after_steps=10"), log=lambda _: None)
     shutil.copytree(tmp_path / "runs" / "halves", tmp_path / "runs" / "smaller")  # the same half, twice
-    resumed = losses(train(config(tmp_path, data_dir, "halves", *steps), log=lambda _: None).history)
+    resumed = losses(train(config(tmp_path, data_dir, "halves", *ZERO3), log=lambda _: None).history)
     assert sorted(resumed) == sorted(straight)  # one history across both invocations
     for step, loss in straight.items():  # CPU, gloo: the same arithmetic in the same order
         assert resumed[step] == pytest.approx(loss, abs=1e-4), step
 
-    # 2 → 1 worker: the consolidated weights come back, the optimizer moments restart
-    smaller = train(config(tmp_path, data_dir, "smaller", *steps, "train.workers=1", "train.batch_size=16"),
-                    log=lambda _: None)
+    # 2 → 1 worker (4 micro-batches a step: the same global batch): the consolidated weights come back,
+    # the optimizer moments restart
+    smaller = train(config(tmp_path, data_dir, "smaller", *ZERO3, "train.workers=1"), log=lambda _: None)
     after = losses(smaller.history)
     assert smaller.steps == 20 and after[10] == pytest.approx(straight[10], abs=1e-4)
     assert after[12] < straight[2] and abs(after[20] - straight[20]) < 0.5  # it carries on, not from scratch

@@ -6,12 +6,13 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from lm.config import Config, ConfigError, DedupConfig, StorageConfig, load_config
 from lm.continual.feedback import Pair, sft_tokens
-from lm.continual.increment import feedback_pairs, is_feedback, list_inputs
+from lm.continual.increment import feedback_pairs, is_feedback, list_inputs, write_sft
 from lm.continual.iteration import fine_tune_config, gate_config, iteration_uri
 from lm.data.clean import text_hash
 from lm.data.dedup import INDEX_KNOWN_EXACT, INDEX_KNOWN_NEAR, CorpusIndex, index_rows
@@ -156,3 +157,29 @@ def test_watch_repeats_iterations_and_outlives_a_failed_one(tmp_path, capsys):
     watch(cfg, store, lines.append, iterations=3)
     assert lines == ["continual: nothing new since the last iteration"] * 3
     assert Ledger(store, continual_uri(cfg)).iterations() == []
+
+
+def test_feedback_pairs_pack_whole_examples_per_row_and_long_ones_are_counted(tmp_path, small_tokenizer):
+    tok = small_tokenizer
+    cfg = load_config("configs/tiny.yaml", [f"storage.root={tmp_path}", "data.val_fraction=0.0"])  # seq_len 64
+    rng = np.random.default_rng(0)
+    pairs = [Pair(f"{text(i, int(rng.integers(2, 6)))}\n", text(100 + i, int(rng.integers(1, 6))), "correction",
+                  f"p{i}") for i in range(30)]
+    pairs.append(Pair(text(999, 80), "far too long for one row", "correction", "long"))
+    shards, too_long = write_sft(cfg, ObjectStore(cfg.storage), f"{tmp_path}/mix", tok, pairs)
+    examples = [sft_tokens(tok, p) for p in pairs[:-1]]
+    assert max(len(ids) for ids, _ in examples) <= cfg.seq_len + 1 < len(sft_tokens(tok, pairs[-1])[0])
+    assert too_long == 1 and set(shards) == {"train"}
+    table = pq.read_table(shards["train"]["path"])
+    rows = np.array(table["tokens"].to_pylist())
+    mask = np.array(table["loss_mask"].to_pylist())
+    # each row is whole examples, in order, then padding without loss: no example straddles two rows
+    at = 0
+    for row, row_mask in zip(rows, mask, strict=True):
+        used = 0
+        while at < len(examples) and used + len(examples[at][0]) <= len(row):
+            ids, m = examples[at]
+            assert row[used : used + len(ids)].tolist() == ids and row_mask[used : used + len(ids)].tolist() == m
+            used, at = used + len(ids), at + 1
+        assert used > 0 and (row[used:] == tok.pad_id).all() and not row_mask[used:].any()
+    assert at == len(examples)  # every pair that fits is there, once

@@ -1,4 +1,5 @@
-"""Evaluation sums: hand-computed loss / accuracy / bits per byte, the byte table, the uniform model, text rows."""
+"""Evaluation sums: hand-computed loss / accuracy / bits per byte, the byte table, the uniform model, text
+rows, and rows scored through a loss mask (supervised data) as training scores them."""
 
 import math
 
@@ -7,7 +8,14 @@ import pytest
 import torch
 
 from lm.config import ModelConfig, TokenizerConfig
-from lm.eval.metrics import TokenSums, model_sums, score_rows, sums_from_logits, token_byte_lengths
+from lm.eval.metrics import (
+    TokenSums,
+    hide_targets,
+    model_sums,
+    score_rows,
+    sums_from_logits,
+    token_byte_lengths,
+)
 from lm.eval.ngram import NGramLM
 from lm.eval.sets import text_rows
 from lm.model import Transformer
@@ -113,3 +121,22 @@ def test_score_rows_puts_the_ngram_on_the_same_targets(tok):
     assert sums["ngram"].nll == pytest.approx(ngram.nll(rows))
     assert "accuracy" not in sums["ngram"].metrics()
     assert sums["ngram"].metrics()["bpb"] < sums["model"].metrics()["bpb"]  # fitted on these rows: far better
+
+
+def test_masked_rows_score_what_training_scores_and_read_every_token(tok):
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=1, n_heads=2, d_model=16, max_seq_len=16, vocab_size=tok.vocab_size)
+    model = Transformer(cfg).eval()
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, tok.vocab_size, size=(6, 17))
+    mask = (rng.random((6, 17)) < 0.4).astype(np.uint8)  # the responses; position 0 is only ever read
+    hidden = hide_targets(rows, mask)
+    assert (hidden[:, 0] == rows[:, 0]).all() and ((hidden[:, 1:] < 0) == (mask[:, 1:] == 0)).all()
+    sums = model_sums(model, hidden, token_byte_lengths(tok), batch_size=4)
+    x = torch.from_numpy(rows).long()
+    logits, _ = model(x[:, :-1])  # the whole row is read, as in training
+    keep = torch.from_numpy(mask[:, 1:] == 1)
+    nll = torch.nn.functional.cross_entropy(logits[keep], x[:, 1:][keep], reduction="sum")
+    assert sums.tokens == int(mask[:, 1:].sum()) and sums.nll == pytest.approx(nll.item(), rel=1e-5)
+    ngram = NGramLM.fit(rows, 3, tok.vocab_size)  # the n-gram reads the hidden context too
+    assert np.allclose(ngram.log_probs(hidden), np.where(mask[:, 1:] == 1, ngram.log_probs(rows), 0.0))
