@@ -10,8 +10,10 @@ each a `ray start --block` of its own (its own process group), with distinct cus
     python cluster/local.py down                         # stops every node of this cluster, nothing else
 
 Every node listens on 127.0.0.1 (run it inside ``../shared/tools/loopback-only`` on a shared host).
-The state (ports, process ids) is kept in ``<temp-dir>/local-cluster.json``; ``down`` kills exactly
-those processes, never a machine-wide ``ray stop``. Needs Ray's ``ray`` command beside this Python.
+The state (ports, process ids) is kept in ``<temp-dir>/local-cluster.json``; ``down`` stops exactly
+those processes and the Ray daemons under ``<temp-dir>``, never a machine-wide ``ray stop``. The head
+declares a node that stops answering dead after ~3 s (Ray's defaults: ~15 s). Needs Ray's ``ray``
+command beside this Python.
 """
 
 from __future__ import annotations
