@@ -30,7 +30,7 @@ import numpy as np
 from lm.config import Config, DataConfig, SourceConfig, join_uri
 from lm.config.eval import EvalSetConfig
 from lm.data.clean import clean_text
-from lm.data.loader import read_manifest, read_shard, read_shard_masked, shard_uris
+from lm.data.loader import read_manifest, read_shard_masked, shard_uris
 from lm.data.pipeline import data_uri
 from lm.data.sources import DataError, plan_files, read_file_task
 from lm.data.split import assign_split
@@ -99,11 +99,8 @@ def _read_rows(store: ObjectStore, uris: list[str], max_rows: int | None, masked
     ``masked``: with their loss masks applied (lm.eval.metrics.hide_targets)."""
     parts, n = [], 0
     for uri in uris:
-        if masked:
-            rows, mask = read_shard_masked(store, uri)
-            parts.append(rows if mask is None else hide_targets(rows, mask))
-        else:
-            parts.append(read_shard(store, uri))
+        rows, mask = read_shard_masked(store, uri)
+        parts.append(hide_targets(rows, mask) if masked and mask is not None else rows)
         n += len(parts[-1])
         if max_rows is not None and n >= max_rows:
             break
