@@ -11,7 +11,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lmforge/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ lint: install
 # so Ray, Serve and the S3 server listen on 127.0.0.1 only; tests/isolated says when it cannot.
 test: lint
 	tests/isolated $(BIN)/pytest $(PYTEST_ARGS)
+
+# The unit tests (no Ray, no S3 server): the inner loop, under 3 minutes.
+test-fast: install
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) lmforge-store .pytest_cache .ruff_cache

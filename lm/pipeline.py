@@ -22,9 +22,9 @@ from lm.compress.distill import check_run_teacher, load_teacher
 from lm.compress.distill import lineage as distill_lineage
 from lm.config import Config, dump_yaml, join_uri
 from lm.data.documents import iter_documents
-from lm.data.loader import load_split
 from lm.data.pipeline import data_uri, prepare_data
 from lm.data.sources import plan_files
+from lm.data.stream import train_stream, validation_rows
 from lm.inference import generate_text
 from lm.model import num_params
 from lm.modeldir import load_model_dir, save_model_dir
@@ -59,8 +59,7 @@ def tokenizer_stage(store: ObjectStore, cfg: Config) -> TokenizerReport:
 def train_in_process(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifest: dict, log: Log) -> TrainSummary:
     """train.trainer=local: the plain single-process loop, writing what the Ray trainer writes."""
     data = data_uri(cfg)
-    train_rows, train_mask = load_split(store, data, "train")
-    val_rows, val_mask = load_split(store, data, "val") if "val" in manifest["splits"] else (None, None)
+    val_rows, val_mask = validation_rows(store, data, cfg.train)
     model = build_model(cfg, tok.vocab_size)
     if cfg.train.init_from:
         load_init_weights(model, store, cfg.train.init_from)
@@ -69,7 +68,7 @@ def train_in_process(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifes
     distill = cfg.train.distill
     teacher = (load_teacher(store, distill.teacher, tok, cfg.seq_len, cfg.train.precision, device)
                if distill.teacher else None)
-    result = train_local(cfg, model, train_rows, val_rows, log=log, train_mask=train_mask, val_mask=val_mask,
+    result = train_local(cfg, model, train_stream(store, data, cfg.train), val_rows, log=log, val_mask=val_mask,
                          teacher=teacher)
     train_uri = join_uri(cfg.run_uri, "train")
     store.write_text(join_uri(train_uri, "metrics.jsonl"), history_jsonl(result.history))

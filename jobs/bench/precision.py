@@ -23,10 +23,10 @@ from results_io import machine, write_result
 
 from lm.config import load_config
 from lm.data.pack import pack_rows, rows_to_inputs_targets
+from lm.data.stream import ArraySplit, RowStream
 from lm.model import Transformer
 from lm.tokenizer import train_tokenizer
 from lm.train.engine import initialize_engine
-from lm.train.optim import global_batch_indices
 
 REPO = Path(__file__).parents[2]
 
@@ -45,14 +45,14 @@ def run(cfg, rows: np.ndarray, precision: str, seconds: float) -> dict:
     torch.manual_seed(0)
     engine = initialize_engine(Transformer(cfg.model), tc, seq_len=cfg.seq_len, on_gpu=False)
     curve, start, step = [], time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        idx = global_batch_indices(len(rows), tc.seed, step * tc.batch_size, tc.batch_size)
-        x, y = rows_to_inputs_targets(torch.from_numpy(rows[idx].astype(np.int64)))
-        _, loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        step += 1
-        curve.append((time.perf_counter() - start, loss.item()))
+    with RowStream(ArraySplit(rows), tc.seed, 0, 1, tc.shuffle_window_rows) as stream:
+        while time.perf_counter() - start < seconds:
+            x, y = rows_to_inputs_targets(torch.from_numpy(stream.next_rows(tc.batch_size)[0].astype(np.int64)))
+            _, loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            curve.append((time.perf_counter() - start, loss.item()))
     tokens = step * tc.batch_size * cfg.seq_len
     return {"steps": step, "tokens_per_s": round(tokens / curve[-1][0]), "curve": curve}
 

@@ -234,7 +234,8 @@ def finetune(model: Transformer, cfg: Config, store: ObjectStore, data: str, ste
     ``cfg.train`` (warm-up capped at a tenth of the steps; with ``train.distill.teacher``, e.g. the
     unpruned model, it learns from that teacher's logits too); pruning masks still on stay in force."""
     from lm.compress.distill import load_teacher
-    from lm.data.loader import load_split, read_manifest
+    from lm.data.loader import read_manifest
+    from lm.data.stream import train_stream, validation_rows
     from lm.train.local import pick_device, train_local
 
     manifest = read_manifest(store, data)
@@ -244,16 +245,15 @@ def finetune(model: Transformer, cfg: Config, store: ObjectStore, data: str, ste
     if manifest["row_length"] - 1 > model.cfg.max_seq_len:
         raise PruneError(f"{data}: rows of {manifest['row_length'] - 1} tokens exceed the model's "
                          f"max_seq_len {model.cfg.max_seq_len}")
-    rows, mask = load_split(store, data, "train")
-    val_rows, val_mask = load_split(store, data, "val") if "val" in manifest["splits"] else (None, None)
     tc = cfg.train.model_copy(update={"max_steps": steps, "warmup_steps": min(cfg.train.warmup_steps, steps // 10),
                                       "eval_interval": steps, "log_interval": min(cfg.train.log_interval, steps)})
     teacher = None
     if tc.distill.teacher:
         teacher = load_teacher(store, tc.distill.teacher, tokenizer, manifest["row_length"] - 1, tc.precision,
                                pick_device(tc.device))
-    result = train_local(cfg.model_copy(update={"train": tc}), model, rows, val_rows, log=log,
-                         train_mask=mask, val_mask=val_mask, teacher=teacher)
+    val_rows, val_mask = validation_rows(store, data, tc)
+    result = train_local(cfg.model_copy(update={"train": tc}), model, train_stream(store, data, tc), val_rows,
+                         log=log, val_mask=val_mask, teacher=teacher)
     model.cpu().eval()
     last = result.history[-1]
     return {"steps": result.steps, "data": data, "lr": tc.lr, "final_loss": round(last["loss"], 4),

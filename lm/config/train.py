@@ -53,7 +53,19 @@ class TrainConfig(Section):
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
     eval_interval: int = Field(100, ge=1, description="Evaluate (and checkpoint, under Ray Train) every N steps.")
-    eval_batches: int = Field(10, ge=1, description="Micro-batches per validation estimate (over all workers).")
+    eval_batches: int = Field(
+        10, ge=1, description="Micro-batches per validation estimate (over all workers): the first "
+        "eval_batches x batch_size validation rows, the same every time; the only ones a worker holds.",
+    )
+    shuffle_window_rows: int = Field(
+        4096, ge=1, description="Training rows are streamed (lm.data.stream): each epoch permutes the shards' "
+        "row groups, cuts them into windows of at least this many rows and permutes the rows inside each "
+        "window. Larger: a better shuffle, more memory per worker (about 2 windows plus the read-ahead).",
+    )
+    prefetch_chunks: int = Field(
+        4, ge=1, description="Chunks of rows (a window's share, at most) each worker reads ahead in a "
+        "background thread, so reading from storage overlaps compute.",
+    )
     log_interval: int = Field(10, ge=1, description="Log training metrics every N steps.")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop when validation loss has not improved for this many evaluations; null = never."

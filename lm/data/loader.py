@@ -44,13 +44,18 @@ def shard_uris(manifest: dict, data_uri: str, split: str) -> list[str]:
     return found
 
 
-def _fixed_lists(column, dtype) -> np.ndarray:
+def fixed_lists(column, dtype) -> np.ndarray:
     column = column.combine_chunks()
     return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, column.type.list_size)
 
 
-def shard_bytes(rows: np.ndarray, loss_mask: np.ndarray | None = None) -> bytes:
-    """A shard file (Parquet, zstd): column ``tokens`` (fixed lists of int32) and optionally ``loss_mask``."""
+ROW_GROUP_BYTES = 4 * 2**20  # a shard's row groups hold about this many bytes of tokens: what a reader loads at once
+
+
+def shard_bytes(rows: np.ndarray, loss_mask: np.ndarray | None = None, row_group_rows: int | None = None) -> bytes:
+    """A shard file (Parquet, zstd): column ``tokens`` (fixed lists of int32) and optionally ``loss_mask``,
+    in row groups of ``row_group_rows`` rows (default: about :data:`ROW_GROUP_BYTES` each), the units
+    that lm.data.stream reads."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -59,7 +64,8 @@ def shard_bytes(rows: np.ndarray, loss_mask: np.ndarray | None = None) -> bytes:
     if loss_mask is not None:
         columns["loss_mask"] = pa.FixedSizeListArray.from_arrays(pa.array(loss_mask.reshape(-1), type=pa.uint8()), width)
     buf = io.BytesIO()
-    pq.write_table(pa.table(columns), buf, compression="zstd")
+    row_group_rows = row_group_rows or max(1, ROW_GROUP_BYTES // (4 * width))
+    pq.write_table(pa.table(columns), buf, compression="zstd", row_group_size=row_group_rows)
     return buf.getvalue()
 
 
@@ -67,7 +73,7 @@ def read_shard(store: ObjectStore, uri: str) -> np.ndarray:
     """One shard as an int32 array [rows, seq_len + 1]."""
     import pyarrow.parquet as pq
 
-    return _fixed_lists(pq.read_table(io.BytesIO(store.read_bytes(uri)), columns=["tokens"]).column("tokens"), np.int32)
+    return fixed_lists(pq.read_table(io.BytesIO(store.read_bytes(uri)), columns=["tokens"]).column("tokens"), np.int32)
 
 
 def read_shard_masked(store: ObjectStore, uri: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -75,8 +81,8 @@ def read_shard_masked(store: ObjectStore, uri: str) -> tuple[np.ndarray, np.ndar
     import pyarrow.parquet as pq
 
     table = pq.read_table(io.BytesIO(store.read_bytes(uri)))
-    rows = _fixed_lists(table.column("tokens"), np.int32)
-    mask = _fixed_lists(table.column("loss_mask"), np.uint8) if "loss_mask" in table.column_names else None
+    rows = fixed_lists(table.column("tokens"), np.int32)
+    mask = fixed_lists(table.column("loss_mask"), np.uint8) if "loss_mask" in table.column_names else None
     return rows, mask
 
 

@@ -1,7 +1,8 @@
 """A plain single-process training loop (no Ray, no DeepSpeed): the demo's first trainer and the
 reference the distributed trainer is checked against.
 
-    result = train_local(cfg, model, train_rows, val_rows)   # rows: [N, seq_len + 1] packed tokens
+    result = train_local(cfg, model, train_stream(store, data, cfg.train), val_rows)   # lm.data.stream
+    result = train_local(cfg, model, rows, val_rows)      # rows in memory: [N, seq_len + 1] packed tokens
     result.history  # [{"step", "loss", "lr", "val_loss"?, "tokens_per_s"}, ...]
 
 With ``teacher`` (a frozen model, lm.compress.distill.load_teacher) the loss is the distillation loss of
@@ -22,7 +23,8 @@ import torch
 from lm.compress.distill import distill_loss, teacher_logits
 from lm.config import Config
 from lm.data.pack import rows_to_inputs_targets
-from lm.train.optim import build_adamw, global_batch_indices, lr_at
+from lm.data.stream import ArraySplit, RowStream
+from lm.train.optim import build_adamw, lr_at
 
 
 @dataclass
@@ -74,22 +76,30 @@ def estimate_loss(model, rows: np.ndarray, cfg: Config, device: torch.device, ma
 def train_local(
     cfg: Config,
     model: torch.nn.Module,
-    train_rows: np.ndarray,
+    train_rows: np.ndarray | RowStream,
     val_rows: np.ndarray | None = None,
     log: Callable[[str], None] = print,
     train_mask: np.ndarray | None = None,
     val_mask: np.ndarray | None = None,
     teacher: torch.nn.Module | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place with AdamW + warm-up/cosine for ``max_steps`` (or ``max_seconds``);
-    ``*_mask``: loss masks of the rows (lm.data.loader.load_split); ``teacher``: distil from it
-    (on the training device, see the module docstring)."""
+    """Train ``model`` in place with AdamW + warm-up/cosine for ``max_steps`` (or ``max_seconds``).
+    ``train_rows``: a stream (lm.data.stream; closed at the end) or rows in memory; ``*_mask``: loss
+    masks of in-memory rows; ``teacher``: distil from it (on the training device, see the module docstring)."""
+    if isinstance(train_rows, np.ndarray):
+        if len(train_rows) < 1:
+            raise ValueError("no training rows")
+        train_rows = RowStream(ArraySplit(train_rows, train_mask), cfg.train.seed, 0, 1, cfg.train.shuffle_window_rows)
+    with train_rows:
+        return _train(cfg, model, train_rows, val_rows, log, val_mask, teacher)
+
+
+def _train(cfg: Config, model: torch.nn.Module, stream: RowStream, val_rows: np.ndarray | None, log: Callable[[str], None],
+           val_mask: np.ndarray | None, teacher: torch.nn.Module | None) -> TrainResult:
     tc = cfg.train
     device = pick_device(tc.device)
     model.to(device).train()
     torch.manual_seed(tc.seed)
-    if len(train_rows) < 1:
-        raise ValueError("no training rows")
     optimizer = build_adamw(model, tc)
     result = TrainResult()
     start = last_log = time.perf_counter()
@@ -97,8 +107,8 @@ def train_local(
     for step in range(tc.max_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
-        idx = global_batch_indices(len(train_rows), tc.seed, step * tc.batch_size, tc.batch_size)
-        x, y = to_inputs_targets(train_rows[idx], device, None if train_mask is None else train_mask[idx])
+        rows, mask = stream.next_rows(tc.batch_size)
+        x, y = to_inputs_targets(rows, device, mask)
         with autocast_for(tc.precision, device):
             logits, loss = model(x, y)
             if teacher is not None:

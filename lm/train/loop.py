@@ -3,9 +3,9 @@
 :func:`train_worker` is what :class:`ray.train.torch.TorchTrainer` runs on every worker (lm.train.trainer
 builds the trainer). Each worker:
 
-* reads the train/val rows of the data manifest from storage and takes its slice of every global
-  batch (lm.train.optim.global_batch_indices): all workers run the same number of steps and no row
-  is dropped, whatever the row count;
+* streams its share of the train split from storage (lm.data.stream: a few row groups in memory,
+  read ahead in a thread; every worker runs the same number of micro-batches) and holds the fixed,
+  bounded validation set (the first ``eval_batches x batch_size`` rows);
 * builds the model (seeded, so identical everywhere) and ``deepspeed.initialize``s it with the config
   of lm.train.ds_config (ZeRO stage, offload, precision, accumulation, clipping, AdamW) and our
   warm-up + decay schedule;
@@ -18,9 +18,10 @@ With ``train.distill.teacher`` every worker also holds the frozen teacher (lm.co
 trains on its distillation loss; ``distill_ce`` / ``distill_kl`` join the logged metrics.
 
 Resume: from ``ray.train.get_checkpoint()`` (a restarted worker group, or a re-run of the same run):
-model, optimizer, scheduler, step, RNG and the data position (the step) come back, so the curve goes
-on as if never stopped. With a different number of workers the consolidated weights are loaded
-instead and the optimizer moments start afresh (DeepSpeed's ZeRO shards are tied to the world size).
+model, optimizer, scheduler, step, RNG and the data position (lm.data.stream.StreamPosition) come back,
+so the curve goes on as if never stopped. With a different number of workers the consolidated weights
+are loaded instead and the optimizer moments start afresh (DeepSpeed's ZeRO shards are tied to the world
+size); the data goes on from the same global row position (the rows no worker had read yet).
 """
 
 from __future__ import annotations
@@ -41,14 +42,15 @@ import torch
 from lm.compress.distill import distill_loss, load_teacher, teacher_logits
 from lm.compress.distill import lineage as distill_lineage
 from lm.config import Config, join_uri
-from lm.data.loader import load_split, read_manifest
+from lm.data.loader import read_manifest
 from lm.data.pipeline import data_uri
+from lm.data.stream import StreamPosition, train_stream, validation_rows
 from lm.model import Transformer, flops_per_token
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
 from lm.train.engine import initialize_engine
 from lm.train.local import to_inputs_targets
-from lm.train.optim import EarlyStopping, global_batch_indices, lr_at
+from lm.train.optim import EarlyStopping, lr_at
 
 TAG = "state"  # the DeepSpeed checkpoint tag inside every Ray Train checkpoint
 STATE = "trainer_state.json"
@@ -144,9 +146,7 @@ class Worker:
         self.data = data_uri(cfg)
         self.manifest = read_manifest(self.store, self.data)
         self.tok = BPETokenizer.from_json(self.store.read_text(join_uri(self.data, self.manifest["tokenizer"]["path"])))
-        self.train_rows, self.train_mask = load_split(self.store, self.data, "train")
-        self.val_rows, self.val_mask = (load_split(self.store, self.data, "val") if "val" in self.manifest["splits"]
-                                        else (None, None))
+        self.val_rows, self.val_mask = validation_rows(self.store, self.data, self.tc)
         val = self.manifest["splits"].get("val", {})
         self.tokens_per_byte = val.get("tokens", 0) / val["bytes"] if val.get("bytes") else None
         distill = self.tc.distill  # the teacher is checked (tokenizer, context) before the model is built
@@ -172,6 +172,8 @@ class Worker:
         tc = self.tc
         with (checkpoint.as_directory() if checkpoint else tempfile.TemporaryDirectory()) as folder:
             state = json.loads((Path(folder) / STATE).read_text()) if checkpoint else None
+            position = StreamPosition.model_validate(state["data"]) if state and "data" in state else None
+            self.stream = train_stream(self.store, self.data, tc, self.rank, self.world, position)
             same_world = state is not None and state["world_size"] == self.world
             if state is not None and not same_world:  # ZeRO shards fit one world size: reload the weights
                 self.model.load_state_dict(torch.load(Path(folder) / WEIGHTS, weights_only=True), strict=False)
@@ -236,13 +238,10 @@ class Worker:
         self._finish()
 
     def _train_step(self) -> float:
-        micro, world, rank = self.tc.batch_size, self.world, self.rank
         total, ce, kl, distill = 0.0, 0.0, 0.0, self.tc.distill
-        for m in range(self.accum):
-            first = ((self.step * self.accum + m) * world + rank) * micro
-            idx = global_batch_indices(len(self.train_rows), self.tc.seed, first, micro)
-            x, y = to_inputs_targets(self.train_rows[idx], self.device,
-                                     None if self.train_mask is None else self.train_mask[idx])
+        for _ in range(self.accum):
+            rows, mask = self.stream.next_rows(self.tc.batch_size)
+            x, y = to_inputs_targets(rows, self.device, mask)
             logits, loss = self.engine(x, y)
             if self.teacher is not None:
                 parts = distill_loss(logits, teacher_logits(self.teacher, x), y, temperature=distill.temperature,
@@ -329,7 +328,7 @@ class Worker:
         import ray.train
 
         state = {"step": self.step, "best": self.stopping.best, "bad_evals": self.stopping.bad_evals, "world_size": self.world,
-                 "history": self.history}
+                 "history": self.history, "data": self.stream.position().model_dump(mode="json")}
         with tempfile.TemporaryDirectory(prefix="lm-ckpt-") as tmp:
             self.engine.save_checkpoint(tmp, tag=TAG)
             torch.save(_rng_state(), Path(tmp) / f"rng-{self.rank}.pt")
@@ -347,6 +346,7 @@ class Worker:
         from lm.train.metrics import history_jsonl, loss_curve_png
 
         weights = self._weights()
+        self.stream.close()
         if self.rank != 0:
             return
         model = build_model(self.cfg, self.tok.vocab_size)
@@ -362,7 +362,8 @@ class Worker:
                    "data_inputs": self.manifest["inputs_fingerprint"], "steps": self.step,
                    "tokens": self.step * self.tc.batch_size * self.accum * self.world * self.cfg.seq_len,
                    "final_loss": last["loss"], "val_loss": last.get("val_loss"), "trainer": "ray+deepspeed",
-                   "zero_stage": self.tc.zero_stage, "workers": self.world}
+                   "zero_stage": self.tc.zero_stage, "workers": self.world,
+                   "data_position": self.stream.position().model_dump(mode="json", exclude={"plan"})}
         if distilled := distill_lineage(self.tc.distill):
             lineage["distill"] = distilled
         save_model_dir(self.store, join_uri(self.cfg.run_uri, "model"), model, self.tok, self.cfg.generate, lineage)

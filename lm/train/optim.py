@@ -1,12 +1,10 @@
-"""Optimizer parameter groups, the learning-rate schedule and the order of training rows, shared by
+"""Optimizer parameter groups, the learning-rate schedule and early stopping, shared by
 every training loop (the plain one in lm.train.local and the Ray Train + DeepSpeed one in lm.train.loop)."""
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
-import numpy as np
 import torch
 
 from lm.config import TrainConfig
@@ -42,30 +40,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "linear":
         return cfg.lr - progress * (cfg.lr - cfg.min_lr)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def global_batch_indices(n_rows: int, seed: int, start: int, count: int) -> np.ndarray:
-    """Rows ``start .. start + count`` of the endless training stream: epoch e is a permutation of all
-    ``n_rows`` rows drawn from (seed, e), epochs back to back. No row is dropped at an epoch's end (a
-    batch may straddle two epochs), every worker gets the same number of batches, and the position is
-    just an integer, so a resumed run reads exactly the rows it would have read."""
-    if n_rows < 1:
-        raise ValueError("no training rows")
-    out = np.empty(count, dtype=np.int64)
-    done = 0
-    while done < count:
-        epoch, offset = divmod(start + done, n_rows)
-        take = min(count - done, n_rows - offset)
-        out[done : done + take] = _epoch_order(n_rows, seed, epoch)[offset : offset + take]
-        done += take
-    return out
-
-
-@lru_cache(maxsize=2)
-def _epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
-    order = np.random.default_rng([seed, epoch]).permutation(n_rows)
-    order.flags.writeable = False
-    return order
 
 
 class EarlyStopping:

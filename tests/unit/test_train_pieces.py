@@ -1,4 +1,4 @@
-"""Ray-free training pieces: LR schedule, parameter groups, batch sampling, text stop sequences, and the
+"""Ray-free training pieces: LR schedule, parameter groups, inputs and targets, text stop sequences, and the
 setting lm.train hands to Ray Train's controller."""
 
 import os
@@ -10,7 +10,7 @@ import torch
 from lm.config import TrainConfig
 from lm.inference import cut_at_stop
 from lm.train.local import to_inputs_targets
-from lm.train.optim import EarlyStopping, global_batch_indices, lr_at, param_groups
+from lm.train.optim import EarlyStopping, lr_at, param_groups
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -29,22 +29,10 @@ def test_param_groups_decay_matrices_only():
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
 
 
-def test_global_batches_use_every_row_once_per_epoch_and_split_across_ranks():
-    n = 10
-    stream = global_batch_indices(n, seed=1, start=0, count=3 * n)
-    for epoch in range(3):  # no row dropped at an epoch's end, whatever the batch size
-        assert sorted(stream[epoch * n : (epoch + 1) * n].tolist()) == list(range(n))
-    assert not np.array_equal(stream[:n], stream[n : 2 * n])
-    # a batch straddling two epochs, and two ranks' halves of a global batch make the whole batch
-    assert np.array_equal(global_batch_indices(n, 1, 8, 4), stream[8:12])
-    halves = np.concatenate([global_batch_indices(n, 1, 12 + r * 3, 3) for r in range(2)])
-    assert np.array_equal(halves, stream[12:18])
-    assert not np.array_equal(global_batch_indices(n, 2, 0, n), stream[:n])  # seeded
+def test_to_inputs_targets_shifts_rows_by_one():
     rows = np.arange(10 * 5, dtype=np.int32).reshape(10, 5)
-    x, y = to_inputs_targets(rows[stream[:3]], torch.device("cpu"))
+    x, y = to_inputs_targets(rows[:3], torch.device("cpu"))
     assert x.shape == (3, 4) and torch.equal(y, x + 1)
-    with pytest.raises(ValueError, match="no training rows"):
-        global_batch_indices(0, 1, 0, 3)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
