@@ -84,7 +84,11 @@ class CompareRule(Section):
 class EvalConfig(Section):
     """Evaluation and reports (lm.eval): ``lm eval``, jobs/evaluate.py and the continual-learning gate."""
 
-    max_batches: int | None = Field(None, ge=1, description="Limit each eval set to N batches; null = all.")
+    max_batches: int | None = Field(
+        None, ge=1, description="Limit each eval set to its first N batches; null = all. Either way a set is "
+        "read and scored a bounded piece at a time (a row group of the shards, 256 rows of a text set) and the "
+        "sums added up: memory does not grow with the set.",
+    )
     batch_size: int = Field(16, ge=1, description="Rows per forward pass when scoring eval sets.")
     sets: list[EvalSetConfig] = Field(
         default_factory=lambda: [EvalSetConfig(name="val", split="val")], min_length=1,
@@ -93,7 +97,10 @@ class EvalConfig(Section):
     backend: Literal["auto", "local", "ray"] = Field(
         "auto", description="local: one process; ray: Ray Data actors; auto: ray from ray_min_rows rows up.",
     )
-    ray_min_rows: int = Field(20_000, ge=1, description="With backend auto, sets of at least this many rows use Ray.")
+    ray_min_rows: int = Field(
+        20_000, ge=1, description="With backend auto, sets of at least this many rows use Ray (a text set is "
+        "read up to this many rows, held in memory, to tell).",
+    )
     actors: int = Field(2, ge=1, description="Ray backend: scoring actors, each loading the model once.")
     actor_cpus: float = Field(
         0.5, gt=0, description="Ray backend: CPUs per actor (fractional, so Ray Data's read tasks always fit).",
@@ -103,7 +110,8 @@ class EvalConfig(Section):
         "vocab_size ** order must stay below 2**63.",
     )
     ngram_max_train_tokens: int = Field(
-        20_000_000, ge=1, description="Fit the n-gram baseline on at most this many train tokens (first rows).",
+        20_000_000, ge=1, description="Fit the n-gram baseline on at most this many train tokens: the "
+        "split's first rows, held in memory (a bounded sample; no shard is read past it).",
     )
     generation_set: str | None = Field(
         "builtin", description="JSONL of {prompt, reference} for BLEU / ROUGE; builtin = held-out "

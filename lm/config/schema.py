@@ -113,10 +113,19 @@ class DataConfig(Section):
     rows_per_shard: int = Field(4096, ge=1, description="Packed rows per Parquet shard.")
     output: str | None = Field(None, description="Where shards + manifest go; null = <run>/data.")
     shuffle_partitions: int = Field(
-        4, ge=1, description="Partitions of each Ray Data groupby (dedup, sharding); raise it for large corpora."
+        4, ge=1, description="Fewest partitions of each Ray Data groupby (exact and near dedup, sharding) under "
+        "shuffle_strategy=default; more are used as data grows (shuffle_partition_mb).",
+    )
+    shuffle_partition_mb: float = Field(
+        128, gt=0, description="Bound on the data one groupby partition holds under shuffle_strategy=default: "
+        "partitions = max(shuffle_partitions, data / this), so a reduce task holds about 3x this (its input, "
+        "the concatenation, the sorted copy) whatever the corpus size. The sort strategy ignores partition "
+        "counts: it makes one partition per input block (each at most Ray's DataContext.target_max_block_size, "
+        "128 MiB). Either way shuffle blocks wait in Ray's object store, which spills to disk when full.",
     )
     shuffle_strategy: Literal["sort", "default"] = Field(
-        "sort", description="Ray Data shuffle for the groupbys: sort (pull-based; fastest on small clusters) or Ray's default."
+        "sort", description="Ray Data shuffle for the groupbys: sort (pull-based; fastest on small clusters) or Ray's "
+        "default (hash shuffle, Ray 2.60's SHUFFLE_V2).",
     )
     tokenize_actors: int = Field(1, ge=1, description="Tokenizer actors in the Ray Data actor pool.")
     actor_cpus: float = Field(
@@ -259,6 +268,11 @@ class Config(Section):
     def run_uri(self) -> str:
         """Where this run's artifacts live."""
         return self.output or join_uri(self.storage.root, "runs", self.name)
+
+    @property
+    def data_uri(self) -> str:
+        """Where this run's prepared data lives (shards, tokenizer, manifest): ``data.output`` or ``<run>/data``."""
+        return self.data.output or join_uri(self.run_uri, "data")
 
     @property
     def feedback_uri(self) -> str:

@@ -12,6 +12,7 @@ interrupted iteration resumes where it was):
     mix/            ``manifest.json`` (shards by URI: new, supervised, replay), ``tokenizer.json``,
                     ``sft-train.parquet`` / ``sft-val.parquet`` (tokens + loss_mask; whole examples per
                     row, padded; a pair longer than a row is left out and counted), ``replay-train.parquet``
+                    (rows of the original train split at seeded positions: only their row groups are read)
     gate-new.jsonl  the held-out part of the new data as text: the gate's ``new`` set
 
 The corpus the new documents are deduplicated against is the original data (``data.output``) plus
@@ -32,11 +33,12 @@ import numpy as np
 from lm.config import Config, SourceConfig, join_uri
 from lm.continual.feedback import Pair, parse_lines, sft_pairs, sft_tokens
 from lm.data.dedup import CorpusIndex
-from lm.data.loader import corpus_index_tables, load_split, read_manifest, shard_bytes
+from lm.data.loader import corpus_index_tables, read_manifest, shard_bytes, shard_uris
 from lm.data.pack import pack_examples
 from lm.data.pipeline import FORMAT, data_uri, prepare_data
 from lm.data.sources import DataError, plan_files
 from lm.data.split import assign_split
+from lm.data.stream import ParquetSplit, Rows, Split
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
 
@@ -126,11 +128,35 @@ def _replay(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, ne
     manifest = read_manifest(store, base)
     if manifest["tokenizer"]["hash"] != tok.fingerprint():
         raise DataError(f"{base}: made with another tokenizer than the production model's; it cannot be replayed")
-    rows, mask = load_split(store, base, "train")  # SFT data (data.format: sft) keeps its loss masks
-    picked = np.random.default_rng(cfg.train.seed).choice(len(rows), size=want, replace=want > len(rows))
+    split = ParquetSplit.of_uris(shard_uris(manifest, base, "train"), store.pyarrow_filesystem)
+    if not split.rows:
+        raise DataError(f"{base}: the train split has no rows to replay")
+    rows, mask = replay_rows(split, want, cfg.train.seed)  # want rows: bounded by the new data, not the corpus
     uri = join_uri(mix_uri, "replay-train.parquet")
-    store.write_bytes(uri, shard_bytes(rows[picked], None if mask is None else mask[picked]))
+    store.write_bytes(uri, shard_bytes(rows, mask))
     return {"path": uri, "split": "train", "rows": want}
+
+
+def replay_rows(split: Split, want: int, seed: int) -> Rows:
+    """``want`` rows of ``split`` drawn with ``seed`` (with replacement only when it has fewer), in the
+    order drawn, with their loss masks (SFT data; ones for units without, None when no unit read has one).
+    The positions are drawn first; then only the units (row groups) holding one are read, one at a time."""
+    picked = np.random.default_rng(seed).choice(split.rows, size=want, replace=want > split.rows)
+    starts = np.cumsum([0, *split.unit_rows])
+    unit_of = np.searchsorted(starts, picked, side="right") - 1
+    order = np.argsort(unit_of, kind="stable")
+    units, first = np.unique(unit_of[order], return_index=True)
+    rows = mask = None
+    for unit, at in zip(units, np.split(order, first[1:]), strict=True):
+        got, got_mask = split.read(int(unit))
+        local = picked[at] - starts[unit]
+        if rows is None:
+            rows = np.empty((want, got.shape[1]), got.dtype)
+        rows[at] = got[local]
+        if got_mask is not None:
+            mask = np.ones(rows.shape, np.uint8) if mask is None else mask  # rows of unmasked units: ones
+            mask[at] = got_mask[local]
+    return rows, mask
 
 
 def build_mix(cfg: Config, store: ObjectStore, it_uri: str, inputs: dict[str, str], tok: BPETokenizer, *,

@@ -146,7 +146,7 @@ class ParquetSplit(Split):
             fs, path = filesystem(uri)
             with fs.open_input_file(path) as f:
                 meta = footers[uri] = pq.ParquetFile(f).metadata
-            masked = masked or "loss_mask" in meta.schema.names
+            masked = masked or "loss_mask" in meta.schema.to_arrow_schema().names  # (.names: Parquet leaf names)
             groups += [RowGroup(uri, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
         return cls(groups, masked, filesystem, footers)
 

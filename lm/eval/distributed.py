@@ -1,21 +1,23 @@
-"""The same token sums as lm.eval.metrics, on Ray Data: shards (or in-memory rows) → an actor pool.
+"""The same token sums as lm.eval.metrics, on Ray Data: shards (or pieces of rows) → an actor pool.
 
 Each actor loads the model directory once (and receives the fitted n-gram baseline once), scores its
-batches with :func:`lm.eval.metrics.score_rows` and returns one row of sums per batch; the driver adds
-them up. Actors take a fractional ``num_cpus`` (``eval.actor_cpus``) so Ray Data's read tasks can always
+batches with :func:`lm.eval.metrics.score_rows` (supervised shards through their loss masks) and returns
+one row of sums per batch; the driver streams those rows and adds them up: it sees counts, never rows
+(pieces made on the driver go into the object store one at a time). Actors take a fractional ``num_cpus`` (``eval.actor_cpus``) so Ray Data's read tasks can always
 be scheduled beside them (a pool holding every CPU deadlocks the reads on a small machine).
 
-    sums = ray_sums(store, model_uri, shard_uris=[...], batch_size=16, actors=2, actor_cpus=0.5, ngram=lm)
+    sums, rows = ray_sums(store, model_uri, shard_uris=[...], batch_size=16, actors=2, actor_cpus=0.5, ngram=lm)
     sums["model"].metrics(), sums["ngram"].metrics()
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from lm.eval.metrics import TokenSums, score_rows
+from lm.eval.metrics import TokenSums, hide_targets, score_rows
 from lm.storage import ObjectStore
 from lm.storage.uri import absolute_uri
 
@@ -35,41 +37,49 @@ class ScoreActor:
         self.table = token_byte_lengths(loaded.tokenizer, loaded.model.cfg.vocab_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        column = batch["tokens"] if "tokens" in batch else batch["data"]
-        rows = np.stack(column) if column.dtype == object else np.asarray(column)
+        rows = _stacked(batch["tokens"] if "tokens" in batch else batch["data"])
+        if "loss_mask" in batch:  # supervised shards: scored on the responses (lm.eval.metrics.hide_targets)
+            rows = hide_targets(rows, _stacked(batch["loss_mask"]))
         sums = score_rows(self.model, rows, self.table, self.batch_size, self.ngram)
         model, ngram = sums["model"], sums.get("ngram")
         return {"nll": np.array([model.nll]), "tokens": np.array([model.tokens]), "bytes": np.array([model.bytes]),
-                "correct": np.array([model.correct]), "ngram_nll": np.array([ngram.nll if ngram else 0.0])}
+                "correct": np.array([model.correct]), "ngram_nll": np.array([ngram.nll if ngram else 0.0]),
+                "rows": np.array([len(rows)])}
 
 
-def ray_sums(store: ObjectStore, model_uri: str, *, shard_uris: list[str] | None = None,
-             rows: np.ndarray | None = None, batch_size: int = 16, actors: int = 1, actor_cpus: float = 0.5,
-             ngram: Any = None, max_rows: int | None = None) -> dict[str, TokenSums]:
-    """Score the rows of ``shard_uris`` (Parquet, column ``tokens``) or of ``rows`` on Ray Data actors."""
+def _stacked(column: np.ndarray) -> np.ndarray:
+    return np.stack(column) if column.dtype == object else np.asarray(column)
+
+
+def ray_sums(store: ObjectStore, model_uri: str, *, shard_uris: list[str] | None = None, masked: bool = False,
+             pieces: Iterable[np.ndarray] | None = None, batch_size: int = 16, actors: int = 1,
+             actor_cpus: float = 0.5, ngram: Any = None) -> tuple[dict[str, TokenSums], int]:
+    """Score the rows of ``shard_uris`` (Parquet, column ``tokens``; ``masked``: and ``loss_mask``) or of
+    ``pieces`` (row arrays, each put into the object store as it comes) on Ray Data actors; the sums and
+    the number of rows scored."""
     from lm.cluster import connect
 
     ray = connect()
-    if (shard_uris is None) == (rows is None):
-        raise ValueError("give exactly one of shard_uris or rows")
+    if (shard_uris is None) == (pieces is None):
+        raise ValueError("give exactly one of shard_uris or pieces")
     if shard_uris is not None:
         fs, _ = store.pyarrow_filesystem(shard_uris[0])
         ds = ray.data.read_parquet([store.pyarrow_filesystem(u)[1] for u in shard_uris], filesystem=fs,
-                                   columns=["tokens"])
+                                   columns=["tokens", "loss_mask"] if masked else ["tokens"])
     else:
-        pieces = max(1, min(2 * actors, len(rows) // batch_size))  # blocks for every actor to take
-        ds = ray.data.from_numpy([np.ascontiguousarray(p) for p in np.array_split(rows, pieces)])
-    if max_rows is not None:
-        ds = ds.limit(max_rows)
+        ds = ray.data.from_numpy_refs([ray.put(np.ascontiguousarray(p)) for p in pieces])  # the driver holds one
     scored = ds.map_batches(
         ScoreActor, batch_size=batch_size * 8, batch_format="numpy",
         fn_constructor_kwargs={"store": store, "model_uri": absolute_uri(model_uri), "batch_size": batch_size,
                                "ngram": ngram},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=actor_cpus,
-    ).take_all()
-    model = TokenSums(float(np.sum([r["nll"] for r in scored])), int(sum(r["tokens"] for r in scored)),
-                      int(sum(r["bytes"] for r in scored)), int(sum(r["correct"] for r in scored)))
+    )
+    totals = dict.fromkeys(("nll", "tokens", "bytes", "correct", "ngram_nll", "rows"), 0)
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):  # one row of sums per batch
+        for key in totals:
+            totals[key] += batch[key].sum()
+    model = TokenSums(float(totals["nll"]), int(totals["tokens"]), int(totals["bytes"]), int(totals["correct"]))
     out = {"model": model}
     if ngram is not None:
-        out["ngram"] = TokenSums(float(np.sum([r["ngram_nll"] for r in scored])), model.tokens, model.bytes, None)
-    return out
+        out["ngram"] = TokenSums(float(totals["ngram_nll"]), model.tokens, model.bytes, None)
+    return out, int(totals["rows"])

@@ -7,7 +7,8 @@ continual-learning gate call.
 
 For every eval set (lm.eval.sets): loss, perplexity, bits per byte and top-1 accuracy of the model, and
 bits per byte of the n-gram baseline fitted on the run's train split (lm.eval.ngram), on one process or,
-from ``eval.ray_min_rows`` rows up (``eval.backend``), on Ray Data actors (lm.eval.distributed). Then
+from ``eval.ray_min_rows`` rows up (``eval.backend``), on Ray Data actors (lm.eval.distributed); either
+way a set is scored a bounded piece at a time and the sums added up, so memory does not grow with it. Then
 BLEU / ROUGE, label-choice precision / recall / F1 and samples (lm.eval.generation); with
 ``compare_to``, the baseline is measured on the same sets and judged by ``eval.compare``
 (lm.eval.compare). Everything lands in ``eval.output`` (default ``<run>/eval/``, lm.eval.report).
@@ -17,18 +18,21 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
 
 from lm.config import Config, join_uri
-from lm.config.eval import EvalSetConfig
+from lm.config.eval import EvalConfig, EvalSetConfig
 from lm.data.sources import DataError
 from lm.eval.compare import Verdict, compare, flat_metrics
 from lm.eval.generation import generation_scores, label_scores, samples
 from lm.eval.metrics import TokenSums, score_rows, token_byte_lengths
 from lm.eval.ngram import NGramLM
 from lm.eval.report import training_curves, write_report
-from lm.eval.sets import load_set, ngram_train_rows, prompt_set
+from lm.eval.sets import EvalRows, load_set, ngram_train_rows, prompt_set
 from lm.modeldir import LoadedModel, load_model_dir
 from lm.storage import ObjectStore
 
@@ -60,31 +64,57 @@ def _ngram(cfg: Config, store: ObjectStore, loaded: LoadedModel, seq_len: int, c
     return cache[key]
 
 
+def _backend(ev: EvalConfig, found: EvalRows) -> tuple[str, Iterator[np.ndarray]]:
+    """The backend for a set (``eval.backend``; auto: ray from ``ray_min_rows`` rows up) and its pieces. A
+    set of unknown size (a text set) is read up to ``ray_min_rows`` rows to decide: held, bounded by that."""
+    if ev.backend != "auto":
+        return ev.backend, found.pieces
+    if found.n_rows is not None:
+        return ("ray" if found.n_rows >= ev.ray_min_rows else "local"), found.pieces
+    head, have = [], 0
+    for piece in found.pieces:
+        head.append(piece)
+        have += len(piece)
+        if have >= ev.ray_min_rows:
+            return "ray", chain(head, found.pieces)
+    return "local", iter(head)
+
+
+def _local_sums(loaded: LoadedModel, pieces: Iterable[np.ndarray], batch_size: int,
+                ngram: NGramLM | None) -> tuple[dict[str, TokenSums], int]:
+    """Token sums of every piece, added up (memory holds one piece, whatever the set's size), and the rows."""
+    table = token_byte_lengths(loaded.tokenizer, loaded.model.cfg.vocab_size)
+    sums = {"model": TokenSums(), **({"ngram": TokenSums(correct=None)} if ngram is not None else {})}
+    rows = 0
+    for piece in pieces:
+        for key, part in score_rows(loaded.model, piece, table, batch_size, ngram).items():
+            sums[key] = sums[key] + part
+        rows += len(piece)
+    return sums, rows
+
+
 def _score_set(cfg: Config, store: ObjectStore, model_uri: str, loaded: LoadedModel, spec: EvalSetConfig,
                seq_len: int, ngram: NGramLM | None, log: Log) -> dict:
     ev = cfg.eval
     start = time.perf_counter()
     max_rows = ev.max_batches * ev.batch_size if ev.max_batches else None
-    found = load_set(store, cfg, spec, loaded.tokenizer, seq_len, max_rows, lazy=ev.backend != "local")
-    backend = ev.backend if ev.backend != "auto" else ("ray" if found.n_rows >= ev.ray_min_rows else "local")
+    found = load_set(store, cfg, spec, loaded.tokenizer, seq_len, max_rows)
+    backend, pieces = _backend(ev, found)
     if backend == "ray":
         from lm.eval.distributed import ray_sums
 
-        where = {"rows": found.rows} if found.rows is not None else {"shard_uris": found.shard_uris}
-        sums = ray_sums(store, model_uri, batch_size=ev.batch_size, actors=ev.actors, actor_cpus=ev.actor_cpus,
-                        ngram=ngram, **where)
+        where = {"shard_uris": found.shard_uris, "masked": found.masked} if found.shard_uris else {"pieces": pieces}
+        sums, n_rows = ray_sums(store, model_uri, batch_size=ev.batch_size, actors=ev.actors,
+                                actor_cpus=ev.actor_cpus, ngram=ngram, **where)
     else:
-        if found.rows is None:
-            found = load_set(store, cfg, spec, loaded.tokenizer, seq_len, max_rows)
-        table = token_byte_lengths(loaded.tokenizer, loaded.model.cfg.vocab_size)
-        sums = score_rows(loaded.model, found.rows, table, ev.batch_size, ngram)
+        sums, n_rows = _local_sums(loaded, pieces, ev.batch_size, ngram)
     seconds = time.perf_counter() - start
     model: TokenSums = sums["model"]
-    entry = {"source": found.source, "rows": found.n_rows, "backend": backend, "seconds": round(seconds, 2),
+    entry = {"source": found.source, "rows": n_rows, "backend": backend, "seconds": round(seconds, 2),
              "note": found.note, "model": model.metrics(), "ngram": sums["ngram"].metrics() if "ngram" in sums else None}
     ng = f" | n-gram {entry['ngram']['bpb']:.3f} bpb" if entry["ngram"] else ""
     m = entry["model"]
-    log(f"eval {spec.name}: {found.n_rows:,} rows ({backend}) loss {m['loss']:.4f} ppl {m['perplexity']:.1f} "
+    log(f"eval {spec.name}: {n_rows:,} rows ({backend}) loss {m['loss']:.4f} ppl {m['perplexity']:.1f} "
         f"{m['bpb']:.3f} bpb top-1 {m['accuracy']:.3f}{ng} [{seconds:.1f} s]")
     return entry
 

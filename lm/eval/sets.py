@@ -1,39 +1,47 @@
 """Eval sets → the packed rows the scorers read, and the prompt sets of the generation metrics (no Ray).
 
 A set is a split of the run's shards or any text source (a file, folder or glob in a folder or on S3,
-read and cleaned like ``data.sources``: .txt / .jsonl / .parquet, optionally .gz / .zst):
+read and cleaned like ``data.sources``: .txt / .jsonl / .parquet, optionally .gz / .zst). Never whole
+in memory: a set is an iterator of bounded pieces (a Parquet row group of the shards, or
+``PIECE_ROWS`` rows of a text set), read as they are scored, and stops at ``max_rows`` rows:
 
 * split, the model's tokenizer made the shards: the shards' rows as they are (``shard_uris`` set, so
-  the Ray backend reads the files itself); supervised shards (``data.format: sft``) are read here with
-  their loss masks, so only the responses are scored, as in training;
+  the Ray backend reads the files itself); supervised shards (``data.format: sft``) are scored through
+  their loss masks (``masked``), so only the responses are scored, as in training;
 * split, another tokenizer made them: the rows are decoded with the data's tokenizer and re-encoded
   with the model's, so bits per byte compare across tokenizers;
-* text: :func:`text_rows`: every token is scored exactly once, so the scored bytes are the text's.
+* text: :func:`packed_rows`: every token is scored exactly once, so the scored bytes are the text's.
+
+The n-gram baseline's fitting sample (:func:`ngram_train_rows`) is the train split's first rows, at most
+``eval.ngram_max_train_tokens`` tokens: the one set held whole, bounded by that setting.
 
 Prompt sets are JSONL (``{"prompt", "reference"}`` or ``{"prompt", "label"}``) at a URI, or ``builtin``:
 made deterministically from held-out speeches of the bundled tinyshakespeare (no download).
 
-    rows = load_set(store, cfg, cfg.eval.sets[0], tokenizer, seq_len=64)     # EvalRows
+    found = load_set(store, cfg, cfg.eval.sets[0], tokenizer, seq_len=64)   # EvalRows
+    for rows in found.pieces: ...                                            # [k, seq_len + 1] each
     examples = prompt_set(store, cfg, "builtin", "labelled")                 # [{"prompt", "label"}, ...]
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import islice, pairwise
 
 import numpy as np
 
 from lm.config import Config, DataConfig, SourceConfig, join_uri
 from lm.config.eval import EvalSetConfig
 from lm.data.clean import clean_text
-from lm.data.loader import read_manifest, read_shard_masked, shard_uris
+from lm.data.loader import read_manifest, shard_uris
 from lm.data.pipeline import data_uri
 from lm.data.sources import DataError, plan_files, read_file_task
 from lm.data.split import assign_split
+from lm.data.stream import ParquetSplit
 from lm.eval.metrics import hide_targets
 from lm.storage import ObjectStore, StorageError
 from lm.tokenizer import BPETokenizer
@@ -43,120 +51,172 @@ SHAKESPEARE = "bundled://tinyshakespeare"
 SPEAKERS = 4  # the builtin labelled set: the corpus's most frequent speakers
 
 
+PIECE_ROWS = 256  # rows of a text set packed (and scored) at once
+ENCODE_BATCH = 256  # documents tokenized at once
+
+
 @dataclass
 class EvalRows:
+    """One eval set, never whole in memory: ``pieces`` yields its rows a bounded piece at a time, in
+    order (a row group of the shards, or :data:`PIECE_ROWS` rows of a text set); reading starts at the
+    first piece and the iterator is used once. Negative ids are not scored (lm.eval.metrics)."""
+
     name: str
-    source: str  # what was read, for the report
-    rows: np.ndarray | None  # [n, seq_len + 1]; negative ids are not scored (lm.eval.metrics); None: read shard_uris
-    n_rows: int
-    shard_uris: list[str] | None = None  # the rows are these shards as they are (the Ray backend reads them)
+    source: str  # what is read, for the report
+    pieces: Iterator[np.ndarray]  # [k, seq_len + 1] each
+    n_rows: int | None  # known before reading (shards: the manifest's count); None: a text set
+    shard_uris: list[str] | None = None  # the rows are exactly these shards (the Ray backend reads the files)
+    masked: bool = False  # the shards' loss masks apply (their ``loss_mask`` column)
     note: str = ""
 
 
-def text_rows(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: int) -> np.ndarray:
+def _cut(flat: np.ndarray, n_rows: int, seq_len: int) -> np.ndarray:
+    return flat[np.arange(n_rows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]]
+
+
+def packed_rows(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: int, max_rows: int | None = None,
+                piece_rows: int = PIECE_ROWS) -> Iterator[np.ndarray]:
     """``eos doc1 eos doc2 eos …`` cut into rows of ``seq_len + 1`` that overlap by one token, so every
-    token after the leading end-of-text is a target exactly once; the last row is padded with -1."""
-    parts = [np.array([eos_id], dtype=np.int64)]
+    token after the leading end-of-text is a target exactly once; the last row is padded with -1. Yields
+    pieces of at most ``piece_rows`` rows, ``max_rows`` rows in all, and reads ``token_lists`` no further
+    than those rows need: memory holds a piece and the document being cut."""
+    cap = math.inf if max_rows is None else max_rows
+    buf, have, made = [np.array([eos_id], np.int32)], 1, 0
     for tokens in token_lists:
-        parts += [np.asarray(tokens, dtype=np.int64).reshape(-1), np.array([eos_id], dtype=np.int64)]
-    stream = np.concatenate(parts)
-    n_rows = max(1, -(-(len(stream) - 1) // seq_len))
-    padded = np.full(n_rows * seq_len + 1, -1, dtype=np.int64)
-    padded[: len(stream)] = stream
-    index = np.arange(n_rows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    return padded[index]
+        buf += [np.asarray(tokens, np.int32).reshape(-1), np.array([eos_id], np.int32)]
+        have += len(buf[-2]) + 1
+        if have < min(piece_rows, cap - made) * seq_len + 1:
+            continue
+        flat, start = np.concatenate(buf), 0
+        while made < cap and len(flat) - start >= (k := min(piece_rows, cap - made)) * seq_len + 1:
+            yield _cut(flat[start:], k, seq_len)
+            start, made = start + k * seq_len, made + k
+        if made >= cap:
+            return
+        buf, have = [flat[start:]], len(flat) - start
+    flat = np.concatenate(buf)
+    if made < cap and (len(flat) > 1 or made == 0):  # the tail: one token left is the last row's last target
+        k = min(max(1, -(-(len(flat) - 1) // seq_len)), cap - made)
+        padded = np.full(k * seq_len + 1, -1, dtype=np.int32)
+        padded[: len(flat)] = flat[: len(padded)]
+        yield _cut(padded, k, seq_len)
 
 
-def read_texts(store: ObjectStore, cfg: Config, source: SourceConfig) -> list[str]:
-    """The cleaned documents of a text source (the read + clean stages of lm.data, one process)."""
+def text_rows(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: int) -> np.ndarray:
+    """Every row of :func:`packed_rows` at once (a few documents: tests, prompts)."""
+    return np.concatenate(list(packed_rows(token_lists, seq_len, eos_id)))
+
+
+def iter_texts(store: ObjectStore, cfg: Config, source: SourceConfig) -> Iterator[str]:
+    """The cleaned documents of a text source, one at a time (the read + clean stages of lm.data, one
+    process); a source with no usable document raises DataError once read through."""
     data = DataConfig(sources=[source], clean=cfg.data.clean, max_file_mb=cfg.data.max_file_mb)
-    texts, skipped = [], []
+    found, skipped = 0, []
     for task in plan_files(store, data):  # DataError / StorageError name a source that matches nothing
         for row in read_file_task(task, filesystem_factory=store.pyarrow_filesystem, clean=data.clean,
                                   max_file_bytes=int(data.max_file_mb * 2**20)):
             if row["reason"]:
-                skipped.append(f"{row['id']}: {row['reason']}")
+                if len(skipped) < 3:  # a few, for the message
+                    skipped.append(f"{row['id']}: {row['reason']}")
                 continue
             text, reason = clean_text(row["text"], data.clean)
             if not reason:
-                texts.append(text)
-    if not texts:
-        raise DataError(f"eval source {source.uri!r}: no usable documents ({'; '.join(skipped[:3]) or 'all dropped'})")
-    return texts
+                found += 1
+                yield text
+    if not found:
+        raise DataError(f"eval source {source.uri!r}: no usable documents ({'; '.join(skipped) or 'all dropped'})")
 
 
-def _decode_documents(rows: np.ndarray, tok: BPETokenizer) -> list[str]:
-    """The documents packed in ``rows`` (a stream of ``doc eos doc eos …``), decoded with ``tok``."""
-    flat = rows.reshape(-1)
-    ends = np.flatnonzero(flat == tok.eos_id)
-    starts = np.concatenate([[0], ends + 1])
-    ends = np.concatenate([ends, [len(flat)]])
-    return [text for s, e in zip(starts, ends, strict=True) if e > s and (text := tok.decode(flat[s:e].tolist()))]
+def _encoded(tok: BPETokenizer, texts: Iterable[str]) -> Iterator[list[int]]:
+    """The token ids of each text, tokenized :data:`ENCODE_BATCH` texts at a time."""
+    it = iter(texts)
+    while batch := list(islice(it, ENCODE_BATCH)):
+        yield from tok.encode_batch(batch)
 
 
-def _read_rows(store: ObjectStore, uris: list[str], max_rows: int | None, masked: bool = False) -> np.ndarray:
-    """The rows of the shards at ``uris`` in order, reading no more shards than ``max_rows`` needs;
-    ``masked``: with their loss masks applied (lm.eval.metrics.hide_targets)."""
-    parts, n = [], 0
-    for uri in uris:
-        rows, mask = read_shard_masked(store, uri)
-        parts.append(hide_targets(rows, mask) if masked and mask is not None else rows)
-        n += len(parts[-1])
-        if max_rows is not None and n >= max_rows:
-            break
-    return np.concatenate(parts)[:max_rows]
+def _documents(pieces: Iterable[np.ndarray], tok: BPETokenizer) -> Iterator[str]:
+    """The documents packed in the rows of ``pieces`` (a stream of ``doc eos doc eos …``), decoded with
+    ``tok``; a document cut by a piece's end is carried into the next."""
+    carry = np.zeros(0, dtype=np.int32)
+    for rows in pieces:
+        flat = np.concatenate([carry, rows.reshape(-1)])
+        start = 0
+        for end in np.flatnonzero(flat == tok.eos_id):
+            if end > start and (text := tok.decode(flat[start:end].tolist())):
+                yield text
+            start = end + 1
+        carry = flat[start:]
+    if len(carry) and (text := tok.decode(carry.tolist())):
+        yield text
+
+
+def _shard_pieces(store: ObjectStore, uris: list[str], max_rows: int | None, masked: bool) -> Iterator[np.ndarray]:
+    """The rows of the shards at ``uris`` in order, one Parquet row group at a time, the first ``max_rows``
+    of them (no row group past those is read); ``masked``: loss-mask-0 targets hidden (hide_targets)."""
+    split = ParquetSplit.of_uris(uris, store.pyarrow_filesystem)
+    left = split.rows if max_rows is None else max_rows
+    for i in range(len(split.unit_rows)):
+        if left <= 0:
+            return
+        rows, mask = split.read(i)
+        rows = rows[:left]
+        left -= len(rows)
+        yield hide_targets(rows, mask[: len(rows)]) if masked and mask is not None else rows
 
 
 def split_rows(store: ObjectStore, cfg: Config, split: str, tok: BPETokenizer, seq_len: int,
-               max_rows: int | None = None, lazy: bool = False, every_token: bool = False) -> EvalRows:
-    """The rows of a split of the run's shards, in ``tok``'s tokens (see the module doc); ``lazy``: leave
-    shards made with ``tok`` unread (``rows`` None) unless ``max_rows`` cuts them. Supervised shards
-    (``data.format: sft``) are scored on their responses, as they train, unless ``every_token``."""
+               max_rows: int | None = None, every_token: bool = False) -> EvalRows:
+    """The rows of a split of the run's shards, in ``tok``'s tokens (see the module doc), the first
+    ``max_rows`` of them. Supervised shards (``data.format: sft``) are scored on their responses, as
+    they train, unless ``every_token``."""
     data = data_uri(cfg)
     manifest = read_manifest(store, data)
     if split not in manifest["splits"]:
         raise DataError(f"{data}: the manifest has no {split!r} split (splits: {sorted(manifest['splits'])})")
     source = f"split {split} of {data}"
-    masked = manifest.get("kind") == "sft" and not every_token
+    uris = shard_uris(manifest, data, split)
     if manifest["tokenizer"]["hash"] == tok.fingerprint():
         if manifest["row_length"] > seq_len + 1:
             raise DataError(f"{data}: rows of {manifest['row_length']} tokens exceed the model's context "
                             f"({seq_len} + 1)")
-        uris = shard_uris(manifest, data, split)
-        if lazy and max_rows is None and not masked:
-            return EvalRows(split, source, None, manifest["splits"][split]["rows"], uris)
-        rows = _read_rows(store, uris, max_rows, masked)
-        if masked:
-            return EvalRows(split, source, rows, len(rows), None, "supervised rows: scored on the responses")
-        return EvalRows(split, source, rows, len(rows), uris)
+        masked = manifest.get("kind") == "sft" and not every_token
+        rows = manifest["splits"][split]["rows"]
+        return EvalRows(split, source, _shard_pieces(store, uris, max_rows, masked),
+                        rows if max_rows is None else min(rows, max_rows), uris if max_rows is None else None,
+                        masked, "supervised rows: scored on the responses" if masked else "")
     data_tok = BPETokenizer.from_json(store.read_text(join_uri(data, manifest["tokenizer"]["path"])))
-    docs = _decode_documents(_read_rows(store, shard_uris(manifest, data, split), max_rows), data_tok)
-    rows = text_rows(tok.encode_batch(docs), seq_len, tok.eos_id)[:max_rows]
-    return EvalRows(split, source, rows, len(rows), None, "re-tokenized: the shards were made with another tokenizer")
+    docs = _documents(_shard_pieces(store, uris, None, False), data_tok)  # read only as far as the rows need
+    return EvalRows(split, source, packed_rows(_encoded(tok, docs), seq_len, tok.eos_id, max_rows), None,
+                    note="re-tokenized: the shards were made with another tokenizer")
 
 
 def load_set(store: ObjectStore, cfg: Config, spec: EvalSetConfig, tok: BPETokenizer, seq_len: int,
-             max_rows: int | None = None, lazy: bool = False) -> EvalRows:
-    """The rows of one configured eval set (``lazy``: see :func:`split_rows`)."""
+             max_rows: int | None = None) -> EvalRows:
+    """The rows of one configured eval set, the first ``max_rows`` of them (None: all, a piece at a time)."""
     if spec.split is not None:
-        found = split_rows(store, cfg, spec.split, tok, seq_len, max_rows, lazy)
+        found = split_rows(store, cfg, spec.split, tok, seq_len, max_rows)
         found.name = spec.name
         return found
     source = SourceConfig(name=spec.name, uri=spec.uri, format=spec.format, delimiter=spec.delimiter,
                           text_field=spec.text_field)
-    rows = text_rows(tok.encode_batch(read_texts(store, cfg, source)), seq_len, tok.eos_id)[:max_rows]
-    return EvalRows(spec.name, spec.uri, rows, len(rows))
+    texts = iter_texts(store, cfg, source)
+    return EvalRows(spec.name, spec.uri, packed_rows(_encoded(tok, texts), seq_len, tok.eos_id, max_rows), None)
 
 
 def ngram_train_rows(store: ObjectStore, cfg: Config, tok: BPETokenizer, seq_len: int,
                      max_tokens: int) -> tuple[np.ndarray | None, str]:
-    """Rows of the train split (in ``tok``'s tokens, at most ``max_tokens``) to fit the n-gram on; (None, why) if none."""
+    """The first rows of the train split (in ``tok``'s tokens), at most ``max_tokens`` tokens: the
+    n-gram's fitting sample, bounded by that setting (eval.ngram_max_train_tokens) whatever the split's
+    size; no shard is read past it. (None, why) if there are none."""
     try:
         found = split_rows(store, cfg, "train", tok, seq_len, max_rows=max(1, max_tokens // (seq_len + 1)),
                            every_token=True)
+        parts = list(found.pieces)
     except (DataError, StorageError) as err:
         return None, f"no n-gram baseline: {err}"
-    rows = found.rows
+    if not parts:
+        return None, f"no n-gram baseline: {found.source} has no rows"
+    rows = np.concatenate(parts)  # bounded: max_tokens tokens at most
     return rows, f"fitted on {rows.size:,} tokens of {found.source}" + (f" ({found.note})" if found.note else "")
 
 

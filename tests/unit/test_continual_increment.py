@@ -1,6 +1,7 @@
 """The pieces of a continual-learning iteration that need no Ray: dedup against an existing corpus,
 shards with loss masks and a manifest of shards by URI, training on the response only, feedback
-joined across log files, and the configs of the fine-tune and the gate."""
+joined across log files, replay rows read only from the row groups holding them, and the configs of
+the fine-tune and the gate."""
 
 import json
 
@@ -12,12 +13,13 @@ import torch
 
 from lm.config import Config, ConfigError, DedupConfig, StorageConfig, load_config
 from lm.continual.feedback import Pair, sft_tokens
-from lm.continual.increment import feedback_pairs, is_feedback, list_inputs, write_sft
+from lm.continual.increment import feedback_pairs, is_feedback, list_inputs, replay_rows, write_sft
 from lm.continual.iteration import fine_tune_config, gate_config, iteration_uri
 from lm.data.clean import text_hash
 from lm.data.dedup import INDEX_KNOWN_EXACT, INDEX_KNOWN_NEAR, CorpusIndex, index_rows
 from lm.data.loader import load_split, shard_bytes
 from lm.data.pack import pack_examples
+from lm.data.stream import ParquetSplit
 from lm.storage import ObjectStore
 from lm.train.local import estimate_loss, train_local
 
@@ -132,6 +134,34 @@ def test_shard_bytes_round_trip_types():
     table = pq.read_table(io.BytesIO(shard_bytes(np.ones((2, 4), np.int32), np.zeros((2, 4), np.uint8))))
     assert table.schema.field("tokens").type == pa.list_(pa.int32(), 4)
     assert table.schema.field("loss_mask").type == pa.list_(pa.uint8(), 4)
+
+
+class CountedSplit(ParquetSplit):
+    """A real ParquetSplit that notes which row groups it reads."""
+
+    def read(self, i):
+        self.reads = [*getattr(self, "reads", []), i]
+        return super().read(i)
+
+
+def test_replay_reads_only_the_row_groups_holding_its_seeded_picks(tmp_path):
+    store = ObjectStore(StorageConfig(root=str(tmp_path)))
+    rows = np.repeat(np.arange(120, dtype=np.int32)[:, None], 5, axis=1)  # every token: the row's number
+    mask = (rows % 3 == 0).astype(np.uint8)
+    store.write_bytes(f"{tmp_path}/a.parquet", shard_bytes(rows[:100], mask[:100], row_group_rows=2))
+    store.write_bytes(f"{tmp_path}/b.parquet", shard_bytes(rows[100:], row_group_rows=2))  # no loss mask
+    uris = [f"{tmp_path}/a.parquet", f"{tmp_path}/b.parquet"]
+    split = CountedSplit.of_uris(uris, store.pyarrow_filesystem)
+    got, got_mask = replay_rows(split, 7, seed=3)
+    picks = got[:, 0]
+    assert len(picks) == len(set(picks.tolist())) == 7 and np.array_equal(got, rows[picks])
+    assert np.array_equal(got_mask, np.where(picks[:, None] < 100, mask[picks], 1))  # ones for the unmasked shard
+    assert split.reads == sorted(set((picks // 2).tolist()))  # 60 row groups; only those holding a pick, once
+    again = ParquetSplit.of_uris(uris, store.pyarrow_filesystem)
+    assert np.array_equal(replay_rows(again, 7, seed=3)[0], got)  # the seed decides
+    assert not np.array_equal(replay_rows(again, 7, seed=4)[0], got)
+    more, _ = replay_rows(again, 150, seed=3)  # more than the split holds: with replacement
+    assert len(more) == 150 and set(more[:, 0].tolist()) <= set(range(120))
 
 
 def test_watch_repeats_iterations_and_outlives_a_failed_one(tmp_path, capsys):

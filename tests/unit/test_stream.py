@@ -63,6 +63,19 @@ def test_masks_travel_with_their_rows():
         assert plain.next_rows(5)[1] is None
 
 
+def test_shards_with_and_without_loss_masks(tmp_path):
+    rows = numbered(30)
+    (tmp_path / "a.parquet").write_bytes(shard_bytes(rows[:20], (rows[:20] % 2).astype(np.uint8), row_group_rows=8))
+    (tmp_path / "b.parquet").write_bytes(shard_bytes(rows[20:], row_group_rows=8))
+    split = ParquetSplit.of_uris([str(tmp_path / n) for n in ("a.parquet", "b.parquet")],
+                                 lambda uri: (pafs.LocalFileSystem(), uri))
+    assert split.masked and split.unit_rows == [8, 8, 4, 8, 2]
+    with RowStream(split, seed=1, rank=0, world=1, window_rows=8) as stream:
+        got, mask = stream.next_rows(30)
+    expected = np.where(got[:, :1] < 20, got[:, :1] % 2, 1)  # a shard without a mask: every target counts
+    assert sorted(ids(got)) == list(range(30)) and np.array_equal(mask[:, :1], expected)
+
+
 @pytest.mark.parametrize("batches", [3, 7])  # mid-epoch, and after a batch that straddled two epochs
 def test_resume_at_the_same_world_gives_exactly_the_same_rows(batches):
     split = ArraySplit(numbered(50), unit_rows=6)
