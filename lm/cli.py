@@ -45,12 +45,12 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> str:
 
 
 def cmd_data_prepare(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.data.pipeline import data_uri, prepare_data
+    from lm.data.pipeline import prepare_data
 
     manifest = prepare_data(cfg)
-    splits = ", ".join(f"{s} {e['docs']:,} docs / {e['tokens']:,} tokens" for s, e in sorted(manifest["splits"].items()))
-    return (f"data: {splits}; {len(manifest['shards'])} shards, {len(manifest['skipped_objects'])} skipped objects "
-            f"→ {data_uri(cfg)}/manifest.json")
+    splits = ", ".join(f"{s} {e.docs:,} docs / {e.tokens:,} tokens" for s, e in sorted(manifest.splits.items()))
+    return (f"data: {splits}; {len(manifest.shards)} shards, {len(manifest.skipped_objects)} skipped objects "
+            f"→ {cfg.data_uri}/manifest.json")
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> str:

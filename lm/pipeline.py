@@ -22,7 +22,8 @@ from lm.compress.distill import check_run_teacher, load_teacher
 from lm.compress.distill import lineage as distill_lineage
 from lm.config import Config, dump_yaml, join_uri
 from lm.data.documents import iter_documents
-from lm.data.pipeline import data_uri, prepare_data
+from lm.data.manifest import DataManifest, MixManifest
+from lm.data.pipeline import prepare_data
 from lm.data.sources import plan_files
 from lm.data.stream import train_stream, validation_rows
 from lm.inference import generate_text
@@ -56,9 +57,10 @@ def tokenizer_stage(store: ObjectStore, cfg: Config) -> TokenizerReport:
     return TokenizerReport(tok, uri, bytes_per_token(tok, held_out), time.perf_counter() - start)
 
 
-def train_in_process(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifest: dict, log: Log) -> TrainSummary:
+def train_in_process(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifest: DataManifest | MixManifest,
+                     log: Log) -> TrainSummary:
     """train.trainer=local: the plain single-process loop, writing what the Ray trainer writes."""
-    data = data_uri(cfg)
+    data = cfg.data_uri
     val_rows, val_mask = validation_rows(store, data, cfg.train)
     model = build_model(cfg, tok.vocab_size)
     if cfg.train.init_from:
@@ -75,7 +77,7 @@ def train_in_process(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifes
     store.write_bytes(join_uri(train_uri, "loss.png"), loss_curve_png(result.history, f"{cfg.name}: loss"))
     model_uri = join_uri(cfg.run_uri, "model")
     lineage = {"run": cfg.name, "config_hash": cfg.fingerprint(), "tokenizer_hash": tok.fingerprint(),
-               "data_manifest": join_uri(data, "manifest.json"), "data_inputs": manifest["inputs_fingerprint"],
+               "data_manifest": join_uri(data, "manifest.json"), "data_inputs": manifest.inputs_fingerprint,
                "steps": result.steps, "tokens": result.tokens, "final_loss": result.history[-1]["loss"],
                "trainer": "local"}
     if distilled := distill_lineage(distill):
@@ -93,10 +95,9 @@ def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) ->
     store.write_text(join_uri(cfg.run_uri, "config.yaml"), dump_yaml(cfg))
 
     manifest = prepare_data(cfg, store, log)
-    data = data_uri(cfg)
-    tok = BPETokenizer.from_json(store.read_text(join_uri(data, manifest["tokenizer"]["path"])))
-    log(f"data: {manifest['splits']['train']['rows']:,} train rows, "
-        f"{manifest['splits'].get('val', {}).get('rows', 0):,} validation rows of {manifest['row_length']} tokens; "
+    tok = BPETokenizer.from_json(store.read_text(manifest.tokenizer_uri(cfg.data_uri)))
+    log(f"data: {manifest.rows_in('train'):,} train rows, "
+        f"{manifest.rows_in('val'):,} validation rows of {manifest.row_length} tokens; "
         f"{tok.vocab_size} tokens in the vocabulary")
 
     model_uri = join_uri(cfg.run_uri, "model")

@@ -48,7 +48,8 @@ from results_io import machine, write_result
 
 from lm.compress.prune import prune_dir, training_data_uri
 from lm.config import join_uri, load_config
-from lm.data.loader import load_rows, read_manifest
+from lm.data.manifest import read_manifest
+from lm.data.stream import ParquetSplit, read_head
 from lm.eval.metrics import model_sums, token_byte_lengths
 from lm.modeldir import load_model_dir
 from lm.serve.engine import Engine, GenRequest
@@ -148,7 +149,7 @@ def build_student(args, store: ObjectStore, base: str, data: str, work: str, tea
         overrides.append(f"train.distill.teacher={base}")
     cfg = load_config(args.config, overrides)
     manifest = read_manifest(store, data)
-    tok = BPETokenizer.from_json(store.read_text(join_uri(data, manifest["tokenizer"]["path"])))
+    tok = BPETokenizer.from_json(store.read_text(manifest.tokenizer_uri(data)))
     summary = train_in_process(cfg.with_absolute_paths(), store, tok, manifest, log)
     return summary.model_uri
 
@@ -256,7 +257,8 @@ def main() -> None:
     models = {name: load_model_dir(store, v["uri"]).model for name, v in found.items()}
     models = {"base": models.pop("base"), "int8": quantize_int8(base.model), **models}
     found = {"base": found["base"], "int8": {"uri": None, "kind": "quantized"}, **found}
-    rows_val = load_rows(store, data, "val")
+    val = ParquetSplit.open(store, data, "val")
+    rows_val, _ = read_head(val, val.rows)  # the whole validation split: a small one (the bench's corpus)
     table = token_byte_lengths(base.tokenizer, base.model.cfg.vocab_size)
     prompts = [[int(t) for t in row[:16]] for row in rows_val[: args.prompts]]
 

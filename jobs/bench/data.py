@@ -147,8 +147,8 @@ def main() -> None:
         "peak_driver_rss_mib": round(memory.driver),
         "peak_workers_uss_mib": round(memory.workers),
         "peak_self_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "tokens": sum(s["tokens"] for s in manifest["splits"].values()),
-        "dedup": manifest["dedup"],
+        "tokens": sum(s.tokens for s in manifest.splits.values()),
+        "dedup": manifest.dedup,
         "overrides": args.overrides,
     }
     write_result(args.out, result)

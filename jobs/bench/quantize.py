@@ -26,7 +26,8 @@ import torch
 from results_io import machine, write_result
 
 from lm.config import ModelConfig, StorageConfig
-from lm.data.loader import load_rows, read_manifest
+from lm.data.manifest import read_manifest
+from lm.data.stream import ParquetSplit, read_head
 from lm.eval.metrics import model_sums, token_byte_lengths
 from lm.model import Transformer
 from lm.modeldir import load_model_dir
@@ -128,9 +129,10 @@ def main() -> None:
 
     data = args.data or data_uri_of(args.model, loaded.lineage)
     manifest = read_manifest(store, data)
-    if manifest["tokenizer"]["hash"] != tok.fingerprint():
+    if manifest.tokenizer.hash != tok.fingerprint():
         raise SystemExit(f"{data}: its shards were made with another tokenizer than {args.model}'s")
-    rows = load_rows(store, data, "val")
+    val = ParquetSplit.open(store, data, "val")
+    rows, _ = read_head(val, val.rows)  # the whole validation split: a small one (the bench's corpus)
     prompts = [[int(t) for t in row[: args.prompt_tokens]] for row in rows[:8]]
 
     generation, outputs = timed_generation(engines, prompts, args.new_tokens, args.repeats)

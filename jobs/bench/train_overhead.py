@@ -19,8 +19,8 @@ import torch
 from results_io import machine, write_result
 
 from lm.config import load_config
-from lm.data.loader import load_rows
-from lm.data.pipeline import data_uri, prepare_data
+from lm.data.pipeline import prepare_data
+from lm.data.stream import train_stream
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
 from lm.train.local import train_local
@@ -49,11 +49,11 @@ def main() -> None:
         prepare_data(cfg, log=lambda _: None)
         ray_run = train(cfg)
         store = ObjectStore(cfg.storage)
-        rows = load_rows(store, data_uri(cfg), "train")
-        tok = BPETokenizer.from_json(store.read_text(f"{data_uri(cfg)}/tokenizer.json"))
+        tok = BPETokenizer.from_json(store.read_text(f"{cfg.data_uri}/tokenizer.json"))
         torch.set_num_threads(args.threads)
         local_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cpu"})})
-        plain = train_local(local_cfg, build_model(cfg, tok.vocab_size), rows, None, log=lambda _: None)
+        plain = train_local(local_cfg, build_model(cfg, tok.vocab_size), train_stream(store, cfg.data_uri, cfg.train),
+                            None, log=lambda _: None)
     ray_tps, plain_tps = steady_tokens_per_s(ray_run.history), steady_tokens_per_s(plain.history)
     result = {
         "machine": machine(),

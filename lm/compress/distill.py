@@ -94,15 +94,14 @@ def check_run_teacher(cfg, store: ObjectStore) -> None:
     """:func:`check_teacher` of ``cfg.train.distill.teacher`` against ``cfg``'s prepared data (its
     manifest's tokenizer; only the directory and context while no data is prepared yet): what the
     driver runs before preparing data and before starting Ray Train. No-op without a teacher."""
-    from lm.data.loader import read_manifest
-    from lm.data.pipeline import MANIFEST, data_uri
+    from lm.data.manifest import MANIFEST, read_manifest
 
     if not cfg.train.distill.teacher:
         return
-    data, tokenizer = data_uri(cfg), None
+    data, tokenizer = cfg.data_uri, None
     if store.exists(join_uri(data, MANIFEST)):
         manifest = read_manifest(store, data)
-        tokenizer = BPETokenizer.from_json(store.read_text(join_uri(data, manifest["tokenizer"]["path"])))
+        tokenizer = BPETokenizer.from_json(store.read_text(manifest.tokenizer_uri(data)))
     check_teacher(store, cfg.train.distill.teacher, tokenizer, cfg.seq_len)
 
 

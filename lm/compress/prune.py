@@ -220,12 +220,10 @@ def _prune_channels(model: Transformer, sparsity: float) -> tuple[Transformer, d
 
 def training_data_uri(store: ObjectStore, lineage: dict, cfg: Config) -> str:
     """The data a model was trained on (its lineage's manifest), else the config's ``<run>/data``."""
-    from lm.data.pipeline import data_uri
-
     manifest = lineage.get("data_manifest")
     if manifest and store.exists(manifest):
         return manifest.rsplit("/", 1)[0]
-    return data_uri(cfg)
+    return cfg.data_uri
 
 
 def finetune(model: Transformer, cfg: Config, store: ObjectStore, data: str, steps: int, tokenizer,
@@ -234,22 +232,22 @@ def finetune(model: Transformer, cfg: Config, store: ObjectStore, data: str, ste
     ``cfg.train`` (warm-up capped at a tenth of the steps; with ``train.distill.teacher``, e.g. the
     unpruned model, it learns from that teacher's logits too); pruning masks still on stay in force."""
     from lm.compress.distill import load_teacher
-    from lm.data.loader import read_manifest
+    from lm.data.manifest import read_manifest
     from lm.data.stream import train_stream, validation_rows
     from lm.train.local import pick_device, train_local
 
     manifest = read_manifest(store, data)
-    if manifest["tokenizer"]["hash"] != tokenizer.fingerprint():
+    if manifest.tokenizer.hash != tokenizer.fingerprint():
         raise PruneError(f"{data}: its shards were made with another tokenizer than the model's; pass the "
                          "model's own data (--data)")
-    if manifest["row_length"] - 1 > model.cfg.max_seq_len:
-        raise PruneError(f"{data}: rows of {manifest['row_length'] - 1} tokens exceed the model's "
+    if manifest.seq_len > model.cfg.max_seq_len:
+        raise PruneError(f"{data}: rows of {manifest.seq_len} tokens exceed the model's "
                          f"max_seq_len {model.cfg.max_seq_len}")
     tc = cfg.train.model_copy(update={"max_steps": steps, "warmup_steps": min(cfg.train.warmup_steps, steps // 10),
                                       "eval_interval": steps, "log_interval": min(cfg.train.log_interval, steps)})
     teacher = None
     if tc.distill.teacher:
-        teacher = load_teacher(store, tc.distill.teacher, tokenizer, manifest["row_length"] - 1, tc.precision,
+        teacher = load_teacher(store, tc.distill.teacher, tokenizer, manifest.seq_len, tc.precision,
                                pick_device(tc.device))
     val_rows, val_mask = validation_rows(store, data, tc)
     result = train_local(cfg.model_copy(update={"train": tc}), model, train_stream(store, data, tc), val_rows,

@@ -114,14 +114,14 @@ class DataConfig(Section):
     output: str | None = Field(None, description="Where shards + manifest go; null = <run>/data.")
     shuffle_partitions: int = Field(
         4, ge=1, description="Fewest partitions of each Ray Data groupby (exact and near dedup, sharding) under "
-        "shuffle_strategy=default; more are used as data grows (shuffle_partition_mb).",
+        "shuffle_strategy=default; more as the data grows (block_mb).",
     )
-    shuffle_partition_mb: float = Field(
-        128, gt=0, description="Bound on the data one groupby partition holds under shuffle_strategy=default: "
-        "partitions = max(shuffle_partitions, data / this), so a reduce task holds about 3x this (its input, "
-        "the concatenation, the sorted copy) whatever the corpus size. The sort strategy ignores partition "
-        "counts: it makes one partition per input block (each at most Ray's DataContext.target_max_block_size, "
-        "128 MiB). Either way shuffle blocks wait in Ray's object store, which spills to disk when full.",
+    block_mb: float = Field(
+        32, gt=0, description="What one Ray Data task of the pipeline holds, in MiB, whatever the corpus size: "
+        "the target block size (Ray's DataContext.target_max_block_size) and, under shuffle_strategy=default, "
+        "the size each groupby partition stays under (partitions = max(shuffle_partitions, data / block_mb)); "
+        "the sort strategy cuts one partition per input block. A task holds a few times this (a sorting reduce "
+        "about 3x); shuffle blocks wait in Ray's object store, which spills to disk when full.",
     )
     shuffle_strategy: Literal["sort", "default"] = Field(
         "sort", description="Ray Data shuffle for the groupbys: sort (pull-based; fastest on small clusters) or Ray's "

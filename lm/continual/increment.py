@@ -33,9 +33,10 @@ import numpy as np
 from lm.config import Config, SourceConfig, join_uri
 from lm.continual.feedback import Pair, parse_lines, sft_pairs, sft_tokens
 from lm.data.dedup import CorpusIndex
-from lm.data.loader import corpus_index_tables, read_manifest, shard_bytes, shard_uris
+from lm.data.loader import corpus_index_tables, shard_bytes
+from lm.data.manifest import MixManifest, ShardEntry, TokenizerEntry, add_shards, read_manifest
 from lm.data.pack import pack_examples
-from lm.data.pipeline import FORMAT, data_uri, prepare_data
+from lm.data.pipeline import prepare_data
 from lm.data.sources import DataError, plan_files
 from lm.data.split import assign_split
 from lm.data.stream import ParquetSplit, Rows, Split
@@ -77,7 +78,7 @@ def is_feedback(cfg: Config, uri: str) -> bool:
 
 def corpus_index(cfg: Config, store: ObjectStore, earlier: list[str]) -> CorpusIndex:
     """The original data's corpus index plus those of the earlier iterations' new documents."""
-    tables = corpus_index_tables(store, data_uri(cfg))
+    tables = corpus_index_tables(store, cfg.data_uri)
     for uri in earlier:
         if store.exists(join_uri(uri, "new", "manifest.json")):
             tables += corpus_index_tables(store, join_uri(uri, "new"))
@@ -99,7 +100,8 @@ def feedback_pairs(cfg: Config, store: ObjectStore, uris: list[str], earlier: li
     return pairs, counts + more
 
 
-def write_sft(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, pairs: list[Pair]) -> tuple[dict, int]:
+def write_sft(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, pairs: list[Pair]
+              ) -> tuple[dict[str, ShardEntry], int]:
     """Supervised rows of ``pairs`` by split (the documents' split rule on the pair id), as shards: whole
     examples per row, padded (as lm.data.sft packs them), so a response always sees its whole prompt.
     Returns the shards and how many pairs were left out for being longer than a row."""
@@ -114,27 +116,27 @@ def write_sft(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, 
         if len(rows):
             name = f"sft-{split}.parquet"
             store.write_bytes(join_uri(mix_uri, name), shard_bytes(rows, mask))
-            out[split] = {"path": join_uri(mix_uri, name), "split": split, "rows": len(rows)}
+            out[split] = ShardEntry(path=join_uri(mix_uri, name), split=split, rows=len(rows))
     return out, too_long
 
 
-def _replay(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, new_rows: int) -> dict | None:
+def _replay(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, new_rows: int) -> ShardEntry | None:
     """Rows of the original train split, ``replay_ratio`` of the mix, drawn with the train seed."""
     ratio = cfg.continual.replay_ratio
     want = math.ceil(new_rows * ratio / (1 - ratio))
     if want == 0:
         return None
-    base = data_uri(cfg)
+    base = cfg.data_uri
     manifest = read_manifest(store, base)
-    if manifest["tokenizer"]["hash"] != tok.fingerprint():
+    if manifest.tokenizer.hash != tok.fingerprint():
         raise DataError(f"{base}: made with another tokenizer than the production model's; it cannot be replayed")
-    split = ParquetSplit.of_uris(shard_uris(manifest, base, "train"), store.pyarrow_filesystem)
+    split = ParquetSplit.of_uris(manifest.shards_of(base, "train"), store.pyarrow_filesystem)
     if not split.rows:
         raise DataError(f"{base}: the train split has no rows to replay")
     rows, mask = replay_rows(split, want, cfg.train.seed)  # want rows: bounded by the new data, not the corpus
     uri = join_uri(mix_uri, "replay-train.parquet")
     store.write_bytes(uri, shard_bytes(rows, mask))
-    return {"path": uri, "split": "train", "rows": want}
+    return ShardEntry(path=uri, split="train", rows=want)
 
 
 def replay_rows(split: Split, want: int, seed: int) -> Rows:
@@ -168,7 +170,7 @@ def build_mix(cfg: Config, store: ObjectStore, it_uri: str, inputs: dict[str, st
     if store.exists(join_uri(mix_uri, "manifest.json")):
         manifest = read_manifest(store, mix_uri)
         log(f"continual: data of this iteration already built ({mix_uri})")
-        return Mix(mix_uri, gate_uri if store.exists(gate_uri) else None, manifest["parts"], manifest["counts"])
+        return Mix(mix_uri, gate_uri if store.exists(gate_uri) else None, manifest.parts, manifest.counts)
     feedback = sorted(u for u in inputs if is_feedback(cfg, u))
     documents = {u for u in inputs if not is_feedback(cfg, u)}
     earlier_feedback = [u for u in earlier_inputs if is_feedback(cfg, u)]
@@ -180,7 +182,7 @@ def build_mix(cfg: Config, store: ObjectStore, it_uri: str, inputs: dict[str, st
         store.write_text(text_uri, "".join(json.dumps({"text": p.prompt + p.response}) + "\n" for p in pairs))
         sources.append(SourceConfig(name="feedback", uri=text_uri, format="jsonl"))
         documents.add(text_uri)
-    shards: list[dict] = []
+    shards: list[ShardEntry] = []
     gate_texts: list[str] = []
     parts = {"new": 0, "sft": 0, "replay": 0}
     new_uri = join_uri(it_uri, "new")
@@ -193,26 +195,27 @@ def build_mix(cfg: Config, store: ObjectStore, it_uri: str, inputs: dict[str, st
             counts["documents_note"] = str(err)
             log(f"continual: no new documents to learn from: {err}")
         else:
-            counts.update(dropped=new["dropped"], dedup=new["dedup"], skipped_objects=len(new["skipped_objects"]))
-            shards += [{**s, "path": join_uri(new_uri, s["path"])} for s in new["shards"] if s["split"] in ("train", "val")]
-            parts["new"] = sum(s["rows"] for s in new["shards"] if s["split"] == "train")
-            if "val" in new.get("texts", {}):
+            counts.update(dropped=new.dropped, dedup=new.dedup, skipped_objects=len(new.skipped_objects))
+            shards += [s.model_copy(update={"path": join_uri(new_uri, s.path)}) for s in new.shards
+                       if s.split in ("train", "val")]
+            parts["new"] = new.rows_in("train")
+            if "val" in new.texts:
                 gate_texts += [json.loads(line)["text"] for line in
-                               store.read_text(join_uri(new_uri, new["texts"]["val"])).splitlines() if line.strip()]
+                               store.read_text(join_uri(new_uri, new.texts["val"])).splitlines() if line.strip()]
     sft, too_long = write_sft(cfg, store, mix_uri, tok, pairs) if pairs and cfg.continual.feedback_as == "sft" else ({}, 0)
     if too_long:
         counts["feedback"]["skipped: longer than a row"] = too_long
     shards += list(sft.values())
     gate_texts += [p.prompt + p.response for p in pairs
                    if cfg.continual.feedback_as == "sft" and assign_split(p.id, cfg.data.val_fraction, 0.0) == "val"]
-    parts["sft"] = sft["train"]["rows"] if "train" in sft else 0
+    parts["sft"] = sft["train"].rows if "train" in sft else 0
     if not parts["new"] + parts["sft"]:
         log("continual: no new training rows in this iteration's inputs")
         return Mix(mix_uri, None, parts, counts)
     replay = _replay(cfg, store, mix_uri, tok, parts["new"] + parts["sft"])
     if replay:
         shards.append(replay)
-        parts["replay"] = replay["rows"]
+        parts["replay"] = replay.rows
     if gate_texts:
         store.write_text(gate_uri, "".join(json.dumps({"text": t}) + "\n" for t in gate_texts))
     _write_manifest(cfg, store, mix_uri, tok, inputs, shards, parts, counts)
@@ -222,18 +225,12 @@ def build_mix(cfg: Config, store: ObjectStore, it_uri: str, inputs: dict[str, st
 
 
 def _write_manifest(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, inputs: dict[str, str],
-                    shards: list[dict], parts: dict, counts: dict) -> None:
+                    shards: list[ShardEntry], parts: dict, counts: dict) -> None:
+    """The one writer of a :class:`MixManifest` (its tokenizer beside it)."""
     store.publish_file(tok.to_json().encode(), join_uri(mix_uri, "tokenizer.json"))
-    splits: dict[str, dict] = {}
-    for s in shards:
-        agg = splits.setdefault(s["split"], {"rows": 0, "shards": 0})
-        agg["rows"] += s["rows"]
-        agg["shards"] += 1
+    shards = [ShardEntry(path=s.path, split=s.split, rows=s.rows) for s in shards]
     fingerprint = hashlib.sha256(json.dumps(sorted(inputs.items())).encode()).hexdigest()[:16]
-    manifest = {"format": FORMAT, "kind": "continual-mix", "inputs_fingerprint": fingerprint, "seq_len": cfg.seq_len,
-                "row_length": cfg.seq_len + 1,
-                "tokenizer": {"path": "tokenizer.json", "hash": tok.fingerprint(), "vocab_size": tok.vocab_size,
-                              "eos_id": tok.eos_id, "pad_id": tok.pad_id},
-                "shards": [{k: s[k] for k in ("path", "split", "rows")} for s in shards],
-                "splits": splits, "parts": parts, "counts": counts, "inputs": inputs}
-    store.publish_file(json.dumps(manifest, indent=2, sort_keys=True).encode(), join_uri(mix_uri, "manifest.json"))
+    manifest = MixManifest(kind="continual-mix", inputs_fingerprint=fingerprint, seq_len=cfg.seq_len,
+                           row_length=cfg.seq_len + 1, tokenizer=TokenizerEntry.of(tok), shards=shards,
+                           splits=add_shards({}, shards), parts=parts, counts=counts, inputs=inputs)
+    store.publish_file(manifest.dumps(), join_uri(mix_uri, "manifest.json"))

@@ -26,8 +26,7 @@ from lm.config import Config, join_uri
 from lm.config.eval import EvalSetConfig
 from lm.continual.increment import Mix, build_mix, list_inputs
 from lm.continual.ledger import Ledger
-from lm.data.loader import read_manifest
-from lm.data.pipeline import data_uri
+from lm.data.manifest import read_manifest
 from lm.registry import Registry, RegistryError, Version
 from lm.storage import ObjectStore
 
@@ -62,7 +61,7 @@ def gate_config(cfg: Config, n: int, gate_texts: str) -> Config:
     sets = [EvalSetConfig(name="fixed", split="val"), EvalSetConfig(name="new", uri=gate_texts, format="jsonl")]
     ev = cfg.eval.model_copy(update={"sets": sets, "compare": cfg.continual.gate,
                                      "output": join_uri(iteration_uri(cfg, n), "eval")})
-    data = cfg.data.model_copy(update={"output": data_uri(cfg)})  # the original data, not <iteration>/data
+    data = cfg.data.model_copy(update={"output": cfg.data_uri})  # the original data, not <iteration>/data
     return cfg.model_copy(update={"output": iteration_uri(cfg, n), "eval": ev, "data": data})
 
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from lm.data.loader import fixed_lists, read_manifest, shard_uris
+from lm.data.loader import fixed_lists
+from lm.data.manifest import read_manifest
 from lm.storage import ObjectStore
 
 Interval = tuple[int, int]  # [start, stop) of positions in an epoch's order
@@ -134,7 +135,7 @@ class ParquetSplit(Split):
 
     @classmethod
     def open(cls, store: ObjectStore, data_uri: str, split: str, filesystem=None) -> ParquetSplit:
-        return cls.of_uris(shard_uris(read_manifest(store, data_uri), data_uri, split),
+        return cls.of_uris(read_manifest(store, data_uri).shards_of(data_uri, split),
                            filesystem or store.pyarrow_filesystem)
 
     @classmethod
@@ -337,6 +338,6 @@ def train_stream(store: ObjectStore, data_uri: str, tc, rank: int = 0, world: in
 def validation_rows(store: ObjectStore, data_uri: str, tc) -> Rows | tuple[None, None]:
     """The fixed validation set of a training run: the first ``eval_batches x batch_size`` rows of the
     val split (None, None when the data has none)."""
-    if "val" not in read_manifest(store, data_uri)["splits"]:
+    if "val" not in read_manifest(store, data_uri).splits:
         return None, None
     return read_head(ParquetSplit.open(store, data_uri, "val"), tc.eval_batches * tc.batch_size)

@@ -34,11 +34,10 @@ from itertools import islice, pairwise
 
 import numpy as np
 
-from lm.config import Config, DataConfig, SourceConfig, join_uri
+from lm.config import Config, DataConfig, SourceConfig
 from lm.config.eval import EvalSetConfig
 from lm.data.clean import clean_text
-from lm.data.loader import read_manifest, shard_uris
-from lm.data.pipeline import data_uri
+from lm.data.manifest import read_manifest
 from lm.data.sources import DataError, plan_files, read_file_task
 from lm.data.split import assign_split
 from lm.data.stream import ParquetSplit
@@ -169,22 +168,22 @@ def split_rows(store: ObjectStore, cfg: Config, split: str, tok: BPETokenizer, s
     """The rows of a split of the run's shards, in ``tok``'s tokens (see the module doc), the first
     ``max_rows`` of them. Supervised shards (``data.format: sft``) are scored on their responses, as
     they train, unless ``every_token``."""
-    data = data_uri(cfg)
+    data = cfg.data_uri
     manifest = read_manifest(store, data)
-    if split not in manifest["splits"]:
-        raise DataError(f"{data}: the manifest has no {split!r} split (splits: {sorted(manifest['splits'])})")
+    if split not in manifest.splits:
+        raise DataError(f"{data}: the manifest has no {split!r} split (splits: {sorted(manifest.splits)})")
     source = f"split {split} of {data}"
-    uris = shard_uris(manifest, data, split)
-    if manifest["tokenizer"]["hash"] == tok.fingerprint():
-        if manifest["row_length"] > seq_len + 1:
-            raise DataError(f"{data}: rows of {manifest['row_length']} tokens exceed the model's context "
+    uris = manifest.shards_of(data, split)
+    if manifest.tokenizer.hash == tok.fingerprint():
+        if manifest.row_length > seq_len + 1:
+            raise DataError(f"{data}: rows of {manifest.row_length} tokens exceed the model's context "
                             f"({seq_len} + 1)")
-        masked = manifest.get("kind") == "sft" and not every_token
-        rows = manifest["splits"][split]["rows"]
+        masked = manifest.kind == "sft" and not every_token
+        rows = manifest.rows_in(split)
         return EvalRows(split, source, _shard_pieces(store, uris, max_rows, masked),
                         rows if max_rows is None else min(rows, max_rows), uris if max_rows is None else None,
                         masked, "supervised rows: scored on the responses" if masked else "")
-    data_tok = BPETokenizer.from_json(store.read_text(join_uri(data, manifest["tokenizer"]["path"])))
+    data_tok = BPETokenizer.from_json(store.read_text(manifest.tokenizer_uri(data)))
     docs = _documents(_shard_pieces(store, uris, None, False), data_tok)  # read only as far as the rows need
     return EvalRows(split, source, packed_rows(_encoded(tok, docs), seq_len, tok.eos_id, max_rows), None,
                     note="re-tokenized: the shards were made with another tokenizer")

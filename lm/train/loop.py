@@ -42,8 +42,7 @@ import torch
 from lm.compress.distill import distill_loss, load_teacher, teacher_logits
 from lm.compress.distill import lineage as distill_lineage
 from lm.config import Config, join_uri
-from lm.data.loader import read_manifest
-from lm.data.pipeline import data_uri
+from lm.data.manifest import read_manifest
 from lm.data.stream import StreamPosition, train_stream, validation_rows
 from lm.model import Transformer, flops_per_token
 from lm.storage import ObjectStore
@@ -143,12 +142,11 @@ class Worker:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.store = store or ObjectStore(cfg.storage)
-        self.data = data_uri(cfg)
+        self.data = cfg.data_uri
         self.manifest = read_manifest(self.store, self.data)
-        self.tok = BPETokenizer.from_json(self.store.read_text(join_uri(self.data, self.manifest["tokenizer"]["path"])))
+        self.tok = BPETokenizer.from_json(self.store.read_text(self.manifest.tokenizer_uri(self.data)))
         self.val_rows, self.val_mask = validation_rows(self.store, self.data, self.tc)
-        val = self.manifest["splits"].get("val", {})
-        self.tokens_per_byte = val.get("tokens", 0) / val["bytes"] if val.get("bytes") else None
+        self.tokens_per_byte = self.manifest.tokens_per_byte("val")
         distill = self.tc.distill  # the teacher is checked (tokenizer, context) before the model is built
         self.teacher = (load_teacher(self.store, distill.teacher, self.tok, cfg.seq_len, self.tc.precision, self.device)
                         if distill.teacher else None)
@@ -359,7 +357,7 @@ class Worker:
         last = self.history[-1]
         lineage = {"run": self.cfg.name, "config_hash": self.cfg.fingerprint(), "tokenizer_hash": self.tok.fingerprint(),
                    "data_manifest": join_uri(self.data, "manifest.json"),
-                   "data_inputs": self.manifest["inputs_fingerprint"], "steps": self.step,
+                   "data_inputs": self.manifest.inputs_fingerprint, "steps": self.step,
                    "tokens": self.step * self.tc.batch_size * self.accum * self.world * self.cfg.seq_len,
                    "final_loss": last["loss"], "val_loss": last.get("val_loss"), "trainer": "ray+deepspeed",
                    "zero_stage": self.tc.zero_stage, "workers": self.world,

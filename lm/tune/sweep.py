@@ -22,7 +22,7 @@ from typing import Any
 
 from lm.cluster import connect
 from lm.config import Config, ConfigError, Dimension, join_uri, with_overrides
-from lm.data.pipeline import data_uri, inputs_fingerprint, prepare_data
+from lm.data.pipeline import inputs_fingerprint, prepare_data
 from lm.data.sources import plan_files
 from lm.storage import ObjectStore
 from lm.tune.results import TrialRecord, best_config, config_yaml, curves_png, results_table, sweep_uris
@@ -96,7 +96,7 @@ def trial_config(base: Config, params: dict[str, Any], trial_id: str, trials_uri
     """The config one trial trains with: its values set, its run under ``trials_uri/<id>``, the sweep's data."""
     cfg = with_overrides(base, params, f"trial {trial_id}:")
     return cfg.model_copy(update={"name": f"{base.name}-{trial_id}", "output": join_uri(trials_uri, trial_id),
-                                  "data": cfg.data.model_copy(update={"output": data_uri(base)})})
+                                  "data": cfg.data.model_copy(update={"output": base.data_uri})})
 
 
 def run_trial(params: dict[str, Any], *, base: Config, store: ObjectStore, trials_uri: str) -> None:
@@ -188,7 +188,7 @@ def tune(cfg: Config, store: ObjectStore | None = None, log: Log = print, resume
     best_value = best.best(tc.metric, tc.mode)[tc.metric]
     header = (f"The best trial ({best.trial_id}) of the sweep {cfg.name}: {tc.metric} {best_value:.4f}.\n"
               f"Train it: lm train -c best.yaml   (values: {json.dumps(best.params)})")
-    store.write_text(uris["best"], config_yaml(best_config(cfg, best.params, data_uri(cfg)), header))
+    store.write_text(uris["best"], config_yaml(best_config(cfg, best.params, cfg.data_uri), header))
     log(f"tune: {len(trials)} trials, best first:\n{table.to_string(index=False)}")
     log(f"tune: results → {uris['results']}; curves → {uris['curves']}; best config → {uris['best']}")
     return SweepResult(table, best.params, best_value, uris)

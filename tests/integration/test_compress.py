@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from lm.config import load_config
-from lm.data.pipeline import data_uri
 from lm.modeldir import load_model_dir
 from lm.storage import ObjectStore
 from lm.train.trainer import train
@@ -22,7 +21,7 @@ def test_ray_train_distils_a_smaller_student_from_a_teacher(tiny_run, tmp_path):
     run's shards, taught by its model."""
     teacher = tiny_run.summary["model_uri"]
     cfg = load_config(REPO / "configs/tiny.yaml", [
-        f"storage.root={tmp_path}", "name=student", f"data.output={data_uri(tiny_run.cfg)}", "model.d_model=32",
+        f"storage.root={tmp_path}", "name=student", f"data.output={tiny_run.cfg.data_uri}", "model.d_model=32",
         "train.workers=2", "train.zero_stage=1", "train.max_steps=20", "train.eval_interval=10",
         "train.log_interval=2", "train.warmup_steps=4", f"train.distill.teacher={teacher}", "train.distill.weight=0.5"])
     lines: list[str] = []

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from lm.config import join_uri, load_config
-from lm.data.loader import iter_batches, load_rows, ray_dataset, read_manifest
+from lm.data.loader import ray_dataset
+from lm.data.manifest import read_manifest
 from lm.data.pipeline import prepare_data
 from lm.data.sources import DataError
+from lm.data.stream import ParquetSplit, RowStream, read_head
 from lm.storage import ObjectStore, StorageError
 
 pytestmark = [pytest.mark.ray]
@@ -48,41 +50,41 @@ def test_prepare_shakespeare_and_wikitext_from_s3(ray_session, s3_server, corpor
     manifest = prepare_data(cfg, store, log=lines.append)
     data = join_uri(cfg.run_uri, "data")
     assert read_manifest(store, data) == manifest
-    assert set(manifest["splits"]) == {"train", "val", "test"}
-    assert set(manifest["sources"]) == {"shakespeare", "wikitext"}
-    assert manifest["sources"]["wikitext"]["files"] == 2 and manifest["files"] == 3
-    for name, src in manifest["sources"].items():
-        assert src["splits"]["train"]["unique_docs"] > 3 * src["splits"]["val"]["docs"] > 0, name
-        assert src["splits"]["test"]["docs"] > 0, name
+    assert set(manifest.splits) == {"train", "val", "test"}
+    assert set(manifest.sources) == {"shakespeare", "wikitext"}
+    assert manifest.sources["wikitext"].files == 2 and manifest.files == 3
+    for name, src in manifest.sources.items():
+        assert src.splits["train"].unique_docs > 3 * src.splits["val"].docs > 0, name
+        assert src.splits["test"].docs > 0, name
         for split in ("val", "test"):  # mixing weights re-weight train only
-            assert src["splits"][split]["docs"] == src["splits"][split]["unique_docs"]
+            assert src.splits[split].docs == src.splits[split].unique_docs
     # mixing weights: shakespeare (2) twice over, wikitext (0.5) a stable half
-    shake, wiki = (manifest["sources"][n]["splits"]["train"] for n in ("shakespeare", "wikitext"))
-    assert shake["docs"] == 2 * shake["unique_docs"]
-    assert wiki["docs"] == wiki["unique_docs"]  # no copies below weight 1
-    val = manifest["sources"]["wikitext"]["splits"]["val"]["docs"]
-    assert 0.35 < wiki["docs"] / (val * 0.85 / 0.1) < 0.65  # about half the train documents (unweighted: 8.5 x val)
+    shake, wiki = (manifest.sources[n].splits["train"] for n in ("shakespeare", "wikitext"))
+    assert shake.docs == 2 * shake.unique_docs
+    assert wiki.docs == wiki.unique_docs  # no copies below weight 1
+    val = manifest.sources["wikitext"].splits["val"].docs
+    assert 0.35 < wiki.docs / (val * 0.85 / 0.1) < 0.65  # about half the train documents (unweighted: 8.5 x val)
     # every shard is where the manifest says, with its hash, rows of seq_len + 1
-    row_len = manifest["row_length"]
+    row_len = manifest.row_length
     assert row_len == cfg.model.max_seq_len + 1
-    for shard in manifest["shards"]:
-        blob = store.read_bytes(join_uri(data, shard["path"]))
-        assert hashlib.sha256(blob).hexdigest() == shard["sha256"]
-        assert shard["tokens"] == shard["rows"] * row_len
-    for split, agg in manifest["splits"].items():
-        shards = [s for s in manifest["shards"] if s["split"] == split]
-        assert sum(s["tokens"] + s["dropped_tail_tokens"] for s in shards) == agg["tokens"]
-        assert sum(s["docs"] for s in shards) == agg["docs"]
+    for shard in manifest.shards:
+        blob = store.read_bytes(join_uri(data, shard.path))
+        assert hashlib.sha256(blob).hexdigest() == shard.sha256
+        assert shard.tokens == shard.rows * row_len
+    for split, agg in manifest.splits.items():
+        shards = [s for s in manifest.shards if s.split == split]
+        assert sum(s.tokens + s.dropped_tail_tokens for s in shards) == agg.tokens
+        assert sum(s.docs for s in shards) == agg.docs
     # wikitext repeats its " = = Heading = = " lines across files: exact dedup found them
-    assert manifest["dedup"]["exact"] > 0
+    assert manifest.dedup["exact"] > 0
     tok_blob = store.read_text(join_uri(data, "tokenizer.json"))
-    assert hashlib.sha256(tok_blob.encode()).hexdigest()[:16] == manifest["tokenizer"]["hash"]
+    assert hashlib.sha256(tok_blob.encode()).hexdigest()[:16] == manifest.tokenizer.hash
     assert any("TOTAL" in line for line in lines)  # the summary table
-    # the training side reads the same rows as a Ray Dataset and as a plain iterator
-    rows = load_rows(store, data, "val")
+    # the training side reads the same rows from S3 as a Ray Dataset and as its row groups
+    rows, _ = read_head(ParquetSplit.open(store, data, "val"), manifest.rows_in("val"))  # a small split
     ds_rows = np.stack([r["tokens"] for r in ray_dataset(store, data, "val").take_all()])
     assert sorted(map(tuple, ds_rows)) == sorted(map(tuple, rows))
-    assert rows.shape == (manifest["splits"]["val"]["rows"], row_len)
+    assert rows.shape == (manifest.rows_in("val"), row_len)
 
 
 def test_bad_input_is_skipped_and_reported(ray_session, tmp_path):
@@ -101,14 +103,14 @@ def test_bad_input_is_skipped_and_reported(ray_session, tmp_path):
     cfg = config(str(tmp_path / "store"), f"[{{name: mixed, uri: '{corpus}'}}]", "data.clean.max_chars=20000000",
                  "data.clean.max_duplicate_ngram_fraction=1.0", "data.clean.max_duplicate_line_fraction=1.0")
     manifest = prepare_data(cfg, log=lambda _: None)
-    skipped = {(Path(s["uri"]).name, s["reason"]) for s in manifest["skipped_objects"]}
+    skipped = {(Path(s["uri"]).name, s["reason"]) for s in manifest.skipped_objects}
     assert skipped == {("truncated.txt.gz", "corrupt_compression"), ("binary.txt", "binary"),
                        ("empty.txt", "empty")}
-    assert manifest["dropped"].get("missing_field") == 1
-    assert manifest["dedup"]["exact"] >= 1
-    docs = sum(e["docs"] for e in manifest["splits"].values())
+    assert manifest.dropped.get("missing_field") == 1
+    assert manifest.dedup["exact"] >= 1
+    docs = sum(e.docs for e in manifest.splits.values())
     assert docs > 50  # good.txt's documents, latin1 (replaced), the 10 MB line, the jsonl document
-    total_bytes = sum(e["bytes"] for e in manifest["splits"].values())
+    total_bytes = sum(e.bytes for e in manifest.splits.values())
     assert total_bytes > 10_000_000
 
 
@@ -116,17 +118,26 @@ def test_rerun_reproduces_manifest_and_skips_when_done(ray_session, tmp_path):
     src = "[{name: ts, uri: 'bundled://tinyshakespeare'}]"
     a = config(str(tmp_path / "store"), src, f"data.output={tmp_path}/a", "data.dedup.near=false")
     b = config(str(tmp_path / "store"), src, f"data.output={tmp_path}/b", "data.dedup.near=false")
-    first, second = prepare_data(a, log=lambda _: None), prepare_data(b, log=lambda _: None)
-    assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+    first = prepare_data(a, log=lambda _: None, export_texts=("val",))
+    second = prepare_data(b, log=lambda _: None, export_texts=("val",))
+    assert first.dumps() == second.dumps()
+    # the val texts, streamed into one file by a Ray task in id order: the same bytes from the same inputs
+    texts = [(tmp_path / run / "val-texts.jsonl").read_bytes() for run in ("a", "b")]
+    records = [json.loads(line) for line in texts[0].decode().splitlines()]
+    assert texts[0] == texts[1] and first.texts == {"val": "val-texts.jsonl"}
+    assert [r["id"] for r in records] == sorted({r["id"] for r in records})
+    assert len(records) == first.splits["val"].docs and all(r["text"] for r in records)
+    assert not list(tmp_path.glob("*/tmp-*")) and (tmp_path / "a" / first.index).is_dir()  # scratch deleted
     lines: list[str] = []
-    assert prepare_data(a, log=lines.append) == first
+    assert prepare_data(a, log=lines.append, export_texts=("val",)) == first
     assert any("up to date" in line for line in lines)
-    # the plain iterator: seeded epochs, every row once
-    store = ObjectStore()
-    e0 = [x.numpy().tobytes() for x, _ in iter_batches(store, str(tmp_path / "a"), "train", 4, seed=7, epoch=0)]
-    e0_again = [x.numpy().tobytes() for x, _ in iter_batches(store, str(tmp_path / "a"), "train", 4, seed=7, epoch=0)]
-    e1 = [x.numpy().tobytes() for x, _ in iter_batches(store, str(tmp_path / "a"), "train", 4, seed=7, epoch=1)]
-    assert e0 == e0_again and e0 != e1 and sorted(e0) != [] and len(e0) == first["splits"]["train"]["rows"] // 4
+    # the trainers' stream of the shards: seeded epochs, every row once
+    split, n = ParquetSplit.open(ObjectStore(), str(tmp_path / "a"), "train"), first.rows_in("train")
+    epochs = []
+    for _ in range(2):
+        with RowStream(split, seed=7, rank=0, world=1, window_rows=64) as stream:
+            epochs.append([stream.next_rows(n)[0].tobytes() for _ in range(2)])
+    assert epochs[0] == epochs[1] and epochs[0][0] != epochs[0][1] and n == split.rows > 0
 
 
 def test_nothing_is_written_for_bad_sources(ray_session, tmp_path):

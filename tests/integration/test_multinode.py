@@ -21,7 +21,6 @@ from clusters import auth_mode, kill_leftovers, local_cluster
 from serving import KEY, free_port, model_dir
 
 from lm.config import load_config
-from lm.data.pipeline import data_uri
 from lm.storage import ObjectStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -63,7 +62,7 @@ def test_training_spread_over_two_nodes_recovers_when_one_goes_away(nodes, tiny_
     env = {**os.environ, "RAY_ADDRESS": nodes["address"]}
     run = subprocess.Popen(  # on the session's tiny shards (a folder every node reads)
         [sys.executable, "jobs/train.py", "-c", str(TINY), f"storage.root={tmp_path}",
-         f"data.output={data_uri(tiny_run.cfg)}", "train.workers=2", "train.cpus_per_worker=0.5", "train.resources_per_worker={worker: 1}", "train.max_failures=3",
+         f"data.output={tiny_run.cfg.data_uri}", "train.workers=2", "train.cpus_per_worker=0.5", "train.resources_per_worker={worker: 1}", "train.max_failures=3",
          "train.max_steps=200", "train.eval_interval=20", "train.log_interval=20"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "runs" / "tiny"

@@ -13,7 +13,7 @@ import pytest
 
 from lm import chat
 from lm.config import TokenizerConfig, join_uri, load_config
-from lm.data.loader import read_manifest
+from lm.data.manifest import read_manifest
 from lm.data.pipeline import prepare_data
 from lm.data.stream import ParquetSplit, read_head
 from lm.eval.sets import split_rows
@@ -45,22 +45,22 @@ def test_prepare_sft_records_into_masked_shards(ray_session, store_root):
                                                    f"train.init_from={join_uri(root, 'model')}", "data.dedup.near=false"])
     manifest = prepare_data(cfg, store, log=lambda _: None)
     data = join_uri(cfg.run_uri, "data")
-    assert read_manifest(store, data) == manifest and manifest["kind"] == "sft"
-    assert manifest["tokenizer"]["hash"] == tok.fingerprint()  # the model's tokenizer, not a new one
-    assert manifest["dropped"] == {"bad_json_line": 1, "not_an_object": 1, "missing_field": 1, "wrong_type": 1,
+    assert read_manifest(store, data) == manifest and manifest.kind == "sft"
+    assert manifest.tokenizer.hash == tok.fingerprint()  # the model's tokenizer, not a new one
+    assert manifest.dropped == {"bad_json_line": 1, "not_an_object": 1, "missing_field": 1, "wrong_type": 1,
                                    "empty_field": 1, "longer_than_row": 1}
-    assert {(Path(s["uri"]).name, s["reason"]) for s in manifest["skipped_objects"]} == {
+    assert {(Path(s["uri"]).name, s["reason"]) for s in manifest.skipped_objects} == {
         ("c.jsonl.gz", "corrupt_compression"), ("d.jsonl", "empty")}
-    assert manifest["dedup"]["exact"] == 1
-    assert sum(e["docs"] for e in manifest["splits"].values()) == len(good)
-    assert set(manifest["splits"]) == {"train", "val"}
+    assert manifest.dedup["exact"] == 1
+    assert sum(e.docs for e in manifest.splits.values()) == len(good)
+    assert set(manifest.splits) == {"train", "val"}
 
     expected = {chat.sft_prompt(r["prompt"], r.get("system")) + chat.assistant_reply(r["response"]) for r in good}
     found, loss_tokens = set(), 0
     for split in ("train", "val"):
-        rows, mask = read_head(ParquetSplit.open(store, data, split), manifest["splits"][split]["rows"])  # small
-        assert rows.shape[1] == manifest["row_length"] == 65 and mask.shape == rows.shape
-        assert sum(s["loss_tokens"] for s in manifest["shards"] if s["split"] == split) == mask.sum()
+        rows, mask = read_head(ParquetSplit.open(store, data, split), manifest.rows_in(split))  # small
+        assert rows.shape[1] == manifest.row_length == 65 and mask.shape == rows.shape
+        assert sum(s.loss_tokens for s in manifest.shards if s.split == split) == mask.sum()
         loss_tokens += int(mask.sum())
         for row, m in zip(rows, mask, strict=True):
             assert m[0] == 0 and (m[row == tok.pad_id] == 0).all()  # a row starts with a prompt; padding has no loss
@@ -70,10 +70,10 @@ def test_prepare_sft_records_into_masked_shards(ray_session, store_root):
             replies = tok.decode(row[m == 1].tolist()).split(tok.eos_token)[:-1]
             assert replies == [" " + e.split("\n\nAssistant: ", 1)[1] for e in examples[:-1]]
     assert found == expected
-    assert loss_tokens == sum(e["tokens"] for e in manifest["splits"].values())
+    assert loss_tokens == sum(e.tokens for e in manifest.splits.values())
     # lm eval scores these rows on their responses, as training does; the n-gram fits on every token
     scored = split_rows(store, cfg, "val", tok, cfg.seq_len)
-    _, val_mask = read_head(ParquetSplit.open(store, data, "val"), manifest["splits"]["val"]["rows"])
+    _, val_mask = read_head(ParquetSplit.open(store, data, "val"), manifest.rows_in("val"))
     got = np.concatenate(list(scored.pieces))  # small: the test's few rows
     assert scored.masked and (got[:, 1:] >= 0).sum() == val_mask[:, 1:].sum()
     every = np.concatenate(list(split_rows(store, cfg, "val", tok, cfg.seq_len, every_token=True).pieces))

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from lm.config import load_config
-from lm.data.pipeline import data_uri
 from lm.inference import generate_text
 from lm.modeldir import load_model_dir
 from lm.storage import ObjectStore
@@ -22,7 +21,7 @@ REPO = Path(__file__).parents[2]
 @pytest.fixture(scope="module")
 def data_dir(tiny_run) -> str:
     """The tiny preset's shards, as the session's tiny run prepared them (every run here reads them)."""
-    return data_uri(tiny_run.cfg)
+    return tiny_run.cfg.data_uri
 
 
 def config(root: Path, data: str, name: str, *extra: str):

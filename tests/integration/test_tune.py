@@ -15,7 +15,6 @@ import yaml
 
 from lm.cli import main as lm_main
 from lm.config import load_config
-from lm.data.pipeline import data_uri
 from lm.storage import ObjectStore
 from lm.tune.sweep import tune
 
@@ -51,7 +50,7 @@ def sweep(ray_session, tiny_run, tmp_path_factory):
     """The sweep, interrupted: `lm tune` runs as its own driver on the shared cluster and is killed
     (SIGKILL, its trials die with it) once a first trial has finished; `--resume` then completes it."""
     root = tmp_path_factory.mktemp("tune")
-    args = tune_args(root, data_uri(tiny_run.cfg))
+    args = tune_args(root, tiny_run.cfg.data_uri)
     trials = root / "runs/sweep/tune/trials"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     with (root / "first-driver.log").open("wb") as out:

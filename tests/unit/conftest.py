@@ -44,3 +44,27 @@ def small_model():
         return Transformer(cfg).eval()
 
     return build
+
+
+@pytest.fixture
+def write_manifest():
+    """``write_manifest(store, data_uri, shards, tokenizer, seq_len, kind)``: a manifest naming ``shards``
+    (``{"path", "split", "rows"}`` dicts): a continual mix's (the default), or prepared data's (``text``,
+    ``sft``) with empty counts."""
+    from lm.config import join_uri
+    from lm.data.manifest import DataManifest, MixManifest, ShardEntry, TokenizerEntry, add_shards
+
+    def write(store, data_uri: str, shards: list[dict], tokenizer: BPETokenizer, seq_len: int,
+              kind: str = "continual-mix") -> MixManifest | DataManifest:
+        entries = [ShardEntry(**s) for s in shards]
+        common = {"kind": kind, "inputs_fingerprint": "test", "seq_len": seq_len, "row_length": seq_len + 1,
+                  "tokenizer": TokenizerEntry.of(tokenizer), "shards": entries, "splits": add_shards({}, entries)}
+        if kind == "continual-mix":
+            manifest = MixManifest(**common, parts={}, counts={}, inputs={})
+        else:
+            manifest = DataManifest(**common, config_hash="test", sources={}, dropped={}, dedup={},
+                                    skipped_objects=[], files=len(shards))
+        store.write_bytes(join_uri(data_uri, "manifest.json"), manifest.dumps())
+        return manifest
+
+    return write

@@ -17,9 +17,9 @@ from lm.continual.increment import feedback_pairs, is_feedback, list_inputs, rep
 from lm.continual.iteration import fine_tune_config, gate_config, iteration_uri
 from lm.data.clean import text_hash
 from lm.data.dedup import INDEX_KNOWN_EXACT, INDEX_KNOWN_NEAR, CorpusIndex, index_rows
-from lm.data.loader import load_split, shard_bytes
+from lm.data.loader import shard_bytes
 from lm.data.pack import pack_examples
-from lm.data.stream import ParquetSplit
+from lm.data.stream import ParquetSplit, read_head
 from lm.storage import ObjectStore
 from lm.train.local import estimate_loss, train_local
 
@@ -49,7 +49,7 @@ def test_corpus_index_finds_exact_and_near_copies_of_indexed_documents():
     assert plain.known([text_hash(t) for t in candidates], candidates) == [INDEX_KNOWN_EXACT, "", ""]
 
 
-def test_load_split_reads_masks_and_shards_named_by_uri(tmp_path):
+def test_a_split_reads_masks_and_shards_named_by_uri(tmp_path, small_tokenizer, write_manifest):
     store = ObjectStore(StorageConfig(root=str(tmp_path)))
     rows_a = np.arange(12, dtype=np.int32).reshape(2, 6)
     rows_b = np.arange(100, 118, dtype=np.int32).reshape(3, 6)
@@ -57,15 +57,14 @@ def test_load_split_reads_masks_and_shards_named_by_uri(tmp_path):
     mask_b[:, 3:] = 1
     store.write_bytes(f"{tmp_path}/data/a.parquet", shard_bytes(rows_a))
     store.write_bytes(f"{tmp_path}/elsewhere/b.parquet", shard_bytes(rows_b, mask_b))
-    manifest = {"shards": [{"path": "a.parquet", "split": "train", "rows": 2},
-                           {"path": f"{tmp_path}/elsewhere/b.parquet", "split": "train", "rows": 3}]}
-    store.write_text(f"{tmp_path}/data/manifest.json", json.dumps(manifest))
-    rows, mask = load_split(store, f"{tmp_path}/data", "train")
+    shards = [{"path": "a.parquet", "split": "train", "rows": 2},
+              {"path": f"{tmp_path}/elsewhere/b.parquet", "split": "train", "rows": 3}]
+    write_manifest(store, f"{tmp_path}/data", shards, small_tokenizer, 5)
+    rows, mask = read_head(ParquetSplit.open(store, f"{tmp_path}/data", "train"), 5)
     assert rows.tolist() == [*rows_a.tolist(), *rows_b.tolist()]
     assert mask.tolist() == [[1] * 6, [1] * 6, *mask_b.tolist()]
-    manifest["shards"] = manifest["shards"][:1]
-    store.write_text(f"{tmp_path}/data/manifest.json", json.dumps(manifest))
-    assert load_split(store, f"{tmp_path}/data", "train")[1] is None
+    write_manifest(store, f"{tmp_path}/data", shards[:1], small_tokenizer, 5)
+    assert read_head(ParquetSplit.open(store, f"{tmp_path}/data", "train"), 5)[1] is None
 
 
 def test_a_loss_mask_trains_the_response_and_not_the_prompt(small_tokenizer, small_model, one_torch_thread):
@@ -200,7 +199,7 @@ def test_feedback_pairs_pack_whole_examples_per_row_and_long_ones_are_counted(tm
     examples = [sft_tokens(tok, p) for p in pairs[:-1]]
     assert max(len(ids) for ids, _ in examples) <= cfg.seq_len + 1 < len(sft_tokens(tok, pairs[-1])[0])
     assert too_long == 1 and set(shards) == {"train"}
-    table = pq.read_table(shards["train"]["path"])
+    table = pq.read_table(shards["train"].path)
     rows = np.array(table["tokens"].to_pylist())
     mask = np.array(table["loss_mask"].to_pylist())
     # each row is whole examples, in order, then padding without loss: no example straddles two rows

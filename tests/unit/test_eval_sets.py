@@ -2,7 +2,6 @@
 n-gram's sample up to its token budget), text packed piece by piece with the input read no further than
 the rows need, supervised rows through their masks, re-tokenized documents carried across pieces."""
 
-import json
 
 import numpy as np
 import pytest
@@ -32,7 +31,7 @@ def reads(monkeypatch):
     return seen
 
 
-def write_data(tmp_path, tok, rows: dict[str, np.ndarray], mask=None, kind="pretrain", group_rows=4):
+def write_data(write_manifest, tmp_path, tok, rows: dict[str, np.ndarray], mask=None, kind="text", group_rows=4):
     """A data directory at the default run's data path: each split in two shards of ``group_rows``-row groups."""
     cfg = load_config(None, [f"storage.root={tmp_path}"])
     store, data = ObjectStore(cfg.storage), f"{tmp_path}/runs/default/data"
@@ -43,10 +42,7 @@ def write_data(tmp_path, tok, rows: dict[str, np.ndarray], mask=None, kind="pret
             store.write_bytes(f"{data}/{path}", shard_bytes(r[part], None if mask is None else mask[part], group_rows))
             shards.append({"path": path, "split": split, "rows": len(part)})
     store.write_text(f"{data}/tokenizer.json", tok.to_json())
-    store.write_text(f"{data}/manifest.json", json.dumps({
-        "kind": kind, "row_length": SEQ + 1, "shards": shards,
-        "splits": {s: {"rows": len(r)} for s, r in rows.items()},
-        "tokenizer": {"hash": tok.fingerprint(), "path": "tokenizer.json"}}))
+    write_manifest(store, data, shards, tok, SEQ, kind)
     return cfg, store
 
 
@@ -76,9 +72,9 @@ def test_packed_rows_come_in_bounded_pieces_and_read_no_further_than_max_rows():
     assert text_rows([], SEQ, 0).tolist() == [[0] + [-1] * SEQ]  # an empty set: one row, nothing scored
 
 
-def test_a_split_is_read_a_row_group_at_a_time_up_to_max_rows(tmp_path, small_tokenizer, reads):
+def test_a_split_is_read_a_row_group_at_a_time_up_to_max_rows(tmp_path, small_tokenizer, reads, write_manifest):
     val = numbered(40)  # two shards of 20 rows, row groups of 4: ten units
-    cfg, store = write_data(tmp_path, small_tokenizer, {"val": val, "train": numbered(40)})
+    cfg, store = write_data(write_manifest, tmp_path, small_tokenizer, {"val": val, "train": numbered(40)})
     found = split_rows(store, cfg, "val", small_tokenizer, SEQ, max_rows=10)
     assert (found.n_rows, found.shard_uris) == (10, None) and reads == []  # nothing read before the first piece
     pieces = list(found.pieces)
@@ -93,11 +89,11 @@ def test_a_split_is_read_a_row_group_at_a_time_up_to_max_rows(tmp_path, small_to
     assert np.array_equal(rows, numbered(40)[:6]) and reads == [0, 1] and "54 tokens" in note
 
 
-def test_supervised_rows_are_scored_through_their_masks(tmp_path, small_tokenizer):
+def test_supervised_rows_are_scored_through_their_masks(tmp_path, small_tokenizer, write_manifest):
     rows = numbered(12)
     mask = np.zeros_like(rows, dtype=np.uint8)
     mask[:, 5:] = 1
-    cfg, store = write_data(tmp_path, small_tokenizer, {"val": rows, "train": rows}, mask, kind="sft")
+    cfg, store = write_data(write_manifest, tmp_path, small_tokenizer, {"val": rows, "train": rows}, mask, kind="sft")
     found = split_rows(store, cfg, "val", small_tokenizer, SEQ)
     assert found.masked and "responses" in found.note
     got = np.concatenate(list(found.pieces))
@@ -106,11 +102,11 @@ def test_supervised_rows_are_scored_through_their_masks(tmp_path, small_tokenize
     assert np.array_equal(every, rows)
 
 
-def test_another_tokenizers_split_is_decoded_across_pieces_and_re_encoded(tmp_path, small_tokenizer):
+def test_another_tokenizers_split_is_decoded_across_pieces_and_re_encoded(tmp_path, small_tokenizer, write_manifest):
     texts = [f"ROMEO: speech number {i} of the night, and some more words." for i in range(30)]
     stream = [t for doc in small_tokenizer.encode_batch(texts) for t in [*doc, small_tokenizer.eos_id]]
     n = len(stream) // (SEQ + 1)
-    cfg, store = write_data(tmp_path, small_tokenizer, {"val": np.array(stream[: n * (SEQ + 1)], np.int32).reshape(n, -1)},
+    cfg, store = write_data(write_manifest, tmp_path, small_tokenizer, {"val": np.array(stream[: n * (SEQ + 1)], np.int32).reshape(n, -1)},
                             group_rows=3)  # documents straddle rows, row groups and shards
     other = train_tokenizer(texts * 5, TokenizerConfig(vocab_size=300, min_frequency=1))
     found = split_rows(store, cfg, "val", other, SEQ)

@@ -6,7 +6,6 @@ directory round-trips (local folder and S3); `lm prune` reports bad requests (ex
 from __future__ import annotations
 
 import gzip
-import json
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +182,7 @@ def test_pruned_heads_config_round_trips_and_transformers_reads_it(tok, tmp_path
 # ------------------------------------------------------------------------- directories, fine-tune
 
 
-def write_data(store: ObjectStore, data: str, tok, seq_len: int = 32) -> None:
+def write_data(store: ObjectStore, data: str, tok, write_manifest, seq_len: int = 32) -> None:
     """A data folder in lm.data.pipeline's layout (manifest + Parquet shards) from the bundled corpus."""
     ids = tok.encode(gzip.decompress(CORPUS.read_bytes()).decode()[:20_000])
     rows = np.asarray(ids[: len(ids) // (seq_len + 1) * (seq_len + 1)], dtype=np.int32).reshape(-1, seq_len + 1)
@@ -191,15 +190,13 @@ def write_data(store: ObjectStore, data: str, tok, seq_len: int = 32) -> None:
     for split, part in (("train", rows[:-8]), ("val", rows[-8:])):
         store.write_bytes(join_uri(data, f"{split}.parquet"), shard_bytes(part))
         shards.append({"path": f"{split}.parquet", "split": split, "rows": len(part)})
-    manifest = {"row_length": seq_len + 1, "tokenizer": {"path": "tokenizer.json", "hash": tok.fingerprint()},
-                "splits": {s["split"]: {"rows": s["rows"]} for s in shards}, "shards": shards}
-    store.write_text(join_uri(data, "manifest.json"), json.dumps(manifest))
+    write_manifest(store, data, shards, tok, seq_len, "text")
 
 
-def test_prune_dir_fine_tunes_with_zeros_kept_and_round_trips(tok, store_root):
+def test_prune_dir_fine_tunes_with_zeros_kept_and_round_trips(tok, store_root, write_manifest):
     store, root = store_root.store, store_root.uri
     data, src, dst = join_uri(root, "data"), join_uri(root, "base"), join_uri(root, "pruned")
-    write_data(store, data, tok)
+    write_data(store, data, tok, write_manifest)
     base = model_of(tok)
     cfg = Config(storage=StorageConfig(root=root), train=TrainConfig(
         trainer="local", device="cpu", batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=0, log_interval=1))

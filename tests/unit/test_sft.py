@@ -175,7 +175,7 @@ def test_training_on_sft_rows_learns_responses_not_prompts(small_tokenizer, smal
     assert after["prompt"] > before["prompt"] - 0.5, (before, after)
 
 
-def test_continual_replay_of_sft_data_keeps_its_loss_masks(tmp_path, small_tokenizer):
+def test_continual_replay_of_sft_data_keeps_its_loss_masks(tmp_path, small_tokenizer, write_manifest):
     from lm.continual.increment import _replay
     from lm.data.loader import shard_bytes
 
@@ -185,9 +185,8 @@ def test_continual_replay_of_sft_data_keeps_its_loss_masks(tmp_path, small_token
     mask = np.tile(np.array([0, 0, 1, 1, 0], dtype=np.uint8), (4, 1))
     data = f"{tmp_path}/runs/default/data"
     store.write_bytes(f"{data}/train.parquet", shard_bytes(rows, mask))
-    store.write_text(f"{data}/manifest.json", json.dumps({
-        "tokenizer": {"hash": small_tokenizer.fingerprint()}, "shards": [{"path": "train.parquet", "split": "train"}]}))
+    write_manifest(store, data, [{"path": "train.parquet", "split": "train", "rows": 4}], small_tokenizer, 4)
     replay = _replay(cfg, store, f"{tmp_path}/mix", small_tokenizer, new_rows=3)
-    got_rows, got_mask = read_shard_masked(store, replay["path"])
-    assert replay["rows"] == len(got_rows) == 3 and set(map(tuple, got_rows.tolist())) <= set(map(tuple, rows.tolist()))
+    got_rows, got_mask = read_shard_masked(store, replay.path)
+    assert replay.rows == len(got_rows) == 3 and set(map(tuple, got_rows.tolist())) <= set(map(tuple, rows.tolist()))
     assert got_mask is not None and (got_mask == mask[:3]).all()
