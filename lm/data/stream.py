@@ -338,6 +338,8 @@ def train_stream(store: ObjectStore, data_uri: str, tc, rank: int = 0, world: in
 def validation_rows(store: ObjectStore, data_uri: str, tc) -> Rows | tuple[None, None]:
     """The fixed validation set of a training run: the first ``eval_batches x batch_size`` rows of the
     val split (None, None when the data has none)."""
-    if "val" not in read_manifest(store, data_uri).splits:
+    manifest = read_manifest(store, data_uri)
+    if "val" not in manifest.splits:
         return None, None
-    return read_head(ParquetSplit.open(store, data_uri, "val"), tc.eval_batches * tc.batch_size)
+    split = ParquetSplit.of_uris(manifest.shards_of(data_uri, "val"), store.pyarrow_filesystem)
+    return read_head(split, tc.eval_batches * tc.batch_size)
