@@ -46,13 +46,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import psutil
+from memory import Sampler
 from results_io import machine, write_result
 
 from lm.config import join_uri, load_config
@@ -65,8 +64,8 @@ from lm.tokenizer import BPETokenizer, train_tokenizer
 REPO = Path(__file__).parents[2]
 README = Path(__file__).parent / "README.md"
 SECTION = "## Scale (`jobs/bench/scale.py`)"
-MIB = 2**20
 BUCKET = "scale"
+ROLES = {"RayTrainWorker": "train worker", "IngestReader": "reader"}  # process title → role
 
 # ------------------------------------------------------------------------------- the S3 server
 
@@ -153,98 +152,6 @@ def write_corpus(store: ObjectStore, data: str, gb: float, args, tok: BPETokeniz
             "write_s": round(time.perf_counter() - start, 1)}
 
 
-# --------------------------------------------------------------------------------- measuring
-
-
-class Sampler:
-    """Every ``interval`` s: the USS and PSS of each Ray worker process (by role, from its process title)
-    and the object store's bytes in use (every 5th sample: a raylet RPC). Peaks per process and of the
-    sum per role at one instant."""
-
-    ROLES: ClassVar[dict[str, str]] = {"RayTrainWorker": "train worker", "IngestReader": "reader"}
-    RAY_DATA: ClassVar[tuple[str, ...]] = ("Read", "SplitCoordinator", "FooterReader", "ListFiles", "Map",
-                                           "_StatsActor", "DatasetManager", "_AutoscalingCoordinator")
-
-    def __init__(self, interval: float):
-        import ray
-        from ray._private.internal_api import get_state_from_address
-
-        self.interval, self.procs, self.sums, self.titles = interval, {}, {}, set()
-        self.object_store, self.samples, self.errors = 0, 0, []
-        self.state = get_state_from_address(ray.get_runtime_context().gcs_address)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="memory-sampler")
-
-    def role(self, title: str) -> str | None:
-        if not title.startswith("ray::"):
-            return None
-        mine = next((r for key, r in self.ROLES.items() if key in title), None)
-        if mine is None and any(key in title for key in self.RAY_DATA):
-            return "Ray Data"
-        return mine or "other Ray workers"
-
-    def _tick(self) -> None:
-        sums: dict[str, list[int]] = {}
-        for p in psutil.process_iter(["cmdline"]):
-            title = " ".join(p.info["cmdline"] or []).strip()
-            role = self.role(title)
-            if role is None:
-                continue
-            try:
-                m = p.memory_full_info()
-            except psutil.Error:
-                continue
-            rec = self.procs.setdefault(p.pid, {"role": role, "first_uss": m.uss, "uss": 0, "pss": 0})
-            if rec["role"] == "other Ray workers" and role != rec["role"]:
-                rec["role"] = role
-            rec["uss"], rec["pss"] = max(rec["uss"], m.uss), max(rec["pss"], m.pss)
-            self.titles.add(title.split(" ")[0][:60])
-            both = sums.setdefault(rec["role"], [0, 0])
-            both[0], both[1] = both[0] + m.uss, both[1] + m.pss
-        for role, (uss, pss) in sums.items():
-            old = self.sums.get(role, (0, 0))
-            self.sums[role] = (max(old[0], uss), max(old[1], pss))
-
-    def _object_store(self) -> None:
-        from ray._private.internal_api import get_memory_info_reply
-
-        try:
-            used = get_memory_info_reply(self.state).store_stats.object_store_bytes_used
-            self.object_store = max(self.object_store, used)
-        except Exception as err:  # reported, never fatal to the measurement
-            self.errors.append(repr(err)[:200])
-
-    def _run(self) -> None:
-        while True:
-            self._tick()
-            if self.samples % 5 == 0:
-                self._object_store()
-            self.samples += 1
-            if self._stop.wait(self.interval):
-                break
-        self._object_store()
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self) -> dict:
-        roles = {}
-        for role in sorted({r["role"] for r in self.procs.values()}):
-            mine = [r for r in self.procs.values() if r["role"] == role]
-            roles[role] = {"processes": len(mine), "peak_uss_mib": round(max(r["uss"] for r in mine) / MIB, 1),
-                           "peak_pss_mib": round(max(r["pss"] for r in mine) / MIB, 1),
-                           "first_uss_mib": round(max(r["first_uss"] for r in mine) / MIB, 1),
-                           "peak_sum_uss_mib": round(self.sums[role][0] / MIB, 1),
-                           "peak_sum_pss_mib": round(self.sums[role][1] / MIB, 1)}
-        return {"roles": roles, "object_store_peak_mib": round(self.object_store / MIB, 1), "samples": self.samples,
-                "titles": sorted(self.titles), "errors": self.errors[:3]}
-
-
 def steady_tokens_per_s(history: list[dict]) -> float:
     """The median tokens/s of the log records after the first (which includes start-up)."""
     rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r][1:]
@@ -260,7 +167,7 @@ def train_at(args, base: list[str], data: str, label: str) -> dict:
         "train.zero_stage=2", f"train.max_steps={args.steps}", f"train.eval_interval={args.steps}",
         "train.log_interval=10", "train.max_seconds=null", *args.overrides])
     store = ObjectStore(cfg.storage)
-    with Sampler(args.interval) as sampler:
+    with Sampler(args.interval, ROLES) as sampler:
         summary = train(cfg, store, log=lambda line: print(line, flush=True), prepare=False)
     memory = sampler.summary()
     worker = memory["roles"].get("train worker", {})
@@ -324,7 +231,7 @@ def ingest(args, store: ObjectStore, data: str, kind: str, rows: int, tc) -> dic
 
     readers = [reader_class().remote() for _ in range(2)]
     ray.get([r.ready.remote() for r in readers])
-    with Sampler(args.interval) as sampler:
+    with Sampler(args.interval, ROLES) as sampler:
         start = time.perf_counter()
         if kind == "rowstream":
             refs = [r.rowstream.remote(store, data, rank, 2, rows, args.batch_rows, tc) for rank, r in enumerate(readers)]

@@ -113,10 +113,19 @@ class DataConfig(Section):
     rows_per_shard: int = Field(4096, ge=1, description="Packed rows per Parquet shard.")
     output: str | None = Field(None, description="Where shards + manifest go; null = <run>/data.")
     shuffle_partitions: int = Field(
-        4, ge=1, description="Partitions of each Ray Data groupby (dedup, sharding); raise it for large corpora."
+        4, ge=1, description="Fewest partitions of each Ray Data groupby (exact and near dedup, sharding) under "
+        "shuffle_strategy=default; more as the data grows (block_mb).",
+    )
+    block_mb: float = Field(
+        32, gt=0, description="What one Ray Data task of the pipeline holds, in MiB, whatever the corpus size: "
+        "the target block size (Ray's DataContext.target_max_block_size) and, under shuffle_strategy=default, "
+        "the size each groupby partition stays under (partitions = max(shuffle_partitions, data / block_mb)); "
+        "the sort strategy cuts one partition per input block. A task holds a few times this (a sorting reduce "
+        "about 3x); shuffle blocks wait in Ray's object store, which spills to disk when full.",
     )
     shuffle_strategy: Literal["sort", "default"] = Field(
-        "sort", description="Ray Data shuffle for the groupbys: sort (pull-based; fastest on small clusters) or Ray's default."
+        "sort", description="Ray Data shuffle for the groupbys: sort (pull-based; fastest on small clusters) or Ray's "
+        "default (hash shuffle, Ray 2.60's SHUFFLE_V2).",
     )
     tokenize_actors: int = Field(1, ge=1, description="Tokenizer actors in the Ray Data actor pool.")
     actor_cpus: float = Field(

@@ -8,9 +8,14 @@ through untouched. Ray is imported inside functions only.
   exact_dedup(ds)       groupby(hash prefix).map_groups: one row per hash, the one with the smallest id.
   near_dedup(ds, cfg)   map_batches: (id, signature) rows → one (band_key, id) row per doc and band;
                         groupby(band-key prefix).map_groups: the buckets of 2+ equal band_keys; driver:
-                        fetches the signatures of those (few) candidates, verifies each bucket
+                        gets the signatures of those (few) candidates (recomputed by a filtered pass
+                        over ``ds``: no signature of the whole corpus is kept), verifies each bucket
                         (estimated Jaccard ≥ cfg.threshold) → edges, union-find, and every cluster
                         member but the smallest id is dropped.
+
+Memory: the groupbys' partitions are the only global state; Ray Data keeps their shuffle blocks in the
+object store (spilled to disk when it is full). What reaches the driver is bounded by duplicates (the
+candidate buckets, the ids dropped), never by the corpus.
 
 Callers count exact drops themselves (``ds.count()`` before and after); ``near_dedup`` returns its
 count. Ids compare as Python strings (lexicographic), so the representative is deterministic.
@@ -229,8 +234,9 @@ def exact_dedup(ds: Any, num_partitions: int | None = None) -> Any:
     """Keep one document per ``hash`` — the one with the smallest id — with a distributed
     ``groupby(hash prefix).map_groups``; no set of hashes reaches the driver. Any string hash works; a hex
     digest (lm.data.clean.text_hash) spreads evenly. Returns the lazy result, rows grouped by hash (not in
-    input order); callers count drops themselves (``ds.count()`` before and after, materializing the
-    result first if it is reused). ``num_partitions``: shuffle partitions (None: Ray's default)."""
+    input order); callers count drops themselves (``ds.count()`` before and after; the pipeline writes the
+    result to Parquet first, as it reads it again). ``num_partitions``: shuffle partitions of the hash
+    shuffle (None: Ray's default; the sort shuffle makes one per input block instead)."""
     grouped = ds.map_batches(_with_hash_group, batch_format="pyarrow", zero_copy_batch=True)
     return grouped.groupby(_GROUP, num_partitions=num_partitions).map_groups(_keep_smallest_ids, batch_format="pyarrow")
 
@@ -277,18 +283,25 @@ def near_dedup(ds: Any, cfg: DedupConfig, num_partitions: int | None = None) -> 
     smallest id of each cluster (clusters are transitive: a~b and b~c put a, b, c together).
 
     Returns ``(dataset, number of documents dropped)``. With no similar pair the input dataset itself
-    is returned. ``ds`` is read twice (signatures, then the filter): pass a materialized dataset when
-    its upstream is expensive. ``num_partitions``: shuffle partitions of the band-key groupby.
+    is returned, else a lazy filter of it. ``ds`` is read up to three times (signatures → LSH buckets;
+    the candidates' signatures; the returned filter), streaming: pass a dataset that is cheap to read
+    again (the pipeline's comes from Parquet), never a whole materialized corpus.
+    ``num_partitions``: shuffle partitions of the band-key groupby.
     """
-    sigs = ds.select_columns(["id", "text"]).map_batches(
-        _signature_rows, fn_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=1024).materialize()
-    rows = sigs.map_batches(_band_rows, fn_kwargs={"bands": cfg.bands}, batch_format="pyarrow")
+    def signatures(docs: Any) -> Any:
+        return docs.select_columns(["id", "text"]).map_batches(
+            _signature_rows, fn_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=1024)
+
+    rows = signatures(ds).map_batches(_band_rows, fn_kwargs={"bands": cfg.bands}, batch_format="pyarrow")
+    # only buckets of 2+ documents come back: bounded by the near-duplicate candidates, not the corpus
     buckets = [list(r["members"]) for r in rows.groupby(_GROUP, num_partitions=num_partitions).map_groups(
         _candidate_buckets, batch_format="pyarrow").take_all()]
     if not buckets:
         return ds, 0
     candidates = sorted({x for b in buckets for x in b})
-    found = filter_in(sigs, "id", candidates).take_all()
+    # the candidates' signatures, recomputed (minhash_batch is row by row: the same values) rather than
+    # keeping every document's signature from the first pass
+    found = signatures(filter_in(ds, "id", candidates)).take_all()
     sig_of = {str(r["id"]): np.asarray(r["sig"], dtype=np.uint32) for r in found}
     edges = {e for b in buckets for e in bucket_edges(b, np.stack([sig_of[x] for x in b]), cfg.threshold)}
     drop = sorted(x for x, rep in connected_components(sorted(edges)).items() if x != rep)

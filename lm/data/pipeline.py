@@ -11,6 +11,13 @@ Stages (each a Ray Data step over the pure functions in lm.data.*; the UDFs live
   ``manifest.json`` published last. With ``data.format: sft`` the records of prompt / response JSONL
   go through lm.data.sft's read, tokenize and write steps instead (loss mask on the response only).
 
+Memory is bounded by configuration, not by the corpus: every stage streams. A stage read more than once
+(the read rows, the exact-dedup result, the corpus-dedup marks, the token rows) is written as Parquet
+under ``tmp-<fingerprint>/`` and read back, never ``materialize()``d; blocks, and so what one task
+holds, are bounded by ``data.block_mb`` and the groupbys' partitions sized by it (the sort shuffle: one
+per block); shuffle blocks wait in Ray's object store, which spills to disk. The driver sees counts, the skipped objects, the near-dedup
+candidates, one row per shard and the tokenizer's bounded training sample, never the corpus.
+
 Output under ``data.output`` (default ``<run>/data``): ``tokenizer.json``,
 ``shards-<fingerprint>/{train,val,test}-NNNNN.parquet`` (column ``tokens``: seq_len + 1 int32
 each; SFT shards add ``loss_mask``), ``index-<fingerprint>/*.parquet`` (the corpus index: hash and
@@ -28,6 +35,7 @@ import math
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from lm.cluster import connect
 from lm.config import Config, join_uri
@@ -53,15 +61,27 @@ from lm.data.manifest import (
 )
 from lm.data.sft import SFTTokenizeActor, manifest_entry, read_records, write_sft_shard
 from lm.data.sources import OBJECT_REASONS, DataError, plan_files, read_file_task
-from lm.data.steps import TokenizeActor, add_bucket, count_by, hash_sample, read_and_clean, write_shard
+from lm.data.steps import (
+    Scratch,
+    TokenizeActor,
+    add_bucket,
+    add_up,
+    export_splits,
+    hash_sample,
+    read_and_clean,
+    read_counts,
+    write_shard,
+)
 from lm.data.tables import filter_in
 from lm.storage import ObjectStore, StorageError
 from lm.tokenizer import BPETokenizer, train_tokenizer
 
 Log = Callable[[str], None]
+SCRATCH = "tmp"  # <data>/tmp-<fingerprint>/: the run's intermediate Parquet (lm.data.steps.Scratch)
 
 
-_EXECUTION_ONLY = {"output", "tokenize_actors", "actor_cpus", "shuffle_partitions", "shuffle_strategy"}
+_EXECUTION_ONLY = {"output", "tokenize_actors", "actor_cpus", "shuffle_partitions", "block_mb",
+                   "shuffle_strategy"}
 
 
 def settings_hash(cfg: Config) -> str:
@@ -96,6 +116,7 @@ def _train_tokenizer(cfg: Config, docs, log: Log) -> BPETokenizer:
     sample = train if fraction >= 1 else train.map_batches(
         hash_sample, fn_kwargs={"seed": seed, "fraction": fraction}, batch_format="pyarrow", zero_copy_batch=True)
     log(f"tokenizer: training on {fraction:.0%} of {total / 1e6:.1f} MB of train text")
+    # to the driver: a sample bounded by tokenizer.max_train_bytes (what the trainer holds anyway), not the corpus
     rows = sorted(sample.select_columns(["id", "text"]).take_all(), key=lambda r: r["id"])
     return train_tokenizer((str(r["text"]) for r in rows), cfg.tokenizer)
 
@@ -143,14 +164,16 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
                 return old
     log(f"data: {len(files)} files from {len(cfg.data.sources)} sources → {out}")
     ray = connect()
-    context = ray.data.DataContext.get_current()
-    previous = context.shuffle_strategy
-    if cfg.data.shuffle_strategy == "sort":  # datasets made below keep it
+    context = ray.data.DataContext.get_current()  # datasets made below keep its settings
+    previous = context.shuffle_strategy, context.target_max_block_size
+    if cfg.data.shuffle_strategy == "sort":
         context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    context.target_max_block_size = int(cfg.data.block_mb * 2**20)  # what one task holds (blocks, read-backs)
     try:
         manifest = _run_stages(cfg, store, files, fingerprint, log, tokenizer, known, export_texts)
     finally:
-        context.shuffle_strategy = previous
+        context.shuffle_strategy, context.target_max_block_size = previous
+        store.delete(join_uri(out, f"{SCRATCH}-{fingerprint}"))
     log(f"data: manifest → {manifest_uri} ({time.perf_counter() - start:.0f} s)")
     return manifest
 
@@ -167,99 +190,154 @@ class _StageClock:
         self.last = now
 
 
+_ROW_BYTES = 256  # the columns of a document row besides its text (id, uri, hash, ...), roughly
+_BAND_ROW_BYTES = 48  # a near-dedup shuffle row (int32 group, uint64 band key, id), roughly
+
+
+def _partitions(cfg: Config, n_bytes: float) -> int:
+    """Partitions of a groupby over ``n_bytes``: enough that none holds more than data.block_mb (hash
+    shuffle; the sort shuffle cuts one partition per input block whatever this says)."""
+    return max(cfg.data.shuffle_partitions, math.ceil(n_bytes / (cfg.data.block_mb * 2**20)))
+
+
 def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint: str, log: Log,
                 tokenizer: BPETokenizer | None, known: CorpusIndex | None, export_texts: tuple[str, ...]
                 ) -> DataManifest:
-    import ray
-
     done = _StageClock(log)
     out = cfg.data_uri
-    manifest_uri = join_uri(out, MANIFEST)
-
+    scratch = Scratch(store, join_uri(out, f"{SCRATCH}-{fingerprint}"), cfg.data.actor_cpus)
     sft = cfg.data.format == "sft"
+    rows, skipped, reasons = _read(cfg, store, files, scratch)
+    clean = [r for r in reasons if r["reason"] == ""]
+    n_clean = sum(r["count()"] for r in clean)
+    done(f"read and cleaned {n_clean} {'records' if sft else 'documents'} ({len(skipped)} objects skipped)")
+    docs = filter_in(rows, "reason", [""]).drop_columns(["reason", "detail"])
+    docs, removed = _dedup(cfg, docs, n_clean, sum(r["sum(n_bytes)"] for r in clean), scratch, known, done)
+    # the documents left, as files: the tokenizer actors' input is then a plain read (fractional CPUs), with
+    # no filter task that needs a whole CPU, which Ray Data's budget never grants beside the actors and a
+    # Serve replica (test_continual deadlocked), and the passes below read no dropped rows
+    docs, _ = scratch(docs, "docs", ["split"])
+    if n_clean == sum(removed.values()):
+        raise DataError(f"no documents left after reading and filtering {len(files)} files "
+                        f"(dropped: {_reason_totals(reasons)}; duplicates: {removed['exact']} exact, "
+                        f"{removed['near']} near, {removed[INDEX_KNOWN_EXACT] + removed[INDEX_KNOWN_NEAR]} of the "
+                        f"existing corpus; skipped objects: {len(skipped)})")
+
+    tok = tokenizer or _train_tokenizer(cfg, docs, log)
+    store.publish_file(tok.to_json().encode(), join_uri(out, "tokenizer.json"))
+    done(f"tokenizer {'given' if tokenizer else 'trained'} ({tok.vocab_size} tokens)")
+    texts = export_splits(store, out, docs, export_texts)
+    fs, index_path = store.pyarrow_filesystem(join_uri(out, f"index-{fingerprint}"))
+    docs.select_columns(["hash", "text"]).map_batches(index_rows, fn_kwargs={"cfg": cfg.data.dedup},
+                                                      batch_format="numpy").write_parquet(index_path, filesystem=fs)
+    done("wrote the corpus index")
+    tokens, per_source, reasons = _tokenize(cfg, docs, tok, scratch, reasons)
+    done(f"tokenized {sum(r['sum(n_tokens)'] for r in per_source):,} {'response ' if sft else ''}tokens")
+    shards = _write_shards(cfg, store, tokens, per_source, tok, f"shards-{fingerprint}", out)
+    done(f"packed and wrote {len(shards)} shards")
+
+    manifest = _manifest(cfg, fingerprint, files, tok, shards, per_source, reasons, skipped, removed, texts)
+    store.publish_file(manifest.dumps(), join_uri(out, MANIFEST))
+    _remove_stale(store, out, fingerprint)
+    log(summary_table(manifest))
+    return manifest
+
+
+def _read(cfg: Config, store: ObjectStore, files: list[dict],
+          scratch: Scratch) -> tuple[Any, list[dict], list[dict]]:
+    """Read and clean every file (one task each) into ``<scratch>/rows``; returns them, the skipped objects
+    (one row per file at most: bounded by the number of files) and the counts and text bytes per (source,
+    reason) of the documents."""
+    import ray
+
     read = partial(read_file_task, filesystem_factory=store.pyarrow_filesystem, clean=cfg.data.clean,
                    max_file_bytes=int(cfg.data.max_file_mb * 2**20))
     split = {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction,
              "fixed": {s.name: s.split for s in cfg.data.sources if s.split}}
     reader, kwargs = ((read_records, {"read": read, "sft": cfg.data.sft, "clean": cfg.data.clean, "split": split})
-                      if sft else (read_and_clean, {"read": read, "cfg": cfg.data.clean, "split": split}))
-    rows = ray.data.from_items(files, override_num_blocks=max(1, len(files))).map_batches(
-        reader, fn_kwargs=kwargs, batch_size=1).materialize()
+                      if cfg.data.format == "sft"
+                      else (read_and_clean, {"read": read, "cfg": cfg.data.clean, "split": split}))
+    rows, counts = scratch(ray.data.from_items(files, override_num_blocks=max(1, len(files))).map_batches(
+        reader, fn_kwargs=kwargs, batch_size=1), "rows", ["source", "reason", "uri", "detail"], ["n_bytes"],
+        summary=partial(read_counts, object_reasons=sorted(OBJECT_REASONS)))
+    skipped = sorted(({k: r[k] for k in ("uri", "reason", "detail")} for r in counts
+                      if r["reason"] in OBJECT_REASONS for _ in range(r["count()"])),
+                     key=lambda r: (r["uri"], r["reason"]))
+    reasons = add_up([r for r in counts if r["reason"] not in OBJECT_REASONS], ["source", "reason"], ["n_bytes"])
+    return rows, skipped, reasons
 
-    skipped = filter_in(rows, "reason", sorted(OBJECT_REASONS)).select_columns(["uri", "reason", "detail"])
-    skipped = sorted(skipped.take_all(), key=lambda r: (r["uri"], r["reason"]))
-    reasons = [r for r in count_by(rows, ["source", "reason"]) if r["reason"] not in OBJECT_REASONS]
-    docs = filter_in(rows, "reason", [""]).drop_columns(["reason", "detail"])
-    n_clean = sum(r["count()"] for r in reasons if r["reason"] == "")
-    done(f"read and cleaned {n_clean} {'records' if sft else 'documents'} ({len(skipped)} objects skipped)")
-    parts = cfg.data.shuffle_partitions
-    n_exact = 0
-    if cfg.data.dedup.exact and n_clean > 1:
-        docs = exact_dedup(docs, parts).materialize()
-        n_exact = n_clean - docs.count()
-        done(f"exact dedup: {n_exact} removed")
-    n_near = 0
-    if cfg.data.dedup.near and n_clean - n_exact > 1:
-        docs, n_near = near_dedup(docs, cfg.data.dedup, parts)
-        docs = docs.materialize()
-        done(f"near dedup: {n_near} removed")
-    known_counts = {INDEX_KNOWN_EXACT: 0, INDEX_KNOWN_NEAR: 0}
-    if known is not None and len(known) and n_clean - n_exact - n_near > 0:
-        marked = docs.map_batches(mark_known, fn_kwargs={"index": known}, batch_format="numpy").materialize()
-        known_counts.update({r["known"]: r["count()"] for r in count_by(marked, ["known"]) if r["known"]})
-        docs = filter_in(marked, "known", [""]).drop_columns(["known"]).materialize()
-        done(f"dedup against the corpus ({len(known):,} documents): {known_counts[INDEX_KNOWN_EXACT]} exact, "
-             f"{known_counts[INDEX_KNOWN_NEAR]} near duplicates removed")
-    if n_clean - n_exact - n_near - sum(known_counts.values()) == 0:
-        raise DataError(f"no documents left after reading and filtering {len(files)} files "
-                        f"(dropped: {_reason_totals(reasons)}; duplicates: {n_exact} exact, {n_near} near, "
-                        f"{sum(known_counts.values())} of the existing corpus; skipped objects: {len(skipped)})")
 
-    tok = tokenizer or _train_tokenizer(cfg, docs, log)
-    tokenizer_uri = join_uri(out, "tokenizer.json")
-    store.publish_file(tok.to_json().encode(), tokenizer_uri)
-    done(f"tokenizer {'given' if tokenizer else 'trained'} ({tok.vocab_size} tokens)")
-    texts = _export_texts(store, out, docs, export_texts)
-    fs, index_path = store.pyarrow_filesystem(join_uri(out, f"index-{fingerprint}"))
-    docs.select_columns(["hash", "text"]).map_batches(index_rows, fn_kwargs={"cfg": cfg.data.dedup},
-                                                      batch_format="numpy").write_parquet(index_path, filesystem=fs)
+def _dedup(cfg: Config, docs, n_clean: int, n_bytes: int, scratch: Scratch, known: CorpusIndex | None,
+           done: _StageClock) -> tuple[Any, dict[str, int]]:
+    """Exact dedup, near dedup and dedup against the corpus (``known``), each where it can drop something;
+    returns the documents left (read from Parquet: later stages read them several times) and the number
+    each removed."""
+    removed = {"exact": 0, "near": 0, INDEX_KNOWN_EXACT: 0, INDEX_KNOWN_NEAR: 0}
+    dedup = cfg.data.dedup
+    if dedup.exact and n_clean > 1:
+        docs, counts = scratch(exact_dedup(docs, _partitions(cfg, n_bytes + n_clean * _ROW_BYTES)), "exact", ["split"])
+        removed["exact"] = n_clean - sum(r["count()"] for r in counts)
+        done(f"exact dedup: {removed['exact']} removed")
+    left = n_clean - removed["exact"]
+    if dedup.near and left > 1:  # near_dedup reads ``docs`` again: from Parquet, streaming
+        docs, removed["near"] = near_dedup(docs, dedup, _partitions(cfg, left * dedup.bands * _BAND_ROW_BYTES))
+        done(f"near dedup: {removed['near']} removed")
+    if known is not None and len(known) and left - removed["near"] > 0:
+        marked, counts = scratch(docs.map_batches(mark_known, fn_kwargs={"index": known}, batch_format="numpy"),
+                                 "known", ["known"])
+        removed.update({r["known"]: r["count()"] for r in counts if r["known"]})
+        docs = filter_in(marked, "known", [""]).drop_columns(["known"])
+        done(f"dedup against the corpus ({len(known):,} documents): {removed[INDEX_KNOWN_EXACT]} exact, "
+             f"{removed[INDEX_KNOWN_NEAR]} near duplicates removed")
+    return docs, removed
 
+
+def _tokenize(cfg: Config, docs, tok: BPETokenizer, scratch: Scratch,
+              reasons: list[dict]) -> tuple[Any, list[dict], list[dict]]:
+    """Tokenize (actor pool) into ``<scratch>/tokens`` (counted while written, read by the shard writer);
+    returns them, their counts per (source, split) and ``reasons`` plus (SFT) the records longer than a row."""
+    import ray
+
+    sft = cfg.data.format == "sft"
     actor_kwargs = {"tokenizer_json": tok.to_json(), "weights": {s.name: s.weight for s in cfg.data.sources}}
-    tokens = docs.map_batches(SFTTokenizeActor if sft else TokenizeActor,
-                              fn_constructor_kwargs={**actor_kwargs, "seq_len": cfg.seq_len} if sft else actor_kwargs,
-                              batch_size=1024, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
-                                  size=cfg.data.tokenize_actors), num_cpus=cfg.data.actor_cpus).materialize()
-    if sft:  # records longer than a row are dropped here, counted like the read stage's reasons
-        reasons += count_by(filter_in(tokens, "reason", [""], keep=False), ["source", "reason"])
-        tokens = filter_in(tokens, "reason", [""]).materialize()
-        if tokens.count() == 0:
-            raise DataError(f"no record fits a row of {cfg.seq_len + 1} tokens (dropped: {_reason_totals(reasons)})")
     size = "n_all" if sft else "n_tokens"  # what the rows hold (SFT: prompt and response)
-    per_source = count_by(tokens, ["source", "split"], sorted({"n_tokens", "n_bytes", "original", size}))
-    done(f"tokenized {sum(r['sum(n_tokens)'] for r in per_source):,} {'response ' if sft else ''}tokens")
-    seq_len = cfg.seq_len
+    keys, sums = ["source", "split", *(["reason"] if sft else [])], sorted({"n_tokens", "n_bytes", "original", size})
+    tokens, per_source = scratch(docs.map_batches(
+        SFTTokenizeActor if sft else TokenizeActor,
+        fn_constructor_kwargs={**actor_kwargs, "seq_len": cfg.seq_len} if sft else actor_kwargs,
+        batch_size=1024, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenize_actors),
+        num_cpus=cfg.data.actor_cpus), "tokens", keys, sums)
+    if sft:  # records longer than a row are dropped here, counted like the read stage's reasons
+        reasons = reasons + add_up([r for r in per_source if r["reason"]], ["source", "reason"])
+        per_source = add_up([r for r in per_source if not r["reason"]], ["source", "split"], sums)
+        tokens = filter_in(tokens, "reason", [""])
+    if sft and not per_source:
+        raise DataError(f"no record fits a row of {cfg.seq_len + 1} tokens (dropped: {_reason_totals(reasons)})")
+    return tokens, per_source, reasons
+
+
+def _write_shards(cfg: Config, store: ObjectStore, tokens, per_source: list[dict], tok: BPETokenizer,
+                  folder: str, out: str) -> list[dict]:
+    """Pack and write the shards: groupby (split, bucket), one Parquet file per group (a group holds about
+    data.rows_per_shard rows); the driver gets one small row per shard."""
+    sft = cfg.data.format == "sft"
+    size = "n_all" if sft else "n_tokens"
     split_tokens: dict[str, int] = {}
     for r in per_source:
         split_tokens[r["split"]] = split_tokens.get(r["split"], 0) + r[f"sum({size})"]
+    seq_len = cfg.seq_len
     shards_per_split = {s: max(1, math.ceil(n / (seq_len + 1) / cfg.data.rows_per_shard))
                         for s, n in split_tokens.items()}
-    shard_dir = join_uri(out, f"shards-{fingerprint}")
-    written = (tokens.map_batches(add_bucket, fn_kwargs={"shards_per_split": shards_per_split}, batch_format="numpy")
-               .groupby(["split", "bucket"], num_partitions=parts)
+    n_bytes = sum(split_tokens.values()) * (8 if sft else 4)  # int32 tokens (SFT: and a loss mask)
+    written = (tokens.map_batches(add_bucket, fn_kwargs={"shards_per_split": shards_per_split}, batch_format="pyarrow",
+                                  zero_copy_batch=True)
+               .groupby(["split", "bucket"], num_partitions=_partitions(cfg, n_bytes))
                .map_groups(write_sft_shard if sft else write_shard,
-                           fn_kwargs={"out_dir": shard_dir, "fs_factory": store.pyarrow_filesystem, "seq_len": seq_len,
-                                      **({"pad_id": tok.pad_id} if sft else {"eos_id": tok.eos_id})},
+                           fn_kwargs={"out_dir": join_uri(out, folder), "fs_factory": store.pyarrow_filesystem,
+                                      "seq_len": seq_len, **({"pad_id": tok.pad_id} if sft else {"eos_id": tok.eos_id})},
                            batch_format="numpy")
                .take_all())
-    shards = sorted(({**w, "path": f"shards-{fingerprint}/{w['path']}"} for w in written), key=lambda w: w["path"])
-    done(f"packed and wrote {len(shards)} shards")
-
-    manifest = _manifest(cfg, fingerprint, files, tok, shards, per_source, reasons, skipped,
-                         {"exact": n_exact, "near": n_near, **known_counts}, texts)
-    store.publish_file(manifest.dumps(), manifest_uri)
-    _remove_stale(store, out, fingerprint)
-    log(summary_table(manifest))
-    return manifest
+    return sorted(({**w, "path": f"{folder}/{w['path']}"} for w in written), key=lambda w: w["path"])
 
 
 def _reason_totals(reasons: list[dict]) -> dict[str, int]:
@@ -300,23 +378,12 @@ def _manifest(cfg: Config, fingerprint: str, files: list[dict], tok: BPETokenize
         sft=manifest_entry(cfg.data.sft) if sft else None)
 
 
-def _export_texts(store: ObjectStore, out: str, docs, splits: tuple[str, ...]) -> dict[str, str]:
-    """The cleaned, deduplicated documents of ``splits`` as ``<split>-texts.jsonl`` ({"text": …} lines)."""
-    written = {}
-    for split in splits:
-        rows = sorted(filter_in(docs, "split", [split]).select_columns(["id", "text"]).take_all(), key=lambda r: r["id"])
-        store.write_text(join_uri(out, f"{split}-texts.jsonl"), "".join(json.dumps({"text": str(r["text"])}) + "\n"
-                                                                         for r in rows))
-        written[split] = f"{split}-texts.jsonl"
-    return written
-
-
 def _remove_stale(store: ObjectStore, out: str, fingerprint: str) -> None:
-    """Shard and index folders of earlier runs with other inputs."""
+    """Shard, index and scratch folders of earlier runs with other inputs."""
     stale = {u[len(out):].lstrip("/").split("/", 1)[0] for u in store.list(out)}
     for name in sorted(stale):
         prefix = name.split("-", 1)[0]
-        if prefix in ("shards", "index") and name != f"{prefix}-{fingerprint}":
+        if prefix in ("shards", "index", SCRATCH) and name != f"{prefix}-{fingerprint}":
             store.delete(join_uri(out, name))
 
 

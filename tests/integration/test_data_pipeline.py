@@ -118,10 +118,18 @@ def test_rerun_reproduces_manifest_and_skips_when_done(ray_session, tmp_path):
     src = "[{name: ts, uri: 'bundled://tinyshakespeare'}]"
     a = config(str(tmp_path / "store"), src, f"data.output={tmp_path}/a", "data.dedup.near=false")
     b = config(str(tmp_path / "store"), src, f"data.output={tmp_path}/b", "data.dedup.near=false")
-    first, second = prepare_data(a, log=lambda _: None), prepare_data(b, log=lambda _: None)
+    first = prepare_data(a, log=lambda _: None, export_texts=("val",))
+    second = prepare_data(b, log=lambda _: None, export_texts=("val",))
     assert first.dumps() == second.dumps()
+    # the val texts, streamed into one file by a Ray task in id order: the same bytes from the same inputs
+    texts = [(tmp_path / run / "val-texts.jsonl").read_bytes() for run in ("a", "b")]
+    records = [json.loads(line) for line in texts[0].decode().splitlines()]
+    assert texts[0] == texts[1] and first.texts == {"val": "val-texts.jsonl"}
+    assert [r["id"] for r in records] == sorted({r["id"] for r in records})
+    assert len(records) == first.splits["val"].docs and all(r["text"] for r in records)
+    assert not list(tmp_path.glob("*/tmp-*")) and (tmp_path / "a" / first.index).is_dir()  # scratch deleted
     lines: list[str] = []
-    assert prepare_data(a, log=lines.append) == first
+    assert prepare_data(a, log=lines.append, export_texts=("val",)) == first
     assert any("up to date" in line for line in lines)
     # the trainers' stream of the shards: seeded epochs, every row once
     split, n = ParquetSplit.open(ObjectStore(), str(tmp_path / "a"), "train"), first.rows_in("train")
