@@ -188,6 +188,13 @@ def pipeline_run(args, corpus: Path, store_root: Path) -> tuple[dict, object]:
         lines.append(line)
         print(line, flush=True)
 
+    if args.object_store_mb:  # a small store: the shuffles must spill to disk, not fail
+        import ray
+
+        from lm.cluster import worker_env
+
+        ray.init(object_store_memory=int(args.object_store_mb * 2**20), configure_logging=False,
+                 runtime_env={"env_vars": worker_env()})
     connect()
     with Sampler(args.interval) as memory:
         start = time.perf_counter()
@@ -231,24 +238,37 @@ def measure(args) -> dict:
 
 def memory_sizes(args) -> dict:
     """The pipeline alone at each of --sizes MB, each in a fresh process (a fresh Ray: the object store's
-    spilled bytes are a running total); the goal: at most 1.5x the peak memory for 10x the data."""
-    runs = []
-    for mb in args.sizes:
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            subprocess.run([sys.executable, __file__, "--mb", str(mb), "--files", str(args.files), "--pipeline-only",
-                            "--out", out.name, "--interval", str(args.interval), *args.overrides], check=True)
-            runs.append(json.loads(Path(out.name).read_text()))
+    spilled bytes are a running total), in files of --file-mb MB (a corpus grows by files: a task holds one
+    file's blocks, bounded by data.block_mb); the goal: at most 1.5x the peak memory for 10x the data. With
+    --object-store-mb, one more run at the largest size in an object store that small (the shuffles spill)."""
+    runs = [_pipeline_in_subprocess(args, mb, None) for mb in args.sizes]
     peaks = [peak_memory(r) for r in runs]
-    return {"machine": machine(), "sizes_mb": args.sizes, "runs": runs, "peaks_mib": peaks,
-            "growth": {k: round(peaks[-1][k] / max(peaks[0][k], 1e-9), 2) for k in peaks[0]}}
+    result = {"machine": machine(), "sizes_mb": args.sizes, "file_mb": args.file_mb, "runs": runs, "peaks_mib": peaks,
+              "growth": {k: round(peaks[-1][k] / peaks[0][k], 2) for k in peaks[0] if peaks[0][k]}}
+    if args.object_store_mb:
+        small = _pipeline_in_subprocess(args, max(args.sizes), args.object_store_mb)
+        result["small_object_store"] = {"object_store_mb": args.object_store_mb, "run": small,
+                                        "peaks_mib": peak_memory(small)}
+    return result
+
+
+def _pipeline_in_subprocess(args, mb: float, object_store_mb: float | None) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, __file__, "--mb", str(mb), "--files", str(max(1, round(mb / args.file_mb))),
+                        "--pipeline-only", "--out", out.name, "--interval", str(args.interval),
+                        *(["--object-store-mb", str(object_store_mb)] if object_store_mb else []),
+                        *args.overrides], check=True)
+        return json.loads(Path(out.name).read_text())
 
 
 def peak_memory(run: dict) -> dict:
-    """The numbers the goal compares: driver RSS, the largest worker's USS, all workers' USS at one
-    instant, the object store's peak and the bytes spilled (MiB)."""
+    """The numbers the goal compares (MiB): driver RSS, the largest worker's and all workers' (at one instant)
+    anonymous memory (a worker's USS also counts object-store blocks it wrote: see jobs/bench/memory.py),
+    the object store's peak and the bytes spilled."""
     mem, roles = run["memory"], run["memory"]["roles"].values()
-    return {"driver_rss": mem["driver_peak_rss_mib"], "largest_worker_uss": max(r["peak_uss_mib"] for r in roles),
-            "workers_uss_sum": sum(r["peak_sum_uss_mib"] for r in roles),
+    return {"driver_rss": mem["driver_peak_rss_mib"], "largest_worker_anon": max(r["peak_anon_mib"] for r in roles),
+            "workers_anon_sum": sum(r["peak_sum_anon_mib"] for r in roles),
+            "largest_worker_uss": max(r["peak_uss_mib"] for r in roles),
             "object_store": mem["object_store_peak_mib"], "spilled": mem["spilled_mib"]}
 
 
@@ -257,8 +277,12 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=100.0, help="corpus size in MB")
     parser.add_argument("--sizes", type=lambda v: [float(x) for x in v.split(",")], default=None,
                         help="pipeline memory at these sizes (MB, comma-separated) instead: writes --out")
-    parser.add_argument("--files", type=int, default=20)
+    parser.add_argument("--files", type=int, default=20, help="files of the corpus (--mb)")
+    parser.add_argument("--file-mb", type=float, default=5.0, help="MB a file (--sizes)")
     parser.add_argument("--interval", type=float, default=0.5, help="memory sampling period (s)")
+    parser.add_argument("--object-store-mb", type=float, default=None,
+                        help="Ray's object store size (default: Ray's, 30%% of RAM; with --sizes: one more run "
+                        "at the largest size with it)")
     parser.add_argument("--pipeline-only", action="store_true", help="no one-process baselines")
     parser.add_argument("--out", default=None, help="JSON (default results/data.json, with --sizes "
                         "results/data_memory.json)")

@@ -1,6 +1,10 @@
-"""Peak memory of a Ray workload, sampled by a thread (the scale and data benchmarks share it): the USS and
-PSS of every Ray worker process by role (from its process title), the driver's RSS, and the object store's
-bytes in use and spilled to disk (a raylet RPC, every 5th sample)."""
+"""Peak memory of a Ray workload, sampled by a thread (the scale and data benchmarks share it): the USS, PSS
+and anonymous memory of every Ray worker process by role (from its process title), the driver's RSS, and
+the object store's bytes in use and spilled to disk (a raylet RPC, every 5th sample).
+
+A worker's USS includes the object-store pages (shared memory) that only it has touched: the blocks it
+wrote, until they are freed, even while it is idle. Its anonymous memory (``Anonymous`` of
+/proc/<pid>/smaps_rollup) is its own heap alone; the object store is measured on its own."""
 
 from __future__ import annotations
 
@@ -53,16 +57,21 @@ class Sampler:
                 m = p.memory_full_info()
             except psutil.Error:
                 continue
-            rec = self.procs.setdefault(p.pid, {"role": role, "first_uss": m.uss, "uss": 0, "pss": 0})
+            anon = _anonymous(p.pid)
+            rec = self.procs.setdefault(p.pid, {"role": role, "first_uss": m.uss, "uss": 0, "pss": 0, "anon": 0})
+            rec["anon"] = max(rec["anon"], anon)
             if rec["role"] == "other Ray workers" and role != rec["role"]:
                 rec["role"] = role
+            if m.uss > rec["uss"]:
+                rec["title"] = title[:80]  # what the process was doing at its peak
+            steps = rec.setdefault("by_title", {})
+            steps[title[:80]] = max(steps.get(title[:80], 0), m.uss)
             rec["uss"], rec["pss"] = max(rec["uss"], m.uss), max(rec["pss"], m.pss)
             self.titles.add(title.split(" ")[0][:60])
-            both = sums.setdefault(rec["role"], [0, 0])
-            both[0], both[1] = both[0] + m.uss, both[1] + m.pss
-        for role, (uss, pss) in sums.items():
-            old = self.sums.get(role, (0, 0))
-            self.sums[role] = (max(old[0], uss), max(old[1], pss))
+            now = sums.setdefault(rec["role"], [0, 0, 0])
+            now[0], now[1], now[2] = now[0] + m.uss, now[1] + m.pss, now[2] + anon
+        for role, now in sums.items():
+            self.sums[role] = [max(a, b) for a, b in zip(self.sums.get(role, (0, 0, 0)), now, strict=True)]
 
     def _object_store(self) -> None:
         from ray._private.internal_api import get_memory_info_reply
@@ -99,9 +108,23 @@ class Sampler:
             roles[role] = {"processes": len(mine), "peak_uss_mib": round(max(r["uss"] for r in mine) / MIB, 1),
                            "peak_pss_mib": round(max(r["pss"] for r in mine) / MIB, 1),
                            "first_uss_mib": round(max(r["first_uss"] for r in mine) / MIB, 1),
+                           "largest_at": max(mine, key=lambda r: r["uss"])["title"],
+                           "largest_by_title": {t: round(u / MIB) for t, u in max(mine, key=lambda r: r["uss"])[
+                               "by_title"].items()},
                            "peak_sum_uss_mib": round(self.sums[role][0] / MIB, 1),
-                           "peak_sum_pss_mib": round(self.sums[role][1] / MIB, 1)}
+                           "peak_sum_pss_mib": round(self.sums[role][1] / MIB, 1),
+                           "peak_anon_mib": round(max(r["anon"] for r in mine) / MIB, 1),
+                           "peak_sum_anon_mib": round(self.sums[role][2] / MIB, 1)}
         return {"roles": roles, "driver_peak_rss_mib": round(self.driver / MIB, 1),
                 "object_store_peak_mib": round(self.object_store / MIB, 1),
                 "spilled_mib": round(self.spilled / MIB, 1), "samples": self.samples,
                 "titles": sorted(self.titles), "errors": self.errors[:3]}
+
+
+def _anonymous(pid: int) -> int:
+    """Bytes of anonymous memory (heap, not files nor shared memory) of process ``pid`` (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+    except (OSError, StopIteration):
+        return 0

@@ -128,6 +128,21 @@ class DataManifest(BaseManifest):
     texts: dict[str, str] = {}  # split -> JSONL of its documents' texts, when asked for
     sft: dict[str, Any] | None = None  # the supervised format's settings (kind sft)
 
+    def summary_table(self) -> str:
+        """A plain-text table of documents, tokens and bytes per source and split."""
+        lines = [f"{'source':<20} {'split':<6} {'docs':>9} {'tokens':>12} {'bytes':>13}  dropped"]
+        for name, src in self.sources.items():
+            dropped = ", ".join(f"{k}={v}" for k, v in sorted(src.dropped.items())) or "-"
+            for split, e in sorted(src.splits.items()):
+                lines.append(f"{name:<20} {split:<6} {e.docs:>9,} {e.tokens:>12,} {e.bytes:>13,}  {dropped}")
+                dropped = ""
+        for split, e in sorted(self.splits.items()):
+            lines.append(f"{'TOTAL':<20} {split:<6} {e.docs:>9,} {e.tokens:>12,} {e.bytes:>13,}  "
+                         f"{e.rows:,} rows in {e.shards} shards")
+        d = self.dedup
+        lines.append(f"dedup: {d['exact']} exact, {d['near']} near; skipped objects: {len(self.skipped_objects)}")
+        return "\n".join(lines)
+
 
 class MixManifest(BaseManifest):
     kind: Literal["continual-mix"]

@@ -12,11 +12,13 @@ Stages (each a Ray Data step over the pure functions in lm.data.*; the UDFs live
   go through lm.data.sft's read, tokenize and write steps instead (loss mask on the response only).
 
 Memory is bounded by configuration, not by the corpus: every stage streams. A stage read more than once
-(the read rows, the exact-dedup result, the corpus-dedup marks, the token rows) is written as Parquet
-under ``tmp-<fingerprint>/`` and read back, never ``materialize()``d; blocks, and so what one task
-holds, are bounded by ``data.block_mb`` and the groupbys' partitions sized by it (the sort shuffle: one
-per block); shuffle blocks wait in Ray's object store, which spills to disk. The driver sees counts, the skipped objects, the near-dedup
-candidates, one row per shard and the tokenizer's bounded training sample, never the corpus.
+(the read rows, the exact-dedup result, the corpus-dedup marks, the documents left, the token rows) is
+written as Parquet under ``tmp-<fingerprint>/`` and read back, never ``materialize()``d; blocks, and so
+what one task holds, are bounded by ``data.block_mb`` and the groupbys' partitions sized by it (the sort
+shuffle: one per block); shuffle blocks wait in Ray's object store, which spills to disk. The driver
+sees counts, the skipped objects, the near-dedup candidates, one row per shard and the tokenizer's
+bounded training sample, never the corpus. jobs/bench/data.py measures both (memory at 20 and 200 MB,
+throughput against the same stages in one process).
 
 Output under ``data.output`` (default ``<run>/data``): ``tokenizer.json``,
 ``shards-<fingerprint>/{train,val,test}-NNNNN.parquet`` (column ``tokens``: seq_len + 1 int32
@@ -165,14 +167,17 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
     log(f"data: {len(files)} files from {len(cfg.data.sources)} sources → {out}")
     ray = connect()
     context = ray.data.DataContext.get_current()  # datasets made below keep its settings
-    previous = context.shuffle_strategy, context.target_max_block_size
+    previous = context.shuffle_strategy, context.target_max_block_size, context.op_resource_reservation_enabled
+    # Ray Data reserves a share of the CPUs for each operator: on a small machine a stage's map tasks then
+    # run one at a time (measured on 2 CPUs: near dedup 12.6 -> 9.0 s, the whole pipeline 63 -> 53 s)
+    context.op_resource_reservation_enabled = False
     if cfg.data.shuffle_strategy == "sort":
         context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     context.target_max_block_size = int(cfg.data.block_mb * 2**20)  # what one task holds (blocks, read-backs)
     try:
         manifest = _run_stages(cfg, store, files, fingerprint, log, tokenizer, known, export_texts)
     finally:
-        context.shuffle_strategy, context.target_max_block_size = previous
+        context.shuffle_strategy, context.target_max_block_size, context.op_resource_reservation_enabled = previous
         store.delete(join_uri(out, f"{SCRATCH}-{fingerprint}"))
     log(f"data: manifest → {manifest_uri} ({time.perf_counter() - start:.0f} s)")
     return manifest
@@ -205,7 +210,7 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
                 ) -> DataManifest:
     done = _StageClock(log)
     out = cfg.data_uri
-    scratch = Scratch(store, join_uri(out, f"{SCRATCH}-{fingerprint}"), cfg.data.actor_cpus)
+    scratch = Scratch(store, join_uri(out, f"{SCRATCH}-{fingerprint}"))
     sft = cfg.data.format == "sft"
     rows, skipped, reasons = _read(cfg, store, files, scratch)
     clean = [r for r in reasons if r["reason"] == ""]
@@ -213,9 +218,9 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     done(f"read and cleaned {n_clean} {'records' if sft else 'documents'} ({len(skipped)} objects skipped)")
     docs = filter_in(rows, "reason", [""]).drop_columns(["reason", "detail"])
     docs, removed = _dedup(cfg, docs, n_clean, sum(r["sum(n_bytes)"] for r in clean), scratch, known, done)
-    # the documents left, as files: the tokenizer actors' input is then a plain read (fractional CPUs), with
-    # no filter task that needs a whole CPU, which Ray Data's budget never grants beside the actors and a
-    # Serve replica (test_continual deadlocked), and the passes below read no dropped rows
+    # the documents left, as files: the passes below read no dropped rows, and the tokenizer actors' input
+    # is a plain read of half a CPU (_tokenize), with no filter task of a whole CPU, which Ray Data's
+    # budget never grants beside the actors and a Serve replica (test_continual deadlocked)
     docs, _ = scratch(docs, "docs", ["split"])
     if n_clean == sum(removed.values()):
         raise DataError(f"no documents left after reading and filtering {len(files)} files "
@@ -231,7 +236,7 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     docs.select_columns(["hash", "text"]).map_batches(index_rows, fn_kwargs={"cfg": cfg.data.dedup},
                                                       batch_format="numpy").write_parquet(index_path, filesystem=fs)
     done("wrote the corpus index")
-    tokens, per_source, reasons = _tokenize(cfg, docs, tok, scratch, reasons)
+    tokens, per_source, reasons = _tokenize(cfg, scratch.read("docs", cfg.data.actor_cpus), tok, scratch, reasons)
     done(f"tokenized {sum(r['sum(n_tokens)'] for r in per_source):,} {'response ' if sft else ''}tokens")
     shards = _write_shards(cfg, store, tokens, per_source, tok, f"shards-{fingerprint}", out)
     done(f"packed and wrote {len(shards)} shards")
@@ -239,7 +244,7 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     manifest = _manifest(cfg, fingerprint, files, tok, shards, per_source, reasons, skipped, removed, texts)
     store.publish_file(manifest.dumps(), join_uri(out, MANIFEST))
     _remove_stale(store, out, fingerprint)
-    log(summary_table(manifest))
+    log(manifest.summary_table())
     return manifest
 
 
@@ -294,7 +299,8 @@ def _dedup(cfg: Config, docs, n_clean: int, n_bytes: int, scratch: Scratch, know
 
 def _tokenize(cfg: Config, docs, tok: BPETokenizer, scratch: Scratch,
               reasons: list[dict]) -> tuple[Any, list[dict], list[dict]]:
-    """Tokenize (actor pool) into ``<scratch>/tokens`` (counted while written, read by the shard writer);
+    """Tokenize (actor pool; ``docs`` read by tasks of data.actor_cpus, as the writes are: a whole CPU may never
+    be granted beside the actors) into ``<scratch>/tokens`` (counted while written, read by the shard writer);
     returns them, their counts per (source, split) and ``reasons`` plus (SFT) the records longer than a row."""
     import ray
 
@@ -306,7 +312,7 @@ def _tokenize(cfg: Config, docs, tok: BPETokenizer, scratch: Scratch,
         SFTTokenizeActor if sft else TokenizeActor,
         fn_constructor_kwargs={**actor_kwargs, "seq_len": cfg.seq_len} if sft else actor_kwargs,
         batch_size=1024, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenize_actors),
-        num_cpus=cfg.data.actor_cpus), "tokens", keys, sums)
+        num_cpus=cfg.data.actor_cpus), "tokens", keys, sums, task_cpus=cfg.data.actor_cpus)
     if sft:  # records longer than a row are dropped here, counted like the read stage's reasons
         reasons = reasons + add_up([r for r in per_source if r["reason"]], ["source", "reason"])
         per_source = add_up([r for r in per_source if not r["reason"]], ["source", "split"], sums)
@@ -385,19 +391,3 @@ def _remove_stale(store: ObjectStore, out: str, fingerprint: str) -> None:
         prefix = name.split("-", 1)[0]
         if prefix in ("shards", "index", SCRATCH) and name != f"{prefix}-{fingerprint}":
             store.delete(join_uri(out, name))
-
-
-def summary_table(manifest: DataManifest) -> str:
-    """A plain-text table of documents, tokens and bytes per source and split."""
-    lines = [f"{'source':<20} {'split':<6} {'docs':>9} {'tokens':>12} {'bytes':>13}  dropped"]
-    for name, src in manifest.sources.items():
-        dropped = ", ".join(f"{k}={v}" for k, v in sorted(src.dropped.items())) or "-"
-        for split, e in sorted(src.splits.items()):
-            lines.append(f"{name:<20} {split:<6} {e.docs:>9,} {e.tokens:>12,} {e.bytes:>13,}  {dropped}")
-            dropped = ""
-    for split, e in sorted(manifest.splits.items()):
-        lines.append(f"{'TOTAL':<20} {split:<6} {e.docs:>9,} {e.tokens:>12,} {e.bytes:>13,}  "
-                     f"{e.rows:,} rows in {e.shards} shards")
-    d = manifest.dedup
-    lines.append(f"dedup: {d['exact']} exact, {d['near']} near; skipped objects: {len(manifest.skipped_objects)}")
-    return "\n".join(lines)

@@ -245,28 +245,38 @@ class Scratch:
     where ``materialize()`` would hold the whole corpus in Ray's object store.
 
         docs, counts = scratch(ds, "name", ["split"], ["n_bytes"])   # counts per split, from the same pass
+        again = scratch.read("name", task_cpus=0.5)                  # read by tasks of half a CPU
+
+    CPUs: a task asks for ``task_cpus`` (Ray's default, 1, unless given) and Ray Data fuses consecutive map
+    tasks only when they ask for the same; a stage beside an actor pool (and a Serve replica) reads and
+    writes with fractional CPUs, as a task of a whole CPU may never be granted there.
     """
 
-    def __init__(self, store, uri: str, task_cpus: float = 1.0):
-        self.store, self.uri, self.task_cpus = store, uri, task_cpus
+    def __init__(self, store, uri: str):
+        self.store, self.uri = store, uri
 
     def __call__(self, ds, name: str, keys: list[str], sums: list[str] = (),
-                 summary: Callable | None = None) -> tuple[Any, list[dict]]:
+                 summary: Callable | None = None, task_cpus: float = 1.0) -> tuple[Any, list[dict]]:
         """Write ``ds`` under ``<uri>/<name>/`` (a file per block) and return a dataset reading it back with
         the counts (and sums) per ``keys`` (:func:`add_up`) of its rows, made while writing; ``summary`` (a
-        pyarrow table → count rows of ``keys`` and ``sums``) replaces the plain counts."""
+        pyarrow table → count rows of ``keys`` and ``sums``) replaces the plain counts. The writing tasks
+        ask for ``task_cpus``; the read-back's for Ray's default."""
+        folder = join_uri(self.uri, name)
+        summary = summary or partial(_table_counts, keys=list(keys), sums=list(sums))
+        written = ds.map_batches(_write_part, batch_size=None, batch_format="pyarrow", num_cpus=task_cpus,
+                                 fn_kwargs={"fs_factory": self.store.pyarrow_filesystem, "folder": folder,
+                                            "summary": summary})
+        counts = add_up(written.take_all(), keys, sums)  # runs the writes
+        return self.read(name), counts
+
+    def read(self, name: str, task_cpus: float = 1.0) -> Any:
+        """The dataset written as ``name``, read by tasks of ``task_cpus`` (empty when nothing was written)."""
         import ray
 
         folder = join_uri(self.uri, name)
-        summary = summary or partial(_table_counts, keys=list(keys), sums=list(sums))
-        # task_cpus (fractional): these tasks, and the read-back's, must fit beside actor pools and Serve replicas
-        written = ds.map_batches(_write_part, batch_size=None, batch_format="pyarrow", num_cpus=self.task_cpus,
-                                 fn_kwargs={"fs_factory": self.store.pyarrow_filesystem, "folder": folder,
-                                            "summary": summary})
-        counts = add_up(written.take_all(), keys, sums)
         files = self.store.list(folder)
-        if not files:  # nothing written: an empty dataset
-            return ray.data.from_items([]), counts
+        if not files:
+            return ray.data.from_items([])
         fs, path = self.store.pyarrow_filesystem(folder)
         # Ray 2.60's default (datasource V2) Parquet read coalesces files and its read task's memory grew
         # with the bytes it read (measured: 368 -> 581 MiB for 72 -> 216 MB); the V1 reader holds about one
@@ -277,7 +287,7 @@ class Scratch:
         previous, context.use_datasource_v2 = context.use_datasource_v2, False
         try:
             return ray.data.read_parquet(path, filesystem=fs, override_num_blocks=len(files),
-                                         ray_remote_args={"num_cpus": self.task_cpus}), counts
+                                         ray_remote_args={"num_cpus": task_cpus})
         finally:
             context.use_datasource_v2 = previous
 
