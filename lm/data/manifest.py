@@ -122,7 +122,7 @@ class DataManifest(BaseManifest):
     sources: dict[str, SourceTotals]
     dropped: dict[str, int]  # documents dropped, by reason
     dedup: dict[str, int]  # exact / near duplicates removed (corpus_*: of an existing corpus)
-    skipped_objects: list[dict[str, Any]]  # {uri, reason, detail}
+    skipped_objects: list[dict[str, Any]]  # {source, uri, reason, detail}
     files: int
     index: str | None = None  # the corpus index folder (hash + MinHash signature of each kept document)
     texts: dict[str, str] = {}  # split -> JSONL of its documents' texts, when asked for
@@ -141,6 +141,12 @@ class DataManifest(BaseManifest):
                          f"{e.rows:,} rows in {e.shards} shards")
         d = self.dedup
         lines.append(f"dedup: {d['exact']} exact, {d['near']} near; skipped objects: {len(self.skipped_objects)}")
+        by_source: dict[str, dict[str, int]] = {}
+        for s in self.skipped_objects:  # older manifests' entries have no source
+            reasons = by_source.setdefault(s.get("source", "?"), {})
+            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+        lines += [f"  {source}: " + ", ".join(f"{r}={n}" for r, n in sorted(reasons.items()))
+                  for source, reasons in sorted(by_source.items())]
         return "\n".join(lines)
 
 

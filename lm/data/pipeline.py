@@ -62,7 +62,7 @@ from lm.data.manifest import (
     parse_manifest,
 )
 from lm.data.sft import SFTTokenizeActor, manifest_entry, read_records, write_sft_shard
-from lm.data.sources import OBJECT_REASONS, DataError, plan_files, read_file_task
+from lm.data.sources import OBJECT_REASONS, DataError, check_every_source_read, plan_files, read_file_task
 from lm.data.steps import (
     Scratch,
     TokenizeActor,
@@ -215,6 +215,7 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     rows, skipped, reasons = _read(cfg, store, files, scratch)
     clean = [r for r in reasons if r["reason"] == ""]
     n_clean = sum(r["count()"] for r in clean)
+    check_every_source_read(files, reasons, skipped)
     done(f"read and cleaned {n_clean} {'records' if sft else 'documents'} ({len(skipped)} objects skipped)")
     docs = filter_in(rows, "reason", [""]).drop_columns(["reason", "detail"])
     docs, removed = _dedup(cfg, docs, n_clean, sum(r["sum(n_bytes)"] for r in clean), scratch, known, done)
@@ -265,9 +266,9 @@ def _read(cfg: Config, store: ObjectStore, files: list[dict],
     rows, counts = scratch(ray.data.from_items(files, override_num_blocks=max(1, len(files))).map_batches(
         reader, fn_kwargs=kwargs, batch_size=1), "rows", ["source", "reason", "uri", "detail"], ["n_bytes"],
         summary=partial(read_counts, object_reasons=sorted(OBJECT_REASONS)))
-    skipped = sorted(({k: r[k] for k in ("uri", "reason", "detail")} for r in counts
+    skipped = sorted(({k: r[k] for k in ("source", "uri", "reason", "detail")} for r in counts
                       if r["reason"] in OBJECT_REASONS for _ in range(r["count()"])),
-                     key=lambda r: (r["uri"], r["reason"]))
+                     key=lambda r: (r["source"], r["uri"], r["reason"]))
     reasons = add_up([r for r in counts if r["reason"] not in OBJECT_REASONS], ["source", "reason"], ["n_bytes"])
     return rows, skipped, reasons
 

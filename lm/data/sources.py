@@ -19,18 +19,21 @@ import json
 import posixpath
 import re
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lm.config import CleanConfig, DataConfig, SourceConfig
 from lm.data.clean import decode_utf8
-from lm.storage import ObjectStore
+from lm.storage import ObjectStore, StorageError
 from lm.storage.uri import parse_uri
 
-__all__ = ["DOCUMENT_REASONS", "OBJECT_REASONS", "DataError", "plan_files", "read_file_task"]
+__all__ = ["DOCUMENT_REASONS", "OBJECT_REASONS", "DataError", "check_every_source_read", "plan_files",
+           "read_file_task"]
 
 # corrupt_compression: truncated/invalid gzip or zstd; binary: NUL bytes in the first 8 KiB, or (invalid_utf8
 # = drop) mostly not UTF-8 there; empty: 0 bytes / only whitespace / no parquet rows; too_large: stored size >
@@ -64,8 +67,9 @@ def plan_files(store: ObjectStore, data: DataConfig) -> list[dict[str, Any]]:
     for src in data.sources:
         files = _expand(store, src)
         for (uri, name), size in zip(files, _sizes(store, src.uri, files), strict=True):
+            # delimiter "" = one document per file: never None, which a Ray Data column turns into NaN
             tasks.append({"uri": uri, "name": name, "source": src.name, "format": _format_of(uri, src.format),
-                          "compression": _compression_of(uri), "delimiter": src.delimiter,
+                          "compression": _compression_of(uri), "delimiter": src.delimiter or "",
                           "text_field": src.text_field, "size": size})
     return tasks
 
@@ -151,16 +155,33 @@ def _safe(err: BaseException, typed: bool = True) -> str:
     return _KEY_ID.sub("***", _SECRETISH.sub(r"\1***", text))[:300]
 
 
+def check_every_source_read(files: list[dict[str, Any]], reasons: list[dict[str, Any]],
+                            skipped: list[dict[str, str]]) -> None:
+    """Raise :class:`DataError` for the first source (sorted) whose planned ``files`` gave no document,
+    naming it and why, even when other sources gave some. ``reasons``: document counts per (source,
+    reason), "" for kept ones (``count()``); ``skipped``: one {source, uri, reason, detail} per object."""
+    found = {r["source"] for r in reasons if r["reason"] == "" and r["count()"]}
+    for source in sorted({f["source"] for f in files} - found):
+        mine = [s for s in skipped if s["source"] == source]
+        dropped = dict(sorted((r["reason"], r["count()"]) for r in reasons if r["source"] == source and r["reason"]))
+        first = f"; the first: {mine[0]['uri']}: {mine[0]['reason']} ({mine[0]['detail']})" if mine else ""
+        raise DataError(f"source {source!r}: no document in its {sum(f['source'] == source for f in files)} files "
+                        f"({len(mine)} objects skipped: {dict(sorted(Counter(s['reason'] for s in mine).items()))}; "
+                        f"documents dropped: {dropped}{first})")
+
+
 def read_file_task(task: dict[str, Any], *, filesystem_factory: Callable[[str], tuple[Any, str]],
                    clean: CleanConfig, max_file_bytes: int, chunk_size: int = 1 << 20) -> Iterator[dict[str, str]]:
-    """Yield the document rows of one planned file (see the module doc); never raises on bad input."""
+    """Yield the document rows of one planned file (see the module doc); never raises on bad input. Only
+    the object's own faults (I/O, storage, decompression, decoding, format: :data:`_OBJECT_ERRORS`) make it
+    a skipped object; any other exception is a bug and propagates, failing the run with its traceback."""
     obj_id = f"{task['source']}/{task['name']}"
     try:
         yield from _read(task, obj_id, filesystem_factory, clean, max_file_bytes, chunk_size)
     except (EOFError, zlib.error, gzip.BadGzipFile, _ZstdCorrupt) as err:
         detail = f"{task['compression']}: {_safe(err, typed=False)}"
         yield _row(task, obj_id, reason="corrupt_compression", detail=detail)
-    except Exception as err:  # storage / OS / pyarrow errors, whatever the filesystem raised
+    except _OBJECT_ERRORS as err:
         yield _row(task, obj_id, reason="unreadable", detail=_safe(err))
 
 
@@ -209,6 +230,15 @@ def _binary(head: bytes, policy: str) -> str:
 
 class _ZstdCorrupt(ValueError):
     pass
+
+
+class _FormatError(ValueError):
+    """The object is not in a format it can be read as (e.g. gzip-compressed Parquet)."""
+
+
+# what an unreadable object raises: OS / network / filesystem (OSError, pyarrow's S3 errors), the storage
+# layer, pyarrow's format errors (not Parquet), text decoding
+_OBJECT_ERRORS = (OSError, StorageError, pa.ArrowException, UnicodeError, _FormatError)
 
 
 def _chunks(fs: Any, path: str, compression: str, chunk_size: int) -> Iterator[bytes]:
@@ -325,7 +355,7 @@ def _json_row(task: dict[str, Any], id_: str, line: bytes, lineno: int, policy: 
 
 def _parquet_rows(task: dict[str, Any], obj_id: str, fs: Any, path: str, policy: str) -> Iterator[dict[str, str]]:
     if task["compression"]:
-        raise ValueError(f"{task['compression']}-compressed Parquet is not supported (it compresses inside)")
+        raise _FormatError(f"{task['compression']}-compressed Parquet is not supported (it compresses inside)")
     field = task["text_field"]
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)

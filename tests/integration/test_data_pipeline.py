@@ -100,12 +100,20 @@ def test_bad_input_is_skipped_and_reported(ray_session, tmp_path):
     (corpus / "oneline.txt").write_text("word " * 2_000_000)  # a 10 MB single line
     (corpus / "docs.jsonl").write_text(json.dumps({"text": "a fine document here"}) + "\n"
                                        + json.dumps({"body": "no text field"}) + "\n")
-    cfg = config(str(tmp_path / "store"), f"[{{name: mixed, uri: '{corpus}'}}]", "data.clean.max_chars=20000000",
+    whole = tmp_path / "whole"  # delimiter null: one document per file, blank lines and all
+    whole.mkdir()
+    for i in range(2):
+        (whole / f"play{i}.txt").write_text(f"Act {i}.\n\nScene one, with its own words.\n\nThe end of {i}.")
+    cfg = config(str(tmp_path / "store"), f"[{{name: mixed, uri: '{corpus}'}}, {{name: whole, uri: '{whole}', "
+                 "delimiter: null}]", "data.clean.max_chars=20000000",
                  "data.clean.max_duplicate_ngram_fraction=1.0", "data.clean.max_duplicate_line_fraction=1.0")
-    manifest = prepare_data(cfg, log=lambda _: None)
-    skipped = {(Path(s["uri"]).name, s["reason"]) for s in manifest.skipped_objects}
-    assert skipped == {("truncated.txt.gz", "corrupt_compression"), ("binary.txt", "binary"),
-                       ("empty.txt", "empty")}
+    lines: list[str] = []
+    manifest = prepare_data(cfg, log=lines.append)
+    skipped = {(s["source"], Path(s["uri"]).name, s["reason"]) for s in manifest.skipped_objects}
+    assert skipped == {("mixed", "truncated.txt.gz", "corrupt_compression"), ("mixed", "binary.txt", "binary"),
+                       ("mixed", "empty.txt", "empty")}
+    assert sum(e.docs for e in manifest.sources["whole"].splits.values()) == 2
+    assert "  mixed: binary=1, corrupt_compression=1, empty=1" in "\n".join(lines).splitlines()  # the summary
     assert manifest.dropped.get("missing_field") == 1
     assert manifest.dedup["exact"] >= 1
     docs = sum(e.docs for e in manifest.splits.values())
@@ -147,8 +155,17 @@ def test_nothing_is_written_for_bad_sources(ray_session, tmp_path):
     only_short = tmp_path / "short"
     only_short.mkdir()
     (only_short / "a.txt").write_text("hi\n\nyo")
-    with pytest.raises(DataError, match="no documents left"):
+    with pytest.raises(DataError, match=r"source 's': no document in its 1 files .*'too_short': 2"):
         prepare_data(config(str(store_root), f"[{{name: s, uri: '{only_short}'}}]", "data.clean.min_chars=50"))
+    # a source of only bad objects fails the run, naming it, even beside a good source
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir(), bad.mkdir()
+    (good / "a.txt").write_text((SHARED / "tinyshakespeare/input.txt").read_text()[:20_000])
+    (bad / "x.txt.gz").write_bytes(b"\x1f\x8b not gzip at all")
+    (bad / "y.txt").write_bytes(b"")
+    with pytest.raises(DataError, match=r"source 'broken': no document in its 2 files \(2 objects skipped: "
+                                        r"\{'corrupt_compression': 1, 'empty': 1\}"):
+        prepare_data(config(str(store_root), f"[{{name: good, uri: '{good}'}}, {{name: broken, uri: '{bad}'}}]"))
     assert not store_root.exists() or not any(p.is_file() for p in store_root.rglob("*"))
 
 

@@ -320,6 +320,27 @@ def test_unreadable_objects_never_raise(store_root):
     assert _one(rows)["reason"] == "unreadable" and "cannot reach" in rows[0]["detail"]
 
 
+def test_only_the_objects_own_faults_skip_it_a_bug_fails_the_run(store_root):
+    """An OSError (I/O) makes the object unreadable; any other exception (a bug, e.g. a NaN where a string
+    belongs) propagates instead of being filed as bad input; a null delimiter plans as "" (one document)."""
+    store, root = store_root.store, join_uri(store_root.uri, "f")
+    _put(store, root, {"a.txt": b"one\n\ntwo"})
+    task = plan_files(store, _data(("s", root), delimiter=None))[0]
+    assert task["delimiter"] == "" and [r["text"] for r in _read(store, task)] == ["one\n\ntwo"]
+
+    def failing(err):
+        def factory(uri):
+            raise err
+        return factory
+
+    row = _one(list(read_file_task(task, filesystem_factory=failing(OSError("disk gone")), clean=CleanConfig(),
+                                   max_file_bytes=100)))
+    assert row["reason"] == "unreadable" and "disk gone" in row["detail"]
+    with pytest.raises(AttributeError):
+        list(read_file_task({**task, "delimiter": float("nan")}, filesystem_factory=store.pyarrow_filesystem,
+                            clean=CleanConfig(), max_file_bytes=100))
+
+
 @pytest.mark.s3
 def test_wrong_credentials_on_the_worker_are_unreadable_without_secrets(s3_server):
     root = f"s3://{s3_server.new_bucket()}/w"
