@@ -36,11 +36,12 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1, description="lmforge extension: keep the k likeliest tokens.")
+    top_k: int | None = Field(None, ge=1, le=2**31 - 1, description="lmforge extension: keep the k likeliest tokens.")
     n: int = Field(1, ge=1)
     stream: bool = False
     stop: str | list[str] | None = Field(None)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="A 64-bit integer: the same seed and "
+                             "prompt give the same text (choice j of n uses seed + j).")
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=0, le=0, description="Accepted for compatibility; only 0 is supported.")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="Accepted for compatibility; only 0 is supported.")
@@ -165,6 +166,19 @@ def with_sources(chunk: dict, head: dict) -> dict:
 
 def new_id(kind: str) -> str:
     return f"{kind}-{uuid.uuid4().hex[:24]}"
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: every 4xx and 5xx of the server (the OpenAPI schema documents it per status)."""
+
+    error: ErrorObject
 
 
 def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ from lm.tokenizer import BPETokenizer
 from lm.train.engine import initialize_engine
 from lm.train.local import to_inputs_targets
 from lm.train.optim import EarlyStopping, lr_at
+from lm.train.rng import load_rng_state, save_rng_state
 
 TAG = "state"  # the DeepSpeed checkpoint tag inside every Ray Train checkpoint
 STATE = "trainer_state.json"
@@ -106,19 +106,6 @@ def _say(line: str) -> None:
     """A progress line on stdout (once: Ray Train V2's patched ``print`` would also log it)."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _all_mean(values: list[float], world: int) -> list[float]:
@@ -180,7 +167,7 @@ class Worker:
             if state is not None:
                 if same_world:
                     engine.load_checkpoint(folder, tag=TAG)
-                    _set_rng_state(torch.load(Path(folder) / f"rng-{self.rank}.pt", weights_only=False))
+                    load_rng_state(Path(folder) / f"rng-{self.rank}.safetensors")
                 else:
                     for _ in range(state["step"]):  # the schedule resumes where it was
                         engine.lr_scheduler.step()
@@ -329,7 +316,7 @@ class Worker:
                  "history": self.history, "data": self.stream.position().model_dump(mode="json")}
         with tempfile.TemporaryDirectory(prefix="lm-ckpt-") as tmp:
             self.engine.save_checkpoint(tmp, tag=TAG)
-            torch.save(_rng_state(), Path(tmp) / f"rng-{self.rank}.pt")
+            save_rng_state(Path(tmp) / f"rng-{self.rank}.safetensors")
             weights = self._weights()
             if self.rank == 0:
                 torch.save(weights, Path(tmp) / WEIGHTS)

@@ -121,9 +121,12 @@ def test_auth(server):
     ({"model": "lmforge", "prompt": "hi", "bogus": 1}, 400, "bogus"),               # unknown field
     ({"model": "lmforge"}, 400, "prompt"),                                           # missing field
     ({"model": "lmforge", "prompt": "x" * 30000}, 413, None),                        # oversized body
+    ({"model": "lmforge", "prompt": "hi", "seed": 1208925819614629174706176}, 400, "seed"),  # beyond 64 bits
+    ({"model": "lmforge", "prompt": "hi", "top_k": 10**20}, 400, "top_k"),            # beyond its range
+    (b'{"model": "lmforge", "prompt": "caf\xe9"}', 400, None),                         # not UTF-8
 ])
 def test_bad_requests_get_openai_style_4xx(server, body, status, param):
-    content = body if isinstance(body, str) else json.dumps(body)
+    content = body if isinstance(body, str | bytes) else json.dumps(body)
     r = httpx.post(f"{server['base']}/completions", content=content, timeout=30,
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == status, r.text
@@ -131,6 +134,23 @@ def test_bad_requests_get_openai_style_4xx(server, body, status, param):
     assert error["message"] and error["type"]
     if param:
         assert error["param"] == param or error["param"].startswith(param), error
+
+
+def test_openapi_documents_the_statuses_the_server_answers(server):
+    """Every /v1 operation lists the errors it answers (OpenAI's shape), and no 422 (errors are 400s)."""
+    spec = httpx.get(server["base"].removesuffix("/v1") + "/openapi.json", timeout=30).json()
+    answers = {"post": {"200", "400", "401", "404", "413"}, "get": {"200", "401"}}
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            if path.startswith("/v1/"):
+                assert set(op["responses"]) == answers[method], (path, method, op["responses"])
+            assert "422" not in op["responses"], (path, method)
+            for status, response in op["responses"].items():
+                if status != "200":
+                    ref = response["content"]["application/json"]["schema"]["$ref"]
+                    assert ref.endswith("/ErrorResponse"), (path, status)
+    error = spec["components"]["schemas"]["ErrorObject"]
+    assert set(error["required"]) == {"message", "type"} and "HTTPValidationError" not in spec["components"]["schemas"]
 
 
 def test_chat_bad_input(server):
