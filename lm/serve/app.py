@@ -32,26 +32,10 @@ from lm.serve.scheduler import merge_streams
 from lm.storage import ObjectStore
 
 api = FastAPI(title="lmforge", description="OpenAI-compatible completions from an lmforge model directory.")
-_AUTHED = {401: {"model": schemas.ErrorResponse, "description": "Missing or invalid API key."}}
-_ERRORS = {**_AUTHED, **{status: {"model": schemas.ErrorResponse, "description": why} for status, why in (
-    (400, "Invalid request (names the param)."), (404, "Unknown model (or feedback capture off)."),
-    (413, "Request body larger than serve.max_body_bytes."))}}
 
 
 def _openapi() -> dict:
-    """FastAPI's schema with the statuses the server answers: its errors are 400 in OpenAI's shape, never
-    FastAPI's 422 (which it adds to every route with a body)."""
-    if api.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
-        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
-        for path in schema["paths"].values():
-            for operation in path.values():
-                operation["responses"].pop("422", None)
-        for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
-        api.openapi_schema = schema
-    return api.openapi_schema
+    return schemas.openapi_schema(api)  # the statuses the server answers, never FastAPI's 422
 
 
 api.openapi = _openapi
@@ -217,13 +201,13 @@ class Api:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/v1/models", responses=_AUTHED)
+    @api.get("/v1/models", responses=schemas.AUTH_ERRORS)
     async def models(self, request: Request) -> dict:
         self._auth(request)
         return {"object": "list", "data": [{"id": self.sc.model_name, "object": "model", "created": 0,
                                             "owned_by": "lmforge"}]}
 
-    @api.post("/v1/completions", responses=_ERRORS)
+    @api.post("/v1/completions", responses=schemas.REQUEST_ERRORS)
     async def completions(self, request: Request, body: schemas.CompletionRequest):
         start = time.perf_counter()
         await self._admit(request)
@@ -279,7 +263,7 @@ class Api:
         cache = "hit" if all(h.get("cached") for h in heads) else "miss"
         return JSONResponse({**response, "system_fingerprint": version}, headers={"x-lmforge-cache": cache})
 
-    @api.post("/v1/chat/completions", responses=_ERRORS)
+    @api.post("/v1/chat/completions", responses=schemas.REQUEST_ERRORS)
     async def chat(self, request: Request, body: schemas.ChatRequest):
         start = time.perf_counter()
         await self._admit(request)
@@ -329,7 +313,7 @@ class Api:
                                          sum(len(w["token_ids"]) for w in wholes))
         return JSONResponse({**response, "system_fingerprint": version})
 
-    @api.post("/v1/embeddings", responses=_ERRORS)
+    @api.post("/v1/embeddings", responses=schemas.REQUEST_ERRORS)
     async def embeddings(self, request: Request, body: schemas.EmbeddingRequest) -> dict:
         """One unit vector per input: the mean of the model's final hidden states (lm.inference.embed_ids)."""
         start = time.perf_counter()
@@ -350,7 +334,7 @@ class Api:
         self._record("embeddings", 200, start)
         return schemas.embedding_response(body.model, result["embeddings"], body.encoding_format, result["prompt_tokens"])
 
-    @api.post("/v1/feedback", responses=_ERRORS)
+    @api.post("/v1/feedback", responses=schemas.REQUEST_ERRORS)
     async def feedback_route(self, request: Request, body: schemas.FeedbackRequest) -> dict:
         await self._admit(request)
         if self.feedback is None:

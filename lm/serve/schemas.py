@@ -181,6 +181,28 @@ class ErrorResponse(BaseModel):
     error: ErrorObject
 
 
+AUTH_ERRORS = {401: {"model": ErrorResponse, "description": "Missing or invalid API key."}}
+REQUEST_ERRORS = {**AUTH_ERRORS, **{status: {"model": ErrorResponse, "description": why} for status, why in (
+    (400, "Invalid request (names the param)."), (404, "Unknown model (or feedback capture off)."),
+    (413, "Request body larger than serve.max_body_bytes."))}}  # a route's ``responses``: documented statuses
+
+
+def openapi_schema(app: Any) -> dict:
+    """A FastAPI app's OpenAPI schema with the statuses the server answers (its routes' ``responses``):
+    errors are 400s in OpenAI's shape, never FastAPI's 422, which it adds to every route with a body."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     """OpenAI's error object."""

@@ -167,7 +167,9 @@ class Worker:
             if state is not None:
                 if same_world:
                     engine.load_checkpoint(folder, tag=TAG)
-                    load_rng_state(Path(folder) / f"rng-{self.rank}.safetensors")
+                    rng = Path(folder) / f"rng-{self.rank}.safetensors"
+                    if rng.exists():  # a checkpoint older than this format kept it as a pickle: not read
+                        load_rng_state(rng)
                 else:
                     for _ in range(state["step"]):  # the schedule resumes where it was
                         engine.lr_scheduler.step()
