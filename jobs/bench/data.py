@@ -99,8 +99,9 @@ def baseline_mb_s(folder: Path, tok: BPETokenizer, threads: str) -> tuple[float,
 def one_process(cfg, store: ObjectStore) -> tuple[float, dict[str, float], int]:
     """The pipeline's stages in this process, without Ray, on the same files and settings: the same functions
     (read_and_clean, exact dedup's smallest-id rule, MinHash + LSH buckets + verification, the tokenizer's
-    seeded sample, the corpus index's signatures, TokenizeActor, pack + write_shard into a folder), each
-    stage over the whole corpus in memory (a baseline for Ray's overhead, not a way to run lmforge).
+    seeded sample, the corpus index's signatures (computed, not written), TokenizeActor, pack + write_shard
+    into a folder), each stage over the whole corpus in memory (a baseline for Ray's overhead, not a way to
+    run lmforge).
     Returns the seconds, the seconds per stage and the tokens written."""
     stages, start = {}, time.perf_counter()
     last = [start]
