@@ -5,9 +5,8 @@ model deployment (lm.serve.model_server), or with the model in its own replicas 
     build_app(cfg)                                        # the Serve application (serve.run / import_path app_builder)
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream`` as server-sent
-events), ``GET /v1/models``, ``POST /v1/feedback``, ``GET /healthz``. Bearer API keys (lm.serve.auth);
-every bad request gets a 4xx in OpenAI's error shape naming the field (lm.serve.schemas), never a 5xx.
-Completions and feedback are recorded for continual learning when ``serve.feedback.enabled``.
+events), ``GET /v1/models``, ``POST /v1/feedback``, ``GET /healthz``. Keys and body size are checked
+first (lm.serve.gate); bad requests get a 4xx in OpenAI's error shape, never a 5xx; serve.feedback records.
 
 (No ``from __future__ import annotations`` here: FastAPI must see the route parameters' real types
 after Serve rewrites the methods into class-based routes.)
@@ -27,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lm.config import Config, join_uri
 from lm.serve import schemas
 from lm.serve.auth import authorized
+from lm.serve.gate import Gate
 from lm.serve.model_server import REGISTRY, ModelServer
 from lm.serve.scheduler import merge_streams
 from lm.storage import ObjectStore
@@ -39,6 +39,7 @@ def _openapi() -> dict:
 
 
 api.openapi = _openapi
+api.add_middleware(Gate)
 
 
 class BadRequest(Exception):
@@ -56,9 +57,8 @@ async def _bad_request(_request: Request, err: BadRequest) -> JSONResponse:
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
     """FastAPI's own errors (a body it cannot decode, an unknown route or method) in OpenAI's shape."""
-    code = "not_found" if err.status_code == 404 else None
-    return JSONResponse(schemas.error_body(str(err.detail), code=code), status_code=err.status_code,
-                        headers=getattr(err, "headers", None))
+    body = schemas.error_body(str(err.detail), code="not_found" if err.status_code == 404 else None)
+    return JSONResponse(body, status_code=err.status_code, headers=getattr(err, "headers", None))
 
 
 @api.exception_handler(RequestValidationError)
@@ -83,6 +83,7 @@ class Api:
         self.model, self.cfg, self.sc = model, cfg, cfg.serve
         self.local = ModelServer(cfg, store) if model is None else None
         self.digests = key_digests
+        Gate.configure(key_digests, self.sc.max_body_bytes)  # this replica's process: its gate's settings
         self.feedback = None
         if self.sc.feedback.enabled:
             from lm.serve.feedback import FeedbackLog
@@ -104,8 +105,7 @@ class Api:
                              code="invalid_api_key", type_="authentication_error")
 
     async def _admit(self, request: Request) -> None:
-        """Auth, then the body size (the ASGI app is a copy Serve makes per replica, so this is checked
-        here rather than in a middleware that would need the config)."""
+        """Auth, then the body's real size (lm.serve.gate checked both before FastAPI read the body)."""
         self._auth(request)
         size = len(await request.body())
         if size > self.sc.max_body_bytes:

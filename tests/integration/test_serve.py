@@ -105,6 +105,13 @@ def test_auth(server):
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server["base"], api_key="nope", max_retries=0).models.list()
+    # the key is checked before the body is read or validated: no schema details for a client without one
+    for body in ('{"model": "lmforge", "max_tokens": "many"}', "not json", "x" * 30000):
+        r = httpx.post(f"{server['base']}/completions", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    r = httpx.post(f"{server['base']}/completions", content="x" * 30000,  # a declared size over the limit: 413 unread
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [
