@@ -108,10 +108,9 @@ def inputs_fingerprint(cfg: Config, files: list[dict], extra: str = "") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _train_tokenizer(cfg: Config, docs, log: Log) -> BPETokenizer:
-    """Train on a seeded sample (≤ tokenizer.max_train_bytes) of the train split, in id order."""
+def _train_tokenizer(cfg: Config, docs, total: int, log: Log) -> BPETokenizer:
+    """Train on a seeded sample (≤ tokenizer.max_train_bytes) of the train split (``total`` bytes), in id order."""
     train = filter_in(docs, "split", ["train"])
-    total = train.sum("n_bytes") or 0
     fraction = min(1.0, cfg.tokenizer.max_train_bytes / max(total, 1))
     # a hash of the id decides, not the block layout, so the same inputs always give the same sample
     seed = cfg.data.seed
@@ -222,14 +221,15 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     # the documents left, as files: the passes below read no dropped rows, and the tokenizer actors' input
     # is a plain read of half a CPU (_tokenize), with no filter task of a whole CPU, which Ray Data's
     # budget never grants beside the actors and a Serve replica (test_continual deadlocked)
-    docs, _ = scratch(docs, "docs", ["split"])
+    docs, per_split = scratch(docs, "docs", ["split"], ["n_bytes"])
     if n_clean == sum(removed.values()):
         raise DataError(f"no documents left after reading and filtering {len(files)} files "
                         f"(dropped: {_reason_totals(reasons)}; duplicates: {removed['exact']} exact, "
                         f"{removed['near']} near, {removed[INDEX_KNOWN_EXACT] + removed[INDEX_KNOWN_NEAR]} of the "
                         f"existing corpus; skipped objects: {len(skipped)})")
 
-    tok = tokenizer or _train_tokenizer(cfg, docs, log)
+    train_bytes = sum(r["sum(n_bytes)"] for r in per_split if r["split"] == "train")
+    tok = tokenizer or _train_tokenizer(cfg, docs, train_bytes, log)
     store.publish_file(tok.to_json().encode(), join_uri(out, "tokenizer.json"))
     done(f"tokenizer {'given' if tokenizer else 'trained'} ({tok.vocab_size} tokens)")
     texts = export_splits(store, out, docs, export_texts)

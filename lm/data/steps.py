@@ -6,7 +6,7 @@ UDFs over the pure functions in lm.data.*, and the tokenizer actor. No Ray impor
   add_bucket       the shard each document goes to (a hash of its id: deterministic shard contents)
   write_shard      one (split, bucket) group → packed rows → one Parquet file (write_file: the write itself)
   repeat_by_weight train rows repeated by their source's mixing weight (also lm.data.sft's tokenizer)
-  count_by         counts and sums per key, per batch in parallel, added up on the driver
+  add_up           counts and sums per key (made per block while writing: Scratch), added up on the driver
   hash_sample      a seeded, id-hash-chosen share of the rows
   Scratch          a dataset written as Parquet and read back (a stage read more than once, streaming)
   export_splits    a split's texts, in id order, streamed into one JSONL file by a Ray task (write_texts)
@@ -176,14 +176,6 @@ def _batch_counts(batch: dict[str, Any], keys: list[str], sums: list[str]) -> An
     for j, c in enumerate(sums):
         out[f"sum({c})"] = pa.array([e[j + 1] for e in acc.values()], type=pa.int64())
     return pa.table(out)
-
-
-def count_by(ds, keys: list[str], sums: list[str] = ()) -> list[dict]:
-    """Counts (and sums) per distinct ``keys``, computed per batch in parallel and added up here."""
-    partial_rows = ds.select_columns([*keys, *sums]).map_batches(
-        _batch_counts, fn_kwargs={"keys": keys, "sums": list(sums)}, batch_format="numpy", batch_size=4096
-    ).take_all()
-    return add_up(partial_rows, keys, sums)
 
 
 def add_up(partial_rows: list[dict], keys: list[str], sums: list[str] = ()) -> list[dict]:

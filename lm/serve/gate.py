@@ -42,7 +42,7 @@ class Gate:
                                    type_="authentication_error", code="invalid_api_key")
         declared = headers.get("content-length", "")
         if declared and not declared.isdigit():
-            return 400, error_body(f"Content-Length {declared[:40]!r} is not a number", param=None)
+            return 400, error_body(f"Content-Length {declared[:40]!r} is not a number")
         if declared and self.max_body_bytes is not None and int(declared) > self.max_body_bytes:
             return 413, error_body(f"request body of {declared} bytes exceeds {self.max_body_bytes}", code="too_large")
         return None
