@@ -24,12 +24,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 # A two-trial Ray Tune sweep on the demo's shards, the main job (data → train → evaluation report →
-# sample), Ray Serve hosts the trained model and answers one request through the openai client, then
+# sample), Ray Serve hosts the trained model and answers one request through the openai client (with a
+# random API key, printed, unless LMFORGE_API_KEYS is set), then
 # one continual-learning iteration (new documents → fine-tune → gate → promote / reject) prints the registry.
 demo: install
 	$(BIN)/lm tune --config configs/tune/demo.yaml --resume
 	$(BIN)/lm run --config $(CONFIG)
-	LMFORGE_API_KEYS=$${LMFORGE_API_KEYS:-demo-key} $(BIN)/lm serve --config $(CONFIG) --ask "ROMEO:"
+	@key=$${LMFORGE_API_KEYS:-sk-$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))')}; \
+	  [ -n "$$LMFORGE_API_KEYS" ] || echo "API key of this demo (LMFORGE_API_KEYS, random): $$key"; \
+	  LMFORGE_API_KEYS=$$key $(BIN)/lm serve --config $(CONFIG) --ask "ROMEO:"
 	$(BIN)/lm continual --config $(CONFIG)
 
 lint: install

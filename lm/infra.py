@@ -44,9 +44,12 @@ spec:                                   # the service's desired state
     rayVersion: "{ray_version}"              # must equal the Ray inside the image
     enableInTreeAutoscaling: true       # the Ray autoscaler adds GPU workers as Serve asks for replicas
     headGroupSpec:                      # the head: Serve controller and HTTP proxy, no model replicas
+      serviceType: ClusterIP            # the head Service: inside the cluster only, never LoadBalancer/NodePort
+      enableIngress: false              # and no Ingress: the Jobs API (8265) runs any command it is sent
       rayStartParams:                   # flags of `ray start --head` on the head pod
         num-cpus: "0"                   # schedule no replica on the head
-        dashboard-host: "0.0.0.0"       # the dashboard inside the pod network (port 8265)
+        dashboard-host: "0.0.0.0"       # the pod network, for the ClusterIP Service only; people reach it with
+                                        # kubectl port-forward svc/lmforge-serve-head-svc 8265:8265
       template:                         # the head pod (a Kubernetes PodTemplateSpec)
         spec:                           # its pod spec
           containers:                   # one container: Ray's head
@@ -57,7 +60,7 @@ spec:                                   # the service's desired state
                 limits: {{cpu: "4", memory: 16Gi}}     # the same: guaranteed QoS
               ports:                    # named ports the head service exposes
                 - {{containerPort: 6379, name: gcs}}        # Ray's GCS
-                - {{containerPort: 8265, name: dashboard}}  # dashboard and Jobs API
+                - {{containerPort: 8265, name: dashboard}}  # dashboard and Jobs API: ClusterIP + port-forward only
                 - {{containerPort: {port}, name: serve}}      # the OpenAI-compatible API
               envFrom:                  # environment variables from secrets
                 - secretRef: {{name: lmforge-s3}}        # AWS_* for the registry and feedback logs in S3

@@ -1,6 +1,7 @@
-"""Peak memory of a Ray workload, sampled by a thread (the scale and data benchmarks share it): the USS, PSS
-and anonymous memory of every Ray worker process by role (from its process title), the driver's RSS, and
-the object store's bytes in use and spilled to disk (a raylet RPC, every 5th sample).
+"""Peak memory of a Ray workload, sampled by a thread (the scale, data and soak benchmarks share it): the
+USS, PSS and anonymous memory of every Ray worker process by role (from its process title), the driver's
+RSS, and the object store's bytes in use and spilled to disk (a raylet RPC, every 5th sample); also a
+timeline of the RSS and USS summed per role at each sample (the soak benchmark reads growth from it).
 
 A worker's USS includes the object-store pages (shared memory) that only it has touched: the blocks it
 wrote, until they are freed, even while it is idle. Its anonymous memory (``Anonymous`` of
@@ -9,6 +10,7 @@ wrote, until they are freed, even while it is idle. Its anonymous memory (``Anon
 from __future__ import annotations
 
 import threading
+import time
 from typing import ClassVar
 
 import psutil
@@ -20,7 +22,8 @@ class Sampler:
     """Every ``interval`` s: the USS and PSS of each Ray worker process (by role: ``roles`` maps a title
     substring to a role, Ray Data's processes are "Ray Data", the rest "other Ray workers"), this
     process's RSS, and the object store's bytes in use and spilled. Peaks per process and of the sum per
-    role at one instant. Start it after Ray is up (``ray.init``/``lm.cluster.connect``)."""
+    role at one instant; ``timeline``: ``(time.monotonic(), {role: (rss, uss, processes)})`` per sample.
+    Start it after Ray is up (``ray.init``/``lm.cluster.connect``)."""
 
     RAY_DATA: ClassVar[tuple[str, ...]] = ("Read", "SplitCoordinator", "FooterReader", "ListFiles", "Map",
                                            "_StatsActor", "DatasetManager", "_AutoscalingCoordinator",
@@ -33,6 +36,7 @@ class Sampler:
         self.interval, self.roles, self.procs, self.sums, self.titles = interval, roles or {}, {}, {}, set()
         self.object_store = self.spilled = self.driver = 0
         self.samples, self.errors = 0, []
+        self.timeline: list[tuple[float, dict[str, tuple[int, int, int]]]] = []
         self.state = get_state_from_address(ray.get_runtime_context().gcs_address)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="memory-sampler")
@@ -48,6 +52,7 @@ class Sampler:
     def _tick(self) -> None:
         self.driver = max(self.driver, psutil.Process().memory_info().rss)
         sums: dict[str, list[int]] = {}
+        now_rss: dict[str, tuple[int, int, int]] = {}
         for p in psutil.process_iter(["cmdline"]):
             title = " ".join(p.info["cmdline"] or []).strip()
             role = self.role(title)
@@ -70,8 +75,11 @@ class Sampler:
             self.titles.add(title.split(" ")[0][:60])
             now = sums.setdefault(rec["role"], [0, 0, 0])
             now[0], now[1], now[2] = now[0] + m.uss, now[1] + m.pss, now[2] + anon
+            rss, uss, n = now_rss.get(rec["role"], (0, 0, 0))
+            now_rss[rec["role"]] = (rss + m.rss, uss + m.uss, n + 1)
         for role, now in sums.items():
             self.sums[role] = [max(a, b) for a, b in zip(self.sums.get(role, (0, 0, 0)), now, strict=True)]
+        self.timeline.append((time.monotonic(), now_rss))
 
     def _object_store(self) -> None:
         from ray._private.internal_api import get_memory_info_reply

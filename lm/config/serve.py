@@ -27,6 +27,16 @@ class AutoscalingConfig(Section):
         return self
 
 
+class KeyLimits(Section):
+    """A key's limits: beyond one, a request gets 429 with Retry-After. null = no limit. Enforced in each
+    ingress replica (lm.serve.limits): with serve.colocate, each replica allows limit / max_replicas."""
+
+    requests_per_minute: int | None = Field(None, ge=1, description="Requests a key may start per minute.")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Prompt + completion tokens a key may use per minute (counted as requests end).")
+    max_concurrent: int | None = Field(None, ge=1, description="Requests of a key in flight at once.")
+
+
 class FeedbackConfig(Section):
     """Capture of prompts, completions and feedback for continual learning (opt-in)."""
 
@@ -50,11 +60,14 @@ class ServeConfig(Section):
     model_name: str = Field("lmforge", description="Model id reported by /v1/models and required in requests.")
     # who may call
     api_keys_env: str = Field("LMFORGE_API_KEYS", description="Environment variable with comma-separated API keys.")
-    api_keys_file: str | None = Field(None, description="File with one API key per line (a mounted secret).")
+    api_keys_file: str | None = Field(
+        None, description="YAML key file (a mounted secret): each key's name, role and limits (lm.serve.auth.KeyFile).")
     require_auth: bool = Field(
         True, description="Refuse requests without a valid bearer key; starting with no key configured is an error "
         "unless this is false (local use only).",
     )
+    key_limits: KeyLimits = Field(
+        default_factory=KeyLimits, description="Limits of the keys from api_keys_env, and of key-file keys that set none.")
     # what it accepts
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(4, ge=1, description="Largest n (completions per prompt).")
@@ -106,6 +119,11 @@ class ServeConfig(Section):
         "only (several nodes on one machine would otherwise bind the same port).",
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    failover_retries: int = Field(
+        2, ge=0, description="A whole (non-streamed) request, or a stream before its first token, whose model replica "
+        "dies is sent again to another replica this many times (with autoscaling.max_replicas >= 2 and a separate "
+        "ingress); then, or with one replica, 503 with Retry-After.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503 when no model replica could answer.")
     quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 Linear layers (CPU replicas).")
     cache_entries: int = Field(1024, ge=0, description="Exact-match response cache for deterministic requests; 0 = off.")
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)

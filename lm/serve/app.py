@@ -18,15 +18,14 @@ import json
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lm.config import Config, join_uri
-from lm.serve import schemas
-from lm.serve.auth import authorized
-from lm.serve.gate import Gate
+from lm.serve import errors, schemas
+from lm.serve.errors import BadRequest, refused
+from lm.serve.failover import Failover, guarded
+from lm.serve.gate import Gate, report_usage
 from lm.serve.model_server import REGISTRY, ModelServer
 from lm.serve.scheduler import merge_streams
 from lm.storage import ObjectStore
@@ -40,34 +39,7 @@ def _openapi() -> dict:
 
 api.openapi = _openapi
 api.add_middleware(Gate)
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.body = status, schemas.error_body(message, type_=type_, param=param, code=code)
-
-
-@api.exception_handler(BadRequest)
-async def _bad_request(_request: Request, err: BadRequest) -> JSONResponse:
-    return JSONResponse(err.body, status_code=err.status)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
-    """FastAPI's own errors (a body it cannot decode, an unknown route or method) in OpenAI's shape."""
-    body = schemas.error_body(str(err.detail), code="not_found" if err.status_code == 404 else None)
-    return JSONResponse(body, status_code=err.status_code, headers=getattr(err, "headers", None))
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    message = f"{param}: {first.get('msg')}" if param else f"invalid request body: {first.get('msg')}"
-    return JSONResponse(schemas.error_body(message, param=param), status_code=400)
+errors.install(api)
 
 
 def _sse(payload: dict | str) -> str:
@@ -76,14 +48,16 @@ def _sse(payload: dict | str) -> str:
 
 @serve.ingress(api)  # at import: each replica imports this module and gets the class-based routes
 class Api:
-    def __init__(self, model, cfg: Config, store: ObjectStore, key_digests: frozenset[str]):
-        """``model``: the model deployment's handle, or None to hold a ModelServer here (serve.colocate)."""
+    def __init__(self, model, cfg: Config, store: ObjectStore, grants: dict):
+        """``model``: the model deployment's handle, or None to hold a ModelServer here (serve.colocate);
+        ``grants``: key digest → lm.serve.auth.Grant (this replica's share of each key's limits)."""
         from ray.serve.metrics import Counter, Histogram
 
         self.model, self.cfg, self.sc = model, cfg, cfg.serve
         self.local = ModelServer(cfg, store) if model is None else None
-        self.digests = key_digests
-        Gate.configure(key_digests, self.sc.max_body_bytes)  # this replica's process: its gate's settings
+        Gate.configure(grants, self.sc.max_body_bytes)  # this replica's process: its gate's settings
+        several = model is not None and self.sc.autoscaling.max_replicas >= 2  # another replica to fail over to
+        self.failover = Failover(self.sc.failover_retries if several else 0, self.sc.retry_after_s)
         self.feedback = None
         if self.sc.feedback.enabled:
             from lm.serve.feedback import FeedbackLog
@@ -99,14 +73,8 @@ class Api:
 
     # ------------------------------------------------------------------------------------ checks
 
-    def _auth(self, request: Request) -> None:
-        if not authorized(request.headers.get("authorization"), self.digests):
-            raise BadRequest(401, "missing or invalid API key (send Authorization: Bearer <key>)",
-                             code="invalid_api_key", type_="authentication_error")
-
     async def _admit(self, request: Request) -> None:
-        """Auth, then the body's real size (lm.serve.gate checked both before FastAPI read the body)."""
-        self._auth(request)
+        """The body's real size (lm.serve.gate checked the key and the declared size before it was read)."""
         size = len(await request.body())
         if size > self.sc.max_body_bytes:
             raise BadRequest(413, f"request body of {size} bytes exceeds {self.sc.max_body_bytes}", code="too_large")
@@ -157,26 +125,24 @@ class Api:
         return self.model.options(stream=True).generate.remote(request)
 
     async def _open(self, requests: list[dict]) -> tuple[list, list[dict]]:
-        """Start one model stream per request and read each head; a 400 if any request is refused."""
-        streams = [self._stream(r) for r in requests]
-        heads = await asyncio.gather(*(s.__anext__() for s in streams))
+        """Start one model stream per request and read each head (lm.serve.failover); a 400 if any is refused."""
+        opened = await asyncio.gather(*(self.failover.open(lambda r=r: self._stream(r)) for r in requests))
+        streams, heads = [s for s, _ in opened], [h for _, h in opened]
         for head in heads:
             if "error" in head:
                 for s in streams:
                     await s.aclose() if self.local is not None else s.cancel()
-                raise BadRequest(400, head["error"], param=head.get("param"),
-                                 code="context_length_exceeded" if head.get("param") else None)
+                raise refused(head)
         return streams, heads
 
     async def _complete(self, requests: list[dict]) -> list[dict]:
         """Non-streamed requests: each answered whole by the model deployment (one reply, not one message
         per token); a 400 if any is refused."""
         complete = self.local.complete if self.local is not None else self.model.complete.remote
-        results = await asyncio.gather(*(complete(r) for r in requests))
+        results = await asyncio.gather(*(self.failover.call(lambda r=r: complete(r)) for r in requests))
         for result in results:
             if "error" in result:
-                raise BadRequest(400, result["error"], param=result.get("param"),
-                                 code="context_length_exceeded" if result.get("param") else None)
+                raise refused(result)
         return results
 
     def _requests(self, prompts: list[str], body: schemas._Request, max_tokens: int, stops: list[str],
@@ -202,8 +168,7 @@ class Api:
         return {"status": "ok"}
 
     @api.get("/v1/models", responses=schemas.AUTH_ERRORS)
-    async def models(self, request: Request) -> dict:
-        self._auth(request)
+    async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.sc.model_name, "object": "model", "created": 0,
                                             "owned_by": "lmforge"}]}
 
@@ -236,20 +201,22 @@ class Api:
 
         if body.stream:
             async def events():
-                texts = [""] * len(streams)
+                texts, tokens = [""] * len(streams), 0
                 for i, head in enumerate(heads):
                     if body.echo or "sources" in head:
                         chunk = schemas.completion_chunk(rid, body.model, i, prompts[i // body.n] if body.echo else "", None)
                         yield _sse(schemas.with_sources(chunk, head))
                 async for i, chunk in merge_streams(streams):
                     texts[i] += chunk["text"]
+                    tokens += len(chunk["token_ids"])
                     lp = choice_logprobs(chunk) if logprobs else None
                     yield _sse(schemas.completion_chunk(rid, body.model, i, chunk["text"], chunk["finish_reason"], lp))
                 yield _sse("[DONE]")
+                report_usage(request, prompt_tokens + tokens)
                 self._capture("completion", rid, prompts, texts, version, body)
                 self._record("completions", 200, start)
 
-            return StreamingResponse(events(), media_type="text/event-stream",
+            return StreamingResponse(guarded(events()), media_type="text/event-stream",
                                      headers={"x-lmforge-model-version": version})
         wholes = heads
         choices = [schemas.with_sources_choice({"text": (prompts[i // body.n] if body.echo else "") + w["text"],
@@ -257,6 +224,7 @@ class Api:
                                                 "finish_reason": w["finish_reason"]}, w)
                    for i, w in enumerate(wholes)]
         completion_tokens = sum(len(w["token_ids"]) for w in wholes)
+        report_usage(request, prompt_tokens + completion_tokens)
         self._capture("completion", rid, prompts, [w["text"] for w in wholes], version, body)
         self._record("completions", 200, start)
         response = schemas.completion_response(rid, body.model, choices, prompt_tokens, completion_tokens)
@@ -298,19 +266,21 @@ class Api:
                     usage = schemas.usage(prompt_tokens, tokens)
                     yield _sse(schemas.chat_chunk(rid, body.model, 0, {}, None, usage_=usage))
                 yield _sse("[DONE]")
+                report_usage(request, prompt_tokens + tokens)
                 self._capture("chat", rid, [prompt], texts, version, body)
                 self._record("chat", 200, start)
 
-            return StreamingResponse(events(), media_type="text/event-stream",
+            return StreamingResponse(guarded(events()), media_type="text/event-stream",
                                      headers={"x-lmforge-model-version": version})
         wholes = heads
         choices = [schemas.with_sources_choice({"index": i, "message": {"role": "assistant", "content": w["text"].strip()},
                                                 "logprobs": None, "finish_reason": w["finish_reason"]}, w)
                    for i, w in enumerate(wholes)]
+        completion_tokens = sum(len(w["token_ids"]) for w in wholes)
+        report_usage(request, prompt_tokens + completion_tokens)
         self._capture("chat", rid, [prompt], [w["text"] for w in wholes], version, body)
         self._record("chat", 200, start)
-        response = schemas.chat_response(rid, body.model, choices, prompt_tokens,
-                                         sum(len(w["token_ids"]) for w in wholes))
+        response = schemas.chat_response(rid, body.model, choices, prompt_tokens, completion_tokens)
         return JSONResponse({**response, "system_fingerprint": version})
 
     @api.post("/v1/embeddings", responses=schemas.REQUEST_ERRORS)
@@ -325,12 +295,13 @@ class Api:
         if not 1 <= len(inputs) <= self.sc.max_embedding_inputs:
             raise BadRequest(400, f"give 1 to {self.sc.max_embedding_inputs} inputs, got {len(inputs)}", param="input")
         embed = self.local.embed if self.local is not None else self.model.embed.remote
-        result = await embed(inputs)
+        result = await self.failover.call(lambda: embed(inputs))
         if "error" in result:
-            raise BadRequest(400, result["error"], param=result.get("param"))
+            raise refused(result, generation=False)
         if body.dimensions is not None and body.dimensions != len(result["embeddings"][0]):
             raise BadRequest(400, f"dimensions {body.dimensions}: this model's embeddings have "
                                   f"{len(result['embeddings'][0])}", param="dimensions")
+        report_usage(request, result["prompt_tokens"])
         self._record("embeddings", 200, start)
         return schemas.embedding_response(body.model, result["embeddings"], body.encoding_format, result["prompt_tokens"])
 
@@ -353,8 +324,11 @@ class Api:
 # their own (no cross-thread hops; our handlers never block: the decode loop has its own thread),
 # request logs buffered instead of flushed per line, no copy of every log line on stderr. Measured
 # with jobs/bench/serve.py's decomposition on the 2-core VM: about 4-5 ms less per request.
+# glibc's allocator: few arenas, freed memory given back to the OS (jobs/bench/soak.py: without these the
+# ingress's RSS grew 8.7% in 10 minutes while its Python heap stayed flat; malloc_trim gave most of it back).
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-               "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000", "RAY_SERVE_LOG_TO_STDERR": "0"}
+               "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000", "RAY_SERVE_LOG_TO_STDERR": "0",
+               "MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def _replica_env() -> dict:
@@ -363,12 +337,13 @@ def _replica_env() -> dict:
 
 def build_app(cfg: Config, store: ObjectStore | None = None):
     """The Serve application of ``cfg.serve`` (API keys are loaded here: a missing key fails now)."""
-    from lm.serve.auth import key_digests, load_api_keys
+    from lm.serve.auth import grants, load_api_keys
 
     sc = cfg.serve
     cfg = cfg.with_absolute_paths()
     store = store or ObjectStore(cfg.storage)
-    digests = key_digests(load_api_keys(sc))
+    ingress_replicas = sc.autoscaling.max_replicas if sc.colocate else 1  # each enforces its share of the limits
+    keys = grants(load_api_keys(sc), sc.key_limits, ingress_replicas)
     model_uri = sc.model or join_uri(cfg.run_uri, "model")
     if model_uri.startswith(REGISTRY):  # fail now (RegistryError) if the registry has no such version
         from lm.registry import Registry
@@ -386,11 +361,11 @@ def build_app(cfg: Config, store: ObjectStore | None = None):
                 "ray_actor_options": {"num_cpus": sc.replica_cpus, "num_gpus": sc.replica_gpus,
                                       "resources": sc.replica_resources, **_replica_env()}}
     if sc.colocate:  # one deployment: the model replicas answer HTTP themselves
-        return serve.deployment(Api).options(name="model", **replicas).bind(None, cfg, store, digests)
+        return serve.deployment(Api).options(name="model", **replicas).bind(None, cfg, store, keys)
     model = serve.deployment(ModelServer).options(name="model", **replicas).bind(cfg, store)
     ingress = serve.deployment(Api).options(
         name="api", ray_actor_options={"num_cpus": sc.ingress_cpus, **_replica_env()}, max_ongoing_requests=1000)
-    return ingress.bind(model, cfg, store, digests)
+    return ingress.bind(model, cfg, store, keys)
 
 
 def app_builder(args: dict):

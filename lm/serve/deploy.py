@@ -32,7 +32,7 @@ def ask_once(cfg: Config, prompt: str, store: ObjectStore | None = None) -> dict
     from lm.serve.auth import load_api_keys
 
     sc, gen = cfg.serve, cfg.generate
-    keys = sorted(load_api_keys(sc))
+    keys = [k.key.get_secret_value() for k in load_api_keys(sc)]
     start(cfg, store)
     host = "127.0.0.1" if sc.host in ("0.0.0.0", "::") else sc.host
     client = openai.OpenAI(base_url=f"http://{host}:{sc.port}{sc.route_prefix.rstrip('/')}/v1",

@@ -72,7 +72,8 @@ class FeedbackLog:
         uri = join_uri(self.prefix, time.strftime("%Y-%m-%d", time.gmtime()),
                        f"{self.writer}-{int(time.time() * 1000)}-{seq:06d}.jsonl")
         try:
-            self.store.write_text(uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in batch))
+            # ASCII JSON: no raw U+2028 or \x85 in a line, where str.splitlines() would cut a record
+            self.store.write_text(uri, "".join(json.dumps(r) + "\n" for r in batch))
         except Exception as err:  # keep the records; the next flush retries
             log.warning("feedback: writing %d records to %s failed: %s", len(batch), uri, err)
             with self._lock:

@@ -14,34 +14,64 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from lm import chat
+from lm.serve.openapi import openapi_schema as openapi_schema  # lm.serve.app serves it
 
 CHAT_STOPS = chat.CHAT_STOPS  # the template lives in lm.chat (shared with supervised fine-tuning)
+# Request models: no unknown fields, and no coercion (``"yes"`` or ``1`` is no boolean, ``false`` or ``"3"`` no
+# integer), so the server accepts exactly what the OpenAPI schema documents. As in JSON Schema, ``3.0`` is an
+# integer (Int).
+STRICT = ConfigDict(extra="forbid", strict=True)
+MODEL = "The served model's id (GET /v1/models: serve.model_name, lmforge unless configured)."
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Int(**bounds: int) -> Any:
+    """An integer field's type within ``bounds`` (ge, lt, ...): ``3.0`` is 3, ``true`` and ``"3"`` are refused."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+def one_of(field: str, shapes: str) -> Any:
+    """A union field's validator: one error naming the field and its documented ``shapes`` (param ``field``),
+    not one per member of the union (``prompt.list[constrained-str]``)."""
+    def check(cls, value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("shape", f"must be {shapes}") from None
+
+    return field_validator(field, mode="wrap")(classmethod(check))
 
 
 class RagOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    top_k: int | None = Field(None, ge=1, description="Passages to retrieve (default: rag.top_k).")
+    top_k: Int(ge=1) | None = Field(None, description="Passages to retrieve (default: rag.top_k).")
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    model: str = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
+    model: str = Field(..., min_length=1, description=MODEL, examples=["lmforge"])
+    max_tokens: Int(ge=1) | None = Field(None, description="Tokens to generate at most.")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1, le=2**31 - 1, description="lmforge extension: keep the k likeliest tokens.")
-    n: int = Field(1, ge=1)
+    top_k: Int(ge=1, le=2**31 - 1) | None = Field(None, description="lmforge extension: keep the k likeliest tokens.")
+    n: Int(ge=1) = 1
     stream: bool = False
-    stop: str | list[str] | None = Field(None)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="A 64-bit integer: the same seed and "
-                             "prompt give the same text (choice j of n uses seed + j).")
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(None, description="Up to 4 sequences.")
+    _stop = one_of("stop", "a string or a list of at most 4")
+    # bounded below 2**63, not at 2**63 - 1: FastAPI writes bounds as doubles, and 2**63 - 1 is none
+    seed: Int(ge=-(2**63), lt=2**63) | None = Field(None, description="A 64-bit integer: the same seed and "
+                                                    "prompt give the same text (choice j of n uses seed + j).")
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=0, le=0, description="Accepted for compatibility; only 0 is supported.")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="Accepted for compatibility; only 0 is supported.")
@@ -63,17 +93,18 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] = Field(..., description="A prompt or a list of prompts.")
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: str | Annotated[list[str], Field(min_length=1)] = Field(..., description="A prompt or a list of prompts.")
+    _prompt = one_of("prompt", "a string or a non-empty list of strings")
+    max_tokens: Int(ge=1) | None = 16
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5, description="Return the chosen tokens' log-probabilities.")
+    logprobs: Int(ge=0, le=5) | None = Field(None, description="Return the chosen tokens' log-probabilities.")
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     role: Literal["system", "user", "assistant"]
     content: str
@@ -81,14 +112,14 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     include_usage: bool = False
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int(ge=1) | None = None
     stream_options: StreamOptions | None = None
     logprobs: bool = False
 
@@ -96,13 +127,19 @@ class ChatRequest(_Request):
         return self.max_completion_tokens or self.max_tokens or default
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+Text = Annotated[str, Field(min_length=1)]
+Ids = Annotated[list[Int(ge=0)], Field(min_length=1)]
 
-    model: str = Field(..., min_length=1)
-    input: str | list[str] | list[int] | list[list[int]] = Field(..., description="Text(s) or token-id list(s).")
+
+class EmbeddingRequest(BaseModel):
+    model_config = STRICT
+
+    model: str = Field(..., min_length=1, description=MODEL, examples=["lmforge"])
+    input: Text | Annotated[list[Text], Field(min_length=1)] | Ids | Annotated[list[Ids], Field(min_length=1)] = Field(
+        ..., description="Text(s) or token-id list(s), none empty.")
+    _input = one_of("input", "a non-empty string or token-id list, or a non-empty list of them")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, description="Accepted only when it is the model's own width.")
+    dimensions: Int(ge=1) | None = Field(None, description="Accepted only when it is the model's own width.")
     user: str | None = None
 
     def inputs(self) -> list:
@@ -112,10 +149,12 @@ class EmbeddingRequest(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a rating, a correction or both (documented; the ingress answers 400 otherwise)
+    model_config = ConfigDict(**STRICT, json_schema_extra={"anyOf": [
+        {"required": [field], "properties": {field: {"not": {"type": "null"}}}} for field in ("rating", "correction")]})
 
     id: str = Field(..., pattern=r"^(cmpl|chatcmpl)-[A-Za-z0-9]+$", description="The id of a completion.")
-    rating: int | None = Field(None, ge=-1, le=1, description="-1 bad, 0 neutral, 1 good.")
+    rating: Int(ge=-1, le=1) | None = Field(None, description="-1 bad, 0 neutral, 1 good.")
     correction: str | None = Field(None, min_length=1, description="What the answer should have been.")
 
     def has_content(self) -> bool:
@@ -181,26 +220,18 @@ class ErrorResponse(BaseModel):
     error: ErrorObject
 
 
-AUTH_ERRORS = {401: {"model": ErrorResponse, "description": "Missing or invalid API key."}}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before sending the request again.", "required": True,
+                                "schema": {"type": "integer", "minimum": 1}}}
+# A route's ``responses`` (its documented statuses). AUTH_ERRORS: those of every /v1/ route (lm.serve.gate's
+# 401 and 429, lm.serve.errors' 503); REQUEST_ERRORS: those of a route with a body besides.
+AUTH_ERRORS = {401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
+               429: {"model": ErrorResponse, "headers": _RETRY_AFTER,
+                     "description": "The key's rate or concurrency limit is reached (serve.key_limits)."},
+               503: {"model": ErrorResponse, "headers": _RETRY_AFTER,
+                     "description": "No model replica could answer (the one serving the request went away)."}}
 REQUEST_ERRORS = {**AUTH_ERRORS, **{status: {"model": ErrorResponse, "description": why} for status, why in (
     (400, "Invalid request (names the param)."), (404, "Unknown model (or feedback capture off)."),
-    (413, "Request body larger than serve.max_body_bytes."))}}  # a route's ``responses``: documented statuses
-
-
-def openapi_schema(app: Any) -> dict:
-    """A FastAPI app's OpenAPI schema with the statuses the server answers (its routes' ``responses``):
-    errors are 400s in OpenAI's shape, never FastAPI's 422, which it adds to every route with a body."""
-    if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        for path in schema["paths"].values():
-            for operation in path.values():
-                operation["responses"].pop("422", None)
-        for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
-        app.openapi_schema = schema
-    return app.openapi_schema
+    (413, "Request body larger than serve.max_body_bytes."))}}
 
 
 def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,

@@ -5,9 +5,13 @@ hot reload under load with no failed request, the model in the ingress's replica
 following the registry's production alias (promotion and rollback), and autoscaling 1 → 2 → 1."""
 
 import json
+import os
+import random
 import re
+import signal
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,14 +19,37 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import schemathesis
+from schemathesis.config import SchemathesisConfig
 from serving import KEY, free_port, model_dir, settles_on, under_load
 
 from lm.config import load_config
+from lm.serve import app, schemas
 from lm.storage import ObjectStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).parents[2]
+LIMITED = {"busy": "sk-busy-0123456789abc", "rpm": "sk-rpm-0123456789abcd", "tpm": "sk-tpm-0123456789abcd"}
+KEY_FILE = f"""keys:
+  - {{name: busy, key: {LIMITED['busy']}, max_concurrent: 1}}
+  - {{name: rpm, key: {LIMITED['rpm']}, requests_per_minute: 3}}
+  - {{name: tpm, key: {LIMITED['tpm']}, tokens_per_minute: 20}}
+"""
+# The one exclusion from schemathesis' checks: positive_data_acceptance takes a 400 (added to its statuses) if
+# it names a limit of the deployment, which the schema cannot know: serve.max_tokens_limit, max_n, max_prompts,
+# max_embedding_inputs, the model's context, vocabulary and width, serve.rag, rag.max_top_k, serve.templates.
+# (A schema-valid prompt longer than the context is a correct 400.) at_deployment_limits checks the param.
+DEPLOYMENT_LIMITS = {"max_tokens", "n", "prompt", "input", "dimensions", "rag", "rag.top_k", "template", "template_vars"}
+FUZZ = {"headers": {"Authorization": f"Bearer {KEY}"}, "request-timeout": 60, "checks": {
+            "enabled": True, "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "401", "404", "429"]}},
+        "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True}, "fuzzing": {"enabled": True}},
+        "generation": {"max-examples": 300}, "suppress-health-check": ["too_slow"],  # a loaded 2-core machine
+        # most bodies name the served model and ask for few tokens, so they reach the model, not a 404 or 400
+        "dictionaries": {"served": {"values": ["lmforge"]}, "few": {"values": [1, 2, 5]}},
+        "parameters": {"body.model": {"dictionary": "served", "probability": 0.8},
+                       "body.max_tokens": {"dictionary": "few", "probability": 0.5}}}
+FUZZED = schemathesis.openapi.from_dict(schemas.openapi_schema(app.api), config=SchemathesisConfig.from_dict(FUZZ))
 FACTS = {"zembla.txt": "The capital of Zembla is Quixotl.\n\nZembla exports amber.",
          "orbis.txt": "Orbis is ruled by librarians with lanterns.",
          "rain.txt": "Rain falls on the northern hills."}
@@ -36,17 +63,19 @@ def server(ray_session, tmp_path_factory, monkeypatch_module):
     from lm.serve.deploy import start
 
     root = tmp_path_factory.mktemp("serve")
-    monkeypatch_module.setenv("LMFORGE_API_KEYS", f"other-key,{KEY}")
+    monkeypatch_module.setenv("LMFORGE_API_KEYS", f"sk-other-key-0123456789,{KEY}")
     port = free_port()
     (root / "facts").mkdir()
     for name, text in FACTS.items():
         (root / "facts" / name).write_text(text)
+    (root / "keys.yaml").write_text(KEY_FILE)
     overrides = [f"storage.root={root}", f"serve.port={port}", "serve.max_batch_size=4", "serve.replica_cpus=0.5",
                  "serve.rag=true", f"rag.sources=[{{name: facts, uri: '{root}/facts'}}]", "rag.passage_words=8",
                  "rag.overlap_words=2", 'serve.templates={qa: "Q: {prompt} ({tone})\\nA:"}',
                  "serve.autoscaling.max_replicas=2", "serve.autoscaling.target_ongoing_requests=2",
                  "serve.autoscaling.upscale_delay_s=1", "serve.autoscaling.downscale_delay_s=4",
-                 "serve.feedback.enabled=true", "serve.feedback.flush_interval_s=0.5", "serve.max_body_bytes=20000"]
+                 "serve.feedback.enabled=true", "serve.feedback.flush_interval_s=0.5", "serve.max_body_bytes=20000",
+                 f"serve.api_keys_file={root}/keys.yaml"]
     cfg = load_config(REPO / "configs/tiny.yaml", overrides)
     store = ObjectStore(cfg.storage)
     first = model_dir(store, cfg, f"{root}/models/v1", seed=1)
@@ -114,6 +143,35 @@ def test_auth(server):
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
 
 
+def test_per_key_limits_answer_429_with_retry_after(server):
+    """The key file's limits (requests in flight, requests and tokens per minute): 429 in OpenAI's shape with
+    Retry-After, for that key only."""
+    def post(key: str, max_tokens: int = 2, prompt: str | list[str] = "LIMIT:", n: int = 1) -> httpx.Response:
+        return httpx.post(f"{server['base']}/completions", timeout=60, headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "lmforge", "prompt": prompt, "n": n, "max_tokens": max_tokens,
+                                "temperature": 1})
+
+    def refused(r: httpx.Response, limit: str) -> bool:
+        error = r.json()["error"]
+        return (r.status_code == 429 and error["code"] == "rate_limit_exceeded" and limit in error["message"]
+                and 1 <= int(r.headers["retry-after"]) <= 60)
+
+    with ThreadPoolExecutor(4) as pool:  # 4 long requests (16 rows x 40 tokens) at once on a key allowed 1 in flight
+        answers = list(pool.map(lambda _: post(LIMITED["busy"], 40, [f"B{i}:" for i in range(8)], 2), range(4)))
+    assert any(r.status_code == 200 for r in answers), [r.text for r in answers]
+    assert any(refused(r, "1 concurrent requests") for r in answers), [r.text for r in answers]
+    assert [post(LIMITED["rpm"]).status_code for _ in range(3)] == [200] * 3
+    assert refused(post(LIMITED["rpm"]), "3 requests per minute")
+    with pytest.raises(openai.RateLimitError, match="3 requests per minute"):
+        openai.OpenAI(base_url=server["base"], api_key=LIMITED["rpm"], max_retries=0).models.list()
+    used, answer = 0, post(LIMITED["tpm"], 12)
+    while answer.status_code == 200 and used < 20:
+        used += answer.json()["usage"]["total_tokens"]
+        answer = post(LIMITED["tpm"], 12)
+    assert used >= 20 and refused(answer, "20 tokens per minute"), (used, answer.text)
+    assert post(KEY).status_code == 200  # other keys are not limited
+
+
 @pytest.mark.parametrize(("body", "status", "param"), [
     ('{"model": "lmforge", "prompt": "hi", ', 400, None),                           # malformed JSON
     ({"model": "lmforge", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),  # wrong type
@@ -131,6 +189,11 @@ def test_auth(server):
     ({"model": "lmforge", "prompt": "hi", "seed": 1208925819614629174706176}, 400, "seed"),  # beyond 64 bits
     ({"model": "lmforge", "prompt": "hi", "top_k": 10**20}, 400, "top_k"),            # beyond its range
     (b'{"model": "lmforge", "prompt": "caf\xe9"}', 400, None),                         # not UTF-8
+    ({"model": "lmforge", "prompt": "hi", "stream": "yes"}, 400, "stream"),           # no coercion: not a boolean
+    ({"model": "lmforge", "prompt": "hi", "n": True}, 400, "n"),                      # nor an integer
+    ({"model": "lmforge", "prompt": "hi", "max_tokens": "3"}, 400, "max_tokens"),
+    ({"model": "lmforge", "prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),    # 2.0 would be 2
+    ({"model": "lmforge", "prompt": "hi", "stop": ["", "", "", "", ""]}, 400, "stop"),  # at most 4, as documented
 ])
 def test_bad_requests_get_openai_style_4xx(server, body, status, param):
     content = body if isinstance(body, str | bytes) else json.dumps(body)
@@ -146,11 +209,14 @@ def test_bad_requests_get_openai_style_4xx(server, body, status, param):
 def test_openapi_documents_the_statuses_the_server_answers(server):
     """Every /v1 operation lists the errors it answers (OpenAI's shape), and no 422 (errors are 400s)."""
     spec = httpx.get(server["base"].removesuffix("/v1") + "/openapi.json", timeout=30).json()
-    answers = {"post": {"200", "400", "401", "404", "413"}, "get": {"200", "401"}}
+    answers = {"post": {"200", "400", "401", "404", "413", "429", "503"}, "get": {"200", "401", "429", "503"}}
     for path, operations in spec["paths"].items():
         for method, op in operations.items():
             if path.startswith("/v1/"):
                 assert set(op["responses"]) == answers[method], (path, method, op["responses"])
+                assert op["security"] == [{"apiKey": []}], (path, method)
+                for status in ("429", "503"):  # rate limited, no replica: both say when to come back
+                    assert op["responses"][status]["headers"]["Retry-After"]["required"], (path, status)
             assert "422" not in op["responses"], (path, method)
             for status, response in op["responses"].items():
                 if status != "200":
@@ -158,6 +224,41 @@ def test_openapi_documents_the_statuses_the_server_answers(server):
                     assert ref.endswith("/ErrorResponse"), (path, status)
     error = spec["components"]["schemas"]["ErrorObject"]
     assert set(error["required"]) == {"message", "type"} and "HTTPValidationError" not in spec["components"]["schemas"]
+    assert {**spec["components"]["securitySchemes"]["apiKey"], "description": ""} == {
+        "type": "http", "scheme": "bearer", "description": ""}
+    models = spec["components"]["schemas"]
+    seed = models["CompletionRequest"]["properties"]["seed"]["anyOf"][0]  # exact integers
+    assert [seed["minimum"], seed["exclusiveMaximum"]] == [-(2**63), 2**63] and isinstance(seed["minimum"], int), seed
+    shapes = {"prompt": ("CompletionRequest", "minItems", 1), "stop": ("CompletionRequest", "maxItems", 4),
+              "input": ("EmbeddingRequest", "minItems", 1)}  # what the server refuses whatever it serves
+    for field, (model, key, value) in shapes.items():
+        assert value in [b.get(key) for b in models[model]["properties"][field]["anyOf"]], (field, key)
+    for path, body in [("/v1/completions", "Completion"), ("/v1/chat/completions", "ChatCompletion")]:
+        content = spec["paths"][path]["post"]["responses"]["200"]["content"]
+        assert content["application/json"]["schema"]["$ref"].endswith(f"/{body}") and "text/event-stream" in content
+
+
+@pytest.fixture(scope="module")
+def fuzzed_root(server) -> str:
+    """The live app's address, once its /openapi.json is checked to be FUZZED's schema (built at collection from
+    lm.serve.app's routes: schemathesis' fixture-based loader, from_fixture, fails on pytest 9)."""
+    root = server["base"].removesuffix("/v1")
+    assert httpx.get(f"{root}/openapi.json", timeout=30).json() == FUZZED.raw_schema
+    return root
+
+
+def at_deployment_limits(ctx, response, case) -> None:
+    """positive_data_acceptance's exclusion kept narrow: a schema-valid request refused names a deployment limit."""
+    if case.meta is not None and case.meta.generation.mode.is_positive and response.status_code == 400:
+        error = response.json()["error"]
+        assert error["param"] in DEPLOYMENT_LIMITS, f"a schema-valid request refused: {error}"
+
+
+@FUZZED.parametrize()
+def test_fuzzing_finds_no_failure(case, fuzzed_root):
+    """schemathesis against the live app, each operation on its own: every check, the coverage and fuzzing
+    phases (FUZZ)."""
+    case.call_and_validate(base_url=fuzzed_root, additional_checks=[at_deployment_limits])
 
 
 def test_chat_bad_input(server):
@@ -221,7 +322,8 @@ def test_metrics_are_exported_in_prometheus_format(server, ray_session):
 def test_feedback_is_captured_as_jsonl(server):
     client, store = server["client"], ObjectStore(server["cfg"].storage)
     done = client.completions.create(model="lmforge", prompt="FEEDBACK:", max_tokens=4, temperature=0)
-    r = httpx.post(f"{server['base']}/feedback", json={"id": done.id, "rating": 1, "correction": "Good morrow."},
+    correction = "Good morrow.\u2028Fare thee well.\x85"  # line breaks to str.splitlines (lm.continual reads so)
+    r = httpx.post(f"{server['base']}/feedback", json={"id": done.id, "rating": 1, "correction": correction},
                    headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200 and r.json()["recorded"]
     bad = httpx.post(f"{server['base']}/feedback", json={"id": "nonsense"}, headers={"Authorization": f"Bearer {KEY}"})
@@ -236,7 +338,7 @@ def test_feedback_is_captured_as_jsonl(server):
         time.sleep(0.5)
     completion = [r for r in records if r.get("id") == done.id and r["type"] == "completion"]
     assert completion and completion[0]["prompts"] == ["FEEDBACK:"] and completion[0]["completions"] == [done.choices[0].text]
-    assert any(r["type"] == "feedback" and r["correction"] == "Good morrow." for r in records)
+    assert any(r["type"] == "feedback" and r["correction"] == correction for r in records)
 
 
 def test_embeddings_through_the_openai_client(server):
@@ -396,6 +498,60 @@ def test_autoscaling_up_under_load_and_back_down(server):
     while time.monotonic() < deadline and running() > 1:
         time.sleep(0.5)
     assert running() == 1
+
+
+def test_a_killed_model_replica_fails_no_whole_request(server):
+    """Chaos: one of 2 model replicas killed (SIGKILL) at a random moment under load: every non-streamed request
+    is answered (the ingress sends it again to the other replica). With a single replica, the requests it held
+    get 503 with Retry-After (never 500) and the next ones are answered by its replacement."""
+    from ray.util.state import list_actors
+
+    from lm.serve.deploy import start
+
+    def alive() -> set[int]:
+        return {a.pid for a in list_actors(filters=[("class_name", "=", "ServeReplica:lmforge:model"),
+                                                    ("state", "=", "ALIVE")])}
+
+    def kill_one_under_load(replicas: int, moment: float) -> list[httpx.Response]:
+        old = alive()  # the new config restarts the replicas: wait for the old ones to be gone
+        start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], f"serve.model={server['v1']}",
+                                                        f"serve.autoscaling.min_replicas={replicas}",
+                                                        f"serve.autoscaling.max_replicas={replicas}"]))
+        deadline, pids = time.monotonic() + 90, old
+        while time.monotonic() < deadline and (pids & old or len(pids) != replicas):
+            time.sleep(0.5)
+            pids = alive()
+        assert len(pids) == replicas and not pids & old, (pids, old)
+        stop, answers = threading.Event(), []
+        # 8 prompts x n=2, 40 tokens each: every request keeps the replicas busy for a while
+        body = {"model": "lmforge", "prompt": [f"P{i}:" for i in range(8)], "n": 2, "max_tokens": 40, "temperature": 1}
+
+        def load() -> None:
+            with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
+                while not stop.is_set():
+                    answers.append(http.post(f"{server['base']}/completions", json=body))
+
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(moment)
+        os.kill(min(pids), signal.SIGKILL)
+        time.sleep(6)
+        stop.set()
+        for t in threads:
+            t.join()
+        return answers
+
+    seed = random.randrange(10**6)
+    moment = random.Random(seed).uniform(1.0, 3.0)
+    print(f"chaos seed {seed}: kill at {moment:.2f} s")
+    statuses = Counter(r.status_code for r in kill_one_under_load(2, moment))
+    assert set(statuses) == {200} and statuses[200] > 6, (seed, statuses)
+    answers = kill_one_under_load(1, moment)
+    statuses = Counter(r.status_code for r in answers)
+    assert set(statuses) == {200, 503} and statuses[200] > 3, (seed, statuses)
+    assert all(int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "replica_unavailable"
+               for r in answers if r.status_code == 503)
 
 
 def test_lm_serve_ask_deploys_answers_through_the_openai_client_and_stops(server):

@@ -2,6 +2,7 @@
 RayService is what its command renders, secrets and entrypoints refer to things that exist, and the
 cluster launcher YAMLs pass Ray's own schema."""
 
+import json
 import re
 from importlib.metadata import version
 from pathlib import Path
@@ -96,3 +97,75 @@ def test_the_runtime_env_file_is_a_ray_runtime_env():
     env = yaml.safe_load((REPO / "cluster/runtime-env.yaml").read_text())
     RuntimeEnv(**env)  # Ray validates the fields
     assert ".venv" in env["excludes"] and "AWS_SECRET_ACCESS_KEY" not in env["env_vars"]
+
+
+# ------------------------------------------------------------------------------ the trust boundary
+
+DASHBOARD = 8265  # the dashboard and its Jobs API, which runs any command it is sent
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_the_vm_clusters_keep_the_dashboard_on_the_heads_loopback(name):
+    cfg = yaml.safe_load((REPO / "cluster" / name).read_text())
+    heads = [c for c in cfg["head_start_ray_commands"] if c.startswith("ray start")]
+    assert heads and all(re.findall(r"--dashboard-host[= ](\S+)", c) == ["127.0.0.1"] for c in heads), heads
+
+
+def _exposes_dashboard(ports: list) -> bool:
+    return any(DASHBOARD in (p.get("port"), p.get("targetPort")) or "dashboard" in (p.get("name"), p.get("targetPort"))
+               for p in ports or [])
+
+
+def _outside_services(node):
+    """Every Service-like spec in a manifest that reaches beyond the cluster (LoadBalancer, NodePort)."""
+    if isinstance(node, dict):
+        if node.get("type") in ("LoadBalancer", "NodePort"):
+            yield node
+        for value in node.values():
+            yield from _outside_services(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _outside_services(item)
+
+
+def test_kubernetes_reaches_the_dashboard_only_through_a_clusterip_service():
+    heads = []
+    for path in MANIFESTS:
+        for doc in docs(path):
+            for head in walk(doc, "headGroupSpec"):  # KubeRay's head Service carries every head port, 8265 too
+                heads.append(path.name)
+                assert head.get("serviceType") == "ClusterIP" and head.get("enableIngress") is False, path.name
+                assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # the Service must reach the pod
+            assert not any(_exposes_dashboard(s.get("ports")) for s in _outside_services(doc)), path.name
+            assert not any(v is True for v in walk(doc, "enableIngress")), path.name
+            if doc.get("kind") == "Ingress":
+                backends = [s.get("port", {}) for s in walk(doc, "service")]
+                assert not any(b.get("number") == DASHBOARD or b.get("name") == "dashboard" for b in backends)
+    assert sorted(heads) == ["raycluster.yaml", "rayservice.yaml"]
+    notes = (REPO / "infra/README.md").read_text()
+    assert "kubectl port-forward svc/lmforge-head-svc 8265:8265" in notes and "ClusterIP" in notes
+
+
+def test_the_docs_submit_jobs_through_a_tunnel():
+    """Every `--address http://…` example outside Kubernetes goes to 127.0.0.1 (`ray dashboard`, ssh -L)."""
+    files = [REPO / "README.md", REPO / "cluster/README.md", *sorted((REPO / "cluster").glob("*.yaml"))]
+    found = {}
+    for path in files:
+        name = str(path.relative_to(REPO))
+        found[name] = re.findall(r"--address[= ](https?://\S+)", path.read_text())
+        assert all(a.startswith("http://127.0.0.1:8265") for a in found[name]), (name, found[name])
+    assert len(found["README.md"]) >= 2 and found["cluster/README.md"] and found["cluster/aws.yaml"]
+    assert "ray dashboard cluster/aws.yaml" in (REPO / "README.md").read_text()
+
+
+def test_only_the_jobs_role_may_write_the_runs_bucket():
+    """DeepSpeed and Ray Tune unpickle what they resume from: the bucket policy denies every other writer."""
+    profile = yaml.safe_load((REPO / "cluster/aws.yaml").read_text())["available_node_types"]["head"]
+    role = profile["node_config"]["IamInstanceProfile"]["Arn"].replace(":instance-profile/", ":role/")
+    runs = next(b for b in json.loads((REPO / "infra/bucket.json").read_text())["buckets"] if b["name"] == "lmforge-runs")
+    denies = [s for s in runs["policy"]["Statement"] if s["Effect"] == "Deny" and s["Principal"] == "*"]
+    assert any({"s3:PutObject", "s3:DeleteObject"} <= set(s["Action"]) and s["Resource"] == "arn:aws:s3:::lmforge-runs/*"
+               and s["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": [role]}} for s in denies), denies
+    granted = json.loads((REPO / "infra/iam-policy.json").read_text())["Statement"]
+    writes = [s["Resource"] for s in granted if "s3:PutObject" in s["Action"]]
+    assert writes == [["arn:aws:s3:::lmforge-runs/*"]]  # the role writes the runs bucket only

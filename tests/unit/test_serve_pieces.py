@@ -10,9 +10,11 @@ import yaml
 from pydantic import ValidationError
 
 from lm.config import ConfigError, load_config
+from lm.config.serve import KeyLimits
 from lm.serve import schemas
-from lm.serve.auth import authorized, key_digests, load_api_keys
+from lm.serve.auth import grants, identify, load_api_keys
 from lm.serve.feedback import FeedbackLog
+from lm.serve.limits import Limiter
 from lm.storage import ObjectStore
 
 REPO = Path(__file__).parents[2]
@@ -22,24 +24,72 @@ def serve_cfg(*extra: str):
     return load_config(REPO / "configs/tiny.yaml", list(extra)).serve
 
 
-def test_api_keys_from_env_and_file_checked_by_digest(tmp_path):
-    secret = tmp_path / "keys"
-    secret.write_text("# keys\nfile-key\n\n")
-    keys = load_api_keys(serve_cfg(f"serve.api_keys_file={secret}"), {"LMFORGE_API_KEYS": " env-a, env-b ,"})
-    assert keys == {"env-a", "env-b", "file-key"}
-    digests = key_digests(keys)
-    assert "env-a" not in digests and all(len(d) == 64 for d in digests)
-    assert authorized("Bearer env-b", digests) and authorized("Bearer file-key", digests)
-    assert not authorized("Bearer env-c", digests) and not authorized("env-a", digests) and not authorized(None, digests)
-    assert authorized(None, frozenset())  # auth off
+A, B, C = "sk-env-a-0123456789ab", "sk-env-b-0123456789ab", "sk-file-0123456789abcd"
 
 
-def test_missing_keys_fail_before_anything_starts(tmp_path):
-    with pytest.raises(ConfigError, match=r"\$LMFORGE_API_KEYS"):
-        load_api_keys(serve_cfg(), {})
-    with pytest.raises(ConfigError, match="does not exist"):
-        load_api_keys(serve_cfg(f"serve.api_keys_file={tmp_path}/absent"), {"LMFORGE_API_KEYS": "k"})
-    assert load_api_keys(serve_cfg("serve.require_auth=false"), {}) == frozenset()
+def test_api_keys_from_env_and_key_file_with_roles_and_limits(tmp_path):
+    secret = tmp_path / "keys.yaml"
+    secret.write_text(f"keys:\n  - {{name: ops, key: {C}, role: admin, requests_per_minute: 7}}\n")
+    cfg = serve_cfg(f"serve.api_keys_file={secret}", "serve.key_limits.max_concurrent=4",
+                    "serve.key_limits.requests_per_minute=100")
+    keys = load_api_keys(cfg, {"LMFORGE_API_KEYS": f" {A}, {B} ,"})
+    assert [k.name for k in keys] == ["$LMFORGE_API_KEYS[0]", "$LMFORGE_API_KEYS[1]", "ops"]
+    table = grants(keys, cfg.key_limits, replicas=2)  # each of 2 ingress replicas enforces half, rounded up
+    assert A not in table and all(len(d) == 64 for d in table)
+    ops = table[identify(f"Bearer {C}", table)]
+    assert ops.role == "admin" and (ops.limits.requests_per_minute, ops.limits.max_concurrent) == (4, 2)
+    assert table[identify(f"Bearer {B}", table)].limits.requests_per_minute == 50
+    assert identify("Bearer sk-env-c-0123456789ab", table) is None and identify(A, table) is None
+    assert identify(None, table) is None and identify(None, {}) == ""  # "": auth off
+
+
+@pytest.mark.parametrize("env, content, match", [
+    ("", None, r"no API key is configured: set \$LMFORGE_API_KEYS"),
+    (A, "absent", "does not exist"),
+    (f"{A},short-key", None, r"\$LMFORGE_API_KEYS\[1\] is shorter than 16 characters"),
+    ("REPLACE-ME-1-0000000000", None, r"\$LMFORGE_API_KEYS\[0\] is a placeholder"),
+    ("", "keys:\n  - {name: bot, key: changeme-changeme-1}\n", r"bot in .*keys.yaml is a placeholder"),
+    ("", "keys:\n  - {name: bot, key: sk-0123456789abcdef, rpm: 3}\n", r"keys.0.rpm: Extra inputs"),
+    ("", "keys: [name: {key: sk-0123456789abcdef\n", r"keys.yaml: line \d+: not YAML"),
+])
+def test_bad_keys_fail_before_anything_starts_naming_where_never_the_key(tmp_path, env, content, match):
+    extra = []
+    if content is not None:
+        path = tmp_path / "keys.yaml"
+        if content != "absent":
+            path.write_text(content)
+        extra = [f"serve.api_keys_file={path}"]
+    with pytest.raises(ConfigError, match=match) as err:
+        load_api_keys(serve_cfg(*extra), {"LMFORGE_API_KEYS": env})
+    assert "0123456789" not in str(err.value) and "changeme" not in str(err.value)
+
+
+def test_the_shipped_placeholder_keys_are_refused():
+    shipped = next(d for d in yaml.safe_load_all((REPO / "infra/secrets.yaml").read_text())
+                   if d["metadata"]["name"] == "lmforge-api-keys")["stringData"]["LMFORGE_API_KEYS"]
+    with pytest.raises(ConfigError, match=r"is a placeholder|shorter than 16"):
+        load_api_keys(serve_cfg(), {"LMFORGE_API_KEYS": shipped})
+
+
+def test_no_key_is_fine_only_without_auth():
+    assert load_api_keys(serve_cfg("serve.require_auth=false"), {}) == []
+
+
+def test_limiter_counts_requests_tokens_and_concurrency_per_key():
+    limiter = Limiter({"a": KeyLimits(requests_per_minute=3, max_concurrent=2), "b": KeyLimits(tokens_per_minute=100)})
+    assert limiter.admit("a", 0.0) is None and limiter.admit("a", 1.0) is None
+    assert limiter.admit("a", 2.0) == (1.0, "2 concurrent requests")  # two in flight
+    limiter.release("a", 10, 2.0)
+    assert limiter.admit("a", 3.0) is None
+    limiter.release("a", 10, 3.0)
+    limiter.release("a", 10, 3.0)
+    assert limiter.admit("a", 30.0) == (30.0, "3 requests per minute")  # the first start leaves the window at 60
+    assert limiter.admit("a", 60.5) is None
+    for t, used in ((0.0, 60), (10.0, 50)):
+        assert limiter.admit("b", t) is None
+        limiter.release("b", used, t)
+    assert limiter.admit("b", 20.0) == (40.0, "100 tokens per minute")  # 110 used; 50 once the first 60 expire
+    assert limiter.admit("b", 60.0) is None and limiter.admit("other", 0.0) is None
 
 
 def test_serve_config_checks_batching_and_replica_bounds():
