@@ -17,7 +17,11 @@ and counted (``StreamPosition.dropped_rows``). A batch may straddle two epochs.
 **Resume**: the position is (epoch, plan, world, rows each rank consumed of its piece). With the same
 world every rank goes on with exactly its next rows; with another world the rows no rank had read yet
 (and the epoch's dropped tail) become the new plan, cut into the new number of pieces: the same global
-row position.
+row position. On a world ``k`` times smaller, when each worker's micro-batches per step are a multiple
+of ``k`` (the global batch kept by gradient accumulation), :func:`train_stream` does not re-cut: worker
+r hosts the streams of the saved ranks r·k … r·k+k-1 (:class:`HostedStreams`) and takes its micro-batches
+from them in turn, so every step reads the same rows as on the larger world, and the position keeps the
+larger world's cut (a later resume on it is exact).
 """
 
 from __future__ import annotations
@@ -327,12 +331,39 @@ class RowStream:
         return False
 
 
+class HostedStreams:
+    """Several saved ranks' streams in one worker (see the module docstring): ``next_rows`` takes from each
+    in turn. Between steps every stream has given the same number of rows, so they share one position."""
+
+    def __init__(self, streams: list[RowStream]):
+        self.streams, self.turn = streams, 0
+
+    def position(self) -> StreamPosition:
+        first = self.streams[0].position()
+        if any(s.position() != first for s in self.streams[1:]):
+            raise RuntimeError("hosted streams read unevenly: a position is taken between two steps only")
+        return first
+
+    def next_rows(self, n: int) -> Rows:
+        stream = self.streams[self.turn]
+        self.turn = (self.turn + 1) % len(self.streams)
+        return stream.next_rows(n)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
 
 def train_stream(store: ObjectStore, data_uri: str, tc, rank: int = 0, world: int = 1,
-                 position: StreamPosition | None = None) -> RowStream:
-    """Rank ``rank``'s stream of the train split with the settings of ``tc`` (a TrainConfig)."""
-    return RowStream(ParquetSplit.open(store, data_uri, "train"), tc.seed, rank, world, tc.shuffle_window_rows,
-                     tc.prefetch_chunks, position)
+                 position: StreamPosition | None = None, micro_batches: int = 1) -> RowStream | HostedStreams:
+    """Rank ``rank``'s stream of the train split with the settings of ``tc`` (a TrainConfig); ``micro_batches``
+    per step on each worker (gradient accumulation) decides whether a smaller world hosts the saved ranks."""
+    split = ParquetSplit.open(store, data_uri, "train")
+    k = position.world // world if position is not None and position.world % world == 0 else 1
+    if k > 1 and micro_batches % k == 0:
+        return HostedStreams([RowStream(split, tc.seed, rank * k + i, position.world, tc.shuffle_window_rows,
+                                        tc.prefetch_chunks, position) for i in range(k)])
+    return RowStream(split, tc.seed, rank, world, tc.shuffle_window_rows, tc.prefetch_chunks, position)
 
 
 def validation_rows(store: ObjectStore, data_uri: str, tc) -> Rows | tuple[None, None]:

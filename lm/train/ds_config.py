@@ -14,12 +14,14 @@ from lm.config import Config, TrainConfig
 from lm.model import num_params
 
 
-def deepspeed_config(tc: TrainConfig, *, seq_len: int, on_gpu: bool) -> dict:
+def deepspeed_config(tc: TrainConfig, *, seq_len: int, on_gpu: bool, universal: bool = False) -> dict:
     """ZeRO stage and offload, precision, micro-batch and accumulation, clipping, AdamW.
 
     The optimizer is DeepSpeed's: DeepSpeedCPUAdam when the optimizer state is offloaded, else
     ``torch.optim.AdamW`` (``torch_adam``), so no op needs compiling for a plain CPU or GPU run. The
     learning rate follows our schedule (lm.train.optim.lr_at), given to DeepSpeed as a scheduler.
+    ``universal``: the engine's ``load_checkpoint`` reads a universal checkpoint (a resume on another
+    number of workers, lm.train.resume).
     """
     if tc.precision == "fp16" and not on_gpu:
         raise ValueError("precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
@@ -47,6 +49,8 @@ def deepspeed_config(tc: TrainConfig, *, seq_len: int, on_gpu: bool) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
     if tc.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif tc.precision == "fp16":

@@ -19,17 +19,19 @@ from lm.train.ds_config import deepspeed_config
 from lm.train.optim import lr_at, param_groups
 
 
-def initialize_engine(model: torch.nn.Module, tc: TrainConfig, *, seq_len: int, on_gpu: bool) -> Any:
+def initialize_engine(model: torch.nn.Module, tc: TrainConfig, *, seq_len: int, on_gpu: bool,
+                      universal: bool = False) -> Any:
     """``deepspeed.initialize`` with lm.train.ds_config's config; the learning rate follows
     :func:`lm.train.optim.lr_at` (a LambdaLR DeepSpeed steps and checkpoints); ``train.compile``
-    compiles the model through the engine."""
+    compiles the model through the engine. ``universal``: its ``load_checkpoint`` reads a universal
+    checkpoint (lm.train.resume)."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, tc.weight_decay),
-        config=deepspeed_config(tc, seq_len=seq_len, on_gpu=on_gpu),
+        config=deepspeed_config(tc, seq_len=seq_len, on_gpu=on_gpu, universal=universal),
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_at(step, tc) / tc.lr),
     )
     if tc.compile:

@@ -12,21 +12,24 @@ builds the trainer). Each worker:
 * every ``log_interval`` steps: loss, lr, grad norm, tokens/s, MFU and memory (rank 0 prints them and
   writes TensorBoard events); every ``eval_interval`` steps: validation loss and bits per byte, a
   DeepSpeed checkpoint (+ RNG, history, a consolidated copy of the weights) reported to Ray Train;
+  what lmforge adds to a checkpoint holds no pickle (RNG and weights in safetensors, the state in JSON);
+  DeepSpeed's own ``*_states.pt`` files are pickles, read back by its ``load_checkpoint`` (the storage
+  must be writable only by the job: README, "Trust boundary");
 * at the end, rank 0 publishes the consolidated model directory (lm.modeldir) at ``<run>/model``.
 
 With ``train.distill.teacher`` every worker also holds the frozen teacher (lm.compress.distill) and
 trains on its distillation loss; ``distill_ce`` / ``distill_kl`` join the logged metrics.
 
 Resume: from ``ray.train.get_checkpoint()`` (a restarted worker group, or a re-run of the same run):
-model, optimizer, scheduler, step, RNG and the data position (lm.data.stream.StreamPosition) come back,
-so the curve goes on as if never stopped. With a different number of workers the consolidated weights
-are loaded instead and the optimizer moments start afresh (DeepSpeed's ZeRO shards are tied to the world
-size); the data goes on from the same global row position (the rows no worker had read yet).
+model, optimizer (Adam moments), scheduler, step, RNG and the data position (lm.data.stream.StreamPosition)
+come back, so the curve goes on as if never stopped; on another number of workers too, through DeepSpeed's
+universal checkpoint, converted once and cached next to the checkpoint (lm.train.resume, which also says
+what happens to each rank's RNG and data when the count changes).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import sys
@@ -37,23 +40,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from lm.compress.distill import distill_loss, load_teacher, teacher_logits
 from lm.compress.distill import lineage as distill_lineage
 from lm.config import Config, join_uri
 from lm.data.manifest import read_manifest
-from lm.data.stream import StreamPosition, train_stream, validation_rows
+from lm.data.stream import train_stream, validation_rows
 from lm.model import Transformer, flops_per_token
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
 from lm.train.engine import initialize_engine
 from lm.train.local import to_inputs_targets
 from lm.train.optim import EarlyStopping, lr_at
-from lm.train.rng import load_rng_state, save_rng_state
+from lm.train.resume import TAG, Resume, TrainerState, checkpoint_uri, restore, restore_rng
+from lm.train.rng import save_rng_state
 
-TAG = "state"  # the DeepSpeed checkpoint tag inside every Ray Train checkpoint
-STATE = "trainer_state.json"
-WEIGHTS = "consolidated.pt"
+WEIGHTS = "consolidated.safetensors"  # the full weights of every checkpoint (no longer needed to resume)
 
 
 def build_model(cfg: Config, vocab_size: int) -> Transformer:
@@ -154,32 +157,35 @@ class Worker:
     # ------------------------------------------------------------------------------ set-up and resume
 
     def _engine(self, checkpoint) -> Any:
+        """The DeepSpeed engine, with everything a checkpoint holds restored (lm.train.resume)."""
         tc = self.tc
-        with (checkpoint.as_directory() if checkpoint else tempfile.TemporaryDirectory()) as folder:
-            state = json.loads((Path(folder) / STATE).read_text()) if checkpoint else None
-            position = StreamPosition.model_validate(state["data"]) if state and "data" in state else None
-            self.stream = train_stream(self.store, self.data, tc, self.rank, self.world, position)
-            same_world = state is not None and state["world_size"] == self.world
-            if state is not None and not same_world:  # ZeRO shards fit one world size: reload the weights
-                self.model.load_state_dict(torch.load(Path(folder) / WEIGHTS, weights_only=True), strict=False)
-            engine = initialize_engine(self.model, tc, seq_len=self.cfg.seq_len, on_gpu=self.device.type == "cuda")
-            torch.manual_seed(tc.seed + 1000 * self.rank)  # dropout differs across ranks
+        with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as folder:
+            source = None if checkpoint is None else Resume(
+                folder=Path(folder), uri=checkpoint_uri(self.store, self.cfg.run_uri, checkpoint.path),
+                state=TrainerState.read(Path(folder)), world=self.world, zero_stage=tc.zero_stage)
+            state = source.state if source else None
+            self.stream = train_stream(self.store, self.data, tc, self.rank, self.world, state and state.data,
+                                       micro_batches=tc.grad_accum(self.cfg.seq_len))
+            engine = initialize_engine(self.model, tc, seq_len=self.cfg.seq_len, on_gpu=self.device.type == "cuda",
+                                       universal=source is not None and source.mode == "universal")
+            if source is not None:
+                restore(engine, source, self.store, self.rank)
+            restore_rng(source and source.folder, self.rank, tc.seed, state.step if state else 0)
             if state is not None:
-                if same_world:
-                    engine.load_checkpoint(folder, tag=TAG)
-                    rng = Path(folder) / f"rng-{self.rank}.safetensors"
-                    if rng.exists():  # a checkpoint older than this format kept it as a pickle: not read
-                        load_rng_state(rng)
-                else:
-                    for _ in range(state["step"]):  # the schedule resumes where it was
-                        engine.lr_scheduler.step()
-                self.step = state["step"]
-                self.stopping = EarlyStopping(tc.early_stopping_patience, state["best"], state["bad_evals"])
-                self.history = state["history"]
+                self.step, self.history = state.step, state.history
+                self.stopping = EarlyStopping(tc.early_stopping_patience, state.best, state.bad_evals)
                 if self.rank == 0:
-                    how = "exactly" if same_world else f"from weights ({state['world_size']} → {self.world} workers)"
-                    _say(f"resumed at step {self.step} {how}")
+                    _say(f"resumed at step {self.step} {source.describe()}{self._batch_change(state)}")
         return engine
+
+    def _tokens_per_step(self) -> int:
+        return self.tc.batch_size * self.tc.grad_accum(self.cfg.seq_len) * self.world * self.cfg.seq_len
+
+    def _batch_change(self, state: TrainerState) -> str:
+        """A note when the global batch is not the checkpoint's (no ``train.global_batch_tokens``)."""
+        if state.tokens_per_step in (None, self._tokens_per_step()):
+            return ""
+        return f"; global batch {state.tokens_per_step} → {self._tokens_per_step()} tokens (set train.global_batch_tokens)"
 
     def _tensorboard(self):
         if self.rank != 0:
@@ -309,20 +315,21 @@ class Worker:
             state = self.engine.module.state_dict()
         if self.rank != 0:
             return None
-        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+        return {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}  # no shared storage
 
     def _report(self, record: dict[str, Any]) -> None:
         import ray.train
 
-        state = {"step": self.step, "best": self.stopping.best, "bad_evals": self.stopping.bad_evals, "world_size": self.world,
-                 "history": self.history, "data": self.stream.position().model_dump(mode="json")}
+        state = TrainerState(step=self.step, best=self.stopping.best, bad_evals=self.stopping.bad_evals,
+                             world_size=self.world, history=self.history, data=self.stream.position(),
+                             tokens_per_step=self._tokens_per_step())
         with tempfile.TemporaryDirectory(prefix="lm-ckpt-") as tmp:
             self.engine.save_checkpoint(tmp, tag=TAG)
             save_rng_state(Path(tmp) / f"rng-{self.rank}.safetensors")
             weights = self._weights()
             if self.rank == 0:
-                torch.save(weights, Path(tmp) / WEIGHTS)
-                (Path(tmp) / STATE).write_text(json.dumps(state))
+                save_file(weights, str(Path(tmp) / WEIGHTS), metadata={"format": "pt"})
+                state.write(Path(tmp))
                 self.writer.flush()
                 self.store.upload_dir(self.tb_dir, join_uri(self.cfg.run_uri, "train", "tensorboard"))
             metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}

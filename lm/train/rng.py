@@ -6,6 +6,7 @@ The state goes into a safetensors file instead: the generators' words as integer
 
     save_rng_state(folder / "rng-0.safetensors")
     load_rng_state(folder / "rng-0.safetensors")   # the next draws are the ones the saved run would make
+    seed_rank(seed, rank, step)                    # a rank with no saved state (a fresh run, a new rank)
 """
 
 from __future__ import annotations
@@ -45,3 +46,14 @@ def load_rng_state(path: Path) -> None:
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def seed_rank(seed: int, rank: int, step: int) -> None:
+    """Seed Python, NumPy and torch (CUDA too) of a rank that has no saved RNG state: from (``seed``, ``rank``,
+    ``step``) through NumPy's SeedSequence, so ranks draw different streams (dropout) and a rank that starts at
+    ``step`` (0 for a fresh run, a resume's step for a rank beyond the checkpoint's count) draws the same ones
+    every time it does."""
+    value = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)

@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from lm.data.loader import shard_bytes
-from lm.data.stream import ArraySplit, ParquetSplit, RowStream, StreamPosition, read_head
+from lm.data.stream import ArraySplit, HostedStreams, ParquetSplit, RowStream, StreamPosition, read_head
 
 
 def numbered(n: int, width: int = 3) -> np.ndarray:
@@ -174,3 +174,23 @@ def test_each_rank_reads_about_its_share_of_the_shards(tmp_path):
     # its piece plus, at most, the rest of the two windows (2 row groups each) it starts and ends in
     assert all(b <= share + 2 * 2 * total / 32 for b in read), (read, share)
     assert sum(read) >= total * 0.9
+
+
+def test_a_world_k_times_smaller_hosts_the_saved_ranks_and_reads_the_same_rows_each_step():
+    """2 → 1 worker with twice the micro-batches: every step takes the rows the 2 ranks would have taken
+    (across an epoch's end too), and the position stays cut for 2 (resuming it on 2 is exact)."""
+    split = ArraySplit(numbered(101), unit_rows=9)
+    straight = [RowStream(split, seed=4, rank=r, world=2, window_rows=20) for r in range(2)]
+    steps = [[i for s in straight for i in take(s, 2, 5)] for _ in range(14)]  # 2 micro-batches of 5 per rank
+    position = StreamPosition(rows=101, world=2, consumed=30)  # after 3 steps
+    for s in straight:
+        s.close()
+    hosted = HostedStreams([RowStream(split, seed=4, rank=r, world=2, window_rows=20, position=position)
+                            for r in range(2)])
+    for step in steps[3:]:  # 4 micro-batches a step; a piece is 50 rows: epochs end after steps 5 and 10
+        assert sorted(i for _ in range(4) for i in ids(hosted.next_rows(5)[0])) == sorted(step)
+    assert hosted.position() == StreamPosition(rows=101, epoch=2, world=2, consumed=40, dropped_rows=2)
+    hosted.next_rows(5)
+    with pytest.raises(RuntimeError, match="between two steps"):
+        hosted.position()
+    hosted.close()
