@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 
+SERVE_PROXY_MIDDLEWARES = "lm.serve.proxy:middlewares"  # a dead replica's requests: 503, not a bare 500
+
 
 def worker_env() -> dict[str, str]:
-    """Environment for Ray workers: CPU or GPU DeepSpeed, and the JIT-compiled ops cache of this process."""
-    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    """Environment for Ray workers: CPU or GPU DeepSpeed, the JIT-compiled ops cache of this process, and
+    the middleware Serve's HTTP proxy loads (lm.serve.proxy) when this job starts Serve."""
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+           "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": SERVE_PROXY_MIDDLEWARES}
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     return env

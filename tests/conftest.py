@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from lm.cluster import worker_env
 from lm.config import StorageConfig
 from lm.storage import ObjectStore
 from lm.storage.seaweed import weed_binary, weed_command
@@ -175,7 +176,7 @@ def ray_session() -> Iterator[Any]:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+             runtime_env={"env_vars": {**worker_env(), "DS_ACCELERATOR": "cpu"}})
     try:
         yield ray
     finally:

@@ -6,7 +6,7 @@ replica (nothing to fail over to), the route answers 503 with Retry-After (lm.se
 
 A stream whose replica dies after its first chunk cannot be retried (the client has part of it): it ends
 with an error event in OpenAI's shape and no ``[DONE]``. With ``serve.colocate`` the handler itself dies
-with the replica, and Serve's HTTP proxy answers the requests it held (documented in the README).
+with the replica: Serve's HTTP proxy answers the requests it held, with lm.serve.proxy's 503.
 """
 
 from __future__ import annotations

@@ -503,25 +503,27 @@ def test_autoscaling_up_under_load_and_back_down(server):
 def test_a_killed_model_replica_fails_no_whole_request(server):
     """Chaos: one of 2 model replicas killed (SIGKILL) at a random moment under load: every non-streamed request
     is answered (the ingress sends it again to the other replica). With a single replica, the requests it held
-    get 503 with Retry-After (never 500) and the next ones are answered by its replacement."""
-    from ray.util.state import list_actors
+    get 503 with Retry-After (never 500) and the next ones are answered by its replacement; the same with the API in
+    the replica (serve.colocate), where Serve's proxy answers for the dead handler (lm.serve.proxy)."""
+    from ray.serve.context import _get_global_client
 
     from lm.serve.deploy import start
 
-    def alive() -> set[int]:
-        return {a.pid for a in list_actors(filters=[("class_name", "=", "ServeReplica:lmforge:model"),
-                                                    ("state", "=", "ALIVE")])}
+    def running(app: str) -> set[int] | None:
+        """The pids of the model deployment's replicas once they are all RUNNING (none starting or stopping)."""
+        deployment = _get_global_client().get_serve_details()["applications"][app]["deployments"]["model"]
+        states = {r["state"] for r in deployment["replicas"]}
+        return {r["pid"] for r in deployment["replicas"]} if states == {"RUNNING"} else None
 
-    def kill_one_under_load(replicas: int, moment: float) -> list[httpx.Response]:
-        old = alive()  # the new config restarts the replicas: wait for the old ones to be gone
+    def kill_one_under_load(replicas: int, moment: float, *extra: str) -> list[httpx.Response]:
         start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], f"serve.model={server['v1']}",
                                                         f"serve.autoscaling.min_replicas={replicas}",
-                                                        f"serve.autoscaling.max_replicas={replicas}"]))
-        deadline, pids = time.monotonic() + 90, old
-        while time.monotonic() < deadline and (pids & old or len(pids) != replicas):
+                                                        f"serve.autoscaling.max_replicas={replicas}", *extra]))
+        deadline, pids = time.monotonic() + 90, None
+        while time.monotonic() < deadline and (pids is None or len(pids) != replicas):
             time.sleep(0.5)
-            pids = alive()
-        assert len(pids) == replicas and not pids & old, (pids, old)
+            pids = running(server["cfg"].serve.app_name)
+        assert pids is not None and len(pids) == replicas, pids
         stop, answers = threading.Event(), []
         # 8 prompts x n=2, 40 tokens each: every request keeps the replicas busy for a while
         body = {"model": "lmforge", "prompt": [f"P{i}:" for i in range(8)], "n": 2, "max_tokens": 40, "temperature": 1}
@@ -547,11 +549,12 @@ def test_a_killed_model_replica_fails_no_whole_request(server):
     print(f"chaos seed {seed}: kill at {moment:.2f} s")
     statuses = Counter(r.status_code for r in kill_one_under_load(2, moment))
     assert set(statuses) == {200} and statuses[200] > 6, (seed, statuses)
-    answers = kill_one_under_load(1, moment)
-    statuses = Counter(r.status_code for r in answers)
-    assert set(statuses) == {200, 503} and statuses[200] > 3, (seed, statuses)
-    assert all(int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "replica_unavailable"
-               for r in answers if r.status_code == 503)
+    for extra in ([], ["serve.colocate=true", "serve.rag=false"]):
+        answers = kill_one_under_load(1, moment, *extra)
+        statuses = Counter(r.status_code for r in answers)
+        assert set(statuses) == {200, 503} and statuses[200] > 3, (seed, extra, statuses)
+        assert all(int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "replica_unavailable"
+                   for r in answers if r.status_code == 503)
 
 
 def test_lm_serve_ask_deploys_answers_through_the_openai_client_and_stops(server):
