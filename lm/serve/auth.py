@@ -34,16 +34,13 @@ MIN_KEY_CHARS = 16
 PLACEHOLDER = re.compile(r"replace|change.?me|placeholder|example|your.?key|demo.?key|x{6}|\.\.\.", re.I)
 
 
-class ApiKey(BaseModel):
-    """One caller: its key, a name for errors and logs, its role and its limits (null: serve.key_limits)."""
+class ApiKey(KeyLimits):
+    """One caller: its key, a name for errors and logs, its role and its limits (KeyLimits' fields; null:
+    serve.key_limits)."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, pattern=r"^[\w.@$\[\]-]+$")
     key: SecretStr
     role: Literal["user", "admin"] = "user"
-    requests_per_minute: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1)
-    max_concurrent: int | None = Field(None, ge=1)
 
     def limits(self, defaults: KeyLimits) -> KeyLimits:
         own = self.model_dump(include=set(KeyLimits.model_fields), exclude_none=True)

@@ -12,10 +12,12 @@ included, when that job starts Serve); on a cluster started elsewhere set it on 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from starlette.middleware import Middleware
 
+log = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 5
 _BODY = json.dumps({"error": {"message": "the replica serving this request went away; try again shortly",
                               "type": "service_unavailable", "param": None, "code": "replica_unavailable"}}).encode()
@@ -43,6 +45,7 @@ class AnswerWhenReplicaDies:
         except Exception:
             if started:
                 raise
+            log.warning("a request failed before its response started; answering 503", exc_info=True)
         if not started:
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(_BODY)).encode()),
                        (b"retry-after", str(RETRY_AFTER_S).encode())]
