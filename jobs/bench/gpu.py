@@ -87,7 +87,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    engine = initialize_engine(model, cfg.train, seq_len=cfg.seq_len, on_gpu=on_gpu)
+    engine = initialize_engine(model, cfg.train, seq_len=cfg.seq_len, world=1, on_gpu=on_gpu)
     B, T = cfg.train.batch_size, cfg.seq_len
     tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]

@@ -43,7 +43,7 @@ def run(cfg, rows: np.ndarray, precision: str, seconds: float) -> dict:
     tc = cfg.train.model_copy(update={"precision": precision, "workers": 1, "zero_stage": 1,
                                       "max_steps": 100_000, "warmup_steps": 30})
     torch.manual_seed(0)
-    engine = initialize_engine(Transformer(cfg.model), tc, seq_len=cfg.seq_len, on_gpu=False)
+    engine = initialize_engine(Transformer(cfg.model), tc, seq_len=cfg.seq_len, world=1, on_gpu=False)
     curve, start, step = [], time.perf_counter(), 0
     with RowStream(ArraySplit(rows), tc.seed, 0, 1, tc.shuffle_window_rows) as stream:
         while time.perf_counter() - start < seconds:

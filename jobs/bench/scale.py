@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 from memory import Sampler
-from results_io import machine, write_result
+from results_io import machine, replace_section, write_result
 
 from lm.config import join_uri, load_config
 from lm.data.loader import shard_bytes
@@ -341,14 +341,7 @@ def update_readme(result: dict) -> None:
         "shared pages. \"Ray Data actors\" under `lm train` are the ones Ray Train starts itself (dataset "
         "manager, stats, autoscaling coordinator); the trainer reads no Ray Dataset. From `results/scale.json` "
         f"(plot: `results/scale.png`).\n\n{result['markdown']}\n")
-    text = README.read_text()
-    if SECTION in text:
-        before, rest = text.split(SECTION, 1)
-        after = rest[rest.index("\n## "):] if "\n## " in rest else ""
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    README.write_text(text)
+    replace_section(README, SECTION, section)
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -253,7 +253,7 @@ class Config(Section):
     def _check_lengths(self) -> Config:
         if self.data.seq_len is not None and self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
-        self.train.grad_accum(self.seq_len)  # global_batch_tokens must divide evenly
+        self.train.check_batch(self.seq_len)  # global_batch_tokens divides evenly at every allowed size
         if self.data.format == "sft" and self.continual.feedback_as == "text":
             raise ValueError("continual.feedback_as text needs data.format text: with sft data, feedback pairs "
                              "are supervised examples (feedback_as: sft)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -32,7 +33,8 @@ class TrainConfig(Section):
     batch_size: int = Field(16, ge=1, description="Micro-batch: sequences per worker per forward/backward.")
     global_batch_tokens: int | None = Field(
         None, ge=1, description="Tokens per optimizer step over all workers; sets gradient accumulation "
-        "(must be a multiple of batch_size x seq_len x workers). null = no accumulation.",
+        "(must be a multiple of batch_size x seq_len x workers, for every allowed number of workers). "
+        "null = no accumulation.",
     )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr: float = Field(1e-4, ge=0, description="Final learning rate of the cosine or linear schedule.")
@@ -84,7 +86,16 @@ class TrainConfig(Section):
     trainer: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray Train + DeepSpeed (lm.train.trainer); local: the plain single-process loop."
     )
-    workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    workers: int | tuple[int, int] = Field(
+        2, description="Ray Train workers (data-parallel ranks): a number, or [min, max] for an elastic group "
+        "that shrinks when workers are lost (down to min, from the last checkpoint, without waiting) and grows "
+        "back to max when the cluster has room again (Ray Train's elastic ScalingConfig); an elastic group "
+        "needs train.global_batch_tokens, so the global batch stays the same at every size.",
+    )
+    elastic_resize_monitor_interval_s: float = Field(
+        60.0, ge=0, description="Elastic groups (train.workers: [min, max]): how often Ray Train checks whether "
+        "a healthy group could grow (a grow restarts the group from its last checkpoint).",
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each worker reserves (> 0 trains on GPU).")
     resources_per_worker: dict[str, float] = Field(
@@ -106,6 +117,12 @@ class TrainConfig(Section):
         "has taken the previous one, and a run ends at the poll after its last step: runs of seconds (tests, "
         "smoke checks) save time with 0.25; long runs on many workers keep Ray's default.",
     )
+    worker_start_timeout_s: float | None = Field(
+        None, gt=0, description="How long Ray Train waits for a worker group to start before it gives up and "
+        "decides again (its RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; null = Ray's 60 s). Ray's view of the "
+        "cluster refreshes every 20 s, so right after losing a node an elastic group may first ask for its old "
+        "size and wait this long before it restarts on the workers that remain.",
+    )
     gpu_memory_gb: float | None = Field(
         None, gt=0, description="GPU memory per device this config is sized for (checked on paper by "
         "lm.train.ds_config.memory_estimate in the tests); null = not stated.",
@@ -116,6 +133,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check_train(self) -> TrainConfig:
+        if not 1 <= self.min_workers <= self.max_workers:
+            shown = list(self.workers) if isinstance(self.workers, tuple) else self.workers
+            raise ValueError(f"train.workers {shown}: a number >= 1, or [min, max] with 1 <= min <= max")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -127,14 +147,44 @@ class TrainConfig(Section):
                              "or set gpus_per_worker")
         return self
 
-    def grad_accum(self, seq_len: int) -> int:
-        """Micro-batches per optimizer step on each worker (1 unless global_batch_tokens asks for more)."""
-        per_micro_step = self.batch_size * seq_len * self.workers
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if isinstance(self.workers, tuple) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if isinstance(self.workers, tuple) else self.workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+    def world_sizes(self) -> range:
+        return range(self.min_workers, self.max_workers + 1)
+
+    def grad_accum(self, seq_len: int, world: int) -> int:
+        """Micro-batches per optimizer step on each of ``world`` workers (1 unless global_batch_tokens asks for
+        more): the global batch stays ``global_batch_tokens`` whatever the number of workers."""
+        per_micro_step = self.batch_size * seq_len * world
         if self.global_batch_tokens is None:
             return 1
         if self.global_batch_tokens % per_micro_step:
             raise ValueError(
                 f"train.global_batch_tokens ({self.global_batch_tokens}) must be a multiple of batch_size x seq_len "
-                f"x workers = {self.batch_size} x {seq_len} x {self.workers} = {per_micro_step}"
+                f"x workers = {self.batch_size} x {seq_len} x {world} = {per_micro_step}"
             )
         return self.global_batch_tokens // per_micro_step
+
+    def check_batch(self, seq_len: int) -> None:
+        """Refuse (ValueError naming the numbers) a global batch that some allowed number of workers cannot
+        keep, or an elastic group without a fixed global batch."""
+        if self.elastic and self.global_batch_tokens is None:
+            whole = self.batch_size * seq_len * math.lcm(*self.world_sizes())
+            raise ValueError(
+                f"train.workers {list(self.workers)} is an elastic group: set train.global_batch_tokens so the "
+                f"global batch stays the same at every size (a multiple of batch_size x seq_len x lcm of "
+                f"{self.min_workers}..{self.max_workers} = {self.batch_size} x {seq_len} x "
+                f"{math.lcm(*self.world_sizes())} = {whole})"
+            )
+        for world in self.world_sizes():
+            self.grad_accum(seq_len, world)

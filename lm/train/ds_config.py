@@ -1,6 +1,6 @@
 """The DeepSpeed config generated from ours, and an on-paper memory estimate per GPU.
 
-    ds = deepspeed_config(cfg.train, seq_len=cfg.seq_len, on_gpu=False)   # dict for deepspeed.initialize
+    ds = deepspeed_config(cfg.train, seq_len=cfg.seq_len, world=2, on_gpu=False)   # for deepspeed.initialize
     estimate = memory_estimate(cfg, gpus=8)                               # bytes per GPU, by part
 
 Pure: no DeepSpeed import, so it is unit-tested without Ray and printable with ``lm config show``.
@@ -14,7 +14,7 @@ from lm.config import Config, TrainConfig
 from lm.model import num_params
 
 
-def deepspeed_config(tc: TrainConfig, *, seq_len: int, on_gpu: bool, universal: bool = False) -> dict:
+def deepspeed_config(tc: TrainConfig, *, seq_len: int, world: int, on_gpu: bool, universal: bool = False) -> dict:
     """ZeRO stage and offload, precision, micro-batch and accumulation, clipping, AdamW.
 
     The optimizer is DeepSpeed's: DeepSpeedCPUAdam when the optimizer state is offloaded, else
@@ -25,7 +25,7 @@ def deepspeed_config(tc: TrainConfig, *, seq_len: int, on_gpu: bool, universal: 
     """
     if tc.precision == "fp16" and not on_gpu:
         raise ValueError("precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
-    accum = tc.grad_accum(seq_len)
+    accum = tc.grad_accum(seq_len, world)
     zero: dict = {"stage": tc.zero_stage}
     if tc.zero_stage >= 1 and tc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
@@ -36,7 +36,7 @@ def deepspeed_config(tc: TrainConfig, *, seq_len: int, on_gpu: bool, universal: 
     config: dict = {
         "train_micro_batch_size_per_gpu": tc.batch_size,
         "gradient_accumulation_steps": accum,
-        "train_batch_size": tc.batch_size * accum * tc.workers,
+        "train_batch_size": tc.batch_size * accum * world,
         "gradient_clipping": tc.grad_clip,
         "zero_optimization": zero,
         "optimizer": {

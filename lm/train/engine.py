@@ -1,7 +1,7 @@
 """One DeepSpeed engine from our config: the model, AdamW with decay/no-decay groups, our schedule;
 and :func:`build_cpu_ops`, which compiles DeepSpeed's CPU ops ahead of the first run.
 
-    engine = initialize_engine(model, cfg.train, seq_len=cfg.seq_len, on_gpu=False)
+    engine = initialize_engine(model, cfg.train, seq_len=cfg.seq_len, world=1, on_gpu=False)
 
 Shared by the Ray Train worker loop (lm.train.loop) and the GPU benchmark (jobs/bench/gpu.py, which
 runs without Ray); needs ``torch.distributed`` initialised (Ray Train does it; alone, call
@@ -19,7 +19,7 @@ from lm.train.ds_config import deepspeed_config
 from lm.train.optim import lr_at, param_groups
 
 
-def initialize_engine(model: torch.nn.Module, tc: TrainConfig, *, seq_len: int, on_gpu: bool,
+def initialize_engine(model: torch.nn.Module, tc: TrainConfig, *, seq_len: int, world: int, on_gpu: bool,
                       universal: bool = False) -> Any:
     """``deepspeed.initialize`` with lm.train.ds_config's config; the learning rate follows
     :func:`lm.train.optim.lr_at` (a LambdaLR DeepSpeed steps and checkpoints); ``train.compile``
@@ -31,7 +31,7 @@ def initialize_engine(model: torch.nn.Module, tc: TrainConfig, *, seq_len: int, 
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, tc.weight_decay),
-        config=deepspeed_config(tc, seq_len=seq_len, on_gpu=on_gpu, universal=universal),
+        config=deepspeed_config(tc, seq_len=seq_len, world=world, on_gpu=on_gpu, universal=universal),
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_at(step, tc) / tc.lr),
     )
     if tc.compile:

@@ -11,7 +11,8 @@ builds the trainer). Each worker:
   warm-up + decay schedule;
 * every ``log_interval`` steps: loss, lr, grad norm, tokens/s, MFU and memory (rank 0 prints them and
   writes TensorBoard events); every ``eval_interval`` steps: validation loss and bits per byte, a
-  DeepSpeed checkpoint (+ RNG, history, a consolidated copy of the weights) reported to Ray Train;
+  DeepSpeed checkpoint (+ RNG, history, a consolidated copy of the weights) reported to Ray Train, which
+  uploads it in the background (training waits for the local save only: jobs/bench/checkpoint.py);
   what lmforge adds to a checkpoint holds no pickle (RNG and weights in safetensors, the state in JSON);
   DeepSpeed's own ``*_states.pt`` files are pickles, read back by its ``load_checkpoint`` (the storage
   must be writable only by the job: README, "Trust boundary");
@@ -165,9 +166,10 @@ class Worker:
                 state=TrainerState.read(Path(folder)), world=self.world, zero_stage=tc.zero_stage)
             state = source.state if source else None
             self.stream = train_stream(self.store, self.data, tc, self.rank, self.world, state and state.data,
-                                       micro_batches=tc.grad_accum(self.cfg.seq_len))
-            engine = initialize_engine(self.model, tc, seq_len=self.cfg.seq_len, on_gpu=self.device.type == "cuda",
-                                       universal=source is not None and source.mode == "universal")
+                                       micro_batches=tc.grad_accum(self.cfg.seq_len, self.world))
+            universal = source is not None and source.mode == "universal"
+            engine = initialize_engine(self.model, tc, seq_len=self.cfg.seq_len, world=self.world,
+                                       on_gpu=self.device.type == "cuda", universal=universal)
             if source is not None:
                 restore(engine, source, self.store, self.rank)
             restore_rng(source and source.folder, self.rank, tc.seed, state.step if state else 0)
@@ -179,7 +181,7 @@ class Worker:
         return engine
 
     def _tokens_per_step(self) -> int:
-        return self.tc.batch_size * self.tc.grad_accum(self.cfg.seq_len) * self.world * self.cfg.seq_len
+        return self.tc.batch_size * self.tc.grad_accum(self.cfg.seq_len, self.world) * self.world * self.cfg.seq_len
 
     def _batch_change(self, state: TrainerState) -> str:
         """A note when the global batch is not the checkpoint's (no ``train.global_batch_tokens``)."""
@@ -248,7 +250,8 @@ class Worker:
 
     def _train_metrics(self, loss: float, steps_per_s: float | None) -> dict[str, Any]:
         loss_mean = _all_mean([loss], self.world)[0]
-        record: dict[str, Any] = {"step": self.step, "loss": loss_mean, "lr": lr_at(self.step - 1, self.tc)}
+        record: dict[str, Any] = {"step": self.step, "loss": loss_mean, "lr": lr_at(self.step - 1, self.tc),
+                                  "workers": self.world, "global_batch_tokens": self._tokens_per_step()}
         if self.teacher is not None:
             record["distill_ce"], record["distill_kl"] = _all_mean(list(self.distill_parts), self.world)
         norm = self.engine.get_global_grad_norm()
@@ -318,13 +321,18 @@ class Worker:
         return {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}  # no shared storage
 
     def _report(self, record: dict[str, Any]) -> None:
+        import shutil
+
         import ray.train
 
         state = TrainerState(step=self.step, best=self.stopping.best, bad_evals=self.stopping.bad_evals,
                              world_size=self.world, history=self.history, data=self.stream.position(),
                              tokens_per_step=self._tokens_per_step())
-        with tempfile.TemporaryDirectory(prefix="lm-ckpt-") as tmp:
+        start = time.perf_counter()
+        tmp = tempfile.mkdtemp(prefix="lm-ckpt-")  # Ray deletes it once uploaded (the default with ASYNC)
+        try:
             self.engine.save_checkpoint(tmp, tag=TAG)
+            saved = time.perf_counter()
             save_rng_state(Path(tmp) / f"rng-{self.rank}.safetensors")
             weights = self._weights()
             if self.rank == 0:
@@ -333,7 +341,16 @@ class Worker:
                 self.writer.flush()
                 self.store.upload_dir(self.tb_dir, join_uri(self.cfg.run_uri, "train", "tensorboard"))
             metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            reporting = time.perf_counter()
+            # the upload runs in Ray's background thread while training goes on (jobs/bench/checkpoint.py)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # the seconds training waited, into this checkpoint's own history record (the one _log appended)
+        now = time.perf_counter()
+        record.update(checkpoint_s=now - start, checkpoint_save_s=saved - start, checkpoint_report_s=now - reporting)
 
     def _finish(self) -> None:
         from lm.modeldir import save_model_dir

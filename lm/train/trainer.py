@@ -7,6 +7,10 @@ then fits a TorchTrainer running :func:`lm.train.loop.train_worker` with Scaling
 (storage ``<run>/train/ray`` on S3 or a folder), FailureConfig and CheckpointConfig (keep N, ranked
 by validation loss) from ``cfg.train``. Running it again on the same run resumes from the last
 checkpoint (Ray Train restores the run from its storage), also with another number of workers.
+``train.workers: [min, max]`` gives an elastic group (``ScalingConfig(num_workers=(min, max))``): it
+restarts smaller from the last checkpoint when workers are lost and larger when the cluster has room
+(checked every ``train.elastic_resize_monitor_interval_s``), the global batch kept by gradient
+accumulation (lm.train.loop sizes it by the live world size).
 
 Outputs under ``<run>``: ``train/ray/`` (Ray Train checkpoints, each a DeepSpeed checkpoint),
 ``train/metrics.jsonl``, ``train/loss.png``, ``train/tensorboard/`` and the model directory ``model/``.
@@ -30,6 +34,7 @@ from lm.storage import ObjectStore
 
 Log = Callable[[str], None]
 POLL_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 @dataclass
@@ -59,7 +64,8 @@ def build_trainer(cfg: Config, store: ObjectStore, callbacks: Sequence = ()):
         train_worker,
         train_loop_config={"cfg": cfg, "store": store},  # the store carries resolved S3 settings and keys
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=on_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=tc.workers if tc.elastic else tc.min_workers, use_gpu=on_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=tc.elastic_resize_monitor_interval_s),
         run_config=RunConfig(
             name="ray",
             storage_path=path,
@@ -73,22 +79,32 @@ def build_trainer(cfg: Config, store: ObjectStore, callbacks: Sequence = ()):
     )
 
 
+def _group(tc, seq_len: int) -> str:
+    """The worker group in words: workers x sequences x accumulation (each allowed size, if elastic)."""
+    sizes = [f"{w} workers x {tc.batch_size} sequences x {tc.grad_accum(seq_len, w)} accumulation"
+             for w in tc.world_sizes()]
+    return sizes[0] if len(sizes) == 1 else f"elastic group ({' | '.join(sizes)})"
+
+
+def controller_settings(tc) -> dict[str, float | None]:
+    """The Ray Train controller settings ``cfg.train`` gives (None: Ray's own, or the user's variable)."""
+    return {POLL_VAR: tc.poll_interval_s, START_TIMEOUT_VAR: tc.worker_start_timeout_s}
+
+
 @contextlib.contextmanager
-def controller_poll_interval(seconds: float | None):
-    """Ray Train hands the driver's ``RAY_TRAIN_*`` variables to the controller it starts in ``fit()``:
-    set its poll interval for this fit only (``train.poll_interval_s``), then put the variable back."""
-    if seconds is None:
-        yield
-        return
-    before = os.environ.get(POLL_VAR)
-    os.environ[POLL_VAR] = str(seconds)
+def controller_env(settings: dict[str, float | None]):
+    """Ray Train hands the driver's ``RAY_TRAIN_*`` variables to the controller it starts in ``fit()``: set
+    the given ones (:func:`controller_settings`) for this fit only, then put the variables back."""
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update({name: str(value) for name, value in settings.items() if value is not None})
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(POLL_VAR, None)
-        else:
-            os.environ[POLL_VAR] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def train(cfg: Config, store: ObjectStore | None = None, log: Log = print, *, callbacks: Sequence = (),
@@ -101,11 +117,11 @@ def train(cfg: Config, store: ObjectStore | None = None, log: Log = print, *, ca
         prepare_data(cfg, store, log)
         check_run_teacher(cfg, store)  # and the prepared data's tokenizer, before the workers start
     tc = cfg.train
-    log(f"train: {tc.workers} workers x {tc.batch_size} sequences x {tc.grad_accum(cfg.seq_len)} accumulation, "
-        f"ZeRO-{tc.zero_stage}, {tc.precision}, {tc.max_steps} steps → {join_uri(cfg.run_uri, 'train')}")
+    log(f"train: {_group(tc, cfg.seq_len)}, ZeRO-{tc.zero_stage}, {tc.precision}, {tc.max_steps} steps → "
+        f"{join_uri(cfg.run_uri, 'train')}")
     connect()
     start = time.perf_counter()
-    with controller_poll_interval(tc.poll_interval_s):
+    with controller_env(controller_settings(tc)):
         result = build_trainer(cfg, store, callbacks).fit()
     if result.error:
         raise result.error

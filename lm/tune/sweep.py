@@ -54,13 +54,13 @@ def search_space(space: dict[str, Dimension]) -> dict[str, Any]:
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
-    """What one trial's worker group reserves (the trial function itself takes 0.01 CPU)."""
+    """What one trial's worker group reserves at its largest (the trial function itself takes 0.01 CPU)."""
     tc = cfg.train
-    need = {"CPU": tc.workers * tc.cpus_per_worker}
+    need = {"CPU": tc.max_workers * tc.cpus_per_worker}
     if tc.gpus_per_worker:
-        need["GPU"] = tc.workers * tc.gpus_per_worker
+        need["GPU"] = tc.max_workers * tc.gpus_per_worker
     for name, amount in tc.resources_per_worker.items():
-        need[name] = need.get(name, 0) + tc.workers * amount
+        need[name] = need.get(name, 0) + tc.max_workers * amount
     return need
 
 
@@ -112,7 +112,7 @@ def run_trial(params: dict[str, Any], *, base: Config, store: ObjectStore, trial
 
 def _tuner(cfg: Config, store: ObjectStore, resume: bool, log: Log):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     tc, uris = cfg.tune, sweep_uris(cfg.run_uri)
@@ -128,9 +128,11 @@ def _tuner(cfg: Config, store: ObjectStore, resume: bool, log: Log):
         raise ConfigError(f"a sweep already exists at {join_uri(uris['ray'], EXPERIMENT)}: pass --resume to continue "
                           "it, or give the run another name")
     if tc.scheduler == "asha":
-        # stop_last_trials=False: a trial reaching max_t ends by itself; stopping it at its last report
-        # would kill it while it publishes its model directory
-        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
+        from lm.tune.asha import FinishingASHA
+
+        # a trial reaching max_t ends by itself; stopping it at its last report would kill it while it
+        # publishes its model directory (stop_last_trials=False, and lm.tune.asha for the rung at max_t)
+        scheduler = FinishingASHA(time_attr="step", max_t=cfg.train.max_steps,
                                   grace_period=tc.grace_period or cfg.train.eval_interval,
                                   reduction_factor=tc.reduction_factor, stop_last_trials=False)
     else:

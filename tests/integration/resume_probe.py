@@ -34,7 +34,7 @@ def main(spec: dict) -> None:
     folder = Path(spec["folder"])
     source = Resume(folder=folder, uri=spec["uri"], state=TrainerState.read(folder), world=1,
                     zero_stage=cfg.train.zero_stage)
-    engine = initialize_engine(build_model(cfg, cfg.model.vocab_size), cfg.train, seq_len=cfg.seq_len, on_gpu=False,
+    engine = initialize_engine(build_model(cfg, cfg.model.vocab_size), cfg.train, seq_len=cfg.seq_len, world=1, on_gpu=False,
                                universal=source.mode == "universal")
     restore(engine, source, ObjectStore(cfg.storage), rank=0)
     moments = {f"{name}.{key}": safe_get_full_optimizer_state(param, key).flatten().contiguous()

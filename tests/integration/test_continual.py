@@ -1,18 +1,22 @@
 """Continuous learning end to end on the shared local Ray cluster and the real SeaweedFS S3 server:
 a base model trained on three quarters of tinyshakespeare is v1 in the registry and served by Ray
 Serve from ``registry:production``; served completions, their feedback and the last quarter of the
-corpus (new documents) feed an iteration on Ray Train + DeepSpeed that is killed during fine-tuning,
-resumed, gated and promoted while clients keep calling (no failed request, answers move to v2), then
-rolled back; garbage (random bytes, repeated junk, gibberish) is rejected and production stays."""
+corpus (new documents) feed an iteration on Ray Train + DeepSpeed that is killed during fine-tuning on 2
+workers, resumed from its checkpoint on 1 (optimizer state and all, not from the production weights again),
+gated and promoted while clients keep calling (no failed request, answers move to v2), then rolled back;
+garbage (random bytes, repeated junk, gibberish) is rejected and production stays."""
 
+import contextlib
 import gzip
 import json
 import os
 import random
+import re
 import signal
 import string
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,11 +24,13 @@ import httpx
 import openai
 import pytest
 from serving import KEY, free_port, settles_on, under_load
+from training import optimizer_counts, ray_train_processes
 
 from lm.config import load_config
 from lm.continual.iteration import continual_uri, iteration_uri, run_iteration
 from lm.continual.ledger import Ledger
 from lm.registry import Registry
+from lm.train.resume import TrainerState
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
@@ -90,12 +96,19 @@ def committed_checkpoint(store, run_uri: str) -> bool:
     return store.exists(uri) and json.loads(store.read_text(uri)).get("latest_checkpoint_result") is not None
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def latest_checkpoint(store, run_uri: str) -> tuple[str, TrainerState]:
+    """The URI and the state of the latest checkpoint Ray Train has committed for the run (what it resumes)."""
+    latest = json.loads(store.read_text(f"{run_uri}checkpoint_manager_snapshot.json"))["latest_checkpoint_result"]
+    uri = f"{run_uri}{latest['checkpoint_dir_name']}"
+    return uri, TrainerState.model_validate(json.loads(store.read_text(f"{uri}/trainer_state.json")))
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.3) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.3)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
@@ -124,31 +137,49 @@ def test_feedback_and_new_documents_become_v2_in_serving_after_a_killed_and_resu
         wait_for(all_feedback_written, 30, "the feedback logs")
         store.write_text(f"{root}/incoming/shakespeare-b.txt", "\n\n".join(loop["later"][: len(loop["later"]) // 2]))
 
-        # the iteration on Ray Train + DeepSpeed, killed once it has a checkpoint
-        ray_train = ["train.trainer=ray"]
-        job = continual_job(loop, *ray_train)
+        # the iteration on Ray Train + DeepSpeed on 2 workers, killed (its Ray Train processes first) once it has a
+        # checkpoint (the global batch fixed: 1 micro-batch a step on each of 2 workers, 2 on 1; every step's loss
+        # in the history)
+        ray_train = ["train.trainer=ray", "train.global_batch_tokens=1024", "train.log_interval=1"]
+        job = continual_job(loop, *ray_train, "train.workers=2")
+        killed: list[str] = []
+        reader = threading.Thread(target=lambda: killed.extend(job.stdout), daemon=True)  # a full pipe blocks it
+        reader.start()
         checkpoints = f"{iteration_uri(cfg, 1)}/train/ray/"
         try:
-            wait_for(lambda: committed_checkpoint(store, checkpoints), 300, "a committed fine-tuning checkpoint")
+            wait_for(lambda: committed_checkpoint(store, checkpoints), 300, "a committed fine-tuning checkpoint", 0.05)
         except AssertionError:
             os.killpg(job.pid, signal.SIGKILL)
-            raise AssertionError(f"no checkpoint; the job said:\n{job.communicate()[0][-6000:]}") from None
-        os.killpg(job.pid, signal.SIGKILL)
+            reader.join(timeout=10)
+            raise AssertionError(f"no checkpoint; the job said:\n{''.join(killed)[-6000:]}") from None
+        for process in ray_train_processes():  # at once: the workers would train on, even publish the model
+            process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # the job prints what the workers had printed
+            job.wait(timeout=3)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
         job.wait()
+        reader.join(timeout=10)
+        wait_for(lambda: not ray_train_processes(), 60, "the killed fine-tune's Ray Train processes to end")
+        _, saved = latest_checkpoint(store, checkpoints)  # what the next run resumes from
+        assert saved.world_size == 2 and 0 < saved.step < 30, saved.step
         ledger = Ledger(store, continual_uri(cfg))
         assert ledger.open_iteration()["n"] == 1
         claimed = ledger.iterations()[0]["inputs"]
         assert f"{root}/incoming/shakespeare-b.txt" in claimed
         assert sum(u.startswith(cfg.feedback_uri) for u in claimed) >= 1
 
-        # run again while clients keep calling: it resumes, promotes v2, and serving moves to it
+        # run again, on 1 worker (train.workers=1 of the loop's overrides), while clients keep calling: the
+        # fine-tune resumes from its checkpoint, universal, promotes v2, and serving moves to it
         with under_load(client, "ROMEO:", 4, 0.7, threads=1) as (fingerprints, errors):
             assert settles_on(fingerprints, loop["v1"])
             job = continual_job(loop, *ray_train)
             out, _ = job.communicate(timeout=600)
             assert job.returncode == 0, out[-3000:]
             assert "resuming iteration 1" in out, out[-3000:]
-            assert "resumed at step" in out, [line for line in out.splitlines() if "step" in line]
+            resumed = re.findall(r"resumed at step (\d+) (.*)", out)
+            assert resumed == [(str(saved.step), "on 1 worker instead of 2 (universal checkpoint)")], (
+                resumed, [line for line in out.splitlines() if "step" in line])
             outcome = ledger.iterations()[0]["outcome"]
             assert outcome["verdict"] == "promoted", outcome
             v2 = outcome["version"]
@@ -167,7 +198,21 @@ def test_feedback_and_new_documents_become_v2_in_serving_after_a_killed_and_resu
     assert any(r.startswith("PASS fixed/bpb") for r in outcome["reasons"])
     assert any(r.startswith("PASS new/bpb") for r in outcome["reasons"])
     history = [json.loads(x) for x in store.read_text(f"{iteration_uri(cfg, 1)}/train/metrics.jsonl").splitlines()]
-    assert [h["step"] for h in history if "val_loss" in h] == [10, 20, 30]  # one curve across the restart
+    assert [h["step"] for h in history] == list(range(1, 31))  # one curve across the restart, each step once
+    assert [h["step"] for h in history if "val_loss" in h] == [10, 20, 30]
+    # up to the checkpoint, its history (timings too: a fine-tune from init_from again would measure anew);
+    # after it, the losses the killed run printed for the steps it went on to (the same rows, 1 worker for 2)
+    assert history[:saved.step] == saved.history
+    printed = {int(m[1]): float(m[2]) for m in re.finditer(r"step\s+(\d+)/30 loss (\S+)", "".join(killed))}
+    assert saved.step in printed, sorted(printed)
+    print(f"killed after step {saved.step} on 2 workers; its printed steps {min(printed)}-{max(printed)} against the "
+          "resumed curve:", " ".join(f"{abs(history[s - 1]['loss'] - loss):.1e}" for s, loss in sorted(printed.items())))
+    assert {s: round(history[s - 1]["loss"], 4) for s in printed} == pytest.approx(printed, abs=5e-4)
+    # the optimizer came back: Adam's step count and the LR schedule went on from the checkpoint's (after a resume
+    # of the weights alone they would stand at 30 - step)
+    final, state = latest_checkpoint(store, checkpoints)
+    assert state.step == 30 and state.world_size == 1
+    assert optimizer_counts(store, final) == ({30}, 30, 30)
     assert registry.get(v2).status == "rejected" and "rolled back" in registry.get(v2).reason
     seen = [u for it in ledger.iterations() for u in it["inputs"]]
     assert len(seen) == len(set(seen))

@@ -44,7 +44,7 @@ def test_engine_learns_and_follows_the_schedule(process_group, overrides):
     cfg = load_config("configs/tiny.yaml", ["train.workers=1", "train.warmup_steps=3", "train.max_steps=12",
                                             "model.vocab_size=256", *overrides])
     torch.manual_seed(0)
-    engine = initialize_engine(Transformer(cfg.model), cfg.train, seq_len=cfg.seq_len, on_gpu=False)
+    engine = initialize_engine(Transformer(cfg.model), cfg.train, seq_len=cfg.seq_len, world=1, on_gpu=False)
     if cfg.train.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -106,19 +106,26 @@ def test_init_from_loads_a_model_directory_and_refuses_another_shape(tmp_path, s
         load_init_weights(wider, store, str(tmp_path / "prod"))
 
 
-def test_poll_interval_reaches_ray_trains_controller_for_one_fit_only(monkeypatch):
-    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+def test_controller_settings_reach_ray_trains_controller_for_one_fit_only(monkeypatch):
+    from ray.train.v2._internal.constants import (
+        ENV_VARS_TO_PROPAGATE,
+        HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+        WORKER_GROUP_START_TIMEOUT_S_ENV_VAR,
+    )
 
-    from lm.train.trainer import POLL_VAR, controller_poll_interval
+    from lm.train.trainer import POLL_VAR, START_TIMEOUT_VAR, controller_env, controller_settings
 
-    assert POLL_VAR == HEALTH_CHECK_INTERVAL_S_ENV_VAR and POLL_VAR in ENV_VARS_TO_PROPAGATE  # Ray hands it on
+    assert (POLL_VAR, START_TIMEOUT_VAR) == (HEALTH_CHECK_INTERVAL_S_ENV_VAR, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
+    assert {POLL_VAR, START_TIMEOUT_VAR} <= ENV_VARS_TO_PROPAGATE  # Ray hands them on
+    tc = TrainConfig(poll_interval_s=0.25, worker_start_timeout_s=20)
     monkeypatch.delenv(POLL_VAR, raising=False)
-    with controller_poll_interval(0.25):
-        assert os.environ[POLL_VAR] == "0.25"
-    assert POLL_VAR not in os.environ
+    monkeypatch.delenv(START_TIMEOUT_VAR, raising=False)
+    with controller_env(controller_settings(tc)):
+        assert (os.environ[POLL_VAR], os.environ[START_TIMEOUT_VAR]) == ("0.25", "20.0")
+    assert POLL_VAR not in os.environ and START_TIMEOUT_VAR not in os.environ
     monkeypatch.setenv(POLL_VAR, "5")  # a user's own setting wins when the config leaves it at null
-    with controller_poll_interval(None):
-        assert os.environ[POLL_VAR] == "5"
-    with controller_poll_interval(1):
-        assert os.environ[POLL_VAR] == "1"
+    with controller_env(controller_settings(TrainConfig())):
+        assert os.environ[POLL_VAR] == "5" and START_TIMEOUT_VAR not in os.environ
+    with controller_env(controller_settings(tc)):
+        assert os.environ[POLL_VAR] == "0.25"
     assert os.environ[POLL_VAR] == "5"

@@ -122,3 +122,25 @@ def test_best_config_yaml_loads_as_a_training_preset_without_secrets(tmp_path):
     assert loaded.name == "sw-best" and loaded.train.lr == 0.1 and not loaded.tune.space
     assert loaded.data.output == f"{tmp_path}/runs/sw/data" and loaded.storage.access_key_id is None
     assert yaml.safe_load(text)["model"] == base.model.model_dump(mode="json")
+
+
+def test_asha_lets_a_trial_finish_at_its_last_report():
+    """Ray's ASHA keeps a rung at max_t (here 20 = 10 x 2) even with stop_last_trials=False: a trial that reaches
+    step 20 below that rung's cutoff, as a trial resumed past step 10 reports there first, would be stopped (killed
+    while it publishes its model directory); lm.tune.asha's lets it finish. No cluster needed."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from lm.tune.asha import FinishingASHA
+
+    for scheduler, at_the_end in ((ASHAScheduler, "STOP"), (FinishingASHA, "CONTINUE")):
+        asha = scheduler(time_attr="step", metric="val_bpb", mode="min", max_t=20, grace_period=10,
+                         reduction_factor=2, stop_last_trials=False)
+        first, resumed, poor = (SimpleNamespace(trial_id=name) for name in ("first", "resumed", "poor"))
+        for trial in (first, resumed, poor):
+            asha.on_trial_add(None, trial)
+        assert asha.on_trial_result(None, first, {"step": 10, "val_bpb": 4.0}) == "CONTINUE"
+        assert asha.on_trial_result(None, first, {"step": 20, "val_bpb": 3.9}) == "CONTINUE"
+        assert asha.on_trial_result(None, resumed, {"step": 20, "val_bpb": 4.1}) == at_the_end, scheduler
+        assert asha.on_trial_result(None, poor, {"step": 10, "val_bpb": 4.7}) == "STOP"  # the rungs before still cut
