@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lm.compress.distill import check_run_teacher, load_teacher
-from lm.compress.distill import lineage as distill_lineage
 from lm.config import Config, dump_yaml, join_uri
 from lm.data.documents import iter_documents
 from lm.data.manifest import DataManifest, MixManifest
@@ -31,6 +29,8 @@ from lm.model import num_params
 from lm.modeldir import load_model_dir, save_model_dir
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer, bytes_per_token, train_tokenizer
+from lm.train.distill import check_run_teacher, load_teacher
+from lm.train.distill import lineage as distill_lineage
 from lm.train.local import pick_device, train_local
 from lm.train.loop import build_model, load_init_weights
 from lm.train.metrics import history_jsonl, loss_curve_png

@@ -16,7 +16,7 @@ reused when already published unless ``--rebuild``):
   (the control: the demo model is under-trained, so extra steps alone also help);
 * distilled: ``--distilled URI``, else a student with ``--student-layers`` layers (the base's other
   settings) trained ``--student-steps`` steps with the base as ``train.distill.teacher``
-  (lm.compress.distill through lm.pipeline.train_in_process), and the same student trained without a
+  (lm.train.distill through lm.pipeline.train_in_process), and the same student trained without a
   teacher (the control).
 
 Columns: parameters; ``model.safetensors`` bytes (dense fp32: unstructured zeros do not shrink it)
@@ -177,8 +177,8 @@ def variants(args, store: ObjectStore, base: str, data: str, work: str, log) -> 
             found[name] = {"uri": uri, "kind": "pruned", "method": method, "sparsity": sparsity, "finetune_steps": steps}
     if args.distilled:
         found["distilled"] = {"uri": args.distilled, "kind": "distilled (given)"}
-    elif importlib.util.find_spec("lm.compress.distill") is None:
-        log("compress: lm.compress.distill is not there yet: no distilled row (pass --distilled URI)")
+    elif importlib.util.find_spec("lm.train.distill") is None:
+        log("compress: lm.train.distill is not there yet: no distilled row (pass --distilled URI)")
     else:
         found[f"distilled student ({args.student_layers} layers)"] = {
             "uri": build_student(args, store, base, data, work, True, log), "kind": "distilled"}

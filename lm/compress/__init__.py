@@ -1,1 +1,1 @@
-"""Model compression: pruning (lm.compress.prune) and distillation (lm.compress.distill)."""
+"""Model compression: pruning (lm.compress.prune); distillation is training with a teacher (lm.train.distill)."""

@@ -231,9 +231,9 @@ def finetune(model: Transformer, cfg: Config, store: ObjectStore, data: str, ste
     """Train ``model`` in place for ``steps`` steps on ``data``'s train split with the plain loop and
     ``cfg.train`` (warm-up capped at a tenth of the steps; with ``train.distill.teacher``, e.g. the
     unpruned model, it learns from that teacher's logits too); pruning masks still on stay in force."""
-    from lm.compress.distill import load_teacher
     from lm.data.manifest import read_manifest
     from lm.data.stream import train_stream, validation_rows
+    from lm.train.distill import load_teacher
     from lm.train.local import pick_device, train_local
 
     manifest = read_manifest(store, data)

@@ -22,6 +22,7 @@ from lm.config.sft import SFTConfig
 from lm.config.sources import SourceConfig
 from lm.config.train import TrainConfig
 from lm.config.tune import TuneConfig
+from lm.uri import absolute_uri, join_uri
 
 
 class StorageConfig(Section):
@@ -293,8 +294,6 @@ class Config(Section):
         """A copy whose local ``storage.root``, ``output``, ``data.output``, ``continual.registry``,
         ``train.init_from`` and ``train.distill.teacher`` are absolute paths: what a driver hands to Ray
         workers, which run in another working directory."""
-        from lm.storage.uri import absolute_uri
-
         data = self.data.model_copy(update={"output": self.data.output and absolute_uri(self.data.output)})
         storage = self.storage.model_copy(update={"root": absolute_uri(self.storage.root)})
         continual = self.continual.model_copy(
@@ -315,13 +314,3 @@ class Config(Section):
         """A short stable hash of the resolved config (secrets excluded)."""
         blob = json.dumps(self.public_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """Join URI/path segments with single slashes (works for s3://, file:// and local paths)."""
-    out = base.rstrip("/")
-    for part in parts:
-        part = part.strip("/")
-        if part:
-            out = f"{out}/{part}"
-    return out

@@ -11,7 +11,7 @@ from lm.config.base import Section
 
 
 class DistillConfig(Section):
-    """Knowledge distillation (lm.compress.distill): learn from a teacher model's logits as well as the data."""
+    """Knowledge distillation (lm.train.distill): learn from a teacher model's logits as well as the data."""
 
     teacher: str | None = Field(
         None, description="Teacher model directory (URI) whose logits the student learns from; it must use the "

@@ -19,7 +19,7 @@ import numpy as np
 
 from lm.eval.metrics import TokenSums, hide_targets, score_rows
 from lm.storage import ObjectStore
-from lm.storage.uri import absolute_uri
+from lm.uri import absolute_uri
 
 
 class ScoreActor:

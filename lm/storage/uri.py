@@ -60,12 +60,3 @@ def _bundled_path(name: str) -> Path:
 def bundled_names() -> list[str]:
     """The names of the bundled corpora, sorted."""
     return sorted(p.name.removesuffix(suffix) for suffix in BUNDLED_SUFFIXES for p in CORPORA.glob(f"*{suffix}"))
-
-
-def absolute_uri(uri: str) -> str:
-    """``uri`` with a relative local path made absolute against the current directory (other URIs as
-    they are), so it means the same thing in Ray workers, whose working directory differs."""
-    loc = parse_uri(uri)
-    if loc.kind != "local" or loc.path.is_absolute():
-        return uri
-    return str(loc.path.resolve())

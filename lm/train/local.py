@@ -5,7 +5,7 @@ reference the distributed trainer is checked against.
     result = train_local(cfg, model, rows, val_rows)      # rows in memory: [N, seq_len + 1] packed tokens
     result.history  # [{"step", "loss", "lr", "val_loss"?, "tokens_per_s"}, ...]
 
-With ``teacher`` (a frozen model, lm.compress.distill.load_teacher) the loss is the distillation loss of
+With ``teacher`` (a frozen model, lm.train.distill.load_teacher) the loss is the distillation loss of
 ``train.distill`` (cross-entropy mixed with the KL divergence to the teacher's logits), and the logged
 records add ``distill_ce`` and ``distill_kl``; validation loss stays the plain cross-entropy.
 """
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lm.compress.distill import distill_loss, teacher_logits
 from lm.config import Config
 from lm.data.pack import rows_to_inputs_targets
 from lm.data.stream import ArraySplit, RowStream
+from lm.train.distill import distill_loss, teacher_logits
 from lm.train.optim import build_adamw, lr_at
 
 

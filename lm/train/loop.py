@@ -18,7 +18,7 @@ builds the trainer). Each worker:
   must be writable only by the job: README, "Trust boundary");
 * at the end, rank 0 publishes the consolidated model directory (lm.modeldir) at ``<run>/model``.
 
-With ``train.distill.teacher`` every worker also holds the frozen teacher (lm.compress.distill) and
+With ``train.distill.teacher`` every worker also holds the frozen teacher (lm.train.distill) and
 trains on its distillation loss; ``distill_ce`` / ``distill_kl`` join the logged metrics.
 
 Resume: from ``ray.train.get_checkpoint()`` (a restarted worker group, or a re-run of the same run):
@@ -43,14 +43,14 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from lm.compress.distill import distill_loss, load_teacher, teacher_logits
-from lm.compress.distill import lineage as distill_lineage
 from lm.config import Config, join_uri
 from lm.data.manifest import read_manifest
 from lm.data.stream import train_stream, validation_rows
 from lm.model import Transformer, flops_per_token
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
+from lm.train.distill import distill_loss, load_teacher, teacher_logits
+from lm.train.distill import lineage as distill_lineage
 from lm.train.engine import initialize_engine
 from lm.train.local import to_inputs_targets
 from lm.train.optim import EarlyStopping, lr_at

@@ -27,10 +27,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lm.cluster import connect, worker_env
-from lm.compress.distill import check_run_teacher
 from lm.config import Config, join_uri
 from lm.data.pipeline import prepare_data
 from lm.storage import ObjectStore
+from lm.train.distill import check_run_teacher
 
 Log = Callable[[str], None]
 POLL_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"

@@ -1,5 +1,5 @@
 """Model compression on Ray Train + DeepSpeed: a smaller student distilled from the session's tiny run
-(lm.compress.distill wired into lm.train.loop)."""
+(lm.train.distill wired into lm.train.loop)."""
 
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Knowledge distillation without Ray (lm.compress.distill, lm.train.local): the loss, the config and
+"""Knowledge distillation without Ray (lm.train.distill, lm.train.local): the loss, the config and
 teacher checks, and a distilled student beating the same student trained alone."""
 
 import gzip
@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm.compress.distill import check_teacher, distill_loss, load_teacher
 from lm.config import Config, ConfigError, GenerateConfig, StorageConfig, TokenizerConfig, load_config
 from lm.modeldir import save_model_dir
 from lm.storage import ObjectStore
 from lm.tokenizer import train_tokenizer
+from lm.train.distill import check_teacher, distill_loss, load_teacher
 from lm.train.local import estimate_loss, train_local
 
 CORPUS = Path(__file__).parents[2] / "lm" / "corpora" / "tinyshakespeare.txt.gz"
