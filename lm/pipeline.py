@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from lm.config import Config, dump_yaml, join_uri
@@ -27,6 +26,7 @@ from lm.data.stream import train_stream, validation_rows
 from lm.inference import generate_text
 from lm.model import num_params
 from lm.modeldir import load_model_dir, save_model_dir
+from lm.progress import Log
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer, bytes_per_token, train_tokenizer
 from lm.train.distill import check_run_teacher, load_teacher
@@ -35,8 +35,6 @@ from lm.train.local import pick_device, train_local
 from lm.train.loop import build_model, load_init_weights
 from lm.train.metrics import history_jsonl, loss_curve_png
 from lm.train.trainer import TrainSummary, train
-
-Log = Callable[[str], None]
 
 
 @dataclass

@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,10 +39,9 @@ from lm.data.pipeline import prepare_data
 from lm.data.sources import DataError, plan_files
 from lm.data.split import assign_split
 from lm.data.stream import ParquetSplit, Rows, Split
+from lm.progress import Log
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
-
-Log = Callable[[str], None]
 
 
 @dataclass

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 
 from lm.config import Config, join_uri
 from lm.config.eval import EvalSetConfig
 from lm.continual.increment import Mix, build_mix, list_inputs
 from lm.continual.ledger import Ledger
 from lm.data.manifest import read_manifest
+from lm.progress import Log
 from lm.registry import Registry, RegistryError, Version
 from lm.storage import ObjectStore
-
-Log = Callable[[str], None]
 
 
 def continual_uri(cfg: Config) -> str:

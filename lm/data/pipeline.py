@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -75,10 +74,10 @@ from lm.data.steps import (
     write_shard,
 )
 from lm.data.tables import filter_in
+from lm.progress import Log
 from lm.storage import ObjectStore, StorageError
 from lm.tokenizer import BPETokenizer, train_tokenizer
 
-Log = Callable[[str], None]
 SCRATCH = "tmp"  # <data>/tmp-<fingerprint>/: the run's intermediate Parquet (lm.data.steps.Scratch)
 
 

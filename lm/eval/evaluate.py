@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 
@@ -34,9 +34,9 @@ from lm.eval.ngram import NGramLM
 from lm.eval.report import training_curves, write_report
 from lm.eval.sets import EvalRows, load_set, ngram_train_rows, prompt_set
 from lm.modeldir import LoadedModel, load_model_dir
+from lm.progress import Log
 from lm.storage import ObjectStore
 
-Log = Callable[[str], None]
 FORMAT = "lmforge.eval/1"
 
 

@@ -23,16 +23,16 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lm.cluster import connect, worker_env
 from lm.config import Config, join_uri
 from lm.data.pipeline import prepare_data
+from lm.progress import Log
 from lm.storage import ObjectStore
 from lm.train.distill import check_run_teacher
 
-Log = Callable[[str], None]
 POLL_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 

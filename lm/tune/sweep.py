@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +23,10 @@ from lm.cluster import connect
 from lm.config import Config, ConfigError, Dimension, join_uri, with_overrides
 from lm.data.pipeline import inputs_fingerprint, prepare_data
 from lm.data.sources import plan_files
+from lm.progress import Log
 from lm.storage import ObjectStore
 from lm.tune.results import TrialRecord, best_config, config_yaml, curves_png, results_table, sweep_uris
 
-Log = Callable[[str], None]
 EXPERIMENT = "sweep"  # Tune's experiment name under <run>/tune/ray
 
 
