@@ -19,22 +19,16 @@ from dataclasses import dataclass
 
 from lm.config import Config, dump_yaml, join_uri
 from lm.data.documents import iter_documents
-from lm.data.manifest import DataManifest, MixManifest
 from lm.data.pipeline import prepare_data
 from lm.data.sources import plan_files
-from lm.data.stream import train_stream, validation_rows
 from lm.inference import generate_text
 from lm.model import num_params
-from lm.modeldir import load_model_dir, save_model_dir
+from lm.modeldir import load_model_dir
 from lm.progress import Log
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer, bytes_per_token, train_tokenizer
-from lm.train.distill import check_run_teacher, load_teacher
-from lm.train.distill import lineage as distill_lineage
-from lm.train.local import pick_device, train_local
-from lm.train.loop import build_model, load_init_weights
-from lm.train.metrics import history_jsonl, loss_curve_png
-from lm.train.trainer import TrainSummary, train
+from lm.train.distill import check_run_teacher
+from lm.train.trainer import train
 
 
 @dataclass
@@ -55,35 +49,6 @@ def tokenizer_stage(store: ObjectStore, cfg: Config) -> TokenizerReport:
     return TokenizerReport(tok, uri, bytes_per_token(tok, held_out), time.perf_counter() - start)
 
 
-def train_in_process(cfg: Config, store: ObjectStore, tok: BPETokenizer, manifest: DataManifest | MixManifest,
-                     log: Log) -> TrainSummary:
-    """train.trainer=local: the plain single-process loop, writing what the Ray trainer writes."""
-    data = cfg.data_uri
-    val_rows, val_mask = validation_rows(store, data, cfg.train)
-    model = build_model(cfg, tok.vocab_size)
-    if cfg.train.init_from:
-        load_init_weights(model, store, cfg.train.init_from)
-    device = pick_device(cfg.train.device)
-    log(f"model: {model.num_parameters():,} parameters; training on {device}")
-    distill = cfg.train.distill
-    teacher = (load_teacher(store, distill.teacher, tok, cfg.seq_len, cfg.train.precision, device)
-               if distill.teacher else None)
-    result = train_local(cfg, model, train_stream(store, data, cfg.train), val_rows, log=log, val_mask=val_mask,
-                         teacher=teacher)
-    train_uri = join_uri(cfg.run_uri, "train")
-    store.write_text(join_uri(train_uri, "metrics.jsonl"), history_jsonl(result.history))
-    store.write_bytes(join_uri(train_uri, "loss.png"), loss_curve_png(result.history, f"{cfg.name}: loss"))
-    model_uri = join_uri(cfg.run_uri, "model")
-    lineage = {"run": cfg.name, "config_hash": cfg.fingerprint(), "tokenizer_hash": tok.fingerprint(),
-               "data_manifest": join_uri(data, "manifest.json"), "data_inputs": manifest.inputs_fingerprint,
-               "steps": result.steps, "tokens": result.tokens, "final_loss": result.history[-1]["loss"],
-               "trainer": "local"}
-    if distilled := distill_lineage(distill):
-        lineage["distill"] = distilled
-    save_model_dir(store, model_uri, model.cpu(), tok, cfg.generate, lineage)
-    return TrainSummary(model_uri, result.steps, result.seconds, result.history, None)
-
-
 def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) -> dict:
     """Run the lifecycle as far as it is built; returns a summary (also written to storage)."""
     store = store or ObjectStore(cfg.storage)
@@ -99,13 +64,11 @@ def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) ->
         f"{tok.vocab_size} tokens in the vocabulary")
 
     model_uri = join_uri(cfg.run_uri, "model")
-    if cfg.train.trainer == "ray":
+    if cfg.train.trainer == "ray":  # (the local trainer says it itself)
         vocab = max(cfg.model.vocab_size, tok.vocab_size)  # as lm.train.loop.build_model sizes it
         log(f"model: {num_params(cfg.model.model_copy(update={'vocab_size': vocab})):,} parameters; "
             "Ray Train + DeepSpeed")
-        result = train(cfg, store, log)
-    else:
-        result = train_in_process(cfg, store, tok, manifest, log)
+    result = train(cfg, store, log)
     from lm.eval.evaluate import evaluate
 
     evaluation = evaluate(cfg, store, model_uri, log)

@@ -16,7 +16,7 @@ reused when already published unless ``--rebuild``):
   (the control: the demo model is under-trained, so extra steps alone also help);
 * distilled: ``--distilled URI``, else a student with ``--student-layers`` layers (the base's other
   settings) trained ``--student-steps`` steps with the base as ``train.distill.teacher``
-  (lm.train.distill through lm.pipeline.train_in_process), and the same student trained without a
+  (lm.train.distill through lm.train.train with train.trainer=local), and the same student trained without a
   teacher (the control).
 
 Columns: parameters; ``model.safetensors`` bytes (dense fp32: unstructured zeros do not shrink it)
@@ -48,7 +48,6 @@ from results_io import machine, write_result
 
 from lm.compress.prune import prune_dir, training_data_uri
 from lm.config import join_uri, load_config
-from lm.data.manifest import read_manifest
 from lm.data.stream import ParquetSplit, read_head
 from lm.eval.metrics import model_sums, token_byte_lengths
 from lm.modeldir import load_model_dir
@@ -135,7 +134,7 @@ def large_model(args) -> dict:
 
 def build_student(args, store: ObjectStore, base: str, data: str, work: str, teacher: bool, log) -> str:
     """Train the small student (with or without the base as teacher) with the plain loop; its model URI."""
-    from lm.pipeline import train_in_process
+    from lm.train.trainer import train
 
     name = "student-distilled" if teacher else "student-alone"
     out = join_uri(work, name)
@@ -148,10 +147,7 @@ def build_student(args, store: ObjectStore, base: str, data: str, work: str, tea
     if teacher:
         overrides.append(f"train.distill.teacher={base}")
     cfg = load_config(args.config, overrides)
-    manifest = read_manifest(store, data)
-    tok = BPETokenizer.from_json(store.read_text(manifest.tokenizer_uri(data)))
-    summary = train_in_process(cfg.with_absolute_paths(), store, tok, manifest, log)
-    return summary.model_uri
+    return train(cfg, store, log, prepare=False).model_uri
 
 
 def variants(args, store: ObjectStore, base: str, data: str, work: str, log) -> dict[str, dict]:

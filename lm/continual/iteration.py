@@ -25,7 +25,6 @@ from lm.config import Config, join_uri
 from lm.config.eval import EvalSetConfig
 from lm.continual.increment import Mix, build_mix, list_inputs
 from lm.continual.ledger import Ledger
-from lm.data.manifest import read_manifest
 from lm.progress import Log
 from lm.registry import Registry, RegistryError, Version
 from lm.storage import ObjectStore
@@ -76,17 +75,9 @@ def _fine_tune(ft: Config, store: ObjectStore, mix: Mix, log: Log) -> str:
         log(f"continual: candidate already trained ({model_uri})")
         return model_uri
     log(f"continual: fine-tuning {ft.train.init_from} for {ft.train.max_steps} steps on {sum(mix.rows.values())} rows")
-    if ft.train.trainer == "ray":
-        from lm.train.trainer import train
+    from lm.train.trainer import train
 
-        train(ft, store, log, prepare=False)
-    else:
-        from lm.pipeline import train_in_process
-        from lm.tokenizer import BPETokenizer
-
-        manifest = read_manifest(store, mix.data_uri)
-        tok = BPETokenizer.from_json(store.read_text(join_uri(mix.data_uri, "tokenizer.json")))
-        train_in_process(ft, store, tok, manifest, log)
+    train(ft, store, log, prepare=False)  # as train.trainer says (ray or local)
     return model_uri
 
 

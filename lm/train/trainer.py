@@ -109,13 +109,19 @@ def controller_env(settings: dict[str, float | None]):
 
 def train(cfg: Config, store: ObjectStore | None = None, log: Log = print, *, callbacks: Sequence = (),
           prepare: bool = True) -> TrainSummary:
-    """Prepare data if needed (``prepare``), train with Ray Train + DeepSpeed, publish ``<run>/model``."""
+    """Prepare data if needed (``prepare``), train as ``train.trainer`` says (ray: Ray Train + DeepSpeed;
+    local: the plain loop in this process, lm.train.inprocess), publish ``<run>/model``."""
     cfg = cfg.with_absolute_paths()  # the workers run elsewhere: ./lmforge-store must mean this folder
     store = store or ObjectStore(cfg.storage)
     check_run_teacher(cfg, store)  # train.distill.teacher: a model directory with the context, before any work
     if prepare:
         prepare_data(cfg, store, log)
         check_run_teacher(cfg, store)  # and the prepared data's tokenizer, before the workers start
+    if cfg.train.trainer == "local":
+        from lm.train.inprocess import train_in_process
+
+        model_uri, result = train_in_process(cfg, store, log)
+        return TrainSummary(model_uri, result.steps, result.seconds, result.history, None)
     tc = cfg.train
     log(f"train: {_group(tc, cfg.seq_len)}, ZeRO-{tc.zero_stage}, {tc.precision}, {tc.max_steps} steps → "
         f"{join_uri(cfg.run_uri, 'train')}")

@@ -77,6 +77,19 @@ def test_cli_bad_config_fails_before_any_work(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+def test_cli_train_honours_the_local_trainer(local_run, tmp_path):
+    """`lm train train.trainer=local` trains in its own process on the prepared shards: no Ray Train run (it
+    used to start Ray Train whatever the setting)."""
+    cfg, _, _ = local_run
+    out = lm("train", "-c", "configs/tiny.yaml", f"storage.root={tmp_path}", f"data.output={cfg.data_uri}",
+             "train.trainer=local", "train.max_steps=6", "train.eval_interval=3")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    run = tmp_path / "runs" / "tiny"
+    assert json.loads((run / "model" / "lineage.json").read_text())["trainer"] == "local"
+    assert not (run / "train" / "ray").exists() and (run / "train" / "metrics.jsonl").is_file()
+    assert out.stdout.splitlines()[-1].startswith("train tiny: 6 steps")
+
+
 def test_cli_tokenizer_train_and_generate(local_run, tmp_path):
     _, summary, _ = local_run
     root = tmp_path / "store"

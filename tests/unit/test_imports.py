@@ -2,6 +2,7 @@
 import cycle between lm's packages, lm.serve never imports lm.train, and nothing in lm imports jobs."""
 
 import ast
+from itertools import pairwise
 from pathlib import Path
 
 LM = Path(__file__).parents[2] / "lm"
@@ -57,7 +58,7 @@ def cycles(graph: dict[str, dict[str, str]]) -> list[list[str]]:
 def test_the_package_graph_has_no_cycle_and_keeps_its_walls():
     graph = package_graph()
     assert graph["lm.train"] and "lm.storage" in graph["lm.train"]  # the walk did read the imports
-    loops = [" -> ".join(f"{a} ({graph[a][b]})" for a, b in zip(c, c[1:])) + f" -> {c[-1]}" for c in cycles(graph)]
+    loops = [" -> ".join(f"{a} ({graph[a][b]})" for a, b in pairwise(c)) + f" -> {c[-1]}" for c in cycles(graph)]
     assert loops == [], loops
     assert "lm.train" not in graph.get("lm.serve", {}), graph["lm.serve"]["lm.train"]
     users_of_jobs = [str(p) for p in LM.rglob("*.py") if any(m.split(".")[0] == "jobs" for m in imported_modules(p))]
