@@ -20,6 +20,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from lm.config import TokenizerConfig
 
 
+def _unicode_bytes() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (the ByteLevel pre-tokenizer's): the character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_UNICODE_BYTES = _unicode_bytes()
+
+
 class BPETokenizer:
     """A thin wrapper over ``tokenizers.Tokenizer`` that knows lmforge's special tokens."""
 
@@ -48,6 +59,13 @@ class BPETokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (a byte-level piece may be part of a UTF-8 character)."""
+        piece = self.tokenizer.id_to_token(token_id) or ""
+        if all(ch in _UNICODE_BYTES for ch in piece):
+            return bytes(_UNICODE_BYTES[ch] for ch in piece)
+        return piece.encode()
 
     def to_json(self) -> str:
         return self.tokenizer.to_str()

@@ -99,10 +99,12 @@ class Api:
                 raise BadRequest(400, f"rag.top_k {top_k} exceeds this server's limit of {self.cfg.rag.max_top_k}",
                                  param="rag.top_k")
 
-    def _templated(self, body: schemas._Request, prompt: str) -> str:
+    def _templated(self, body: schemas._Request, prompt: str | list[int]) -> str | list[int]:
         """The prompt through the request's named template (serve.templates), if it names one."""
         if body.template is None:
             return prompt
+        if not isinstance(prompt, str):
+            raise BadRequest(400, "a template applies to text prompts, not token ids", param="template")
         try:
             return schemas.apply_template(self.sc.templates, body.template, prompt, body.template_vars)
         except ValueError as err:
@@ -145,14 +147,17 @@ class Api:
                 raise refused(result)
         return results
 
-    def _requests(self, prompts: list[str], body: schemas._Request, max_tokens: int, stops: list[str],
-                  logprobs: bool, queries: list[str] | None = None) -> list[dict]:
+    def _requests(self, prompts: list, body: schemas._Request, max_tokens: int, stops: list[str],
+                  top_logprobs: int | None, queries: list | None = None) -> list[dict]:
         """One model request per (prompt, choice); choice j of a seeded request uses seed + j. ``queries``:
-        what retrieval looks up for each prompt (with ``rag``)."""
+        what retrieval looks up for each prompt (with ``rag``). ``top_logprobs``: None for no logprobs."""
         top_k = body.rag_top_k(self.cfg.rag.top_k)
         return [{"prompt": p, "max_tokens": max_tokens, "temperature": body.temperature,
                  "top_p": body.top_p if body.top_p < 1 else None, "top_k": body.top_k,
-                 "seed": None if body.seed is None else body.seed + j, "stop": stops, "logprobs": logprobs,
+                 "seed": None if body.seed is None else body.seed + j, "stop": stops,
+                 "logprobs": top_logprobs is not None, "top_logprobs": top_logprobs or 0,
+                 "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+                 "logit_bias": body.bias(),
                  "rag": None if top_k is None else {"query": (queries or prompts)[i], "top_k": top_k}}
                 for i, p in enumerate(prompts) for j in range(body.n)]
 
@@ -180,7 +185,7 @@ class Api:
         self._check(body, max_tokens, len(asked))
         prompts = [self._templated(body, p) for p in asked]
         logprobs = body.logprobs is not None
-        requests = self._requests(prompts, body, max_tokens, body.stop_list(), logprobs, asked)
+        requests = self._requests(prompts, body, max_tokens, body.stop_list(), body.logprobs, asked)
         if body.stream:
             streams, heads = await self._open(requests)
         else:
@@ -189,43 +194,43 @@ class Api:
         prompt_tokens = sum(h["prompt_tokens"] for h in heads[:: body.n])
 
         def choice_logprobs(whole: dict) -> dict | None:
-            if not logprobs:
-                return None
-            offsets, at = [], 0
-            for token in whole["tokens"]:
-                offsets.append(at)
-                at += len(token)
-            return {"tokens": whole["tokens"], "token_logprobs": whole["logprobs"],
-                    "top_logprobs": [{t: lp} for t, lp in zip(whole["tokens"], whole["logprobs"], strict=False)],
-                    "text_offset": offsets}
+            return schemas.completion_logprobs(whole) if logprobs else None
+
+        prompt_texts = [heads[i * body.n].get("prompt_text", p) for i, p in enumerate(prompts)]  # token ids as text
+
+        def echoed(i: int) -> str:
+            return prompt_texts[i // body.n] if body.echo else ""
 
         if body.stream:
             async def events():
                 texts, tokens = [""] * len(streams), 0
                 for i, head in enumerate(heads):
                     if body.echo or "sources" in head:
-                        chunk = schemas.completion_chunk(rid, body.model, i, prompts[i // body.n] if body.echo else "", None)
+                        chunk = schemas.completion_chunk(rid, body.model, i, echoed(i), None)
                         yield _sse(schemas.with_sources(chunk, head))
                 async for i, chunk in merge_streams(streams):
                     texts[i] += chunk["text"]
                     tokens += len(chunk["token_ids"])
                     lp = choice_logprobs(chunk) if logprobs else None
                     yield _sse(schemas.completion_chunk(rid, body.model, i, chunk["text"], chunk["finish_reason"], lp))
+                if body.usage_chunk():
+                    usage = schemas.usage(prompt_tokens, tokens)
+                    yield _sse(schemas.completion_chunk(rid, body.model, 0, "", None, usage_=usage))
                 yield _sse("[DONE]")
                 report_usage(request, prompt_tokens + tokens)
-                self._capture("completion", rid, prompts, texts, version, body)
+                self._capture("completion", rid, prompt_texts, texts, version, body)
                 self._record("completions", 200, start)
 
             return StreamingResponse(guarded(events()), media_type="text/event-stream",
                                      headers={"x-lmforge-model-version": version})
         wholes = heads
-        choices = [schemas.with_sources_choice({"text": (prompts[i // body.n] if body.echo else "") + w["text"],
+        choices = [schemas.with_sources_choice({"text": echoed(i) + w["text"],
                                                 "index": i, "logprobs": choice_logprobs(w),
                                                 "finish_reason": w["finish_reason"]}, w)
                    for i, w in enumerate(wholes)]
         completion_tokens = sum(len(w["token_ids"]) for w in wholes)
         report_usage(request, prompt_tokens + completion_tokens)
-        self._capture("completion", rid, prompts, [w["text"] for w in wholes], version, body)
+        self._capture("completion", rid, prompt_texts, [w["text"] for w in wholes], version, body)
         self._record("completions", 200, start)
         response = schemas.completion_response(rid, body.model, choices, prompt_tokens, completion_tokens)
         cache = "hit" if all(h.get("cached") for h in heads) else "miss"
@@ -239,11 +244,12 @@ class Api:
         self._check(body, max_tokens, 1)
         messages, query = list(body.messages), ""
         if users := [i for i, m in enumerate(messages) if m.role == "user"]:
-            query = messages[users[-1]].content
+            query = messages[users[-1]].text()
             messages[users[-1]] = messages[users[-1]].model_copy(update={"content": self._templated(body, query)})
         prompt = schemas.chat_prompt(messages)
         stops = [*body.stop_list(), *schemas.CHAT_STOPS]
-        requests = self._requests([prompt], body, max_tokens, stops, False, [query or prompt])
+        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        requests = self._requests([prompt], body, max_tokens, stops, top_logprobs, [query or prompt])
         if body.stream:
             streams, heads = await self._open(requests)
         else:
@@ -261,8 +267,9 @@ class Api:
                     texts[i] += chunk["text"]
                     tokens += len(chunk["token_ids"])
                     delta = {"content": chunk["text"]} if chunk["text"] else {}
-                    yield _sse(schemas.chat_chunk(rid, body.model, i, delta, chunk["finish_reason"]))
-                if body.stream_options and body.stream_options.include_usage:
+                    lp = schemas.chat_logprobs(chunk) if body.logprobs else None
+                    yield _sse(schemas.chat_chunk(rid, body.model, i, delta, chunk["finish_reason"], logprobs=lp))
+                if body.usage_chunk():
                     usage = schemas.usage(prompt_tokens, tokens)
                     yield _sse(schemas.chat_chunk(rid, body.model, 0, {}, None, usage_=usage))
                 yield _sse("[DONE]")
@@ -274,7 +281,8 @@ class Api:
                                      headers={"x-lmforge-model-version": version})
         wholes = heads
         choices = [schemas.with_sources_choice({"index": i, "message": {"role": "assistant", "content": w["text"].strip()},
-                                                "logprobs": None, "finish_reason": w["finish_reason"]}, w)
+                                                "logprobs": schemas.chat_logprobs(w) if body.logprobs else None,
+                                                "finish_reason": w["finish_reason"]}, w)
                    for i, w in enumerate(wholes)]
         completion_tokens = sum(len(w["token_ids"]) for w in wholes)
         report_usage(request, prompt_tokens + completion_tokens)

@@ -2,7 +2,8 @@
 
 It owns the running batch (:class:`DecodeBatch`, continuous batching): new requests are prefilled
 (left-padded) and merged into the batch's KV cache between decode steps, each row with its own
-sampling settings (temperature, top-k, top-p, its own seeded generator; lm.serve.sampling), stop
+sampling settings (temperature, top-k, top-p, OpenAI's presence / frequency penalties and logit_bias,
+its own seeded generator; lm.serve.sampling), stop
 strings, end-of-text and token budget, and leaves the step it finishes; and the incremental
 detokenization (lm.serve.text) that streams text without partial UTF-8 characters or text past a
 stop string. The Ray Serve deployment (lm.serve.model_server) wraps it; nothing here knows about
@@ -20,8 +21,9 @@ HTTP or Ray.
 Guarantees: a request's output does not depend on what else is in its batch (greedy, and seeded
 sampling: each row draws one uniform number per step from its own CPU ``torch.Generator``, and the
 token is found by inverse CDF, so the draw is the same on CPU and GPU); greedy output equals
-``Transformer.generate(..., temperature=0)``. ``logprobs`` are the model's own log-probabilities
-(log-softmax of the raw logits, before temperature / top-k / top-p) of the chosen tokens. End-of-text
+``Transformer.generate(..., temperature=0)``. ``logprobs`` (and ``top_logprobs``, the k likeliest) are the
+model's own log-probabilities (log-softmax of the raw logits, before logit_bias, penalties, temperature /
+top-k / top-p) of the chosen tokens. End-of-text
 ends a row (finish_reason "stop") and is neither returned nor counted; a stop string ends it too, the
 token that completed it is kept in ``token_ids`` but the text is cut before the stop string.
 
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 
 from lm.model import KVCache, Transformer
-from lm.serve.sampling import sample_rows
+from lm.serve.sampling import adjust_logits, check_adjustments, sample_rows, top_logprobs
 from lm.serve.text import RowText
 from lm.tokenizer import BPETokenizer
 
@@ -56,6 +58,10 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False  # return the chosen token's logprob per token
     ignore_eos: bool = False
+    top_logprobs: int = 0  # with logprobs: also the k likeliest tokens per token
+    presence_penalty: float = 0.0  # OpenAI's: minus presence·(count > 0) per token generated so far
+    frequency_penalty: float = 0.0  # minus frequency·count
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
 
 @dataclass
@@ -66,6 +72,7 @@ class StepOutput:
     token_ids: list[int]  # [] only at an end-of-text step
     logprobs: list[float] | None  # None unless the request asked for them
     finish_reason: str | None  # None while running; "stop" (eos / stop string) or "length" at the last step
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, (id, logprob) likeliest first
 
 
 @dataclass
@@ -76,6 +83,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -132,7 +140,8 @@ class Engine:
         out: list[Completion] = []
         for start in range(0, len(requests), self.max_batch_size):
             chunk = requests[start : start + self.max_batch_size]
-            whole = [Completion("", [], [] if r.logprobs else None, "length", len(r.prompt_ids), 0) for r in chunk]
+            whole = [Completion("", [], [] if r.logprobs else None, "length", len(r.prompt_ids), 0,
+                                [] if r.logprobs else None) for r in chunk]
             for step in self._steps(list(chunk)):
                 for c, s in zip(whole, step, strict=True):
                     if s is not None:
@@ -141,6 +150,7 @@ class Engine:
                         c.completion_tokens += len(s.token_ids)
                         if c.logprobs is not None:
                             c.logprobs += s.logprobs or []
+                            c.top_logprobs += s.top_logprobs or []
                         c.finish_reason = s.finish_reason or c.finish_reason
             out += whole
         return out
@@ -214,10 +224,10 @@ class DecodeBatch:
         """One token for every row: [(key, StepOutput)]; finished rows leave the batch."""
         if not self.rows:
             return []
-        tokens, logprobs = self._sample()
+        tokens, logprobs, tops = self._sample()
         outputs, keep = [], []
         for j, row in enumerate(self.rows):
-            out = self._advance(row, tokens[j], logprobs[j] if logprobs else None)
+            out = self._advance(row, tokens[j], logprobs[j] if logprobs else None, tops[j] if tops else None)
             outputs.append((row.key, out))
             if out.finish_reason is None:
                 keep.append(j)
@@ -226,22 +236,23 @@ class DecodeBatch:
             self._decode()
         return outputs
 
-    def _advance(self, row: _Row, token: int, logprob: float | None) -> StepOutput:
+    def _advance(self, row: _Row, token: int, logprob: float | None, top: list | None) -> StepOutput:
         """Account one sampled token to a row (Python side)."""
         req = row.req
-        lps = [] if req.logprobs else None
+        lps, tops = ([], []) if req.logprobs else (None, None)
         if token == self.engine.tokenizer.eos_id and not req.ignore_eos:
             text, _ = row.text.finish()
-            return StepOutput(text, [], lps, "stop")
+            return StepOutput(text, [], lps, "stop", tops)
         row.n_tokens += 1
         if lps is not None:
             lps.append(logprob)
+            tops.append((top or [])[: req.top_logprobs])
         text, stopped = row.text.add(token)
         reason = "stop" if stopped else None
         if reason is None and row.n_tokens >= req.max_tokens:
             rest, stopped = row.text.finish()
             text, reason = text + rest, "stop" if stopped else "length"
-        return StepOutput(text, [token], lps, reason)
+        return StepOutput(text, [token], lps, reason, tops)
 
     # --------------------------------------------------------------- tensor work (inference mode)
 
@@ -260,20 +271,24 @@ class DecodeBatch:
                 "pos": torch.tensor(lens, device=dev), "settings": _settings(rows, dev)}
 
     @torch.inference_mode()
-    def _sample(self) -> tuple[list[int], list[float] | None]:
+    def _sample(self) -> tuple[list[int], list[float] | None, list | None]:
+        """A token per row (after its logit_bias and penalties); if a row asked, logprobs and top logprobs."""
         rows, state = self.rows, self.state
-        logits = state["logits"]
+        logits = raw = state["logits"]
         temperature, top_k, top_p = state["settings"]
         uniforms = torch.tensor(
             [torch.rand(1, generator=r.generator).item() if r.req.temperature > 0 else 0.0 for r in rows],
             device=logits.device,
         )
+        if any(r.req.presence_penalty or r.req.frequency_penalty or r.req.logit_bias for r in rows):
+            logits = adjust_logits(raw, [r.text.ids for r in rows], [r.req.presence_penalty for r in rows],
+                                   [r.req.frequency_penalty for r in rows], [r.req.logit_bias for r in rows])
         tokens = sample_rows(logits, temperature, top_k, top_p, uniforms)
         state["tokens"] = tokens
         if not any(r.req.logprobs for r in rows):
-            return tokens.tolist(), None
-        chosen = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
-        return tokens.tolist(), chosen.tolist()
+            return tokens.tolist(), None, None
+        chosen, tops = top_logprobs(raw, tokens, max(r.req.top_logprobs for r in rows))
+        return tokens.tolist(), chosen, tops
 
     @torch.inference_mode()
     def _select(self, keep: list[int]) -> None:
@@ -364,6 +379,7 @@ def check_request(req: GenRequest, context_length: int, vocab_size: int, where: 
         raise ValueError(f"{where}: top_k must be an int >= 1 or None, got {req.top_k!r}")
     if req.top_p is not None and not 0 < req.top_p <= 1:
         raise ValueError(f"{where}: top_p must be in (0, 1] or None, got {req.top_p!r}")
+    check_adjustments(req, vocab, where)
 
 
 def _generator(seed: int | None) -> torch.Generator:

@@ -7,8 +7,9 @@ steps run in a worker thread, so the replica keeps accepting requests while the 
 
 Non-streamed requests go through ``complete`` (the whole completion in one reply instead of one
 message per token). The stream a request gets from ``generate``: first a head (``prompt_tokens``,
-``version``) or an ``error`` (the ingress answers 400), then one chunk per step (``text``,
-``token_ids``, ``logprobs``, ``tokens``, ``finish_reason``). A caller that goes away frees its row.
+``version``, ``prompt_text`` for a token-id prompt) or an ``error`` (the ingress answers 400), then one
+chunk per step (``text``, ``token_ids``, ``logprobs``, ``tokens``, ``top_logprobs`` as [token, logprob]
+pairs, ``finish_reason``). A prompt is text or token ids. A caller that goes away frees its row.
 Deterministic requests (temperature 0, or a seed) are answered from a bounded LRU cache when seen
 before on the same model version.
 
@@ -145,28 +146,40 @@ class ModelServer:
         from lm.serve.engine import GenRequest
 
         engine, version = self.engine, self.version
-        limit = engine.context_length()
+        limit, tok = engine.context_length(), engine.tokenizer
         prompt, extra = req["prompt"], {}
+        if not isinstance(prompt, str):  # token ids
+            if bad := [t for t in prompt if not 0 <= t < tok.vocab_size]:
+                return {"error": f"the prompt holds token ids outside the vocabulary (0..{tok.vocab_size - 1}): "
+                                 f"{bad[:3]}", "param": "prompt", "code": None}
+            extra["prompt_text"] = tok.decode(prompt)
+            if req.get("rag"):
+                prompt = extra["prompt_text"]
         if req.get("rag"):  # the best passages that fit in front of the prompt (lm.rag)
             from lm.rag import augment
 
-            hits = self.rag.search(req["rag"]["query"], req["rag"]["top_k"])
+            query = req["rag"]["query"]
+            hits = self.rag.search(query if isinstance(query, str) else tok.decode(query), req["rag"]["top_k"])
             budget = limit - req["max_tokens"]
             prompt, used = augment(self.cfg.rag.template, prompt, hits,
                                    lambda text: len(engine.tokenizer.encode(text)) <= budget)
             extra["sources"] = [{k: h[k] for k in ("id", "doc", "source", "score", "text")} for h in used]
-        ids = engine.tokenizer.encode(prompt) or [engine.tokenizer.eos_id]
+        ids = (tok.encode(prompt) if isinstance(prompt, str) else list(prompt)) or [tok.eos_id]
         if len(ids) + req["max_tokens"] > limit:
             param = "prompt" if len(ids) >= limit else "max_tokens"
             return {"error": f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)} and "
                              f"max_tokens asks for {req['max_tokens']} more.", "param": param}
         request = GenRequest(prompt_ids=ids, max_tokens=req["max_tokens"], temperature=req["temperature"],
                              top_p=req.get("top_p"), top_k=req.get("top_k"), seed=req.get("seed"),
-                             stop=list(req.get("stop") or []), logprobs=bool(req.get("logprobs")))
+                             stop=list(req.get("stop") or []), logprobs=bool(req.get("logprobs")),
+                             top_logprobs=req.get("top_logprobs") or 0, logit_bias=req.get("logit_bias"),
+                             presence_penalty=req.get("presence_penalty") or 0.0,
+                             frequency_penalty=req.get("frequency_penalty") or 0.0)
         try:
             engine.check(request)  # one bad request must not fail the batch it would join
         except ValueError as err:
-            return {"error": str(err), "param": None}
+            param = "logit_bias" if "logit_bias" in str(err) else None
+            return {"error": str(err), "param": param, "code": None}
         return engine, version, request, self.cache.key(version, req), extra
 
     def _cached(self, key: str | None) -> dict | None:
@@ -209,14 +222,9 @@ class ModelServer:
         head = {"prompt_tokens": len(request.prompt_ids), "version": version, **extra}
         if (cached := self._cached(key)) is not None:
             return {**head, **cached, "cached": True}
-        whole = {"text": "", "token_ids": [], "logprobs": [] if request.logprobs else None, "finish_reason": None}
+        whole = _whole(request)
         async for out in self.scheduler.outputs(request, engine, whole=True):  # one message, at the end
-            whole["text"] += out.text
-            whole["token_ids"] += out.token_ids
-            if request.logprobs:
-                whole["logprobs"] += out.logprobs or []
-            whole["finish_reason"] = out.finish_reason or whole["finish_reason"]
-        whole["tokens"] = [engine.tokenizer.decode([i]) for i in whole["token_ids"]] if request.logprobs else None
+            _add(whole, _chunk(out, request, engine.tokenizer))
         if whole["token_ids"]:
             self.m_tokens.inc(len(whole["token_ids"]))
         if key:
@@ -237,21 +245,49 @@ class ModelServer:
             yield cached
             return
         yield head
-        whole = {"text": "", "token_ids": [], "logprobs": [] if request.logprobs else None, "tokens": [],
-                 "finish_reason": None}
+        whole = _whole(request)
         async with contextlib.aclosing(self.scheduler.outputs(request, engine)) as outputs:  # client gone: row freed
             async for out in outputs:
-                chunk = {"text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs,
-                         "tokens": [tokenizer.decode([i]) for i in out.token_ids] if request.logprobs else None,
-                         "finish_reason": out.finish_reason}
+                chunk = _chunk(out, request, tokenizer)
                 if out.token_ids:
                     self.m_tokens.inc(len(out.token_ids))
-                whole["text"] += out.text
-                whole["token_ids"] += out.token_ids
-                if request.logprobs:
-                    whole["logprobs"] += out.logprobs or []
-                    whole["tokens"] += chunk["tokens"]
-                whole["finish_reason"] = out.finish_reason or whole["finish_reason"]
+                _add(whole, chunk)
                 yield chunk
         if key and whole["finish_reason"]:
             self.cache.put(key, whole)
+
+
+def _whole(request) -> dict:
+    """An empty completion, to add a request's chunks to (_add)."""
+    def listed() -> list | None:
+        return [] if request.logprobs else None
+
+    return {"text": "", "token_ids": [], "logprobs": listed(), "tokens": listed(), "token_bytes": listed(),
+            "top_logprobs": listed(), "finish_reason": None}
+
+
+def _chunk(out, request, tokenizer) -> dict:
+    """A StepOutput as the ingress reads it: with logprobs, each token as text (``bytes:\\x..`` for part of a
+    UTF-8 character, as OpenAI), its bytes, and its top logprobs as [text, bytes, logprob]."""
+    def text(i: int) -> tuple[str, list[int]]:
+        raw = tokenizer.token_bytes(i)
+        try:
+            return raw.decode(), list(raw)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+    chunk = {"text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs, "tokens": None,
+             "token_bytes": None, "top_logprobs": None, "finish_reason": out.finish_reason}
+    if request.logprobs:
+        pieces = [text(i) for i in out.token_ids]
+        chunk["tokens"], chunk["token_bytes"] = [t for t, _ in pieces], [raw for _, raw in pieces]
+        chunk["top_logprobs"] = [[[*text(i), lp] for i, lp in alts] for alts in out.top_logprobs or []]
+    return chunk
+
+
+def _add(whole: dict, chunk: dict) -> None:
+    whole["text"] += chunk["text"]
+    for key in ("token_ids", "logprobs", "tokens", "token_bytes", "top_logprobs"):
+        if whole[key] is not None:
+            whole[key] += chunk[key] or []
+    whole["finish_reason"] = chunk["finish_reason"] or whole["finish_reason"]

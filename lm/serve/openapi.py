@@ -42,7 +42,7 @@ class Choice(_Out):
 class TokenLogprobs(_Out):
     tokens: list[str]
     token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    top_logprobs: list[dict[str, float]] = Field(description="Per token, its logprobs likeliest tokens and itself.")
     text_offset: list[int]
 
 
@@ -56,9 +56,24 @@ class AssistantMessage(_Out):
     content: str
 
 
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="The token's UTF-8 bytes.")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="The top_logprobs likeliest tokens, likeliest first.")
+
+
+class ChatLogprobs(_Out):
+    content: list[TokenLogprob]
+    refusal: None
+
+
 class ChatChoice(Choice):
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None = Field(description="With logprobs: the chosen tokens' log-probabilities.")
 
 
 class Completion(_Out):

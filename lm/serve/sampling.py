@@ -1,6 +1,8 @@
 """Sampling one token per row of a batch, each row with its own settings (no Ray).
 
     tokens = sample_rows(logits, temperature, top_k, top_p, uniforms)   # [B, V] logits, [B] settings
+    logits = adjust_logits(logits, generated, presence, frequency, bias)  # OpenAI's penalties and logit_bias
+    chosen, top = top_logprobs(logits, tokens, k)                          # logprobs of the chosen, top k
 """
 
 from __future__ import annotations
@@ -43,3 +45,50 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(dim=-1)
     index = torch.searchsorted(cdf, uniforms[:, None].to(cdf) * cdf[:, -1:], right=True)
     return index.clamp(max=probs.size(-1) - 1).squeeze(1)
+
+
+def adjust_logits(logits: torch.Tensor, generated: list[list[int]], presence: list[float], frequency: list[float],
+                  bias: list[dict[int, float] | None]) -> torch.Tensor:
+    """OpenAI's per-row logit adjustments (float32 copy of ``logits`` [B, V]): + ``bias[j]`` (token id → bias)
+    - presence[j]·(count > 0) - frequency[j]·count, count = the times each token is in ``generated[j]`` (the
+    row's tokens so far)."""
+    out = logits.float().clone()
+    B, V = out.shape
+    if any(bias):
+        at = [(j, t, b) for j, row in enumerate(bias) for t, b in (row or {}).items()]
+        rows, cols, vals = (torch.tensor(x, device=out.device) for x in zip(*at, strict=True))
+        out.index_put_((rows, cols), vals.float(), accumulate=True)
+    if any(presence) or any(frequency):
+        counts = torch.zeros(B, V, device=out.device)
+        for j, ids in enumerate(generated):
+            if ids:
+                counts[j].index_add_(0, torch.tensor(ids, device=out.device), torch.ones(len(ids), device=out.device))
+        p = torch.tensor(presence, device=out.device)[:, None]
+        f = torch.tensor(frequency, device=out.device)[:, None]
+        out -= p * (counts > 0) + f * counts
+    return out
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Per row of ``logits`` [B, V]: the log-probability (log-softmax) of its ``chosen`` token, and its ``k``
+    likeliest tokens as (id, logprob), likeliest first."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(1, chosen[:, None]).squeeze(1).tolist()
+    if k <= 0:
+        return picked, [[] for _ in picked]
+    values, ids = logp.topk(min(k, logp.size(-1)), dim=-1)
+    return picked, [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+
+
+def check_adjustments(req, vocab: int, where: str) -> None:
+    """ValueError unless the penalties, logit_bias and top_logprobs are in OpenAI's ranges and the vocabulary."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(req, name) <= 2:
+            raise ValueError(f"{where}: {name} must be in [-2, 2], got {getattr(req, name)!r}")
+    if bad := [t for t in req.logit_bias or {} if not (isinstance(t, int) and 0 <= t < vocab)]:
+        raise ValueError(f"{where}: logit_bias names token ids outside the vocabulary [0, {vocab}): {bad[:3]}")
+    if bad := [b for b in (req.logit_bias or {}).values() if not -100 <= b <= 100]:
+        raise ValueError(f"{where}: logit_bias values must be in [-100, 100], got {bad[:3]}")
+    if not (isinstance(req.top_logprobs, int) and 0 <= req.top_logprobs <= 20):
+        raise ValueError(f"{where}: top_logprobs must be an int in [0, 20], got {req.top_logprobs!r}")
+

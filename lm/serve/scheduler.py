@@ -175,7 +175,8 @@ def _gather_whole(outputs: list, partial: dict) -> list:
             if so_far is not None:
                 out = StepOutput(so_far.text + out.text, so_far.token_ids + out.token_ids,
                                  None if so_far.logprobs is None else so_far.logprobs + (out.logprobs or []),
-                                 out.finish_reason)
+                                 out.finish_reason,
+                                 None if so_far.top_logprobs is None else so_far.top_logprobs + (out.top_logprobs or []))
             if out.finish_reason is None:
                 partial[key] = out
             else:

@@ -51,10 +51,23 @@ def one_of(field: str, shapes: str) -> Any:
     return field_validator(field, mode="wrap")(classmethod(check))
 
 
+Text = Annotated[str, Field(min_length=1)]
+Ids = Annotated[list[Int(ge=0)], Field(min_length=1)]
+
+
 class RagOptions(BaseModel):
     model_config = STRICT
 
     top_k: Int(ge=1) | None = Field(None, description="Passages to retrieve (default: rag.top_k).")
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+
+    include_usage: bool = False
+
+
+TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
 
 
 class _Request(BaseModel):
@@ -73,8 +86,15 @@ class _Request(BaseModel):
     seed: Int(ge=-(2**63), lt=2**63) | None = Field(None, description="A 64-bit integer: the same seed and "
                                                     "prompt give the same text (choice j of n uses seed + j).")
     user: str | None = None
-    presence_penalty: float = Field(0.0, ge=0, le=0, description="Accepted for compatibility; only 0 is supported.")
-    frequency_penalty: float = Field(0.0, ge=0, le=0, description="Accepted for compatibility; only 0 is supported.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted from the logit of every token "
+                                    "generated so far in this choice (OpenAI's).")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Times the count of each token generated so "
+                                     "far in this choice, subtracted from its logit (OpenAI's).")
+    logit_bias: Annotated[dict[TokenId, Annotated[float, Field(ge=-100, le=100)]],
+                          Field(json_schema_extra={"additionalProperties": False})] | None = Field(
+        None, description="Token id (a decimal string) -> a bias in [-100, 100] added to its logit.")
+    stream_options: StreamOptions | None = Field(None, description="With stream: include_usage sends a last "
+                                                 "chunk with the usage and no choices.")
     template: str | None = Field(None, description="lmforge extension: a named prompt template (serve.templates) "
                                  "applied to the prompt (chat: to the last user message).")
     template_vars: dict[str, str] = Field(default_factory=dict, description="The template's other {fields}.")
@@ -87,48 +107,73 @@ class _Request(BaseModel):
             return self.rag.top_k or default
         return default if self.rag else None
 
+    def bias(self) -> dict[int, float] | None:
+        return {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None
+
+    def usage_chunk(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
 
 class CompletionRequest(_Request):
-    prompt: str | Annotated[list[str], Field(min_length=1)] = Field(..., description="A prompt or a list of prompts.")
-    _prompt = one_of("prompt", "a string or a non-empty list of strings")
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Ids | Annotated[list[Ids], Field(min_length=1)] = Field(
+        ..., description="A prompt or a non-empty list of prompts; a prompt is text or a token-id list.")
+    _prompt = one_of("prompt", "a string, a token-id list, or a non-empty list of either")
     max_tokens: Int(ge=1) | None = 16
     echo: bool = False
-    logprobs: Int(ge=0, le=5) | None = Field(None, description="Return the chosen tokens' log-probabilities.")
+    logprobs: Int(ge=0, le=5) | None = Field(None, description="Return the chosen tokens' log-probabilities and "
+                                             "the likeliest N of each (top_logprobs).")
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class TextPart(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
     model_config = STRICT
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart] = Field(..., description="Text, or a list of text parts (joined by newlines).")
     name: str | None = None
 
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _parts(cls, value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            kinds = sorted({str(p.get("type")) for p in value if isinstance(p, dict) and p.get("type") != "text"}
+                           if isinstance(value, list) else [])
+            if kinds:
+                raise PydanticCustomError("part", f"content parts of type {kinds} are not supported; "
+                                          "only text parts") from None
+            raise PydanticCustomError("shape", "must be a string or a list of text parts") from None
 
-class StreamOptions(BaseModel):
-    model_config = STRICT
-
-    include_usage: bool = False
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Int(ge=1) | None = None
-    stream_options: StreamOptions | None = None
-    logprobs: bool = False
+    logprobs: bool = Field(False, description="Return the chosen tokens' log-probabilities (choices[].logprobs).")
+    top_logprobs: Int(ge=0, le=20) | None = Field(None, description="With logprobs: the likeliest tokens per token.")
 
     def token_budget(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
 
 
-Text = Annotated[str, Field(min_length=1)]
-Ids = Annotated[list[Int(ge=0)], Field(min_length=1)]
 
 
 class EmbeddingRequest(BaseModel):
@@ -163,7 +208,7 @@ class FeedbackRequest(BaseModel):
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
     """The ``plain`` chat template (see the module docstring; lm.chat renders it)."""
-    return chat.chat_prompt(messages)
+    return chat.chat_prompt([m.model_copy(update={"content": m.text()}) for m in messages])
 
 
 def apply_template(templates: dict[str, str], name: str, prompt: str, variables: dict[str, str]) -> str:
@@ -251,9 +296,39 @@ def completion_response(rid: str, model: str, choices: list[dict], prompt_tokens
 
 
 def completion_chunk(rid: str, model: str, index: int, text: str, finish_reason: str | None,
-                     logprobs: dict | None = None) -> dict:
+                     logprobs: dict | None = None, usage_: dict | None = None) -> dict:
+    if usage_ is not None:  # stream_options.include_usage: the last chunk
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+                "choices": [], "usage": usage_}
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+def completion_logprobs(whole: dict) -> dict:
+    """OpenAI's legacy logprobs of a completion (or chunk) from the model deployment: each token, its logprob,
+    its ``logprobs`` likeliest (and itself) as token -> logprob, and its offset in the text."""
+    offsets, seen = [], b""
+    for raw in whole["token_bytes"]:  # characters before the token (one in pieces counts once whole)
+        offsets.append(len(seen.decode(errors="ignore")))
+        seen += bytes(raw)
+    tops = []
+    for token, lp, alts in zip(whole["tokens"], whole["logprobs"], whole["top_logprobs"], strict=True):
+        top = {}
+        for text, _, logprob in alts:
+            top.setdefault(text, logprob)
+        top.setdefault(token, lp)
+        tops.append(top)
+    return {"tokens": whole["tokens"], "token_logprobs": whole["logprobs"], "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def chat_logprobs(whole: dict) -> dict:
+    """OpenAI's chat logprobs: per token its text, logprob, UTF-8 bytes and its ``top_logprobs`` likeliest."""
+    def entry(token: str, raw: list[int], logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": raw}
+
+    return {"content": [{**entry(t, raw, lp), "top_logprobs": [entry(*alt) for alt in alts]} for t, raw, lp, alts in zip(
+        whole["tokens"], whole["token_bytes"], whole["logprobs"], whole["top_logprobs"], strict=True)], "refusal": None}
 
 
 def chat_response(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
@@ -262,9 +337,9 @@ def chat_response(rid: str, model: str, choices: list[dict], prompt_tokens: int,
 
 
 def chat_chunk(rid: str, model: str, index: int, delta: dict, finish_reason: str | None,
-               usage_: dict | None = None) -> dict:
+               usage_: dict | None = None, logprobs: dict | None = None) -> dict:
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if usage_ is not None:
         chunk["choices"] = []
         chunk["usage"] = usage_

@@ -38,9 +38,10 @@ KEY_FILE = f"""keys:
 """
 # The one exclusion from schemathesis' checks: positive_data_acceptance takes a 400 (added to its statuses) if
 # it names a limit of the deployment, which the schema cannot know: serve.max_tokens_limit, max_n, max_prompts,
-# max_embedding_inputs, the model's context, vocabulary and width, serve.rag, rag.max_top_k, serve.templates.
+# max_embedding_inputs, the model's context, vocabulary (prompt token ids, logit_bias) and width, serve.rag, rag.max_top_k, serve.templates.
 # (A schema-valid prompt longer than the context is a correct 400.) at_deployment_limits checks the param.
-DEPLOYMENT_LIMITS = {"max_tokens", "n", "prompt", "input", "dimensions", "rag", "rag.top_k", "template", "template_vars"}
+DEPLOYMENT_LIMITS = {"max_tokens", "n", "prompt", "input", "dimensions", "rag", "rag.top_k", "template", "template_vars",
+                     "logit_bias"}
 FUZZ = {"headers": {"Authorization": f"Bearer {KEY}"}, "request-timeout": 60, "checks": {
             "enabled": True, "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "401", "404", "429"]}},
         "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True}, "fuzzing": {"enabled": True}},
@@ -125,6 +126,73 @@ def test_openai_client_completions_chat_and_models(server):
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens > 0
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed.strip() == chat.choices[0].message.content
+    # content as text parts: the same prompt as plain content
+    parts = client.chat.completions.create(model="lmforge", max_tokens=10, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Speak."}]}])
+    assert parts.choices[0].message.content == chat.choices[0].message.content
+    # stream_options.include_usage on completions: a last chunk with the usage and no choices
+    chunks = list(client.completions.create(model="lmforge", prompt="ROMEO:", max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == done.usage and all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == done.choices[0].text
+
+
+def test_token_prompts_sampling_controls_and_top_logprobs(server):
+    """Prompts as token ids, logit_bias, presence / frequency penalties and top logprobs (completions and chat),
+    each streamed and not, through the openai client."""
+    from lm.tokenizer import BPETokenizer
+
+    client, tok = server["client"], BPETokenizer.load(Path(server["v1"]) / "tokenizer.json")
+
+    def shown(raw: bytes) -> str:  # a token as OpenAI shows it: its text, or bytes:\x.. for part of a character
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def complete(stream: bool, **kw) -> tuple[str, list[str], list[float], list[dict]]:
+        """(text, tokens, token logprobs, top logprobs) of a greedy completion."""
+        kw = {"model": "lmforge", "max_tokens": 8, "temperature": 0, "logprobs": 5, **kw}
+        if not stream:
+            lp = (c := client.completions.create(**kw).choices[0]).logprobs
+            return c.text, lp.tokens, lp.token_logprobs, lp.top_logprobs
+        chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw)]
+        return ("".join(c.text for c in chunks), *([v for c in chunks for v in getattr(c.logprobs, field)]
+                                                    for field in ("tokens", "token_logprobs", "top_logprobs")))
+
+    for stream in (False, True):
+        text, tokens, lps, tops = complete(stream, prompt="ROMEO:")
+        assert complete(stream, prompt=tok.encode("ROMEO:"))[0] == text  # token ids: the same greedy text
+        two = client.completions.create(model="lmforge", prompt=[tok.encode("ROMEO:"), tok.encode("KING:")],
+                                        max_tokens=8, temperature=0)
+        assert two.choices[0].text == text and two.choices[1].text == complete(stream, prompt="KING:")[0]
+        for token, lp, top in zip(tokens, lps, tops, strict=True):  # greedy: the chosen token is the likeliest
+            assert len(top) <= 5 and max(top, key=top.get) == token and top[token] == pytest.approx(lp, abs=1e-6)
+            assert list(top.values()) == sorted(top.values(), reverse=True)
+            assert sum(np.exp(list(top.values()))) <= 1 + 1e-6
+        e = tok.encode("e")[0]
+        assert complete(stream, prompt="ROMEO:", logit_bias={str(e): 100})[0] == tok.decode([e] * 8)
+        first = next(i for i in range(tok.vocab_size) if shown(tok.token_bytes(i)) == tokens[0])  # the greedy first
+        assert complete(stream, prompt="ROMEO:", logit_bias={str(first): -100})[1][0] != tokens[0]
+
+        def repeats(stream=stream, **kw) -> int:
+            counts = Counter(complete(stream, prompt="ROMEO:", max_tokens=40, **kw)[1])
+            return max(counts.values())
+
+        assert repeats(frequency_penalty=2, presence_penalty=1) <= repeats() <= repeats(frequency_penalty=-2)
+        assert repeats(frequency_penalty=2, presence_penalty=1) < repeats(frequency_penalty=-2)
+    # chat: logprobs with top_logprobs, the same streamed and not
+    ask = {"model": "lmforge", "messages": [{"role": "user", "content": "Speak."}], "max_tokens": 8, "temperature": 0,
+           "logprobs": True, "top_logprobs": 3}
+    content = client.chat.completions.create(**ask).choices[0].logprobs.content
+    streamed = [e for c in client.chat.completions.create(stream=True, **ask) if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content] and len(content) > 0
+    for entry in content:
+        assert entry.top_logprobs[0].token == entry.token and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob) and shown(bytes(entry.bytes)) == entry.token
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+    assert client.chat.completions.create(**{**ask, "logprobs": False}).choices[0].logprobs is None
 
 
 def test_auth(server):
@@ -196,6 +264,12 @@ def test_per_key_limits_answer_429_with_retry_after(server):
     ({"model": "lmforge", "prompt": "hi", "max_tokens": "3"}, 400, "max_tokens"),
     ({"model": "lmforge", "prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),    # 2.0 would be 2
     ({"model": "lmforge", "prompt": "hi", "stop": ["", "", "", "", ""]}, 400, "stop"),  # at most 4, as documented
+    ({"model": "lmforge", "prompt": [5, 10**6]}, 400, "prompt"),                     # token ids beyond the vocabulary
+    ({"model": "lmforge", "prompt": [[5], [-1]]}, 400, "prompt"),
+    ({"model": "lmforge", "prompt": "hi", "logit_bias": {"1000000": 5}}, 400, "logit_bias"),
+    ({"model": "lmforge", "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"model": "lmforge", "prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ({"model": "lmforge", "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
 ])
 def test_bad_requests_get_openai_style_4xx(server, body, status, param):
     content = body if isinstance(body, str | bytes) else json.dumps(body)
@@ -267,6 +341,11 @@ def test_chat_bad_input(server):
     r = httpx.post(f"{server['base']}/chat/completions", json={"model": "lmforge", "messages": [{"role": "wizard",
                    "content": "x"}]}, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
+    image = [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
+    r = httpx.post(f"{server['base']}/chat/completions", json={"model": "lmforge", "messages": [{"role": "user",
+                   "content": image}]}, headers={"Authorization": f"Bearer {KEY}"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "messages.0.content" and "image_url" in error["message"], error
 
 
 def test_concurrent_requests_are_batched_and_all_answered(server):
@@ -512,10 +591,12 @@ def test_a_killed_model_replica_fails_no_whole_request(server):
     from lm.serve.deploy import start
 
     def running(app: str) -> set[int] | None:
-        """The pids of the model deployment's replicas once they are all RUNNING (none starting or stopping)."""
-        deployment = _get_global_client().get_serve_details()["applications"][app]["deployments"]["model"]
-        states = {r["state"] for r in deployment["replicas"]}
-        return {r["pid"] for r in deployment["replicas"]} if states == {"RUNNING"} else None
+        """The pids of the model deployment's replicas once the application is RUNNING (its update done) and they
+        all are (none starting or stopping)."""
+        details = _get_global_client().get_serve_details()["applications"][app]
+        replicas = details["deployments"]["model"]["replicas"]
+        states = {r["state"] for r in replicas}
+        return {r["pid"] for r in replicas} if details["status"] == "RUNNING" and states == {"RUNNING"} else None
 
     def kill_one_under_load(replicas: int, moment: float, *extra: str) -> list[httpx.Response]:
         start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], f"serve.model={server['v1']}",
@@ -539,6 +620,7 @@ def test_a_killed_model_replica_fails_no_whole_request(server):
         for t in threads:
             t.start()
         time.sleep(moment)
+        pids = running(server["cfg"].serve.app_name) or pids  # the replicas serving the load now
         os.kill(min(pids), signal.SIGKILL)
         time.sleep(6)
         stop.set()

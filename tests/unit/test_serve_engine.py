@@ -4,6 +4,7 @@ logprobs, incremental text, per-row sampling, validation, stepping from other th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from tokenizers import pre_tokenizers
 
 from lm.serve.engine import Engine, GenRequest
-from lm.serve.sampling import sample_rows
+from lm.serve.sampling import adjust_logits, sample_rows, top_logprobs
 from lm.serve.text import RowText
 
 CTX = 64
@@ -212,6 +213,45 @@ def test_logprobs_match_a_full_forward(engine, model, tok):
     assert engine.generate([req(tok, "x", 3, temperature=0)])[0].logprobs is None
 
 
+
+def test_adjust_logits_applies_openai_penalties_and_bias_per_row():
+    logits = torch.zeros(3, 6)
+    out = adjust_logits(logits, [[1, 1, 2], [1, 1, 2], []], [0.5, 0.0, 0.0], [0.25, 0.0, 0.0],
+                        [None, {4: 100.0, 0: -7.5}, None])
+    assert out[0].tolist() == [0.0, -0.5 - 0.5, -0.5 - 0.25, 0.0, 0.0, 0.0]  # presence·(count>0) + frequency·count
+    assert out[1].tolist() == [-7.5, 0.0, 0.0, 0.0, 100.0, 0.0]  # bias only: its row has no penalties
+    assert out[2].tolist() == [0.0] * 6 and logits.eq(0).all()  # a copy: the input is untouched
+
+
+def test_top_logprobs_are_the_likeliest_sorted_with_the_chosen_logprob():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 0.0]])
+    chosen, tops = top_logprobs(logits, torch.tensor([2, 0]), 3)
+    logp = torch.log_softmax(logits, -1)
+    assert chosen == pytest.approx([logp[0, 2].item(), logp[1, 0].item()])
+    assert [i for i, _ in tops[0]] == [1, 3, 2] and [lp for _, lp in tops[0]] == pytest.approx(logp[0, [1, 3, 2]].tolist())
+    assert tops[1][0] == (0, pytest.approx(chosen[1])) and top_logprobs(logits, torch.tensor([0, 0]), 0)[1] == [[], []]
+
+
+def test_logit_bias_and_penalties_steer_greedy_rows_alone(engine, tok):
+    plain = req(tok, "Speak", 40, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=3)
+    forced = dataclasses.replace(plain, logit_bias={7: 100.0})
+    banned = dataclasses.replace(plain, logit_bias={engine.generate([plain])[0].token_ids[0]: -100.0})
+    penalized = dataclasses.replace(plain, frequency_penalty=2.0, presence_penalty=0.5)
+    rewarded = dataclasses.replace(plain, frequency_penalty=-2.0)
+    base, f, b, p, r = engine.generate([plain, forced, banned, penalized, rewarded])
+    assert f.token_ids == [7] * 40 and b.token_ids[0] != base.token_ids[0]
+
+    def repeats(out) -> int:
+        return max(out.token_ids.count(t) for t in out.token_ids)
+
+    assert repeats(p) < repeats(base) < repeats(r)  # this greedy answer repeats a token (4 times)
+    assert same(engine.generate([plain])[0], base) is None  # the adjusted rows left the plain one alone
+    for lp, top, token in zip(base.logprobs, base.top_logprobs, base.token_ids, strict=True):
+        assert len(top) == 3 and top[0] == (token, pytest.approx(lp, abs=1e-5))  # greedy: the chosen is the top
+        assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+    assert len(f.top_logprobs) == 40  # logprobs are the model's own: before the bias
+
+
 # --------------------------------------------------------------------------------- streaming
 
 
@@ -311,6 +351,11 @@ def test_stop_string_found_in_the_token_that_completes_it():
         ({"temperature": float("nan")}, "temperature"),
         ({"top_k": 0}, "top_k"),
         ({"top_p": 0.0}, "top_p"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3.0}, "frequency_penalty"),
+        ({"logit_bias": {10_000: 1.0}}, "logit_bias names token ids outside"),
+        ({"logit_bias": {3: 101.0}}, "logit_bias values"),
+        ({"top_logprobs": 21}, "top_logprobs"),
     ],
 )
 def test_invalid_requests_fail_before_any_work(engine, kw, match):

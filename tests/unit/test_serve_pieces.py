@@ -105,13 +105,23 @@ def test_request_schemas_reject_bad_fields():
     assert ok.prompts() == ["a", "b"] and ok.stop_list() == ["\n"] and ok.max_tokens == 16
     for bad in ({"model": "m", "prompt": "a", "max_tokens": 0}, {"model": "m", "prompt": "a", "top_p": 0},
                 {"model": "m", "prompt": "a", "extra": 1}, {"model": "m", "prompt": 5},
-                {"model": "m", "prompt": "a", "presence_penalty": 0.5}):
+                {"model": "m", "prompt": "a", "presence_penalty": 2.5}, {"model": "m", "prompt": [[1], []]},
+                {"model": "m", "prompt": [1, "a"]}, {"model": "m", "prompt": "a", "logit_bias": {"x": 1}},
+                {"model": "m", "prompt": "a", "logit_bias": {"3": 100.5}}, {"model": "m", "prompt": [-1]}):
         with pytest.raises(ValidationError):
             schemas.CompletionRequest.model_validate(bad)
+    ids = schemas.CompletionRequest(model="m", prompt=[[1, 2], [3]], logit_bias={"7": -100, "0": 2.5},
+                                    frequency_penalty=-2, stream_options={"include_usage": True})
+    assert ids.prompts() == [[1, 2], [3]] and ids.bias() == {7: -100.0, 0: 2.5} and ids.usage_chunk()
+    assert schemas.CompletionRequest(model="m", prompt=[1, 2]).prompts() == [[1, 2]]
     chat = schemas.ChatRequest(model="m", messages=[{"role": "system", "content": "Be brief."},
-                                                    {"role": "user", "content": "Hi"}], max_completion_tokens=5)
+                                                    {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                               max_completion_tokens=5)
     assert chat.token_budget(100) == 5
     assert schemas.chat_prompt(chat.messages) == "System: Be brief.\n\nUser: Hi\n\nAssistant:"
+    with pytest.raises(ValidationError, match=r"type \['image_url'\] are not supported"):
+        schemas.ChatRequest(model="m", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": "x"}}]}])
     with pytest.raises(ValidationError):
         schemas.FeedbackRequest(id="cmpl-abc", rating=5)
     assert not schemas.FeedbackRequest(id="cmpl-abc").has_content()

@@ -51,6 +51,14 @@ def test_round_trip_any_string(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
 
+def test_token_bytes_are_what_each_token_stands_for(tok):
+    ids = tok.encode("naïve café ✓ — ROMEO")
+    assert b"".join(tok.token_bytes(i) for i in ids) == "naïve café ✓ — ROMEO".encode()
+    assert sorted(tok.token_bytes(i) for i in range(tok.vocab_size) if len(tok.token_bytes(i)) == 1) == [
+        bytes([b]) for b in range(256)]  # the byte alphabet: every byte once
+    assert tok.token_bytes(tok.eos_id) == b"<|endoftext|>"
+
+
 def test_stream_is_consumed_lazily_and_capped():
     pulled = []
 
