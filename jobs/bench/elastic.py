@@ -81,6 +81,28 @@ def change(lines: Lines, since: float, world: int) -> dict:
             "resumed_s": round(at - since, 1), "training_again_s": round(trains_at - since, 1)}
 
 
+def plot(history: list[dict], shrink: dict, grow: dict, path: Path) -> None:
+    """The loss by step, each point coloured by the group's size, the two resumes marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for world, colour in ((3, "tab:blue"), (2, "tab:orange")):
+        points = [(h["step"], h["loss"]) for h in history if h.get("workers") == world]
+        ax.scatter(*zip(*points, strict=True), s=6, color=colour, label=f"{world} workers")
+    for change, what in ((shrink, "node lost: resumed on 2"), (grow, "node back: resumed on 3")):
+        ax.axvline(change["resumed_at_step"], color="grey", linestyle=":")
+        ax.annotate(f"{what}\n(+{change['training_again_s']:.0f} s)", (change["resumed_at_step"], ax.get_ylim()[1]),
+                    fontsize=8, va="top", ha="left")
+    ax.set(xlabel="step", ylabel="training loss", title="elastic group train.workers [2, 3]: one curve")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace, temp_dir: str, store: str) -> dict:
     state = json.loads((Path(temp_dir) / "local-cluster.json").read_text())
     proc = subprocess.Popen(
@@ -104,6 +126,7 @@ def run(args: argparse.Namespace, temp_dir: str, store: str) -> dict:
     if proc.wait(timeout=900) != 0:
         raise SystemExit("elastic bench: the run failed:\n" + "".join(lines.text[-40:]))
     history = [json.loads(x) for x in (Path(store) / "runs/tiny/train/metrics.jsonl").read_text().splitlines()]
+    plot(history, shrink, grow, Path(args.out).with_suffix(".png"))
     return {"shrink": shrink, "grow": grow,
             "steps_once": [h["step"] for h in history] == sorted({h["step"] for h in history}),
             "global_batch_tokens": sorted({h["global_batch_tokens"] for h in history})}
