@@ -179,12 +179,12 @@ class TrainConfig(Section):
         """Refuse (ValueError naming the numbers) a global batch that some allowed number of workers cannot
         keep, or an elastic group without a fixed global batch."""
         if self.elastic and self.global_batch_tokens is None:
-            whole = self.batch_size * seq_len * math.lcm(*self.world_sizes())
+            lcm = math.lcm(*self.world_sizes())
             raise ValueError(
                 f"train.workers {list(self.workers)} is an elastic group: set train.global_batch_tokens so the "
                 f"global batch stays the same at every size (a multiple of batch_size x seq_len x lcm of "
-                f"{self.min_workers}..{self.max_workers} = {self.batch_size} x {seq_len} x "
-                f"{math.lcm(*self.world_sizes())} = {whole})"
+                f"{self.min_workers}..{self.max_workers} = {self.batch_size} x {seq_len} x {lcm} = "
+                f"{self.batch_size * seq_len * lcm})"
             )
         for world in self.world_sizes():
             self.grad_accum(seq_len, world)

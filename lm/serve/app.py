@@ -211,8 +211,8 @@ class Api:
                 async for i, chunk in merge_streams(streams):
                     texts[i] += chunk["text"]
                     tokens += len(chunk["token_ids"])
-                    lp = choice_logprobs(chunk) if logprobs else None
-                    yield _sse(schemas.completion_chunk(rid, body.model, i, chunk["text"], chunk["finish_reason"], lp))
+                    yield _sse(schemas.completion_chunk(rid, body.model, i, chunk["text"], chunk["finish_reason"],
+                                                        choice_logprobs(chunk)))
                 if body.usage_chunk():
                     usage = schemas.usage(prompt_tokens, tokens)
                     yield _sse(schemas.completion_chunk(rid, body.model, 0, "", None, usage_=usage))

@@ -178,8 +178,7 @@ class ModelServer:
         try:
             engine.check(request)  # one bad request must not fail the batch it would join
         except ValueError as err:
-            param = "logit_bias" if "logit_bias" in str(err) else None
-            return {"error": str(err), "param": param, "code": None}
+            return {"error": str(err), "param": getattr(err, "param", None), "code": None}  # ArgumentError names it
         return engine, version, request, self.cache.key(version, req), extra
 
     def _cached(self, key: str | None) -> dict | None:

@@ -80,15 +80,24 @@ def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[li
     return picked, [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
+class ArgumentError(ValueError):
+    """A request argument out of its range; ``param`` names it (the API's 400 says which)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 def check_adjustments(req, vocab: int, where: str) -> None:
-    """ValueError unless the penalties, logit_bias and top_logprobs are in OpenAI's ranges and the vocabulary."""
+    """ArgumentError unless the penalties, logit_bias and top_logprobs are in OpenAI's ranges and the vocabulary."""
     for name in ("presence_penalty", "frequency_penalty"):
         if not -2 <= getattr(req, name) <= 2:
-            raise ValueError(f"{where}: {name} must be in [-2, 2], got {getattr(req, name)!r}")
+            raise ArgumentError(name, f"{where}: {name} must be in [-2, 2], got {getattr(req, name)!r}")
     if bad := [t for t in req.logit_bias or {} if not (isinstance(t, int) and 0 <= t < vocab)]:
-        raise ValueError(f"{where}: logit_bias names token ids outside the vocabulary [0, {vocab}): {bad[:3]}")
+        raise ArgumentError("logit_bias", f"{where}: logit_bias names token ids outside the vocabulary "
+                            f"[0, {vocab}): {bad[:3]}")
     if bad := [b for b in (req.logit_bias or {}).values() if not -100 <= b <= 100]:
-        raise ValueError(f"{where}: logit_bias values must be in [-100, 100], got {bad[:3]}")
+        raise ArgumentError("logit_bias", f"{where}: logit_bias values must be in [-100, 100], got {bad[:3]}")
     if not (isinstance(req.top_logprobs, int) and 0 <= req.top_logprobs <= 20):
-        raise ValueError(f"{where}: top_logprobs must be an int in [0, 20], got {req.top_logprobs!r}")
-
+        raise ArgumentError("top_logprobs", f"{where}: top_logprobs must be an int in [0, 20], "
+                            f"got {req.top_logprobs!r}")

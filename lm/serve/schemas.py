@@ -174,8 +174,6 @@ class ChatRequest(_Request):
         return self.max_completion_tokens or self.max_tokens or default
 
 
-
-
 class EmbeddingRequest(BaseModel):
     model_config = STRICT
 

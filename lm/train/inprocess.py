@@ -13,12 +13,12 @@ from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
 from lm.train.distill import lineage as distill_lineage
 from lm.train.distill import load_teacher
-from lm.train.local import pick_device, train_local
+from lm.train.local import TrainResult, pick_device, train_local
 from lm.train.loop import build_model, load_init_weights
 from lm.train.metrics import history_jsonl, loss_curve_png
 
 
-def train_in_process(cfg: Config, store: ObjectStore, log: Log) -> tuple[str, object]:
+def train_in_process(cfg: Config, store: ObjectStore, log: Log) -> tuple[str, TrainResult]:
     """Train ``cfg`` in this process on ``cfg.data_uri``; publish ``<run>/model``. (model URI, the loop's result)."""
     data = cfg.data_uri
     manifest = read_manifest(store, data)

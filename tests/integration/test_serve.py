@@ -634,9 +634,13 @@ def test_a_killed_model_replica_fails_no_whole_request(server):
     statuses = Counter(r.status_code for r in kill_one_under_load(2, moment))
     assert set(statuses) == {200} and statuses[200] > 6, (seed, statuses)
     for extra in ([], ["serve.colocate=true", "serve.rag=false"]):
-        answers = kill_one_under_load(1, moment, *extra)
-        statuses = Counter(r.status_code for r in answers)
-        assert set(statuses) == {200, 503} and statuses[200] > 3, (seed, extra, statuses)
+        for _ in range(3):  # until the kill catches requests on the replica (Serve may hold them all queued)
+            answers = kill_one_under_load(1, moment, *extra)
+            statuses = Counter(r.status_code for r in answers)
+            assert set(statuses) <= {200, 503} and statuses[200] > 3, (seed, extra, statuses)
+            if statuses[503]:
+                break
+        assert statuses[503], (seed, extra, "three kills, none caught a request on the replica")
         assert all(int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "replica_unavailable"
                    for r in answers if r.status_code == 503)
 
