@@ -71,7 +71,7 @@ def _parent(store: ObjectStore, registry: Registry, it_uri: str) -> Version:
 
 def _fine_tune(ft: Config, store: ObjectStore, mix: Mix, log: Log) -> str:
     model_uri = join_uri(ft.run_uri, "model")
-    if store.exists(join_uri(model_uri, "config.json")):
+    if store.is_published(model_uri):  # whole: a run killed while publishing it trains (resumes) again
         log(f"continual: candidate already trained ({model_uri})")
         return model_uri
     log(f"continual: fine-tuning {ft.train.init_from} for {ft.train.max_steps} steps on {sum(mix.rows.values())} rows")
