@@ -157,7 +157,7 @@ def _bootstrap(cfg: Config, store: ObjectStore, registry: Registry, log: Log) ->
         registry.get("production")  # fails here, naming the registry, when nothing is in production
         return
     model_uri = join_uri(cfg.run_uri, "model")
-    if not store.exists(join_uri(model_uri, "config.json")):
+    if not store.is_published(model_uri):
         raise RegistryError(f"the registry at {cfg.registry_uri} is empty and there is no model at {model_uri} to "
                             "start from: train one (`lm run` / `lm train`) or `lm registry add` + `promote` one")
     v = registry.register(model_uri, note=f"run {cfg.name}: the first production version")

@@ -138,9 +138,11 @@ def test_feedback_and_new_documents_become_v2_in_serving_after_a_killed_and_resu
         store.write_text(f"{root}/incoming/shakespeare-b.txt", "\n\n".join(loop["later"][: len(loop["later"]) // 2]))
 
         # the iteration on Ray Train + DeepSpeed on 2 workers, killed (its Ray Train processes first) once it has a
-        # checkpoint (the global batch fixed: 1 micro-batch a step on each of 2 workers, 2 on 1; every step's loss
-        # in the history)
-        ray_train = ["train.trainer=ray", "train.global_batch_tokens=1024", "train.log_interval=1"]
+        # checkpoint (the global batch fixed: 8 micro-batches a step on each of 2 workers, 16 on 1; every step's
+        # loss in the history). Ray Train commits a checkpoint at its controller's next poll, after the upload
+        # that runs while training goes on: steps of 1 micro-batch (ms each) ran all 30 and published the
+        # model before the kill could land; with 8 the kill lands a step or two after the checkpoint.
+        ray_train = ["train.trainer=ray", "train.global_batch_tokens=8192", "train.log_interval=1"]
         job = continual_job(loop, *ray_train, "train.workers=2")
         killed: list[str] = []
         reader = threading.Thread(target=lambda: killed.extend(job.stdout), daemon=True)  # a full pipe blocks it
@@ -161,6 +163,7 @@ def test_feedback_and_new_documents_become_v2_in_serving_after_a_killed_and_resu
         job.wait()
         reader.join(timeout=10)
         wait_for(lambda: not ray_train_processes(), 60, "the killed fine-tune's Ray Train processes to end")
+        assert not store.is_published(f"{iteration_uri(cfg, 1)}/model"), "the fine-tune ended before the kill"
         _, saved = latest_checkpoint(store, checkpoints)  # what the next run resumes from
         assert saved.world_size == 2 and 0 < saved.step < 30, saved.step
         ledger = Ledger(store, continual_uri(cfg))
