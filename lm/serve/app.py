@@ -148,16 +148,17 @@ class Api:
         return results
 
     def _requests(self, prompts: list, body: schemas._Request, max_tokens: int, stops: list[str],
-                  top_logprobs: int | None, queries: list | None = None) -> list[dict]:
+                  top_logprobs: int | None, queries: list | None = None, echo: bool = False) -> list[dict]:
         """One model request per (prompt, choice); choice j of a seeded request uses seed + j. ``queries``:
-        what retrieval looks up for each prompt (with ``rag``). ``top_logprobs``: None for no logprobs."""
+        what retrieval looks up for each prompt (with ``rag``). ``top_logprobs``: None for no logprobs;
+        ``echo`` with logprobs: the prompt tokens' too."""
         top_k = body.rag_top_k(self.cfg.rag.top_k)
         return [{"prompt": p, "max_tokens": max_tokens, "temperature": body.temperature,
                  "top_p": body.top_p if body.top_p < 1 else None, "top_k": body.top_k,
                  "seed": None if body.seed is None else body.seed + j, "stop": stops,
                  "logprobs": top_logprobs is not None, "top_logprobs": top_logprobs or 0,
                  "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
-                 "logit_bias": body.bias(),
+                 "logit_bias": body.bias(), "prompt_logprobs": echo and top_logprobs is not None,
                  "rag": None if top_k is None else {"query": (queries or prompts)[i], "top_k": top_k}}
                 for i, p in enumerate(prompts) for j in range(body.n)]
 
@@ -181,11 +182,11 @@ class Api:
     async def completions(self, request: Request, body: schemas.CompletionRequest):
         start = time.perf_counter()
         await self._admit(request)
-        asked, max_tokens = body.prompts(), body.max_tokens or 16
+        asked, max_tokens = body.prompts(), 16 if body.max_tokens is None else body.max_tokens
         self._check(body, max_tokens, len(asked))
         prompts = [self._templated(body, p) for p in asked]
         logprobs = body.logprobs is not None
-        requests = self._requests(prompts, body, max_tokens, body.stop_list(), body.logprobs, asked)
+        requests = self._requests(prompts, body, max_tokens, body.stop_list(), body.logprobs, asked, body.echo)
         if body.stream:
             streams, heads = await self._open(requests)
         else:
@@ -204,14 +205,17 @@ class Api:
         if body.stream:
             async def events():
                 texts, tokens = [""] * len(streams), 0
+                echo_first = [body.echo and logprobs] * len(streams)  # the echo goes with its logprobs
                 for i, head in enumerate(heads):
-                    if body.echo or "sources" in head:
-                        chunk = schemas.completion_chunk(rid, body.model, i, echoed(i), None)
+                    if (body.echo and not logprobs) or "sources" in head:
+                        chunk = schemas.completion_chunk(rid, body.model, i, "" if logprobs else echoed(i), None)
                         yield _sse(schemas.with_sources(chunk, head))
                 async for i, chunk in merge_streams(streams):
                     texts[i] += chunk["text"]
                     tokens += len(chunk["token_ids"])
-                    yield _sse(schemas.completion_chunk(rid, body.model, i, chunk["text"], chunk["finish_reason"],
+                    text = (echoed(i) if echo_first[i] else "") + chunk["text"]
+                    echo_first[i] = False
+                    yield _sse(schemas.completion_chunk(rid, body.model, i, text, chunk["finish_reason"],
                                                         choice_logprobs(chunk)))
                 if body.usage_chunk():
                     usage = schemas.usage(prompt_tokens, tokens)

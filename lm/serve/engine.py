@@ -23,7 +23,8 @@ sampling: each row draws one uniform number per step from its own CPU ``torch.Ge
 token is found by inverse CDF, so the draw is the same on CPU and GPU); greedy output equals
 ``Transformer.generate(..., temperature=0)``. ``logprobs`` (and ``top_logprobs``, the k likeliest) are the
 model's own log-probabilities (log-softmax of the raw logits, before logit_bias, penalties, temperature /
-top-k / top-p) of the chosen tokens. End-of-text
+top-k / top-p) of the chosen tokens; with ``prompt_logprobs`` (echo) a row's first output also carries those
+of its prompt tokens, from the prefill's own logits, and ``max_tokens=0`` rows end there ("length"). End-of-text
 ends a row (finish_reason "stop") and is neither returned nor counted; a stop string ends it too, the
 token that completed it is kept in ``token_ids`` but the text is cut before the stop string.
 
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 
 from lm.model import KVCache, Transformer
-from lm.serve.sampling import adjust_logits, check_adjustments, sample_rows, top_logprobs
+from lm.serve.sampling import adjust_logits, check_request, prompt_logprobs, sample_rows, top_logprobs
 from lm.serve.text import RowText
 from lm.tokenizer import BPETokenizer
 
@@ -62,6 +63,7 @@ class GenRequest:
     presence_penalty: float = 0.0  # OpenAI's: minus presence·(count > 0) per token generated so far
     frequency_penalty: float = 0.0  # minus frequency·count
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    prompt_logprobs: bool = False  # also the prompt tokens' logprobs (and top_logprobs), in the first output
 
 
 @dataclass
@@ -73,6 +75,9 @@ class StepOutput:
     logprobs: list[float] | None  # None unless the request asked for them
     finish_reason: str | None  # None while running; "stop" (eos / stop string) or "length" at the last step
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, (id, logprob) likeliest first
+    # with prompt_logprobs, in a row's first output: per prompt token (None for the first, which has no context)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclass
@@ -84,6 +89,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None  # with GenRequest.prompt_logprobs (see StepOutput)
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclass
@@ -93,6 +100,7 @@ class _Row:
     generator: torch.Generator
     text: RowText
     n_tokens: int = 0
+    prompt_scores: tuple | None = None  # (logprobs, top logprobs) of the prompt, until the first output
 
 
 # -------------------------------------------------------------------------------------- engine
@@ -152,6 +160,8 @@ class Engine:
                             c.logprobs += s.logprobs or []
                             c.top_logprobs += s.top_logprobs or []
                         c.finish_reason = s.finish_reason or c.finish_reason
+                        if s.prompt_logprobs is not None:
+                            c.prompt_logprobs, c.prompt_top_logprobs = s.prompt_logprobs, s.prompt_top_logprobs
             out += whole
         return out
 
@@ -240,9 +250,13 @@ class DecodeBatch:
         """Account one sampled token to a row (Python side)."""
         req = row.req
         lps, tops = ([], []) if req.logprobs else (None, None)
+        first = dict(zip(("prompt_logprobs", "prompt_top_logprobs"), row.prompt_scores or (), strict=False))
+        row.prompt_scores = None
+        if req.max_tokens == 0:  # the prompt's logprobs only (echo)
+            return StepOutput("", [], lps, "length", tops, **first)
         if token == self.engine.tokenizer.eos_id and not req.ignore_eos:
             text, _ = row.text.finish()
-            return StepOutput(text, [], lps, "stop", tops)
+            return StepOutput(text, [], lps, "stop", tops, **first)
         row.n_tokens += 1
         if lps is not None:
             lps.append(logprob)
@@ -252,7 +266,7 @@ class DecodeBatch:
         if reason is None and row.n_tokens >= req.max_tokens:
             rest, stopped = row.text.finish()
             text, reason = text + rest, "stop" if stopped else "length"
-        return StepOutput(text, [token], lps, reason, tops)
+        return StepOutput(text, [token], lps, reason, tops, **first)
 
     # --------------------------------------------------------------- tensor work (inference mode)
 
@@ -265,8 +279,12 @@ class DecodeBatch:
         mask = torch.tensor([[0] * (P - n) + [1] * n for n in lens], device=dev)
         cache = KVCache(eng.model.cfg, B, P + max(r.req.max_tokens for r in rows), device=dev, dtype=eng.cache_dtype)
         padded = min(lens) < P
+        scored = [j for j, r in enumerate(rows) if r.req.prompt_logprobs]  # echo: every position's logits
         logits, _ = eng.model(ids, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                              attention_mask=mask if padded else None, kv_cache=cache, last_only=True)
+                              attention_mask=mask if padded else None, kv_cache=cache, last_only=not scored)
+        for j in scored:  # row j's prompt: its last lens[j] columns, [n, V]
+            rows[j].prompt_scores = prompt_logprobs(logits[j, P - lens[j] :], rows[j].req.prompt_ids,
+                                                    rows[j].req.top_logprobs)
         return {"logits": logits[:, -1], "mask": mask, "cache": cache, "padded": padded,
                 "pos": torch.tensor(lens, device=dev), "settings": _settings(rows, dev)}
 
@@ -358,28 +376,6 @@ def _merge(old: dict, new: dict, old_rows: list[_Row], new_rows: list[_Row]) -> 
     return {"logits": torch.cat([old["logits"], new["logits"]]), "mask": mask, "cache": cache,
             "padded": not bool(mask.all()), "pos": torch.cat([old["pos"], new["pos"]]),
             "settings": tuple(torch.cat(pair) for pair in zip(old["settings"], new["settings"], strict=True))}
-
-
-def check_request(req: GenRequest, context_length: int, vocab_size: int, where: str = "request") -> None:
-    """Raise ValueError (naming ``where``) if ``req`` cannot run on a model of this context and vocabulary."""
-    ctx, vocab = context_length, vocab_size
-    n = len(req.prompt_ids)
-    if n == 0:
-        raise ValueError(f"{where}: the prompt is empty; it needs at least one token")
-    if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
-        raise ValueError(f"{where}: the prompt holds token ids outside [0, vocab_size={vocab})")
-    if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
-        raise ValueError(f"{where}: max_tokens must be an int >= 1, got {req.max_tokens!r}")
-    if n + req.max_tokens > ctx:
-        raise ValueError(f"{where}: prompt of {n} tokens + max_tokens {req.max_tokens} = "
-                         f"{n + req.max_tokens} exceeds the model's context length {ctx}")
-    if not (req.temperature >= 0 and req.temperature != float("inf")):
-        raise ValueError(f"{where}: temperature must be a finite number >= 0, got {req.temperature!r}")
-    if req.top_k is not None and (not isinstance(req.top_k, int) or req.top_k < 1):
-        raise ValueError(f"{where}: top_k must be an int >= 1 or None, got {req.top_k!r}")
-    if req.top_p is not None and not 0 < req.top_p <= 1:
-        raise ValueError(f"{where}: top_p must be in (0, 1] or None, got {req.top_p!r}")
-    check_adjustments(req, vocab, where)
 
 
 def _generator(seed: int | None) -> torch.Generator:

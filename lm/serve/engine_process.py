@@ -31,7 +31,8 @@ import threading
 from typing import Any
 
 from lm.config import ModelConfig, StorageConfig
-from lm.serve.engine import GenRequest, check_request
+from lm.serve.engine import GenRequest
+from lm.serve.sampling import check_request
 from lm.serve.scheduler import BatchScheduler, decode_loop
 from lm.tokenizer import BPETokenizer
 

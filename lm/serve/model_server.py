@@ -174,7 +174,8 @@ class ModelServer:
                              stop=list(req.get("stop") or []), logprobs=bool(req.get("logprobs")),
                              top_logprobs=req.get("top_logprobs") or 0, logit_bias=req.get("logit_bias"),
                              presence_penalty=req.get("presence_penalty") or 0.0,
-                             frequency_penalty=req.get("frequency_penalty") or 0.0)
+                             frequency_penalty=req.get("frequency_penalty") or 0.0,
+                             prompt_logprobs=bool(req.get("prompt_logprobs")))
         try:
             engine.check(request)  # one bad request must not fail the batch it would join
         except ValueError as err:
@@ -278,9 +279,13 @@ def _chunk(out, request, tokenizer) -> dict:
     chunk = {"text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs, "tokens": None,
              "token_bytes": None, "top_logprobs": None, "finish_reason": out.finish_reason}
     if request.logprobs:
-        pieces = [text(i) for i in out.token_ids]
-        chunk["tokens"], chunk["token_bytes"] = [t for t, _ in pieces], [raw for _, raw in pieces]
-        chunk["top_logprobs"] = [[[*text(i), lp] for i, lp in alts] for alts in out.top_logprobs or []]
+        ids, lps, tops = out.token_ids, out.logprobs or [], out.top_logprobs or []
+        if out.prompt_logprobs is not None:  # echo: the prompt's tokens come first (the first without any)
+            ids, lps = [*request.prompt_ids, *ids], [*out.prompt_logprobs, *lps]
+            tops = [*out.prompt_top_logprobs, *tops]
+        pieces = [text(i) for i in ids]
+        chunk["tokens"], chunk["token_bytes"], chunk["logprobs"] = [t for t, _ in pieces], [r for _, r in pieces], lps
+        chunk["top_logprobs"] = [None if alts is None else [[*text(i), lp] for i, lp in alts] for alts in tops]
     return chunk
 
 

@@ -3,6 +3,8 @@
     tokens = sample_rows(logits, temperature, top_k, top_p, uniforms)   # [B, V] logits, [B] settings
     logits = adjust_logits(logits, generated, presence, frequency, bias)  # OpenAI's penalties and logit_bias
     chosen, top = top_logprobs(logits, tokens, k)                          # logprobs of the chosen, top k
+    lps, tops = prompt_logprobs(prompt_logits, prompt_ids, k)              # echo: the prompt's own
+    check_request(req, context_length, vocab_size)                         # ValueError before it runs
 """
 
 from __future__ import annotations
@@ -80,6 +82,15 @@ def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[li
     return picked, [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
+def prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> tuple[list[float | None], list[list | None]]:
+    """The log-probability of each prompt token given the ones before it, and its ``k`` likeliest
+    alternatives, from the prompt's own logits [n, V] (position t predicts token t + 1); the first token has
+    no context: None for both (OpenAI's echo)."""
+    chosen = torch.tensor(ids[1:], device=logits.device)  # [n - 1]
+    picked, tops = top_logprobs(logits[:-1], chosen, k)
+    return [None, *picked], [None, *tops]
+
+
 class ArgumentError(ValueError):
     """A request argument out of its range; ``param`` names it (the API's 400 says which)."""
 
@@ -101,3 +112,26 @@ def check_adjustments(req, vocab: int, where: str) -> None:
     if not (isinstance(req.top_logprobs, int) and 0 <= req.top_logprobs <= 20):
         raise ArgumentError("top_logprobs", f"{where}: top_logprobs must be an int in [0, 20], "
                             f"got {req.top_logprobs!r}")
+
+
+def check_request(req, context_length: int, vocab_size: int, where: str = "request") -> None:
+    """Raise ValueError (naming ``where``) if ``req`` (an lm.serve.engine.GenRequest) cannot run on a model of
+    this context and vocabulary (ArgumentError, naming the parameter, for the adjustments)."""
+    ctx, vocab = context_length, vocab_size
+    n = len(req.prompt_ids)
+    if n == 0:
+        raise ValueError(f"{where}: the prompt is empty; it needs at least one token")
+    if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
+        raise ValueError(f"{where}: the prompt holds token ids outside [0, vocab_size={vocab})")
+    if not isinstance(req.max_tokens, int) or req.max_tokens < 0:
+        raise ValueError(f"{where}: max_tokens must be an int >= 0, got {req.max_tokens!r}")
+    if n + req.max_tokens > ctx:
+        raise ValueError(f"{where}: prompt of {n} tokens + max_tokens {req.max_tokens} = "
+                         f"{n + req.max_tokens} exceeds the model's context length {ctx}")
+    if not (req.temperature >= 0 and req.temperature != float("inf")):
+        raise ValueError(f"{where}: temperature must be a finite number >= 0, got {req.temperature!r}")
+    if req.top_k is not None and (not isinstance(req.top_k, int) or req.top_k < 1):
+        raise ValueError(f"{where}: top_k must be an int >= 1 or None, got {req.top_k!r}")
+    if req.top_p is not None and not 0 < req.top_p <= 1:
+        raise ValueError(f"{where}: top_p must be in (0, 1] or None, got {req.top_p!r}")
+    check_adjustments(req, vocab, where)

@@ -122,8 +122,10 @@ class CompletionRequest(_Request):
     prompt: str | Annotated[list[str], Field(min_length=1)] | Ids | Annotated[list[Ids], Field(min_length=1)] = Field(
         ..., description="A prompt or a non-empty list of prompts; a prompt is text or a token-id list.")
     _prompt = one_of("prompt", "a string, a token-id list, or a non-empty list of either")
-    max_tokens: Int(ge=1) | None = 16
-    echo: bool = False
+    max_tokens: Int(ge=0) | None = Field(16, description="Tokens to generate at most; 0 with echo and logprobs "
+                                         "scores the prompt alone (log-likelihood).")
+    echo: bool = Field(False, description="Put the prompt in front of the text, and with logprobs its tokens' "
+                       "log-probabilities (the first token's null) in front of the generated ones'.")
     logprobs: Int(ge=0, le=5) | None = Field(None, description="Return the chosen tokens' log-probabilities and "
                                              "the likeliest N of each (top_logprobs).")
 
@@ -311,6 +313,9 @@ def completion_logprobs(whole: dict) -> dict:
         seen += bytes(raw)
     tops = []
     for token, lp, alts in zip(whole["tokens"], whole["logprobs"], whole["top_logprobs"], strict=True):
+        if alts is None:  # an echoed prompt's first token: nothing before it to predict it from
+            tops.append(None)
+            continue
         top = {}
         for text, _, logprob in alts:
             top.setdefault(text, logprob)

@@ -115,8 +115,9 @@ def test_openai_client_completions_chat_and_models(server):
     assert [c.text for c in again.choices] == [c.text for c in many.choices]
     # logprobs and echo
     lp = client.completions.create(model="lmforge", prompt="KING:", max_tokens=5, temperature=0, logprobs=1, echo=True)
-    assert lp.choices[0].text.startswith("KING:") and len(lp.choices[0].logprobs.token_logprobs) == 5
-    assert all(v <= 0 for v in lp.choices[0].logprobs.token_logprobs)
+    echoed = lp.choices[0].logprobs.token_logprobs  # the prompt's tokens (the first without a logprob), then 5
+    assert lp.choices[0].text.startswith("KING:") and len(echoed) == lp.usage.prompt_tokens + 5
+    assert echoed[0] is None and all(v <= 0 for v in echoed[1:])
     chunks = list(client.chat.completions.create(model="lmforge", messages=[{"role": "user", "content": "Speak."}],
                                                  max_tokens=10, temperature=0, stream=True,
                                                  stream_options={"include_usage": True}))
@@ -193,6 +194,45 @@ def test_token_prompts_sampling_controls_and_top_logprobs(server):
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob) and shown(bytes(entry.bytes)) == entry.token
         assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
     assert client.chat.completions.create(**{**ask, "logprobs": False}).choices[0].logprobs is None
+    log_likelihood_requests(client, tok, Path(server["v1"]))
+
+
+def log_likelihood_requests(client, tok, model_dir: Path) -> None:
+    """Scoring as lm-eval's local-completions asks for it (token-id prompts, echo, max_tokens 0 or 1,
+    logprobs 1), streamed and not: each prompt token's logprob (the first null) is a full forward's."""
+    import torch
+
+    from lm.modeldir import load_model
+
+    model = load_model(model_dir)
+    prompts = [tok.encode("ROMEO:\nWhat light through yonder"), tok.encode("KING:\nNow is the winter")]
+
+    def forward(ids: list[int]) -> list[float]:
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids]))
+        return torch.log_softmax(logits[0, :-1].float(), -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+    for stream in (False, True):
+        for max_tokens in (0, 1):
+            kw = {"model": "lmforge", "prompt": prompts, "echo": True, "max_tokens": max_tokens, "logprobs": 1,
+                  "temperature": 0}
+            if stream:
+                choices = [{"text": "", "token_logprobs": [], "top_logprobs": []} for _ in prompts]
+                for chunk in client.completions.create(stream=True, **kw):
+                    c = choices[chunk.choices[0].index]
+                    c["text"] += chunk.choices[0].text
+                    if chunk.choices[0].logprobs:
+                        c["token_logprobs"] += chunk.choices[0].logprobs.token_logprobs
+                        c["top_logprobs"] += chunk.choices[0].logprobs.top_logprobs
+            else:
+                choices = [{"text": c.text, **c.logprobs.model_dump()} for c in client.completions.create(**kw).choices]
+            for ids, c in zip(prompts, choices, strict=True):
+                lps, tops = c["token_logprobs"], c["top_logprobs"]
+                assert c["text"].startswith(tok.decode(ids)) and len(lps) == len(ids) + max_tokens
+                assert lps[0] is None and tops[0] is None
+                assert lps[1 : len(ids)] == pytest.approx(forward(ids), abs=1e-4)
+                for lp, top in zip(lps[1:], tops[1:], strict=True):  # the likeliest, and the token itself
+                    assert 1 <= len(top) <= 2 and max(top.values()) >= lp - 1e-6
 
 
 def test_auth(server):

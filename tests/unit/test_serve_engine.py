@@ -118,7 +118,7 @@ def test_a_cancelled_row_leaves_and_the_others_are_unaffected(engine, tok):
     with pytest.raises(ValueError, match="do not fit"):
         engine.batch().add(reqs * 2, keys=list(range(10)))
     with pytest.raises(ValueError, match=r"requests\['bad'\]: max_tokens"):
-        engine.batch().add([req(tok, "To", 0)], keys=["bad"])
+        engine.batch().add([req(tok, "To", -1)], keys=["bad"])
 
 
 def test_greedy_equals_transformer_generate(engine, model, tok):
@@ -211,6 +211,31 @@ def test_logprobs_match_a_full_forward(engine, model, tok):
     assert len(out.logprobs) == 20 and all(lp <= 0 for lp in out.logprobs)
     assert out.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
     assert engine.generate([req(tok, "x", 3, temperature=0)])[0].logprobs is None
+
+
+def test_prompt_logprobs_match_a_full_forward_in_a_padded_batch(engine, model, tok):
+    """Echo (lm-eval's log-likelihood requests): each prompt token's logprob given the ones before it, its
+    top alternatives, the first None; max_tokens 0 stops after the prefill, 1 also samples one token."""
+    prompts = ["First Citizen:\nBefore we proceed any further, hear me speak.", "MENENIUS:\nWhy", "To be"]
+    reqs = [req(tok, p, m, temperature=0, logprobs=True, top_logprobs=3, prompt_logprobs=True, ignore_eos=True)
+            for p, m in zip(prompts, [0, 1, 0], strict=True)]
+    plain = req(tok, "KING:", 4, temperature=0, ignore_eos=True)  # a batch-mate without echo
+    outs = engine.generate([*reqs, plain])
+    for r, out in zip(reqs, outs[:3], strict=True):
+        ids = torch.tensor([r.prompt_ids])
+        with torch.no_grad():
+            logits, _ = model(ids)
+        logp = torch.log_softmax(logits[0, :-1], -1)  # [n - 1, V]: position t predicts token t + 1
+        expected = logp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+        assert out.prompt_logprobs[0] is None and out.prompt_top_logprobs[0] is None
+        assert out.prompt_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+        best = logp.topk(3, -1)
+        for t, top in enumerate(out.prompt_top_logprobs[1:]):
+            assert [i for i, _ in top] == best.indices[t].tolist()
+            assert [lp for _, lp in top] == pytest.approx(best.values[t].tolist(), abs=1e-4)
+        assert len(out.token_ids) == r.max_tokens and out.finish_reason == "length"
+    assert outs[1].token_ids == engine.generate([req(tok, prompts[1], 1, temperature=0, ignore_eos=True)])[0].token_ids
+    assert outs[3].prompt_logprobs is None and len(outs[3].token_ids) == 4
 
 
 
@@ -347,7 +372,7 @@ def test_stop_string_found_in_the_token_that_completes_it():
         ({"prompt_ids": []}, r"requests\[0\]: the prompt is empty"),
         ({"prompt_ids": [1] * 60, "max_tokens": 5}, "60 tokens \\+ max_tokens 5 = 65 exceeds the model's context length 64"),
         ({"prompt_ids": [10_000]}, "vocab_size"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"temperature": float("nan")}, "temperature"),
         ({"top_k": 0}, "top_k"),
         ({"top_p": 0.0}, "top_p"),

@@ -103,7 +103,7 @@ def test_serve_config_checks_batching_and_replica_bounds():
 def test_request_schemas_reject_bad_fields():
     ok = schemas.CompletionRequest(model="m", prompt=["a", "b"], stop="\n")
     assert ok.prompts() == ["a", "b"] and ok.stop_list() == ["\n"] and ok.max_tokens == 16
-    for bad in ({"model": "m", "prompt": "a", "max_tokens": 0}, {"model": "m", "prompt": "a", "top_p": 0},
+    for bad in ({"model": "m", "prompt": "a", "max_tokens": -1}, {"model": "m", "prompt": "a", "top_p": 0},
                 {"model": "m", "prompt": "a", "extra": 1}, {"model": "m", "prompt": 5},
                 {"model": "m", "prompt": "a", "presence_penalty": 2.5}, {"model": "m", "prompt": [[1], []]},
                 {"model": "m", "prompt": [1, "a"]}, {"model": "m", "prompt": "a", "logit_bias": {"x": 1}},
