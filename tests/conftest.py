@@ -7,6 +7,7 @@ Sections (each a self-contained group of helpers + fixtures; add new groups belo
 * Ray: ``ray_session`` (session), the one local Ray instance every Ray test shares.
 * Runs: ``tiny_run`` (session), the main job on the tiny preset (data, Ray Train, evaluation), for the
   tests that need a trained model directory and its shards.
+* Structured output: ``json_schemas`` (session) draws JSON Schemas from a fixed set of shapes.
 """
 
 from __future__ import annotations
@@ -208,3 +209,57 @@ def tiny_run(tmp_path_factory, ray_session) -> TinyRun:
     lines: list[str] = []
     summary = run_main(cfg, log=lines.append)
     return TinyRun(cfg, overrides, summary, lines, root)
+
+
+# ================================================================================== structured output
+
+_WORDS = ["name", "age", "city", "kind", "score", "tags", "note", "id", "ok", "level", "title", "count"]
+
+
+def _record(props: dict, required: list[str] | None = None) -> dict:
+    return {"type": "object", "properties": props, "required": list(props) if required is None else required,
+            "additionalProperties": False}
+
+
+def _shape(rng, kind: int) -> dict:
+    """One schema of shape ``kind`` (0-9), its names and bounds drawn from ``rng``. Every shape is bounded
+    (string lengths, array sizes, number ranges), so even a random-weight model finishes it in a few dozen
+    tokens when the grammar forces it."""
+    a, b, c = rng.sample(_WORDS, 3)
+    short = {"type": "string", "maxLength": rng.randint(1, 8)}
+    small = {"type": "integer", "minimum": -rng.randint(0, 50), "maximum": rng.randint(1, 500)}
+    enum = {"enum": rng.sample(["red", "green", "blue", "Romeo", "Juliet", "Lear"], rng.randint(2, 4))}
+    if kind == 0:  # a flat record
+        return _record({a: short, b: small, c: {"type": "boolean"}})
+    if kind == 1:  # enums and a const
+        return _record({a: enum, b: {"const": rng.randint(1, 9)}})
+    if kind == 2:  # an array of enums
+        return _record({a: {"type": "array", "items": enum, "minItems": 1, "maxItems": rng.randint(1, 4)}})
+    if kind == 3:  # a nested object
+        return _record({a: _record({"x": small, "y": small}), b: short})
+    if kind == 4:  # optional properties
+        return _record({a: short, b: small, c: {"type": "boolean"}}, required=[a])
+    if kind == 5:  # nullable values
+        return _record({a: {"anyOf": [small, {"type": "null"}]}, b: {"type": ["string", "null"], "maxLength": 4}})
+    if kind == 6:  # numbers (a fraction's digits are unbounded, so multiples of a quarter)
+        return _record({a: {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.25}, b: small})
+    if kind == 7:  # a pattern
+        return _record({a: {"type": "string", "pattern": "^[A-Z]{2}[0-9]{1,3}$"}, b: short}, required=[a])
+    if kind == 8:  # an array of small records, through $defs / $ref (as pydantic writes them)
+        return {**_record({a: {"type": "array", "items": {"$ref": "#/$defs/Item"}, "maxItems": 2}}),
+                "$defs": {"Item": _record({"id": small, "on": {"type": "boolean"}})}}
+    return {"type": "array", "items": small, "minItems": 1, "maxItems": rng.randint(1, 3)}  # a top-level array
+
+
+@pytest.fixture(scope="session")
+def json_schemas():
+    """``json_schemas(n, seed)``: ``n`` JSON Schemas drawn at random (seeded) from a fixed set of ten shapes
+    (records, enums and const, arrays, nesting, optional and nullable properties, bounded numbers, a pattern,
+    $defs / $ref, a top-level array): the structured-output tests' schemas."""
+    import random
+
+    def draw(n: int, seed: int = 0) -> list[dict]:
+        rng = random.Random(seed)
+        return [_shape(rng, rng.randrange(10)) for _ in range(n)]
+
+    return draw

@@ -254,6 +254,8 @@ class Api:
         stops = [*body.stop_list(), *schemas.CHAT_STOPS]
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         requests = self._requests([prompt], body, max_tokens, stops, top_logprobs, [query or prompt])
+        if (response_format := body.format()) is not None:  # structured output (lm.serve.grammar)
+            requests = [{**r, "response_format": response_format} for r in requests]
         if body.stream:
             streams, heads = await self._open(requests)
         else:

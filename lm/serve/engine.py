@@ -3,8 +3,10 @@
 It owns the running batch (:class:`DecodeBatch`, continuous batching): new requests are prefilled
 (left-padded) and merged into the batch's KV cache between decode steps, each row with its own
 sampling settings (temperature, top-k, top-p, OpenAI's presence / frequency penalties and logit_bias,
-its own seeded generator; lm.serve.sampling), stop
-strings, end-of-text and token budget, and leaves the step it finishes; and the incremental
+its own seeded generator; lm.serve.sampling), stop strings, end-of-text, token budget and, for structured
+output, its own grammar (``GenRequest.grammar``: before sampling, the tokens the grammar forbids get -inf in
+that row only; the row ends "stop" when the grammar is complete; stop strings do not apply; lm.serve.grammar),
+and leaves the step it finishes; and the incremental
 detokenization (lm.serve.text) that streams text without partial UTF-8 characters or text past a
 stop string. The Ray Serve deployment (lm.serve.model_server) wraps it; nothing here knows about
 HTTP or Ray.
@@ -22,9 +24,10 @@ Guarantees: a request's output does not depend on what else is in its batch (gre
 sampling: each row draws one uniform number per step from its own CPU ``torch.Generator``, and the
 token is found by inverse CDF, so the draw is the same on CPU and GPU); greedy output equals
 ``Transformer.generate(..., temperature=0)``. ``logprobs`` (and ``top_logprobs``, the k likeliest) are the
-model's own log-probabilities (log-softmax of the raw logits, before logit_bias, penalties, temperature /
-top-k / top-p) of the chosen tokens; with ``prompt_logprobs`` (echo) a row's first output also carries those
-of its prompt tokens, from the prefill's own logits, and ``max_tokens=0`` rows end there ("length"). End-of-text
+model's own log-probabilities (log-softmax of the raw logits, before logit_bias, penalties, a grammar's mask,
+temperature / top-k / top-p) of the chosen tokens; with ``prompt_logprobs`` (echo) a row's first output also
+carries those of its prompt tokens, from the prefill's own logits, and ``max_tokens=0`` rows end there
+("length"). End-of-text
 ends a row (finish_reason "stop") and is neither returned nor counted; a stop string ends it too, the
 token that completed it is kept in ``token_ids`` but the text is cut before the stop string.
 
@@ -43,6 +46,8 @@ from typing import Any
 import torch
 
 from lm.model import KVCache, Transformer
+from lm.serve import grammar
+from lm.serve.batch_state import generator, merge, settings
 from lm.serve.sampling import adjust_logits, check_request, prompt_logprobs, sample_rows, top_logprobs
 from lm.serve.text import RowText
 from lm.tokenizer import BPETokenizer
@@ -64,6 +69,7 @@ class GenRequest:
     frequency_penalty: float = 0.0  # minus frequency·count
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     prompt_logprobs: bool = False  # also the prompt tokens' logprobs (and top_logprobs), in the first output
+    grammar: str | None = None  # llguidance grammar (lm.serve.grammar.json_grammar): constrained decoding
 
 
 @dataclass
@@ -101,6 +107,7 @@ class _Row:
     text: RowText
     n_tokens: int = 0
     prompt_scores: tuple | None = None  # (logprobs, top logprobs) of the prompt, until the first output
+    matcher: Any = None  # the row's grammar state (llguidance.LLMatcher), None without a grammar
 
 
 # -------------------------------------------------------------------------------------- engine
@@ -169,6 +176,8 @@ class Engine:
         """Raise ValueError (naming ``where``) if ``req`` cannot run on this model. stream() checks every
         request and one bad request fails the whole call, so check each before it joins a batch."""
         check_request(req, self.context_length(), self.model.cfg.vocab_size, where)
+        if req.grammar is not None:
+            grammar.check(req.grammar, self.tokenizer, where)
 
     def _steps(self, requests: list[GenRequest]) -> Iterator[list[StepOutput | None]]:
         batch = self.batch()
@@ -217,9 +226,11 @@ class DecodeBatch:
         for key, req in zip(keys, requests, strict=True):
             self.engine.check(req, f"requests[{key!r}]")
         tok = self.engine.tokenizer
-        rows = [_Row(k, r, _generator(r.seed), RowText(tok, r.stop)) for k, r in zip(keys, requests, strict=True)]
+        rows = [_Row(k, r, generator(r.seed), RowText(tok, [] if r.grammar else r.stop),  # a grammar decides the end
+                     matcher=grammar.matcher(r.grammar, tok) if r.grammar else None)
+                for k, r in zip(keys, requests, strict=True)]
         state = self._prefill(rows)
-        self.state = _merge(self.state, state, self.rows, rows) if self.rows else state
+        self.state = merge(self.state, state, self.rows, rows) if self.rows else state
         self.rows += rows
 
     def cancel(self, key) -> bool:
@@ -254,15 +265,17 @@ class DecodeBatch:
         row.prompt_scores = None
         if req.max_tokens == 0:  # the prompt's logprobs only (echo)
             return StepOutput("", [], lps, "length", tops, **first)
-        if token == self.engine.tokenizer.eos_id and not req.ignore_eos:
-            text, _ = row.text.finish()
-            return StepOutput(text, [], lps, "stop", tops, **first)
+        if token == self.engine.tokenizer.eos_id and not (req.ignore_eos and row.matcher is None):
+            text, _ = row.text.finish()  # a grammar allows end-of-text only where it accepts
+            return StepOutput(text, [], lps, "stop" if grammar.accepts(row.matcher) else "length", tops, **first)
         row.n_tokens += 1
         if lps is not None:
             lps.append(logprob)
             tops.append((top or [])[: req.top_logprobs])
         text, stopped = row.text.add(token)
         reason = "stop" if stopped else None
+        if row.matcher is not None and (reason := grammar.advance(row.matcher, token)):
+            text += row.text.finish()[0]  # the grammar is complete ("stop"), or failed ("length")
         if reason is None and row.n_tokens >= req.max_tokens:
             rest, stopped = row.text.finish()
             text, reason = text + rest, "stop" if stopped else "length"
@@ -286,7 +299,7 @@ class DecodeBatch:
             rows[j].prompt_scores = prompt_logprobs(logits[j, P - lens[j] :], rows[j].req.prompt_ids,
                                                     rows[j].req.top_logprobs)
         return {"logits": logits[:, -1], "mask": mask, "cache": cache, "padded": padded,
-                "pos": torch.tensor(lens, device=dev), "settings": _settings(rows, dev)}
+                "pos": torch.tensor(lens, device=dev), "settings": settings(rows, dev)}
 
     @torch.inference_mode()
     def _sample(self) -> tuple[list[int], list[float] | None, list | None]:
@@ -301,6 +314,8 @@ class DecodeBatch:
         if any(r.req.presence_penalty or r.req.frequency_penalty or r.req.logit_bias for r in rows):
             logits = adjust_logits(raw, [r.text.ids for r in rows], [r.req.presence_penalty for r in rows],
                                    [r.req.frequency_penalty for r in rows], [r.req.logit_bias for r in rows])
+        if any(r.matcher is not None for r in rows):  # structured output: each grammar row's allowed tokens
+            logits = grammar.mask_logits(logits, [r.matcher for r in rows], self.engine.tokenizer)
         tokens = sample_rows(logits, temperature, top_k, top_p, uniforms)
         state["tokens"] = tokens
         if not any(r.req.logprobs for r in rows):
@@ -352,45 +367,3 @@ class DecodeBatch:
         del state["tokens"]
 
 
-@torch.inference_mode()
-def _merge(old: dict, new: dict, old_rows: list[_Row], new_rows: list[_Row]) -> dict:
-    """One state for both row sets: each side's cache columns right-aligned to the longer side (left
-    padding, masked; leading columns no old row attends to any more dropped), room for every row's
-    remaining tokens."""
-    a, b = old["cache"], new["cache"]
-    trim = int(old["mask"].any(dim=0).int().argmax())  # the first column some old row attends to
-    a_len = a.length - trim
-    cols = max(a_len, b.length)
-    room = max(r.req.max_tokens - r.n_tokens for r in old_rows + new_rows)
-    L, Ba, H, _, D = a.k.shape
-    cache = KVCache.__new__(KVCache)
-    cache.k = a.k.new_zeros((L, Ba + b.k.size(1), H, cols + room, D))
-    cache.v = torch.zeros_like(cache.k)
-    cache.max_len, cache.length = cols + room, cols
-    cache.k[:, :Ba, :, cols - a_len : cols] = a.k[:, :, :, trim : a.length]
-    cache.v[:, :Ba, :, cols - a_len : cols] = a.v[:, :, :, trim : a.length]
-    cache.k[:, Ba:, :, cols - b.length : cols] = b.k[:, :, :, : b.length]
-    cache.v[:, Ba:, :, cols - b.length : cols] = b.v[:, :, :, : b.length]
-    pad = torch.nn.functional.pad
-    mask = torch.cat([pad(old["mask"][:, trim:], (cols - a_len, 0)), pad(new["mask"], (cols - b.length, 0))])
-    return {"logits": torch.cat([old["logits"], new["logits"]]), "mask": mask, "cache": cache,
-            "padded": not bool(mask.all()), "pos": torch.cat([old["pos"], new["pos"]]),
-            "settings": tuple(torch.cat(pair) for pair in zip(old["settings"], new["settings"], strict=True))}
-
-
-def _generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()  # CPU: the same draws whatever device the model is on
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen
-
-
-def _settings(rows: list[_Row], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row temperature, top_k (huge = off) and top_p (2 = off) as [B] tensors."""
-    temperature = torch.tensor([float(r.req.temperature) for r in rows], device=device)
-    top_k = torch.tensor([r.req.top_k or 2**31 - 1 for r in rows], device=device)
-    top_p = torch.tensor([r.req.top_p if r.req.top_p is not None and r.req.top_p < 1 else 2.0 for r in rows],
-                         device=device)
-    return temperature, top_k, top_p

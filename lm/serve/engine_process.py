@@ -31,6 +31,7 @@ import threading
 from typing import Any
 
 from lm.config import ModelConfig, StorageConfig
+from lm.serve import grammar
 from lm.serve.engine import GenRequest
 from lm.serve.sampling import check_request
 from lm.serve.scheduler import BatchScheduler, decode_loop
@@ -48,6 +49,8 @@ class EngineHandle:
 
     def check(self, req: GenRequest, where: str = "request") -> None:
         check_request(req, self.cfg.max_seq_len, self.cfg.vocab_size, where)
+        if req.grammar is not None:
+            grammar.check(req.grammar, self.tokenizer, where)
 
 
 class ProcessScheduler(BatchScheduler):

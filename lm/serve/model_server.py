@@ -1,9 +1,10 @@
 """The model deployment: one model directory on lm.serve.engine, continuously batched.
 
-Each request (a dict from the ingress: prompt text + sampling settings) is tokenized and checked
-against the context here, then joins the :class:`BatchScheduler`'s running batch at the next decode
-step (up to ``serve.max_batch_size`` rows) and leaves it the step it finishes. The engine's blocking
-steps run in a worker thread, so the replica keeps accepting requests while the batch decodes.
+Each request (a dict from the ingress: prompt text + sampling settings; chat's ``response_format``
+becomes the row's grammar, lm.serve.grammar) is tokenized and checked against the context here, then
+joins the :class:`BatchScheduler`'s running batch at the next decode step (up to ``serve.max_batch_size``
+rows) and leaves it the step it finishes. The engine's blocking steps run in a worker thread, so the
+replica keeps accepting requests while the batch decodes.
 
 Non-streamed requests go through ``complete`` (the whole completion in one reply instead of one
 message per token). The stream a request gets from ``generate``: first a head (``prompt_tokens``,
@@ -144,6 +145,7 @@ class ModelServer:
     def _prepare(self, req: dict):
         """(engine, version, GenRequest, cache key) or an error dict the ingress turns into a 400."""
         from lm.serve.engine import GenRequest
+        from lm.serve.grammar import json_grammar
 
         engine, version = self.engine, self.version
         limit, tok = engine.context_length(), engine.tokenizer
@@ -177,6 +179,7 @@ class ModelServer:
                              frequency_penalty=req.get("frequency_penalty") or 0.0,
                              prompt_logprobs=bool(req.get("prompt_logprobs")))
         try:
+            request.grammar = json_grammar(req.get("response_format"))  # structured output (chat's response_format)
             engine.check(request)  # one bad request must not fail the batch it would join
         except ValueError as err:
             return {"error": str(err), "param": getattr(err, "param", None), "code": None}  # ArgumentError names it

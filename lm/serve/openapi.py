@@ -41,8 +41,10 @@ class Choice(_Out):
 
 class TokenLogprobs(_Out):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] = Field(description="Per token, its logprobs likeliest tokens and itself.")
+    token_logprobs: list[float | None] = Field(description="Per token, its logprob; with echo the prompt's tokens "
+                                               "come first, and its first one has none (null).")
+    top_logprobs: list[dict[str, float] | None] = Field(description="Per token, its logprobs likeliest tokens and "
+                                                        "itself (null for an echoed prompt's first token).")
     text_offset: list[int]
 
 

@@ -166,14 +166,56 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The schema's name.")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="A JSON Schema the answer follows "
+                                           "(absent: any JSON value); keywords the grammar engine does not "
+                                           "support get a 400 naming them.")
+    strict: bool | None = Field(None, description="Accepted; the schema is always enforced.")
+
+
+class TextFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")]
+
+
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Int(ge=1) | None = None
     logprobs: bool = Field(False, description="Return the chosen tokens' log-probabilities (choices[].logprobs).")
     top_logprobs: Int(ge=0, le=20) | None = Field(None, description="With logprobs: the likeliest tokens per token.")
+    response_format: ResponseFormat | None = Field(None, description="Structured output: json_object or "
+                                                   "json_schema answers are decoded under the schema's grammar "
+                                                   "(finish_reason stop: the answer validates; stop strings do not "
+                                                   "apply).")
 
     def token_budget(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
+
+    def format(self) -> dict | None:
+        """response_format for the model deployment (lm.serve.grammar.json_grammar); None for plain text."""
+        fmt = self.response_format
+        return None if fmt is None or fmt.type == "text" else fmt.model_dump(by_alias=True, exclude_none=True)
 
 
 class EmbeddingRequest(BaseModel):

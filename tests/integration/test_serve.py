@@ -2,7 +2,8 @@
 auth, every class of bad input (4xx, never 5xx), concurrency with batching, the response cache,
 feedback capture, embeddings, retrieval-augmented prompts with their sources, named prompt templates,
 hot reload under load with no failed request, the model in the ingress's replicas (serve.colocate),
-following the registry's production alias (promotion and rollback), and autoscaling 1 → 2 → 1."""
+following the registry's production alias (promotion and rollback), autoscaling 1 → 2 → 1, and structured output
+(response_format) on the demo model's architecture."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import numpy as np
@@ -38,10 +40,11 @@ KEY_FILE = f"""keys:
 """
 # The one exclusion from schemathesis' checks: positive_data_acceptance takes a 400 (added to its statuses) if
 # it names a limit of the deployment, which the schema cannot know: serve.max_tokens_limit, max_n, max_prompts,
-# max_embedding_inputs, the model's context, vocabulary (prompt token ids, logit_bias) and width, serve.rag, rag.max_top_k, serve.templates.
+# max_embedding_inputs, the model's context, vocabulary (prompt token ids, logit_bias) and width, serve.rag, rag.max_top_k, serve.templates,
+# and a response_format JSON schema using a keyword the grammar engine does not implement.
 # (A schema-valid prompt longer than the context is a correct 400.) at_deployment_limits checks the param.
 DEPLOYMENT_LIMITS = {"max_tokens", "n", "prompt", "input", "dimensions", "rag", "rag.top_k", "template", "template_vars",
-                     "logit_bias"}
+                     "logit_bias", "response_format"}
 FUZZ = {"headers": {"Authorization": f"Bearer {KEY}"}, "request-timeout": 60, "checks": {
             "enabled": True, "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "401", "404", "429"]}},
         "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True}, "fuzzing": {"enabled": True}},
@@ -517,6 +520,79 @@ def test_named_prompt_templates_through_the_api(server):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model="lmforge", prompt="Why?", max_tokens=2, extra_body=extra)
         assert err.value.body["param"] == param
+
+
+def test_structured_output_on_the_demo_model_through_the_openai_client(server, json_schemas):
+    """response_format on the demo model's architecture (configs/shakespeare-cpu.yaml: 128-token context, a
+    2048-token tokenizer; random weights, so only the grammar's mask makes the answers JSON): answers to 50
+    schemas drawn from a fixed set of shapes (half streamed) all finish "stop" and validate; json_object;
+    the openai client's own parse() with a pydantic model; "length" when cut off."""
+    import jsonschema
+    from pydantic import BaseModel, Field
+
+    from lm.serve.deploy import start
+
+    cfg = load_config(REPO / "configs/shakespeare-cpu.yaml", [f"storage.root={server['root']}"])
+    demo = model_dir(ObjectStore(cfg.storage), cfg, f"{server['root']}/models/demo", seed=3)
+    start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], f"serve.model={demo}"]))
+    client = server["client"]
+    ask = {"model": "lmforge", "messages": [{"role": "user", "content": "Who speaks first? Answer in JSON."}]}
+
+    def answer(i: int, fmt: dict, stream: bool, max_tokens: int = 100) -> tuple[str, str]:
+        kw = {**ask, "max_tokens": max_tokens, "response_format": fmt, "temperature": [0, 0.8, 1.2][i % 3], "seed": i}
+        if not stream:
+            choice = client.chat.completions.create(**kw).choices[0]
+            return choice.message.content, choice.finish_reason
+        chunks = [c.choices[0] for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+        return "".join(c.delta.content or "" for c in chunks), chunks[-1].finish_reason
+
+    deadline = time.monotonic() + 90  # the reload done: 100 tokens fit the demo model's context, not tiny's 64
+    while True:
+        try:
+            answer(0, {"type": "json_object"}, False)
+            break
+        except openai.BadRequestError:
+            assert time.monotonic() < deadline, "the demo model never served"
+            time.sleep(0.5)
+    shapes = json_schemas(50, seed=19)
+    fmt = [{"type": "json_schema", "json_schema": {"name": f"shape_{i}", "schema": s, "strict": True}}
+           for i, s in enumerate(shapes)]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda i: answer(i, fmt[i], stream=i % 2 == 1), range(50)))
+    assert [reason for _, reason in answers] == ["stop"] * 50, answers
+    for (text, _), schema in zip(answers, shapes, strict=True):
+        jsonschema.Draft202012Validator(schema).validate(json.loads(text))
+    for stream in (False, True):
+        text, reason = answer(1, {"type": "json_object"}, stream)
+        assert reason == "length" or isinstance(json.loads(text), dict), (text, reason)
+        assert answer(2, fmt[0], stream, max_tokens=3)[1] == "length"
+
+    class Line(BaseModel):  # the client turns it into a strict JSON schema and parses the answer back
+        speaker: Literal["ROMEO", "JULIET", "NURSE"]
+        act: int = Field(ge=1, le=5)
+        words: list[Literal["love", "death"]] = Field(max_length=2)
+
+    parsed = client.chat.completions.parse(**ask, max_tokens=60, temperature=0.7, seed=1, response_format=Line)
+    assert isinstance(parsed.choices[0].message.parsed, Line) and parsed.choices[0].finish_reason == "stop"
+    start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], f"serve.model={server['v1']}"]))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_refuses_an_unsupported_schema_naming_it(server, stream):
+    """A schema keyword the grammar engine does not implement, or a malformed response_format: a 400 naming
+    it (param response_format), before any answer starts."""
+    unsupported = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}
+    for fmt, param, says in [(unsupported, "response_format", "uniqueItems"),
+                             ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}},
+                              "response_format", '["not"]'),
+                             ({"type": "json_schema", "json_schema": {"name": "x", "schema_": {}}},
+                              "response_format.json_schema.json_schema.schema_", "Extra inputs"),
+                             ({"type": "yaml"}, "response_format", "yaml")]:
+        with pytest.raises(openai.BadRequestError) as err:  # streamed: the 400 comes before the event stream
+            server["client"].chat.completions.create(model="lmforge", messages=[{"role": "user", "content": "JSON?"}],
+                                                     max_tokens=8, stream=stream, response_format=fmt)
+        assert err.value.status_code == 400 and err.value.body["param"] == param and says in err.value.body["message"]
 
 
 def test_hot_reload_under_load_fails_no_request(server):
