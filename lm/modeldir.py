@@ -29,11 +29,14 @@ from lm.tokenizer import BPETokenizer, tokenizer_config_json
 
 def hf_config(cfg: ModelConfig, *, bos_token_id=None, eos_token_id=None, pad_token_id=None,
               dtype: torch.dtype = torch.float32) -> dict:
-    """``config.json`` for ``LlamaForCausalLM`` (also read by vLLM) describing this model."""
+    """``config.json`` for ``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` with ``qk_norm`` (Llama plus QK-norm),
+    describing this model (both also read by vLLM)."""
     dtype_name = str(dtype).removeprefix("torch.")
+    qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
+        "model_type": "qwen3" if cfg.qk_norm else "llama",
+        **(qwen3 if cfg.qk_norm else {}),
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ff_dim,
         "num_attention_heads": cfg.n_heads,
@@ -61,7 +64,8 @@ def hf_config(cfg: ModelConfig, *, bos_token_id=None, eos_token_id=None, pad_tok
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    """The :class:`ModelConfig` of a Llama ``config.json`` dict; unsupported features raise ValueError."""
+    """The :class:`ModelConfig` of a Llama (or Qwen3: QK-norm) ``config.json`` dict; unsupported features
+    raise ValueError."""
     required = ["hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
                 "max_position_embeddings", "vocab_size"]
     if absent := [k for k in required if k not in d]:
@@ -70,7 +74,8 @@ def config_from_hf(d: dict) -> ModelConfig:
     problems = [
         f"{key}={d.get(key)!r}"
         for key, ok in [
-            ("model_type", d.get("model_type", "llama") == "llama"),
+            ("model_type", d.get("model_type", "llama") in ("llama", "qwen3")),
+            ("use_sliding_window", not d.get("use_sliding_window")),
             ("hidden_act", d.get("hidden_act", "silu") == "silu"),
             ("attention_bias", not d.get("attention_bias")),
             ("mlp_bias", not d.get("mlp_bias")),
@@ -99,6 +104,7 @@ def config_from_hf(d: dict) -> ModelConfig:
         norm_eps=d.get("rms_norm_eps", 1e-6),
         dropout=(d.get("lmforge") or {}).get("dropout", 0.0),
         tie_embeddings=d.get("tie_word_embeddings", False),
+        qk_norm=d.get("model_type") == "qwen3",
         init_std=d.get("initializer_range", 0.02),
     )
     return cfg if cfg.ff_dim == ff else cfg.model_copy(update={"d_ff": ff})

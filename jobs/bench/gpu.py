@@ -6,7 +6,8 @@
 The model, batch, ZeRO stage and precision come from ``configs/gpt2-124m.yaml`` (one worker, no
 accumulation); the step is lm.train.engine's (the same engine the Ray Train workers build), fed random
 tokens. MFU = tokens/s x training FLOPs per token (lm.model.flops_per_token) / the device's peak:
---peak-tflops, else a known dense bf16 peak for the GPU's name, else a measured matmul. Target on an
+--peak-tflops, else a known dense bf16 peak for the GPU's name, else the machine's cached calibration
+(lm.train.peak). Target on an
 H100: MFU >= 50%. Needs only torch, deepspeed, pydantic and pyyaml (no Ray, no data).
 """
 
@@ -24,32 +25,9 @@ import torch
 
 from lm.config import load_config
 from lm.model import Transformer, flops_per_token, num_params
+from lm.train.peak import device_peak
 
 REPO = Path(__file__).parents[2]
-DENSE_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10": 125.0, "L40S": 362.0}
-
-
-def peak_flops(device: torch.device, given_tflops: float | None, dtype: torch.dtype) -> tuple[float, str]:
-    if given_tflops:
-        return given_tflops * 1e12, "given"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in DENSE_BF16_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12, f"datasheet ({name})"
-    if device.type != "cuda":
-        dtype = torch.float32  # CPU: torch's bf16 matmul is far below what the cores can do in fp32
-    size = 2048 if device.type == "cuda" else 1024
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    a @ b
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * 10 / (time.perf_counter() - start), f"measured {dtype} matmul"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,8 +85,8 @@ def main() -> None:
     if on_gpu:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    peak, peak_source = peak_flops(device, args.peak_tflops, dtype)
+    known = device_peak(device, args.peak_tflops * 1e12 if args.peak_tflops else None)  # lm.train.peak
+    peak, peak_source = known.flops, known.source
     tokens_per_s = B * T * args.steps / seconds
     if on_gpu:
         memory = torch.cuda.max_memory_allocated(device) / 2**30

@@ -1,68 +1,127 @@
 """Benchmark time to quality: validation bits per byte on tinyshakespeare's last 10% (nanoGPT's split)
-after a fixed training budget on this machine, with `lm train` (Ray Train + DeepSpeed).
+after a fixed budget of training time on this machine, with `lm train` (Ray Train + DeepSpeed), per recipe.
 
-    python jobs/bench/time_to_quality.py --minutes 5 --out jobs/bench/results/time_to_quality.json
+    python jobs/bench/time_to_quality.py --minutes 5 --seeds 2                    # every variant below
+    python jobs/bench/time_to_quality.py --minutes 5 --variants baseline,muon     # some of them
 
 The bundled text is cut at 90% of its characters: the first part is a source pinned to the train
 split, the last 10% a source pinned to validation (no dedup across them, so validation is exactly
 that text, cleaned). bits/byte = validation loss (nats/token) / ln 2 x tokens / bytes of the
-validation split (from the data manifest). The config is configs/shakespeare-cpu.yaml plus the
-overrides below (recorded in the JSON). Target: at most 2.1 bits per byte in 5 minutes.
+validation split (from the data manifest). Each variant is configs/shakespeare-cpu.yaml + BASE + its own
+overrides (each row of the ablation changes one thing against the row it names); every run's schedule spans
+the budget of training time (``train.schedule_unit: seconds``; start-up, data preparation and evaluation
+excluded, compilation included), so no run stops early or ends with its learning rate still high. Writes
+JSON (every run), the ablation table into jobs/bench/README.md and a PNG. Target: at most 2.1 bits per
+byte in 5 minutes. Runs one after another: give it a quiet machine (variants x seeds x ~6 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import statistics
 import tempfile
 from pathlib import Path
 
-from results_io import machine, write_result
+from results_io import machine, replace_section, write_result
 
 from lm.config import load_config
 from lm.train.trainer import train
 
 REPO = Path(__file__).parents[2]
-RECIPE = [  # measured best here so far: the demo's model, one 2-core worker, a schedule that ends with the budget
+BASE = [  # the demo's model on one 2-core worker
     "tokenizer.vocab_size=2048", "model.n_layers=4", "model.n_heads=4", "model.d_model=128",
     "model.max_seq_len=128", "train.workers=1", "train.cpus_per_worker=2", "train.zero_stage=1",
     "train.batch_size=16", "train.lr=2e-3", "train.min_lr=1e-4", "train.warmup_steps=30",
-    "train.eval_interval=200", "train.eval_batches=20", "train.log_interval=50",
+    "train.eval_interval=1000000", "train.eval_batches=20", "train.log_interval=50",
+    "train.schedule_unit=seconds", "train.max_steps=1000000", "data.dedup.exact=false", "data.dedup.near=false",
 ]
+WSD = ["train.schedule=wsd", "train.decay_fraction=0.3"]
+MUON = [*WSD, "train.optimizer=muon", "train.muon_lr=0.02", "train.zero_stage=0"]  # clipping the gradient
+TWO_WORKERS = ["train.workers=2", "train.cpus_per_worker=1", "train.batch_size=8", "train.global_batch_tokens=2048"]
+VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (the row it changes, its overrides on BASE)
+    "baseline": ("", []),  # AdamW, cosine over the budget
+    "wsd": ("baseline", WSD),
+    "muon": ("wsd", MUON),
+    "muon-bf16": ("muon", [*MUON, "train.precision=bf16"]),
+    "muon-compile": ("muon", [*MUON, "train.compile=true"]),
+    "muon-2x1": ("muon", [*MUON, *TWO_WORKERS]),  # 2 workers x 1 thread against 1 x 2
+    "muon-qk-norm": ("muon", [*MUON, "model.qk_norm=true"]),  # Qwen3's QK-norm
+    "muon-untied": ("muon", [*MUON, "model.tie_embeddings=false"]),
+}
+
+
+def run(minutes: float, overrides: list[str], seed: int) -> dict:
+    """One training run on the split; its final validation bits per byte and throughput."""
+    text = gzip.decompress((REPO / "lm/corpora/tinyshakespeare.txt.gz").read_bytes()).decode()
+    cut = int(len(text) * 0.9)
+    with tempfile.TemporaryDirectory(prefix="lm-ttq-") as tmp:
+        for name, part in (("a-train", text[:cut]), ("b-val", text[cut:])):
+            (Path(tmp) / name).mkdir()
+            (Path(tmp) / name / "input.txt").write_text(part)
+        sources = (f"[{{name: train90, uri: '{tmp}/a-train/', split: train}}, "
+                   f"{{name: last10, uri: '{tmp}/b-val/', split: val}}]")
+        cfg = load_config(REPO / "configs/shakespeare-cpu.yaml",
+                          [f"storage.root={tmp}/store", f"data.sources={sources}", *BASE, *overrides,
+                           f"train.max_seconds={minutes * 60}", f"train.seed={seed}"])
+        summary = train(cfg)
+    last = summary.history[-1]
+    speed = [r for r in summary.history if "tokens_per_s" in r][1:] or summary.history  # past compilation
+    return {"seed": seed, "steps": summary.steps, "train_s": round(last["train_s"], 1),
+            "val_bpb": round(last["val_bpb"], 4), "tokens_per_s": round(statistics.median(
+                r["tokens_per_s"] for r in speed), 1), "model_gflops": round(statistics.median(
+                r["model_gflops"] for r in speed), 2)}
+
+
+def table(rows: list[dict], minutes: float) -> str:
+    lines = [f"## Time to quality ({minutes:g} minutes of training, tinyshakespeare's last 10%)", "",
+             "| variant | changes against | val bits/byte (mean of seeds) | seeds | steps | tokens/s | model GFLOP/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['against'] or '—'} | **{r['val_bpb']:.3f}** "
+                     f"({', '.join(f'{x:.3f}' for x in r['val_bpb_seeds'])}) | {len(r['runs'])} | {r['steps']:.0f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['model_gflops']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh([r["variant"] for r in rows], [r["val_bpb"] for r in rows], color="#4c72b0")
+    ax.axvline(target, color="#c44e52", linestyle="--", label=f"target {target}")
+    ax.set_xlabel("validation bits per byte (lower is better)")
+    ax.set_xlim(min(min(r["val_bpb"] for r in rows), target) - 0.2, None)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=5.0, help="training budget (wall clock of the loop)")
-    parser.add_argument("--steps", type=int, default=700, help="schedule length (about what the budget allows)")
+    parser.add_argument("--minutes", type=float, default=5.0, help="training time budget per run")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--out", default="jobs/bench/results/time_to_quality.json")
-    parser.add_argument("overrides", nargs="*", help="more config overrides")
     args = parser.parse_args()
-    text = gzip.decompress((REPO / "lm/corpora/tinyshakespeare.txt.gz").read_bytes()).decode()
-    cut = int(len(text) * 0.9)
-    with tempfile.TemporaryDirectory(prefix="lm-ttq-") as tmp:
-        (Path(tmp) / "a-train").mkdir()
-        (Path(tmp) / "b-val").mkdir()
-        (Path(tmp) / "a-train/input.txt").write_text(text[:cut])
-        (Path(tmp) / "b-val/input.txt").write_text(text[cut:])
-        sources = (f"[{{name: train90, uri: '{tmp}/a-train/', split: train}}, "
-                   f"{{name: last10, uri: '{tmp}/b-val/', split: val}}]")
-        overrides = [*RECIPE, f"train.max_steps={args.steps}", f"train.max_seconds={args.minutes * 60}",
-                     "data.dedup.exact=false", "data.dedup.near=false", *args.overrides]
-        cfg = load_config(REPO / "configs/shakespeare-cpu.yaml",
-                          [f"storage.root={tmp}/store", f"data.sources={sources}", *overrides])
-        summary = train(cfg)
-    evals = [r for r in summary.history if "val_bpb" in r]
-    result = {
-        "machine": machine(),
-        "budget_minutes": args.minutes, "train_seconds_with_startup": round(summary.seconds, 1),
-        "steps": summary.steps, "val_bpb": round(evals[-1]["val_bpb"], 4), "val_loss": round(evals[-1]["val_loss"], 4),
-        "best_val_bpb": round(min(r["val_bpb"] for r in evals), 4),
-        "curve": [{"step": r["step"], "val_bpb": round(r["val_bpb"], 4)} for r in evals],
-        "target_bpb": 2.1, "workers": cfg.train.workers, "zero_stage": cfg.train.zero_stage,
-        "overrides": overrides,
-    }
-    write_result(args.out, result)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    rows = []
+    for name in args.variants.split(","):
+        against, overrides = VARIANTS[name]
+        runs = [run(args.minutes, overrides, 1337 + seed) for seed in range(args.seeds)]
+        rows.append({"variant": name, "against": against, "overrides": overrides, "runs": runs,
+                     "val_bpb_seeds": [r["val_bpb"] for r in runs],
+                     **{k: statistics.mean(r[k] for r in runs) for k in ("val_bpb", "steps", "tokens_per_s",
+                                                                          "model_gflops")}})
+    write_result(args.out, {"machine": machine(), "budget_minutes": args.minutes, "target_bpb": 2.1,
+                            "base": BASE, "variants": rows})
+    plot(rows, 2.1, Path(args.out).with_suffix(".png"))
+    replace_section(REPO / "jobs/bench/README.md", "## Time to quality", table(rows, args.minutes))
 
 
 if __name__ == "__main__":

@@ -188,6 +188,8 @@ class ModelConfig(Section):
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention output, MLP output and embeddings.")
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output projection.")
+    qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys before RoPE (Qwen3's "
+                          "QK-norm); the model directory is then a Qwen3ForCausalLM one, not Llama.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal init; residual projections get std/sqrt(2·n_layers).")
 
     @model_validator(mode="after")

@@ -36,15 +36,33 @@ class TrainConfig(Section):
         "(must be a multiple of batch_size x seq_len x workers, for every allowed number of workers). "
         "null = no accumulation.",
     )
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
-    min_lr: float = Field(1e-4, ge=0, description="Final learning rate of the cosine or linear schedule.")
-    schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="After warm-up: cosine or linear decay to min_lr at max_steps, or constant lr."
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw: AdamW on every parameter. muon: DeepSpeed's Muon (momentum orthogonalised by "
+        "Newton-Schulz iterations) on the hidden weight matrices, AdamW (lr, betas) on the embeddings, the head and "
+        "the norm gains; ZeRO-0 (ZeRO 1-3 only with grad_clip 0: there DeepSpeed clips Muon's update, not the "
+        "gradient), not with offload_optimizer.",
     )
+    muon_lr: float = Field(0.02, gt=0, description="Peak learning rate of the Muon matrices (optimizer: muon); "
+                           "the schedule scales it as it scales lr.")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's momentum (optimizer: muon).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW; with muon, of the AdamW parameters).")
+    min_lr: float = Field(1e-4, ge=0, description="Final learning rate of the cosine, linear or wsd schedule "
+                          "(muon_lr ends at the same fraction of its peak).")
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine", description="After warm-up: cosine or linear decay to min_lr at the end, constant lr, or wsd "
+        "(warm-up, stable at lr, then linear decay to min_lr over the last decay_fraction).",
+    )
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the share of the run the decay takes.")
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
-    max_steps: int = Field(1000, ge=1, description="Optimizer steps (the schedule's length).")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps (the schedule's length, unless schedule_unit is "
+                           "seconds).")
     max_seconds: float | None = Field(
-        None, gt=0, description="Stop early after this much wall-clock training time (the schedule is unchanged)."
+        None, gt=0, description="Stop after this much training time: the steps' own wall clock, evaluations and "
+        "checkpoints excluded, summed across resumes (with schedule_unit steps the schedule is unchanged).",
+    )
+    schedule_unit: Literal["steps", "seconds"] = Field(
+        "steps", description="What the schedule spans after warm-up: max_steps, or max_seconds of training time "
+        "(the decay ends when the time is up; every worker follows rank 0's clock).",
     )
     stop_after_steps: int | None = Field(
         None, ge=1, description="End this invocation at this step (the schedule still spans max_steps); "
@@ -142,6 +160,17 @@ class TrainConfig(Section):
             raise ValueError("offload_optimizer needs zero_stage >= 1")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.schedule_unit == "seconds" and self.max_seconds is None:
+            raise ValueError("schedule_unit seconds needs max_seconds (the time the schedule spans)")
+        if self.optimizer == "muon" and self.trainer == "local":
+            raise ValueError("optimizer muon runs through DeepSpeed: use trainer ray (the plain loop has AdamW)")
+        if self.optimizer == "muon" and self.zero_stage > 0 and self.grad_clip > 0:
+            raise ValueError("optimizer muon under ZeRO 1-3 with grad_clip: DeepSpeed folds Muon's orthogonalised "
+                             "update into the gradient partitions and then clips that (measured: a first step 31x "
+                             "too small), not the gradient; set train.zero_stage=0 or train.grad_clip=0")
+        if self.optimizer == "muon" and self.offload_optimizer:
+            raise ValueError("optimizer muon does not run with offload_optimizer (DeepSpeed's CPU Adam has no Muon): "
+                             "set one of them")
         if self.precision == "fp16" and self.trainer == "ray" and self.gpus_per_worker == 0:
             raise ValueError("precision fp16 needs GPUs (DeepSpeed refuses fp16 on CPU): use bf16 or fp32, "
                              "or set gpus_per_worker")

@@ -46,7 +46,7 @@ def fine_tune_config(cfg: Config, n: int, mix_uri: str, init_from: str) -> Confi
     train = cfg.train.model_copy(update={
         "init_from": init_from, "max_steps": c.steps, "lr": c.lr, "min_lr": min(cfg.train.min_lr, c.lr),
         "warmup_steps": min(c.warmup_steps, c.steps), "eval_interval": min(cfg.train.eval_interval, c.steps),
-        "max_seconds": None, "stop_after_steps": None, "early_stopping_patience": None})
+        "max_seconds": None, "schedule_unit": "steps", "stop_after_steps": None, "early_stopping_patience": None})
     data = cfg.data.model_copy(update={"output": mix_uri})
     return cfg.model_copy(update={"name": f"{cfg.name}-i{n:06d}", "output": iteration_uri(cfg, n), "train": train,
                                   "data": data})

@@ -15,10 +15,11 @@ from lm.model import num_params
 
 
 def deepspeed_config(tc: TrainConfig, *, seq_len: int, world: int, on_gpu: bool, universal: bool = False) -> dict:
-    """ZeRO stage and offload, precision, micro-batch and accumulation, clipping, AdamW.
+    """ZeRO stage and offload, precision, micro-batch and accumulation, clipping, the optimizer.
 
     The optimizer is DeepSpeed's: DeepSpeedCPUAdam when the optimizer state is offloaded, else
-    ``torch.optim.AdamW`` (``torch_adam``), so no op needs compiling for a plain CPU or GPU run. The
+    ``torch.optim.AdamW`` (``torch_adam``), so no op needs compiling for a plain CPU or GPU run; or its
+    Muon (``train.optimizer: muon``, :func:`_optimizer`). The
     learning rate follows our schedule (lm.train.optim.lr_at), given to DeepSpeed as a scheduler.
     ``universal``: the engine's ``load_checkpoint`` reads a universal checkpoint (a resume on another
     number of workers, lm.train.resume).
@@ -39,12 +40,7 @@ def deepspeed_config(tc: TrainConfig, *, seq_len: int, world: int, on_gpu: bool,
         "train_batch_size": tc.batch_size * accum * world,
         "gradient_clipping": tc.grad_clip,
         "zero_optimization": zero,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": tc.lr, "betas": [tc.beta1, tc.beta2], "eps": 1e-8, "weight_decay": tc.weight_decay,
-                       **({} if tc.offload_optimizer else {"torch_adam": True}),
-                       **({"fused": True} if on_gpu and not tc.offload_optimizer else {})},  # one CUDA kernel
-        },
+        "optimizer": _optimizer(tc, on_gpu),
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -56,6 +52,17 @@ def deepspeed_config(tc: TrainConfig, *, seq_len: int, world: int, on_gpu: bool,
     elif tc.precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return config
+
+
+def _optimizer(tc: TrainConfig, on_gpu: bool) -> dict:
+    """AdamW (DeepSpeedCPUAdam when offloaded, else torch's), or DeepSpeed's Muon: Newton-Schulz on the
+    parameters it tags as hidden matrices (2-D, not embeddings or head), its inline AdamW on the rest."""
+    adam = {"lr": tc.lr, "betas": [tc.beta1, tc.beta2], "eps": 1e-8, "weight_decay": tc.weight_decay}
+    if tc.optimizer == "muon":
+        return {"type": "Muon", "params": {**adam, "muon_lr": tc.muon_lr, "adam_lr": tc.lr,
+                                           "momentum": tc.muon_momentum}}
+    return {"type": "AdamW", "params": {**adam, **({} if tc.offload_optimizer else {"torch_adam": True}),
+                                        **({"fused": True} if on_gpu and not tc.offload_optimizer else {})}}
 
 
 @dataclass

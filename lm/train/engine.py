@@ -1,4 +1,5 @@
-"""One DeepSpeed engine from our config: the model, AdamW with decay/no-decay groups, our schedule;
+"""One DeepSpeed engine from our config: the model, AdamW (or Muon + AdamW) with decay/no-decay groups, our
+schedule;
 and :func:`build_cpu_ops`, which compiles DeepSpeed's CPU ops ahead of the first run.
 
     engine = initialize_engine(model, cfg.train, seq_len=cfg.seq_len, world=1, on_gpu=False)
@@ -10,21 +11,22 @@ runs without Ray); needs ``torch.distributed`` initialised (Ray Train does it; a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from lm.config import TrainConfig
 from lm.train.ds_config import deepspeed_config
-from lm.train.optim import lr_at, param_groups
+from lm.train.optim import lr_scale, param_groups
 
 
 def initialize_engine(model: torch.nn.Module, tc: TrainConfig, *, seq_len: int, world: int, on_gpu: bool,
-                      universal: bool = False) -> Any:
-    """``deepspeed.initialize`` with lm.train.ds_config's config; the learning rate follows
-    :func:`lm.train.optim.lr_at` (a LambdaLR DeepSpeed steps and checkpoints); ``train.compile``
-    compiles the model through the engine. ``universal``: its ``load_checkpoint`` reads a universal
-    checkpoint (lm.train.resume)."""
+                      universal: bool = False, clock: Callable[[], float] = lambda: 0.0) -> Any:
+    """``deepspeed.initialize`` with lm.train.ds_config's config; every parameter group's learning rate
+    follows :func:`lm.train.optim.lr_scale` of its peak (a LambdaLR DeepSpeed steps and checkpoints; ``clock``:
+    the training seconds so far, for ``schedule_unit: seconds``); ``train.compile`` compiles the model through
+    the engine. ``universal``: its ``load_checkpoint`` reads a universal checkpoint (lm.train.resume)."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -32,7 +34,7 @@ def initialize_engine(model: torch.nn.Module, tc: TrainConfig, *, seq_len: int, 
         model=model,
         model_parameters=param_groups(model, tc.weight_decay),
         config=deepspeed_config(tc, seq_len=seq_len, world=world, on_gpu=on_gpu, universal=universal),
-        lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_at(step, tc) / tc.lr),
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_scale(step, tc, clock())),
     )
     if tc.compile:
         engine.compile()  # compiles the module in place: parameter names and checkpoints are unchanged

@@ -83,7 +83,8 @@ def train_local(
     val_mask: np.ndarray | None = None,
     teacher: torch.nn.Module | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place with AdamW + warm-up/cosine for ``max_steps`` (or ``max_seconds``).
+    """Train ``model`` in place with AdamW and ``train.schedule`` for ``max_steps`` (or ``max_seconds`` of
+    training time).
     ``train_rows``: a stream (lm.data.stream; closed at the end) or rows in memory; ``*_mask``: loss
     masks of in-memory rows; ``teacher``: distil from it (on the training device, see the module docstring)."""
     if isinstance(train_rows, np.ndarray):
@@ -103,10 +104,11 @@ def _train(cfg: Config, model: torch.nn.Module, stream: RowStream, val_rows: np.
     optimizer = build_adamw(model, tc)
     result = TrainResult()
     start = last_log = time.perf_counter()
-    tokens_since_log = 0
+    tokens_since_log, train_s = 0, 0.0  # train_s: the steps' own time (the schedule's clock; no evaluation)
     for step in range(tc.max_steps):
+        step_start = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tc)
+            group["lr"] = lr_at(step, tc, train_s)
         rows, mask = stream.next_rows(tc.batch_size)
         x, y = to_inputs_targets(rows, device, mask)
         with autocast_for(tc.precision, device):
@@ -123,10 +125,11 @@ def _train(cfg: Config, model: torch.nn.Module, stream: RowStream, val_rows: np.
         result.steps, result.tokens = step + 1, result.tokens + x.numel()
         tokens_since_log += x.numel()
         elapsed = time.perf_counter() - start
-        last = step + 1 == tc.max_steps or (tc.max_seconds is not None and elapsed >= tc.max_seconds)
+        train_s += time.perf_counter() - step_start
+        last = step + 1 == tc.max_steps or (tc.max_seconds is not None and train_s >= tc.max_seconds)
         if (step + 1) % tc.log_interval == 0 or step == 0 or last:
             now = time.perf_counter()
-            record = {"step": step + 1, "loss": loss.item(), "lr": lr_at(step, tc),
+            record = {"step": step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                       "tokens_per_s": tokens_since_log / max(now - last_log, 1e-9), "elapsed_s": elapsed}
             if teacher is not None:
                 record.update(distill_ce=parts.ce.item(), distill_kl=parts.kl.item())

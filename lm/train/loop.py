@@ -53,7 +53,8 @@ from lm.train.distill import distill_loss, load_teacher, teacher_logits
 from lm.train.distill import lineage as distill_lineage
 from lm.train.engine import initialize_engine
 from lm.train.local import to_inputs_targets
-from lm.train.optim import EarlyStopping, lr_at
+from lm.train.optim import EarlyStopping
+from lm.train.peak import device_peak, worker_share
 from lm.train.resume import TAG, Resume, TrainerState, checkpoint_uri, restore, restore_rng
 from lm.train.rng import save_rng_state
 
@@ -79,23 +80,6 @@ def load_init_weights(model: Transformer, store: ObjectStore, uri: str) -> None:
             raise ValueError(f"train.init_from={uri}: {name} is {tuple(source[name].shape)} there but "
                              f"{tuple(tensor.shape)} in this config's model (check model.* and the tokenizer)")
     model.load_state_dict(source)
-
-
-def measured_peak_flops(device: torch.device, size: int = 1024, repeats: int = 5, trials: int = 4) -> float:
-    """FLOP/s of a square fp32 matmul on ``device``, the best of a few timed trials after a warm-up
-    (the MFU denominator when train.peak_flops is not given)."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    a @ b
-    best = 0.0
-    for _ in range(trials):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
-    return best
 
 
 def memory_mib(device: torch.device) -> float:
@@ -149,7 +133,9 @@ class Worker:
         self.model.activation_checkpointing = self.tc.activation_checkpointing
         self.step, self.history = 0, []
         self.stopping = EarlyStopping(self.tc.early_stopping_patience)
-        self.peak = self.tc.peak_flops or measured_peak_flops(self.device)
+        peak = device_peak(self.device, self.tc.peak_flops)  # one fixed number (lm.train.peak), not a timing
+        self.peak, self.peak_source = worker_share(peak, self.device, self.tc.cpus_per_worker), peak.source
+        self.train_s = 0.0  # training time so far (the steps' own, all ranks agreeing; schedule_unit: seconds)
         self.flops_per_token = flops_per_token(self.model.cfg, cfg.seq_len)
         self.engine = self._engine(checkpoint)
         self.accum = self.engine.gradient_accumulation_steps()
@@ -168,8 +154,11 @@ class Worker:
             self.stream = train_stream(self.store, self.data, tc, self.rank, self.world, state and state.data,
                                        micro_batches=tc.grad_accum(self.cfg.seq_len, self.world))
             universal = source is not None and source.mode == "universal"
+            if state is not None:
+                self.train_s = state.train_seconds
             engine = initialize_engine(self.model, tc, seq_len=self.cfg.seq_len, world=self.world,
-                                       on_gpu=self.device.type == "cuda", universal=universal)
+                                       on_gpu=self.device.type == "cuda", universal=universal,
+                                       clock=lambda: self.train_s)
             if source is not None:
                 restore(engine, source, self.store, self.rank)
             restore_rng(source and source.folder, self.rank, tc.seed, state.step if state else 0)
@@ -206,10 +195,12 @@ class Worker:
         stop_after = min(tc.max_steps, tc.stop_after_steps or tc.max_steps)
         self.engine.train()
         while self.step < stop_after:
+            step_start = time.perf_counter()
+            self.lr = self._adamw_lr()  # what this step runs with (the schedule set it at the last one)
             loss = self._train_step()
             self.step += 1
-            elapsed = time.perf_counter() - start
-            out_of_time = tc.max_seconds is not None and _all_mean([float(elapsed >= tc.max_seconds)], self.world)[0] > 0
+            self.train_s += self._agreed_seconds(time.perf_counter() - step_start)
+            out_of_time = tc.max_seconds is not None and self.train_s >= tc.max_seconds
             last = self.step >= stop_after or out_of_time
             record: dict[str, Any] = {}
             if self.step % tc.log_interval == 0 or self.step == 1 or last:
@@ -248,9 +239,25 @@ class Worker:
         self.distill_parts = (ce / self.accum, kl / self.accum)
         return total / self.accum
 
+    def _adamw_lr(self) -> float:
+        """The learning rate of the AdamW parameters (with Muon, the matrices have muon_lr's)."""
+        groups = self.engine.optimizer.param_groups
+        return next((g["lr"] for g in groups if not g.get("use_muon")), groups[0]["lr"])
+
+    def _agreed_seconds(self, seconds: float) -> float:
+        """A step's time as every rank counts it (the slowest rank's), so that a time-based schedule and
+        max_seconds give every rank the same learning rate and the same last step."""
+        if self.world == 1 or (self.tc.max_seconds is None and self.tc.schedule_unit == "steps"):
+            return seconds
+        import torch.distributed as dist
+
+        t = torch.tensor([seconds], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def _train_metrics(self, loss: float, steps_per_s: float | None) -> dict[str, Any]:
         loss_mean = _all_mean([loss], self.world)[0]
-        record: dict[str, Any] = {"step": self.step, "loss": loss_mean, "lr": lr_at(self.step - 1, self.tc),
+        record: dict[str, Any] = {"step": self.step, "loss": loss_mean, "lr": self.lr, "train_s": self.train_s,
                                   "workers": self.world, "global_batch_tokens": self._tokens_per_step()}
         if self.teacher is not None:
             record["distill_ce"], record["distill_kl"] = _all_mean(list(self.distill_parts), self.world)
@@ -260,6 +267,7 @@ class Worker:
         if steps_per_s is not None:
             tokens_per_s = steps_per_s * self.tc.batch_size * self.accum * self.world * self.cfg.seq_len
             record["tokens_per_s"] = tokens_per_s
+            record["model_gflops"] = tokens_per_s * self.flops_per_token / 1e9  # all workers together
             record["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.world)
         record["memory_mib"] = memory_mib(self.device)
         return record
@@ -304,7 +312,8 @@ class Worker:
         if "grad_norm" in record:
             parts.append(f"gnorm {record['grad_norm']:.2f}")
         if "tokens_per_s" in record:
-            parts.append(f"{record['tokens_per_s']:,.0f} tok/s MFU {record['mfu']:.1%}")
+            parts.append(f"{record['tokens_per_s']:,.0f} tok/s {record['model_gflops']:.1f} GFLOP/s "
+                         f"MFU {record['mfu']:.1%}")
         parts.append(f"{record['memory_mib']:,.0f} MiB")
         _say(" ".join(parts))
 
@@ -327,7 +336,7 @@ class Worker:
 
         state = TrainerState(step=self.step, best=self.stopping.best, bad_evals=self.stopping.bad_evals,
                              world_size=self.world, history=self.history, data=self.stream.position(),
-                             tokens_per_step=self._tokens_per_step())
+                             tokens_per_step=self._tokens_per_step(), train_seconds=self.train_s)
         start = time.perf_counter()
         tmp = tempfile.mkdtemp(prefix="lm-ckpt-")  # Ray deletes it once uploaded (the default with ASYNC)
         try:

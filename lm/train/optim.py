@@ -28,18 +28,34 @@ def build_adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     )
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``cfg.lr`` over ``warmup_steps``, then (``cfg.schedule``) cosine or linear decay
-    to ``min_lr`` at ``max_steps``, or constant."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
+def schedule_progress(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """How far the schedule has gone, 0..1: by steps after warm-up, or (``schedule_unit: seconds``) by
+    ``seconds`` of training time out of ``max_seconds``."""
+    if cfg.schedule_unit == "seconds":
+        return min(seconds / cfg.max_seconds, 1.0)
     span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    if cfg.schedule == "linear":
-        return cfg.lr - progress * (cfg.lr - cfg.min_lr)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    return min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+
+
+def lr_scale(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """The schedule as a fraction of the peak learning rate (``lr``, and ``muon_lr`` likewise): linear
+    warm-up over ``warmup_steps``, then (``cfg.schedule``) cosine or linear decay to ``min_lr / lr``,
+    constant, or wsd: stable, then a linear decay over the last ``decay_fraction``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress, floor = schedule_progress(step, cfg, seconds), cfg.min_lr / cfg.lr
+    if cfg.schedule == "wsd":
+        progress = max(progress - (1 - cfg.decay_fraction), 0.0) / cfg.decay_fraction
+    if cfg.schedule in ("linear", "wsd"):
+        return 1.0 - progress * (1.0 - floor)
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (1.0 - floor)
+
+
+def lr_at(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """The AdamW learning rate of optimizer step ``step`` (0-based) after ``seconds`` of training time."""
+    return cfg.lr * lr_scale(step, cfg, seconds)
 
 
 class EarlyStopping:

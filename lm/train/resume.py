@@ -78,6 +78,7 @@ class TrainerState(BaseModel):
     history: list[dict[str, Any]] = []
     data: StreamPosition | None = None  # None: a checkpoint older than the streaming loader
     tokens_per_step: int | None = None  # the global batch in tokens (None: older checkpoints)
+    train_seconds: float = 0.0  # training time so far (the clock of max_seconds and a time-based schedule)
 
     def write(self, folder: Path) -> None:
         (folder / STATE).write_text(json.dumps(self.model_dump()))  # json, not pydantic's: best may be inf

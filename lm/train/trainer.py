@@ -125,6 +125,13 @@ def train(cfg: Config, store: ObjectStore | None = None, log: Log = print, *, ca
     tc = cfg.train
     log(f"train: {_group(tc, cfg.seq_len)}, ZeRO-{tc.zero_stage}, {tc.precision}, {tc.max_steps} steps → "
         f"{join_uri(cfg.run_uri, 'train')}")
+    if tc.peak_flops is None and tc.gpus_per_worker == 0:  # calibrated here, once per machine, not in a worker
+        import torch
+
+        from lm.train.peak import device_peak
+
+        peak = device_peak(torch.device("cpu"))
+        log(f"train: MFU against {peak.flops / 1e9:.0f} GFLOP/s ({peak.source})")
     connect()
     start = time.perf_counter()
     with controller_env(controller_settings(tc)):

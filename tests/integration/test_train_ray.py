@@ -24,6 +24,7 @@ from lm.config import load_config
 from lm.inference import generate_text
 from lm.modeldir import load_model_dir
 from lm.storage import ObjectStore
+from lm.train.optim import lr_at
 from lm.train.trainer import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -105,6 +106,26 @@ def test_zero3_trains_checkpoints_and_publishes_a_model(zero3_run, monkeypatch):
     for name in ("metrics.jsonl", "loss.png"):
         assert (root / "runs" / "zero3" / "train" / name).stat().st_size > 0
     assert any((root / "runs" / "zero3" / "train" / "tensorboard").iterdir())
+
+
+def test_muon_on_a_time_budget_ends_together_with_the_schedule(data_dir, tmp_path):
+    """The time-to-quality recipe's pieces through Ray Train + DeepSpeed (2 workers, ZeRO-0): Muon, a wsd
+    schedule spanning 20 s of training time, not steps (the first step compiles DeepSpeed's Newton-Schulz
+    kernels, 3-16 s here: compilation counts). Both ranks stop at the first step past the budget (a
+    rank that stopped alone would hang the other), each step's learning rate is the schedule's at the clock
+    the ranks agreed on (read a step late: the schedule steps before the step's time is in), and the run ends
+    decayed."""
+    cfg = config(tmp_path, data_dir, "muon-timed", "train.optimizer=muon", "train.zero_stage=0", "train.schedule=wsd",
+                 "train.schedule_unit=seconds", "train.max_seconds=20", "train.max_steps=100000",
+                 "train.log_interval=1", "train.eval_interval=100000", "train.decay_fraction=0.5")
+    summary = train(cfg, log=lambda _: None)
+    history, tc = summary.history, cfg.train
+    assert 5 <= summary.steps < tc.max_steps and [r["step"] for r in history] == list(range(1, summary.steps + 1))
+    assert history[-1]["train_s"] >= 20 > history[-2]["train_s"]
+    for r in history[2:]:
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, tc, history[r["step"] - 3]["train_s"]), rel=1e-6)
+    assert history[-1]["lr"] < 0.25 * tc.lr and history[-1]["loss"] < history[0]["loss"] - 0.5
+    assert all(r["model_gflops"] > 0 for r in history if "model_gflops" in r)
 
 
 def test_resume_continues_the_same_curve_and_on_fewer_workers(zero3_run, data_dir, tmp_path, s3_server):

@@ -234,7 +234,8 @@ def test_load_rejects_mismatched_keys(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2, "d_ff": 72, "tie_embeddings": False, "dropout": 0.1}])
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2, "d_ff": 72, "tie_embeddings": False, "dropout": 0.1},
+                                {"qk_norm": True}])
 def test_hf_config_roundtrip(kw):
     cfg = tiny(rope_theta=500.0, norm_eps=1e-6, **kw)
     assert config_from_hf(hf_config(cfg)) == cfg
@@ -244,16 +245,26 @@ def test_hf_config_roundtrip(kw):
         config_from_hf({k: v for k, v in hf_config(cfg).items() if k != "vocab_size"})
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_transformers_llama_reads_saved_dir(tmp_path, tied):
+@pytest.mark.parametrize(("tied", "qk_norm"), [(True, False), (False, False), (True, True)],
+                         ids=["llama-tied", "llama-untied", "qwen3-qk-norm"])
+def test_transformers_reads_saved_dir_with_equal_logits_and_greedy_text(tmp_path, tied, qk_norm):
+    """Each architecture option maps exactly onto a transformers class (Llama; Qwen3 for QK-norm): the same
+    logits, also left-padded, and the same greedy continuation."""
     transformers = pytest.importorskip("transformers")
-    model = make(n_kv_heads=2, tie_embeddings=tied, rope_theta=500.0)
+    model = make(n_kv_heads=2, tie_embeddings=tied, rope_theta=500.0, qk_norm=qk_norm)
+    with torch.no_grad():  # norm gains off 1, so a norm applied in the wrong place (or not at all) shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.mul_(1 + 0.5 * torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))))
     save_model(model, tmp_path)
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == ("Qwen3ForCausalLM" if qk_norm else "LlamaForCausalLM")
     x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         ours, theirs = model(x)[0], hf(x).logits
         assert (ours - theirs).abs().max() < 1e-4
+        greedy = hf.generate(x[:1, :5], max_new_tokens=12, do_sample=False, attention_mask=torch.ones(1, 5))
+        assert greedy[0, 5:].tolist() == model.generate([x[0, :5].tolist()], 12, temperature=0)[0]
         # left-padded batch: same mask and positions on both sides, real positions compared
         mask = torch.ones_like(x)
         mask[1, :6] = 0

@@ -1,6 +1,7 @@
 """Ray-free training pieces: LR schedule, parameter groups, inputs and targets, text stop sequences, and the
 setting lm.train hands to Ray Train's controller."""
 
+import json
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from lm.config import TrainConfig
 from lm.inference import cut_at_stop
 from lm.train.local import to_inputs_targets
-from lm.train.optim import EarlyStopping, lr_at, param_groups
+from lm.train.optim import EarlyStopping, lr_at, lr_scale, param_groups
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -20,6 +21,52 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(60, cfg) == pytest.approx(0.55)
     assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 120))
+
+
+def test_wsd_schedule_holds_then_decays_over_its_last_fraction_by_steps_or_by_seconds():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(5, cfg) == pytest.approx(0.6)  # warm-up
+    assert [lr_at(s, cfg) for s in (10, 50, 90)] == [1.0, 1.0, 1.0]  # stable until 80% of the 100 steps after it
+    assert lr_at(100, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+    timed = cfg.model_copy(update={"schedule_unit": "seconds", "max_seconds": 300.0})
+    assert lr_at(500, timed, seconds=200.0) == 1.0  # the step count no longer matters after warm-up
+    assert lr_at(20, timed, seconds=270.0) == pytest.approx(0.55) and lr_at(20, timed, seconds=400.0) == pytest.approx(0.1)
+    assert lr_scale(20, timed, seconds=270.0) == pytest.approx(0.55)  # the fraction every group's peak is scaled by
+    with pytest.raises(ValueError, match="schedule_unit seconds needs max_seconds"):
+        TrainConfig(schedule_unit="seconds")
+
+
+def test_muon_is_refused_where_it_cannot_run():
+    assert TrainConfig(optimizer="muon", zero_stage=0).optimizer == "muon"
+    with pytest.raises(ValueError, match="muon runs through DeepSpeed"):
+        TrainConfig(optimizer="muon", trainer="local", zero_stage=0)
+    with pytest.raises(ValueError, match="muon does not run with offload_optimizer"):
+        TrainConfig(optimizer="muon", zero_stage=2, offload_optimizer=True, grad_clip=0)
+    with pytest.raises(ValueError, match=r"set train\.zero_stage=0 or train\.grad_clip=0"):
+        TrainConfig(optimizer="muon", zero_stage=1, grad_clip=1.0)
+    assert TrainConfig(optimizer="muon", zero_stage=0, grad_clip=1.0).grad_clip == 1.0
+
+
+def test_mfu_peak_is_one_fixed_number_per_machine(tmp_path, monkeypatch):
+    """The peak is stated, a GPU's datasheet, or a calibration cached under the machine's description:
+    measured once, then read back (a value planted in the cache is what the next run divides by)."""
+    from lm.train import peak
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    cpu = torch.device("cpu")
+    assert peak.device_peak(cpu, given=5e11) == peak.Peak(5e11, "train.peak_flops")
+    assert peak.datasheet_tflops("NVIDIA H200") == 989.4 and peak.datasheet_tflops("a toaster") is None
+    monkeypatch.setattr(peak, "measure_matmul_flops", lambda device: 1.5e11)
+    first = peak.device_peak(cpu)
+    assert first.flops == 1.5e11 and "calibrated" in first.source
+    known = json.loads(peak.cache_path().read_text())
+    assert list(known) == [peak.machine_description(cpu)] and f"{os.cpu_count()} logical cores" in next(iter(known))
+    peak.cache_path().write_text(json.dumps({peak.machine_description(cpu): 1.9e11}))
+    monkeypatch.setattr(peak, "measure_matmul_flops", lambda device: pytest.fail("measured again"))
+    assert peak.device_peak(cpu).flops == 1.9e11
+    cores = os.cpu_count()
+    assert peak.worker_share(peak.Peak(1.9e11, "calibrated"), cpu, 1) == pytest.approx(1.9e11 / cores)
+    assert peak.worker_share(peak.Peak(5e11, "train.peak_flops"), cpu, 1) == 5e11
 
 
 def test_param_groups_decay_matrices_only():
