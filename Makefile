@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,harness]'
 	$(BIN)/python -c 'from lm.train.engine import build_cpu_ops; build_cpu_ops()'  # DeepSpeed's CPU ops, once
 	touch $@
 

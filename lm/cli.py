@@ -11,6 +11,8 @@
     lm generate [--model URI] [--prompt P] [--config F] [key.sub=value ...]
     lm eval [--model URI] [--split S] [--text URI] [--compare URI] [--config F] [key.sub=value ...]
                                                             metrics, n-gram baseline, report (exit 1: comparison failed)
+    lm eval --harness TASK[,TASK...] [--endpoint URL] [--model URI] [--compare URI] ...
+                                                            lm-evaluation-harness tasks only (model directory or endpoint)
     lm registry list | show [ID|ALIAS] | add --model URI | promote ID | reject ID | rollback   the model registry
     lm continual [--watch [--iterations N]] [--config F] [key.sub=value ...]
                                                             new data + feedback → fine-tune → gate → promote / reject
@@ -148,9 +150,20 @@ def cmd_eval(cfg: Config, args: argparse.Namespace) -> str:
     sets += [EvalSetConfig(name="text", uri=args.text)] if args.text else []
     if sets:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"sets": sets})})
-    result = evaluate(cfg, model_uri=args.model, compare_to=args.compare)
-    scores = ", ".join(f"{name} {s['model']['bpb']:.3f} bpb" + (f" (n-gram {s['ngram']['bpb']:.3f})" if s["ngram"] else "")
-                       for name, s in result.report["sets"].items())
+    if args.endpoint and not args.harness:
+        raise ConfigError("--endpoint scores harness tasks: give --harness TASK[,TASK...] too")
+    if args.harness:  # only the harness: only the compare rules on its metrics apply
+        harness = cfg.eval.harness.model_copy(update={"tasks": [t.strip() for t in args.harness.split(",") if t.strip()]})
+        rules = [r for r in cfg.eval.compare if r.set == "harness"]
+        if args.compare and not rules:
+            raise ConfigError("--harness with --compare: give eval.compare rules on harness metrics, e.g. "
+                              "'eval.compare=[{set: harness, metric: lmforge_cloze/acc, max_regression: 0.05}]'")
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"harness": harness, "compare": rules})})
+    result = evaluate(cfg, model_uri=args.model, compare_to=args.compare, harness_only=bool(args.harness),
+                      endpoint=args.endpoint)
+    scores = ", ".join([*(f"{name} {s['model']['bpb']:.3f} bpb" + (f" (n-gram {s['ngram']['bpb']:.3f})" if s["ngram"]
+                                                                   else "") for name, s in result.report["sets"].items()),
+                        *(f"{k} {v:.3f}" for k, v in result.metrics.items() if k.startswith("harness/"))])
     verdict = "" if result.verdict is None else f"; comparison {'PASSED' if result.verdict.passed else 'FAILED'}"
     line = f"eval: {scores}{verdict} in {result.seconds:.0f} s → {result.report_uri}"
     if result.verdict is not None and not result.verdict.passed:
@@ -258,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["train", "val", "test"], help="score this split of the run's shards only")
     ev.add_argument("--text", metavar="URI", help="score this text source (file, folder or glob) only")
     ev.add_argument("--compare", metavar="URI", help="baseline model directory or report.json, judged by eval.compare")
+    ev.add_argument("--harness", metavar="TASK[,TASK...]", help="run only these lm-evaluation-harness tasks (shipped: "
+                    "lmforge_cloze, lmforge_who_speaks; eval.harness.limit items each)")
+    ev.add_argument("--endpoint", metavar="URL", help="with --harness: score a running lmforge endpoint "
+                    "(http://host:port/v1, local-completions) serving --model, whose tokenizer makes the requests")
     cont = add("continual", cmd_continual, "one continual-learning iteration: new documents and feedback → "
                "fine-tune production → gate → promote or reject (a re-run resumes an interrupted one)")
     cont.add_argument("--watch", action="store_true", help="repeat every continual.interval_s seconds")

@@ -8,6 +8,7 @@ fine-tunes, and the gate a candidate must pass to be promoted.
       gate:
         - {set: fixed, metric: bpb, max_regression: 0.02}     # the fixed held-out set must not regress
         - {set: new, metric: bpb, min_improvement: 0.01}      # the new data's held-out part must improve
+        - {set: harness, metric: lmforge_cloze/acc, max_regression: 0.05}   # an lm-evaluation-harness task
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lm.config.base import Section
 from lm.config.eval import CompareRule
 from lm.config.sources import SourceConfig
 
-GATE_SETS = ("fixed", "new")
+GATE_SETS = ("fixed", "new", "harness")
 
 
 def _default_gate() -> list[CompareRule]:
@@ -54,7 +55,8 @@ class ContinualConfig(Section):
     gate: list[CompareRule] = Field(
         default_factory=_default_gate, min_length=1, description="Candidate vs production on the sets 'fixed' "
         "(the validation split of the original data, data.output) and 'new' (the held-out part of this "
-        "iteration's new data); every rule must pass for promotion.",
+        "iteration's new data), and 'harness' (metric '<task>/<metric>': an lm-evaluation-harness task run on "
+        "both, e.g. lmforge_cloze/acc); every rule must pass for promotion.",
     )
     interval_s: float = Field(600.0, gt=0, description="`lm continual --watch`: seconds between iterations.")
 

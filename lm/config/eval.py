@@ -7,10 +7,13 @@
       compare:                                # candidate vs baseline (the continual-learning gate)
         - {set: val, metric: bpb, max_regression: 0.01}       # the fixed held-out set must not regress
         - {set: feedback, metric: bpb, min_improvement: 0.02}  # the new data must improve by a margin
+        - {set: harness, metric: lmforge_cloze/acc, max_regression: 0.05}  # an lm-evaluation-harness metric
+      harness: {tasks: [lmforge_cloze, lmforge_who_speaks], limit: 100}   # lm-evaluation-harness tasks
 """
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -18,8 +21,10 @@ from pydantic import Field, model_validator
 from lm.config.base import Section
 
 # report sections that are not eval sets; their metrics are named "<section>/<metric>" like a set's
-RESERVED_SET_NAMES = ("generation", "labels")
-LOWER_IS_BETTER = ("loss", "perplexity", "bpb", "ngram_bpb", "ngram_loss", "ngram_perplexity")
+RESERVED_SET_NAMES = ("generation", "labels", "harness")
+# metric names (the last part of "<task>/<metric>" for harness metrics) where lower is better
+LOWER_IS_BETTER = ("loss", "perplexity", "bpb", "ngram_bpb", "ngram_loss", "ngram_perplexity", "word_perplexity",
+                   "byte_perplexity", "bits_per_byte")
 
 
 class EvalSetConfig(Section):
@@ -51,10 +56,12 @@ class EvalSetConfig(Section):
 class CompareRule(Section):
     """One threshold of a comparison: candidate vs baseline on one metric of one set."""
 
-    set: str = Field("val", description="Eval set name, or 'generation' / 'labels' for those sections.")
+    set: str = Field("val", description="Eval set name, or 'generation' / 'labels' / 'harness' for those sections.")
     metric: str = Field(
         "bpb", description="Metric of that set: bpb, loss, perplexity, accuracy (sets); bleu, rouge1, rouge2, "
-        "rougeL (generation); accuracy, precision_macro, recall_macro, f1_macro (labels).",
+        "rougeL (generation); accuracy, precision_macro, recall_macro, f1_macro (labels); '<task>/<metric>' "
+        "(harness: an lm-evaluation-harness task's metric, e.g. lmforge_cloze/acc, lmforge_who_speaks/acc_norm, "
+        "lmforge_cloze/perplexity; the task runs even if eval.harness.tasks does not name it).",
     )
     max_regression: float | None = Field(
         None, ge=0, description="Fail if the candidate is worse than the baseline by more than this (absolute).",
@@ -70,7 +77,15 @@ class CompareRule(Section):
     def _check_threshold(self) -> CompareRule:
         if self.max_regression is None and self.min_improvement is None:
             raise ValueError(f"compare rule {self.set}/{self.metric}: give max_regression and/or min_improvement")
+        if self.set == "harness" and not re.fullmatch(r"[^/\s]+/[^/\s]+", self.metric):
+            raise ValueError(f"compare rule on harness: metric must be '<task>/<metric>' (e.g. lmforge_cloze/acc), "
+                             f"got {self.metric!r}")
         return self
+
+    @property
+    def harness_task(self) -> str | None:
+        """The lm-evaluation-harness task this rule needs, if it judges one."""
+        return self.metric.split("/", 1)[0] if self.set == "harness" else None
 
     @property
     def key(self) -> str:
@@ -78,7 +93,30 @@ class CompareRule(Section):
 
     @property
     def higher_better(self) -> bool:
-        return self.higher_is_better if self.higher_is_better is not None else self.metric not in LOWER_IS_BETTER
+        if self.higher_is_better is not None:
+            return self.higher_is_better
+        return self.metric.rsplit("/", 1)[-1] not in LOWER_IS_BETTER
+
+
+class HarnessConfig(Section):
+    """EleutherAI lm-evaluation-harness (the ``harness`` extra: ``pip install 'lmforge[harness]'``) on the model
+    directory (its Hugging Face backend) or a running lmforge endpoint (``local-completions``)."""
+
+    tasks: list[str] = Field(
+        default_factory=list, description="Tasks every `lm eval` runs (`lm eval --harness T1,T2` runs only those). "
+        "Shipped: lmforge_cloze (LAMBADA-style: the last word of held-out tinyshakespeare speeches; acc = greedy "
+        "agreement, perplexity) and lmforge_who_speaks (which of 4 speakers speaks a held-out line; acc, acc_norm). "
+        "Their data is built at run time from the held-out speeches (no download). Other names must be "
+        "lm-evaluation-harness tasks whose data is already on this machine (the runs are offline).",
+    )
+    limit: int = Field(100, ge=1, description="Items per shipped task (evenly spread over the held-out speeches).")
+    batch_size: int = Field(16, ge=1, description="Requests per forward pass (HF backend) or per HTTP request "
+                            "(endpoint; at most serve.max_prompts).")
+    seed: int = Field(1234, description="Draws the 3 wrong speakers of each lmforge_who_speaks item.")
+    check: bool = Field(
+        True, description="Re-score every request with lmforge's own Transformer (lm.eval.likelihood) and report "
+        "the largest |log-likelihood difference| beside the harness's numbers.",
+    )
 
 
 class EvalConfig(Section):
@@ -133,6 +171,9 @@ class EvalConfig(Section):
         default_factory=lambda: ["ROMEO:", "JULIET:\n", "First Citizen:\nWe"],
         description="Qualitative samples in the report, generated with the generate section's settings.",
     )
+    harness: HarnessConfig = Field(
+        default_factory=HarnessConfig, description="lm-evaluation-harness tasks (their metrics: harness/<task>/<metric>).",
+    )
     compare: list[CompareRule] = Field(
         default_factory=lambda: [CompareRule(set="val", metric="bpb", max_regression=0.01)],
         description="Thresholds of `lm eval --compare`: every rule must pass for the candidate to pass.",
@@ -148,3 +189,8 @@ class EvalConfig(Section):
         if unknown := [r.set for r in self.compare if r.set not in known]:
             raise ValueError(f"compare rules name unknown sets {unknown}; known: {known}")
         return self
+
+    def harness_tasks(self, rules: list[CompareRule] | None = None) -> list[str]:
+        """``harness.tasks``, then every other task a compare rule (``rules``, default ``compare``) judges."""
+        needed = [r.harness_task for r in (self.compare if rules is None else rules) if r.harness_task]
+        return list(dict.fromkeys([*self.harness.tasks, *needed]))

@@ -131,7 +131,7 @@ def run_iteration(cfg: Config, store: ObjectStore | None = None, log: Log = prin
     else:
         result = evaluate(gate_config(cfg, n, mix.gate_texts), store, model_uri, log, compare_to=parent.model_uri)
         passed, reasons, report = result.verdict.passed, result.verdict.reasons, result.report_uri
-        metrics = {k: v for k, v in result.metrics.items() if k.startswith(("fixed/", "new/"))}
+        metrics = {k: v for k, v in result.metrics.items() if k.startswith(("fixed/", "new/", "harness/"))}
     version = _candidate(registry, model_uri, parent, metrics, ft, mix, n)
     outcome.update(version=version.id, model_uri=model_uri, reasons=reasons, report=report, metrics=metrics)
     current = registry.get(version.id).status

@@ -6,5 +6,7 @@ Modules: ``metrics`` (token sums → loss, perplexity, bits per byte, top-1 accu
 ``ngram`` (the interpolated Kneser-Ney baseline; numpy) · ``sets`` (eval sets → packed rows; the
 built-in prompt sets) · ``distributed`` (the same sums on Ray Data actors) · ``generation`` (BLEU,
 ROUGE, label choice → precision / recall / F1, samples) · ``compare`` (a verdict against thresholds) ·
-``report`` (report.json, report.md, PNGs, TensorBoard curves) · ``evaluate`` (the whole evaluation).
+``report`` (report.json, report.md, PNGs, TensorBoard curves) · ``evaluate`` (the whole evaluation) ·
+``likelihood`` (log-likelihood requests with lmforge's Transformer, split as lm-evaluation-harness splits
+them) · ``harness`` (``lm eval --harness``: lm-evaluation-harness on the model directory or an endpoint).
 """

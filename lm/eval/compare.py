@@ -1,10 +1,11 @@
 """Comparing two models' evaluations on the same sets: a verdict against configurable thresholds.
 
-Metrics are flat ``"<set>/<metric>"`` names (``val/bpb``, ``generation/bleu``, ``labels/f1_macro``, see
-:func:`flat_metrics`). Each rule (``eval.compare``, lm.config.eval.CompareRule) names one metric and a
-``max_regression`` the candidate may not exceed and/or a ``min_improvement`` it must reach, both in the
-metric's own units and direction (for bpb lower is better). The continual-learning gate's "the fixed
-held-out set must not regress beyond a tolerance; the new data's set must improve by a margin" is two rules.
+Metrics are flat ``"<set>/<metric>"`` names (``val/bpb``, ``generation/bleu``, ``labels/f1_macro``,
+``harness/lmforge_cloze/acc``, see :func:`flat_metrics`). Each rule (``eval.compare``,
+lm.config.eval.CompareRule) names one metric and a ``max_regression`` the candidate may not exceed and/or a
+``min_improvement`` it must reach, both in the metric's own units and direction (for bpb lower is better).
+The continual-learning gate's "the fixed held-out set must not regress beyond a tolerance; the new data's
+set must improve by a margin" is two rules; a harness metric is a rule like any other.
 
     verdict = compare(flat_metrics(new_report), flat_metrics(old_report), cfg.eval.compare)
     verdict.passed, verdict.reasons, verdict.deltas
@@ -33,7 +34,8 @@ class Verdict:
 
 def flat_metrics(report: Mapping) -> dict[str, float]:
     """``{"<set>/<metric>": value}`` of a report (lm.eval.report): every set's model metrics (and
-    ``ngram_bpb``), the generation scores and the labelled-set scores."""
+    ``ngram_bpb``), the generation scores, the labelled-set scores and every lm-evaluation-harness task's
+    metrics as ``harness/<task>/<metric>`` (not their ``_stderr``)."""
     out: dict[str, float] = {}
     for name, entry in (report.get("sets") or {}).items():
         for key, value in entry.get("model", {}).items():
@@ -44,6 +46,8 @@ def flat_metrics(report: Mapping) -> dict[str, float]:
         for key, value in (report.get(section) or {}).items():
             if isinstance(value, int | float) and not isinstance(value, bool) and key != "examples":
                 out[f"{section}/{key}"] = value
+    for task, metrics in ((report.get("harness") or {}).get("tasks") or {}).items():
+        out.update({f"harness/{task}/{k}": v for k, v in metrics.items() if not k.endswith("_stderr")})
     return {k: float(v) for k, v in out.items()}
 
 

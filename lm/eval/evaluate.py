@@ -11,7 +11,9 @@ from ``eval.ray_min_rows`` rows up (``eval.backend``), on Ray Data actors (lm.ev
 way a set is scored a bounded piece at a time and the sums added up, so memory does not grow with it. Then
 BLEU / ROUGE, label-choice precision / recall / F1 and samples (lm.eval.generation); with
 ``compare_to``, the baseline is measured on the same sets and judged by ``eval.compare``
-(lm.eval.compare). Everything lands in ``eval.output`` (default ``<run>/eval/``, lm.eval.report).
+(lm.eval.compare). With harness tasks (``eval.harness.tasks``, any a compare rule judges, or ``lm eval
+--harness``), lm-evaluation-harness runs them on the model directory or an endpoint (lm.eval.harness): metrics
+``harness/<task>/<metric>``. Everything lands in ``eval.output`` (default ``<run>/eval/``, lm.eval.report).
 """
 
 from __future__ import annotations
@@ -146,18 +148,33 @@ def _prompt_metrics(cfg: Config, store: ObjectStore, loaded: LoadedModel, log: L
     return out
 
 
-def measure(cfg: Config, store: ObjectStore, model_uri: str, log: Log = print, ngram_cache: dict | None = None) -> dict:
-    """Every metric of one model directory (the report's model part: model, ngram, sets, generation, …)."""
+def measure(cfg: Config, store: ObjectStore, model_uri: str, log: Log = print, ngram_cache: dict | None = None,
+            harness_only: bool = False, endpoint: str | None = None) -> dict:
+    """Every metric of one model directory (the report's model part: model, ngram, sets, generation, …, and
+    ``harness`` when harness tasks are configured or judged; the run itself under ``harness_run``, for its
+    requests). ``harness_only``: only those; ``endpoint``: the harness scores that lmforge endpoint instead
+    (the directory gives the tokenizer)."""
     loaded = load_model_dir(store, model_uri)
-    seq_len = min(cfg.seq_len, loaded.model.cfg.max_seq_len)
-    ngram, ngram_info = _ngram(cfg, store, loaded, seq_len, {} if ngram_cache is None else ngram_cache, log)
-    sets = {spec.name: _score_set(cfg, store, model_uri, loaded, spec, seq_len, ngram, log) for spec in cfg.eval.sets}
     model = {"uri": model_uri, "parameters": loaded.model.num_parameters(), "vocab_size": loaded.model.cfg.vocab_size,
              "tokenizer_hash": loaded.tokenizer.fingerprint(), "lineage": loaded.lineage}
-    return {"model": model, "ngram": ngram_info, "sets": sets, **_prompt_metrics(cfg, store, loaded, log)}
+    out: dict = {"model": model, "ngram": None, "sets": {}}
+    if not harness_only:
+        seq_len = min(cfg.seq_len, loaded.model.cfg.max_seq_len)
+        ngram, out["ngram"] = _ngram(cfg, store, loaded, seq_len, {} if ngram_cache is None else ngram_cache, log)
+        out["sets"] = {spec.name: _score_set(cfg, store, model_uri, loaded, spec, seq_len, ngram, log)
+                       for spec in cfg.eval.sets}
+        out.update(_prompt_metrics(cfg, store, loaded, log))
+    if tasks := cfg.eval.harness_tasks():
+        from lm.eval.harness.run import run_harness
+
+        run = run_harness(cfg, store, model_uri, tasks, endpoint, log)
+        out.update(harness=run.report_entry(), harness_run=run)
+    elif harness_only:
+        raise DataError("no harness tasks to run (lm eval --harness TASK, or eval.harness.tasks)")
+    return out
 
 
-def _baseline(cfg: Config, store: ObjectStore, uri: str, log: Log, cache: dict) -> dict:
+def _baseline(cfg: Config, store: ObjectStore, uri: str, log: Log, cache: dict, harness_only: bool) -> dict:
     """The baseline's report part: read from a report.json, or measured now on the same sets."""
     if uri.endswith(".json"):
         report = json.loads(store.read_text(uri))
@@ -165,22 +182,28 @@ def _baseline(cfg: Config, store: ObjectStore, uri: str, log: Log, cache: dict) 
             raise DataError(f"{uri}: not an lmforge evaluation report (format {report.get('format')!r})")
         return {**report, "uri": report["model"]["uri"], "report": uri}
     log(f"eval: measuring the baseline {uri} on the same sets")
-    return {**measure(cfg, store, uri, log, cache), "uri": uri}
+    measured = measure(cfg, store, uri, log, cache, harness_only)
+    measured.pop("harness_run", None)
+    return {**measured, "uri": uri}
 
 
 def evaluate(cfg: Config, store: ObjectStore | None = None, model_uri: str | None = None, log: Log = print,
-             compare_to: str | None = None) -> EvalResult:
-    """Evaluate ``model_uri`` (default ``<run>/model``), optionally against ``compare_to``; publish the report."""
+             compare_to: str | None = None, harness_only: bool = False, endpoint: str | None = None) -> EvalResult:
+    """Evaluate ``model_uri`` (default ``<run>/model``), optionally against ``compare_to``; publish the report.
+    ``harness_only``: only the lm-evaluation-harness tasks; ``endpoint``: they score that running lmforge
+    endpoint (``http://host:port/v1``, serving ``model_uri``) instead of the directory (see :func:`measure`)."""
     start = time.perf_counter()
     store = store or ObjectStore(cfg.storage)
     model_uri = model_uri or join_uri(cfg.run_uri, "model")
     cache: dict = {}
     report = {"format": FORMAT, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "run_uri": cfg.run_uri,
-              "config_hash": cfg.fingerprint(), **measure(cfg, store, model_uri, log, cache)}
+              "config_hash": cfg.fingerprint(), **measure(cfg, store, model_uri, log, cache, harness_only, endpoint)}
+    harness_run = report.pop("harness_run", None)
     verdict = None
     if compare_to:
-        baseline = _baseline(cfg, store, compare_to, log, cache)
-        report["baseline"] = {k: baseline.get(k) for k in ("uri", "report", "model", "sets", "generation", "labels")}
+        baseline = _baseline(cfg, store, compare_to, log, cache, harness_only)
+        report["baseline"] = {k: baseline.get(k) for k in ("uri", "report", "model", "sets", "generation", "labels",
+                                                             "harness")}
         verdict = compare(flat_metrics(report), flat_metrics(baseline), cfg.eval.compare)
         report["comparison"] = verdict.to_dict()
         log(f"eval: comparison with {compare_to}: {'PASSED' if verdict.passed else 'FAILED'}")
@@ -190,7 +213,9 @@ def evaluate(cfg: Config, store: ObjectStore | None = None, model_uri: str | Non
     report["training"] = {"note": note, "final": {tag: points[-1][1] for tag, points in curves.items() if points}}
     report["seconds"] = round(time.perf_counter() - start, 2)
     out = cfg.eval.output or join_uri(cfg.run_uri, "eval")
-    report_uri = write_report(store, out, report, curves)
+    extra = {"harness_requests.jsonl": "".join(r.model_dump_json() + "\n" for r in harness_run.requests)
+             } if harness_run else {}
+    report_uri = write_report(store, out, report, curves, extra)
     log(f"eval: report → {report_uri}")
     return EvalResult(report, flat_metrics(report), report_uri, join_uri(out, "report.json"), verdict,
                       report["seconds"])

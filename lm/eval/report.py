@@ -4,6 +4,7 @@ Plots: ``training.png`` (the run's curves, read from its TensorBoard event files
 ``<run>/train/tensorboard/``, else from ``<run>/train/metrics.jsonl``; neither → the report says so),
 ``metrics.png`` (bits per byte per set: the model beside the n-gram baseline, and beside the baseline
 model when comparing) and ``comparison.png`` (each compare rule's improvement against its thresholds).
+With lm-evaluation-harness tasks, report.md has their metrics and ``harness_requests.jsonl`` every request.
 
     curves, note = training_curves(store, cfg.run_uri)
     uri = write_report(store, out_uri, report, curves)      # → <out>/report.md
@@ -136,16 +137,12 @@ def _num(x) -> str:
     return "–" if x is None else f"{x:,}" if isinstance(x, int) else f"{x:.4f}"
 
 
-def markdown(report: dict) -> str:
-    """The human-readable report."""
-    m = report["model"]
-    lines = [f"# Evaluation of `{m['uri']}`", "",
-             f"Run `{report['run_uri']}` · {m['parameters']:,} parameters · vocabulary {m['vocab_size']:,} · "
-             f"{report['created']} · {report['seconds']:.1f} s", ""]
-    lines += ["## Language modelling", "",
-              "| set | tokens | bytes | loss | perplexity | bits/byte | top-1 acc | "
-              f"{report['ngram']['order']}-gram bits/byte | model's gain over the n-gram (bits/byte) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+def _language_modelling(report: dict) -> list[str]:
+    """The eval sets' section: the model beside the n-gram baseline."""
+    lines = ["## Language modelling", "",
+             "| set | tokens | bytes | loss | perplexity | bits/byte | top-1 acc | "
+             f"{report['ngram']['order']}-gram bits/byte | model's gain over the n-gram (bits/byte) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, s in report["sets"].items():
         mm, ng = s["model"], s.get("ngram")
         gain = f"{ng['bpb'] - mm['bpb']:.4f}" if ng else "–"
@@ -154,6 +151,36 @@ def markdown(report: dict) -> str:
     lines += [""] + [f"- **{n}**: {s['source']} ({s['rows']:,} rows, {s['backend']}, {s['seconds']:.1f} s)"
                      + (f"; {s['note']}" if s.get("note") else "") for n, s in report["sets"].items()]
     lines += [f"- n-gram baseline: {report['ngram']['note']}", "", "![bits per byte](metrics.png)", ""]
+    return lines
+
+
+def _harness(h: dict, baseline: dict | None) -> list[str]:
+    """The lm-evaluation-harness section: per task its metrics (± stderr), beside the baseline's."""
+    where = f"endpoint `{h['target']}` (local-completions, tokenizer of `{h['tokenizer']}`)" if (
+        h["backend"] == "local-completions") else f"`{h['target']}` (HF backend)"
+    lines = ["## lm-evaluation-harness", "", f"lm-eval {h['lm_eval_version']} on {where}, {h['seconds']:.1f} s.", "",
+             "| task | items | metric | value | ± stderr | baseline |", "|---|---|---|---|---|---|"]
+    for task, metrics in h["tasks"].items():
+        base = ((baseline or {}).get("tasks") or {}).get(task, {})
+        for key, value in metrics.items():
+            if not key.endswith("_stderr"):
+                lines.append(f"| {task} | {h['items'][task]} | {key} | {value:.4f} | "
+                             f"{_num(metrics.get(key + '_stderr'))} | {_num(base.get(key))} |")
+    if c := h.get("check"):
+        lines += ["", f"lmforge's own Transformer on the same {c['requests']} requests (lm.eval.likelihood): "
+                  f"max |Δ log-likelihood| {c['max_abs_diff']:.2e} nats, {c['greedy_disagreements']} greedy "
+                  "disagreements. Every request: `harness_requests.jsonl`."]
+    return [*lines, ""]
+
+
+def markdown(report: dict) -> str:
+    """The human-readable report."""
+    m = report["model"]
+    lines = [f"# Evaluation of `{m['uri']}`", "",
+             f"Run `{report['run_uri']}` · {m['parameters']:,} parameters · vocabulary {m['vocab_size']:,} · "
+             f"{report['created']} · {report['seconds']:.1f} s", ""]
+    if report["sets"]:
+        lines += _language_modelling(report)
     if g := report.get("generation"):
         lines += ["## Generation (greedy continuations)", "", "| examples | BLEU | ROUGE-1 | ROUGE-2 | ROUGE-L |",
                   "|---|---|---|---|---|",
@@ -166,6 +193,8 @@ def markdown(report: dict) -> str:
                   "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         lines += [f"| {k} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
                   for k, v in lab["per_label"].items()] + [""]
+    if h := report.get("harness"):
+        lines += _harness(h, (report.get("baseline") or {}).get("harness"))
     for name, note in report.get("skipped", {}).items():
         lines += [f"- {name}: skipped ({note})"]
     if report.get("samples"):
@@ -181,9 +210,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(store: ObjectStore, out_uri: str, report: dict, curves: Curves) -> str:
-    """Render the plots and Markdown, publish everything at ``out_uri``; returns the report.md URI."""
-    files = {"metrics.png": metrics_png(report)}
+def write_report(store: ObjectStore, out_uri: str, report: dict, curves: Curves,
+                 extra: dict[str, str] | None = None) -> str:
+    """Render the plots and Markdown, publish everything (and the ``extra`` files: name → text) at
+    ``out_uri``; returns the report.md URI."""
+    files = {"metrics.png": metrics_png(report)} if report["sets"] else {}
     if curves:
         files["training.png"] = training_png(curves)
     if report.get("comparison"):
@@ -191,6 +222,7 @@ def write_report(store: ObjectStore, out_uri: str, report: dict, curves: Curves)
     report["plots"] = sorted(files)
     files["report.md"] = markdown(report).encode()
     files["report.json"] = (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
+    files.update({name: text.encode() for name, text in (extra or {}).items()})
     with tempfile.TemporaryDirectory(prefix="lm-eval-") as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)

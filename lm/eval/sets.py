@@ -243,7 +243,7 @@ def read_jsonl(store: ObjectStore, uri: str, fields: Sequence[str]) -> list[dict
 _speech_cache: dict[str, list[tuple[str, str, bool]]] = {}  # the bundled corpus never changes
 
 
-def _speeches(store: ObjectStore, cfg: Config) -> list[tuple[str, str, bool]]:
+def speeches(store: ObjectStore, cfg: Config) -> list[tuple[str, str, bool]]:
     """(speaker, text, held_out) of every tinyshakespeare speech, in corpus order; held out = not in the
     train split of the run's data settings (the presets read the corpus under this same source)."""
     named = [s for s in cfg.data.sources if s.uri == SHAKESPEARE]
@@ -266,7 +266,7 @@ def _speeches(store: ObjectStore, cfg: Config) -> list[tuple[str, str, bool]]:
     return out
 
 
-def _spread(items: list, limit: int) -> list:
+def spread(items: list, limit: int) -> list:
     """At most ``limit`` items evenly spaced over ``items`` (deterministic)."""
     if len(items) <= limit:
         return items
@@ -276,21 +276,21 @@ def _spread(items: list, limit: int) -> list:
 def builtin_continuations(store: ObjectStore, cfg: Config, limit: int) -> list[dict[str, str]]:
     """Held-out speeches of 3+ lines: prompt = speaker line + first line, reference = the second line."""
     found = []
-    for _speaker, text, held_out in _speeches(store, cfg):
+    for _speaker, text, held_out in speeches(store, cfg):
         lines = text.split("\n")
         if held_out and len(lines) >= 3 and lines[2].strip():
             found.append({"prompt": f"{lines[0]}\n{lines[1]}\n", "reference": lines[2]})
-    return _spread(found, limit)
+    return spread(found, limit)
 
 
 def builtin_labelled(store: ObjectStore, cfg: Config, limit: int) -> list[dict[str, str]]:
     """Who speaks next: prompt = a speech and a blank line, label = the next (held-out) speech's speaker,
     one of the corpus's 4 most frequent speakers."""
-    speeches = _speeches(store, cfg)
-    top = {name for name, _ in Counter(s for s, _, _ in speeches).most_common(SPEAKERS)}
+    every = speeches(store, cfg)
+    top = {name for name, _ in Counter(s for s, _, _ in every).most_common(SPEAKERS)}
     found = [{"prompt": prev[1] + "\n\n", "label": cur[0] + ":"}
-             for prev, cur in pairwise(speeches) if cur[2] and cur[0] in top]
-    return _spread(found, limit)
+             for prev, cur in pairwise(every) if cur[2] and cur[0] in top]
+    return spread(found, limit)
 
 
 def prompt_set(store: ObjectStore, cfg: Config, uri: str, kind: str, limit: int) -> list[dict[str, str]]:

@@ -267,7 +267,14 @@ class DecodeBatch:
             return StepOutput("", [], lps, "length", tops, **first)
         if token == self.engine.tokenizer.eos_id and not (req.ignore_eos and row.matcher is None):
             text, _ = row.text.finish()  # a grammar allows end-of-text only where it accepts
-            return StepOutput(text, [], lps, "stop" if grammar.accepts(row.matcher) else "length", tops, **first)
+            reason = "stop" if grammar.accepts(row.matcher) else "length"
+            if not req.prompt_logprobs or lps is None:
+                return StepOutput(text, [], lps, reason, tops, **first)
+            # echo scoring (lm-eval's local-completions reads the prompt's logprobs as all but the last): the
+            # end-of-text is reported as the token generated, with its logprob, as OpenAI and vLLM report it
+            lps.append(logprob)
+            tops.append((top or [])[: req.top_logprobs])
+            return StepOutput(text, [token], lps, reason, tops, **first)
         row.n_tokens += 1
         if lps is not None:
             lps.append(logprob)
