@@ -28,8 +28,10 @@ verifies every sha256, so it never returns a mix.
 Errors: :class:`StorageError`, naming the URI (missing bucket, access denied, unreachable endpoint,
 read-only URI); a missing file/object raises :class:`StorageNotFound`, also a ``FileNotFoundError``.
 
-Modules: ``store`` (the facade and publishing), ``local`` (local-folder helpers), ``s3`` (boto3 client, S3
-operations, error translation), ``uri`` (URI parsing), ``streams`` (stream adapters), ``errors``.
+Modules: ``store`` (the facade: dispatch, error translation, parallel transfers, publishing), ``backend``
+(the ``Backend`` protocol each URI kind implements), ``local`` (the local-folder backend and its helpers),
+``s3`` (boto3 client, S3 operations, error translation, the S3 backend), ``bundled`` (the read-only corpora
+backend), ``uri`` (URI parsing), ``streams`` (stream adapters), ``errors``.
 """
 
 from lm.storage.errors import StorageError, StorageNotFound

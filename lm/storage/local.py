@@ -1,7 +1,8 @@
-"""Local-folder backend helpers: everything that touches the local filesystem directly. Writes never show
-half a file or folder: a file is written to a hidden temp sibling (``.lmtmp-…``, skipped by every listing)
-and moved into place with ``os.replace`` (:func:`atomic_path`), and a folder is built in a temp sibling and
-swapped in by rename (:func:`replace_dir`). Also listing, recursive delete and sha256 of local files."""
+"""The local-folder backend (:class:`LocalBackend`, for paths and ``file://`` URIs) and its helpers:
+everything that touches the local filesystem directly. Writes never show half a file or folder: a file is
+written to a hidden temp sibling (``.lmtmp-…``, skipped by every listing) and moved into place with
+``os.replace`` (:func:`atomic_path`), and a folder is built in a temp sibling and swapped in by rename
+(:func:`replace_dir`). Also listing, recursive delete and sha256 of local files."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
+from lm.storage.backend import Staged, save_stream
 from lm.storage.streams import MIB
+from lm.storage.uri import Loc
+from lm.uri import join_uri
 
 TMP = ".lmtmp-"  # prefix of in-flight temp siblings; listings hide them
 
@@ -99,3 +104,77 @@ def delete_path(path: Path) -> int:
         path.unlink()
         return 1
     return 0
+
+
+class LocalBackend:
+    """Paths and ``file://`` URIs: files in a local folder (see the module doc for how writes stay whole)."""
+
+    read_only = False
+
+    def require_writable(self, loc: Loc) -> None:
+        pass
+
+    def exists(self, loc: Loc) -> bool:
+        return loc.path.is_file()
+
+    def rels(self, loc: Loc, recursive: bool) -> list[str]:
+        return files(loc.path) if recursive else children(loc.path)
+
+    def child_uri(self, loc: Loc, rel: str) -> str:
+        return join_uri(loc.uri, rel)
+
+    def etags(self, loc: Loc) -> dict[str, str]:
+        """Size and modification time of every file under ``loc``."""
+        stats = {rel: (loc.path / rel).stat() for rel in files(loc.path)}
+        return {rel: f"{st.st_size}-{st.st_mtime_ns}" for rel, st in stats.items()}
+
+    def open_read(self, loc: Loc) -> IO[bytes]:
+        return open(loc.path, "rb")
+
+    def open_write(self, loc: Loc) -> Staged:
+        """A temp sibling of ``loc``'s file, moved onto it on commit."""
+        loc.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_sibling(loc.path)
+        out = open(tmp, "wb")  # noqa: SIM115 (closed on commit, or by the Writer on discard)
+
+        def replace(f: IO[bytes]) -> None:
+            f.close()
+            os.replace(tmp, loc.path)
+
+        return Staged(out, replace, lambda: tmp.unlink(missing_ok=True))
+
+    def put_file(self, src: Path, loc: Loc) -> None:
+        loc.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(loc.path) as tmp:
+            shutil.copyfile(src, tmp)
+
+    def get_file(self, loc: Loc, dst: Path) -> None:
+        save_stream(self.open_read(loc), dst)
+
+    def create_if_absent(self, loc: Loc, data: bytes) -> bool:
+        return create_if_absent(loc.path, data)
+
+    def server_copy(self, src: Loc, dst: Loc) -> bool:
+        return False  # the store copies the plain file with put_file
+
+    def delete(self, loc: Loc) -> int:
+        return delete_path(loc.path)
+
+    def delete_files(self, loc: Loc, rels: list[str]) -> None:
+        for rel in rels:
+            (loc.path / rel).unlink(missing_ok=True)
+
+    def swap_in_dir(self, loc: Loc, fill: Callable[[str], None]) -> bool:
+        replace_dir(loc.path, lambda tmp: fill(str(tmp)))
+        return True
+
+    def local_path(self, loc: Loc) -> Path | None:
+        return loc.path
+
+    def plain_path(self, loc: Loc) -> Path | None:
+        return loc.path
+
+    def pyarrow_filesystem(self, loc: Loc) -> tuple[Any, str]:
+        import pyarrow.fs as pafs
+
+        return pafs.LocalFileSystem(), str(loc.path.absolute())

@@ -43,5 +43,6 @@ def weed_command(weed: str, data_dir: Path) -> tuple[list[str], int]:
            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
            "-master.telemetry=false", "-s3.autoCreateBucket=false"]  # like AWS: no implicit buckets
     if len(str(data_dir.parent)) < 80:  # unix sockets in our tmp dir, not /tmp (path limit ~107 bytes)
-        cmd += [f"-s3.localSocket={data_dir.parent}/s3.sock", f"-filer.localSocket={data_dir.parent}/filer.sock"]
+        sockets = data_dir.parent
+        cmd += [f"-s3.localSocket={sockets}/s3.sock", f"-filer.localSocket={sockets}/filer.sock"]
     return cmd, ports["s3.port"]

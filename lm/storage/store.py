@@ -1,8 +1,9 @@
-"""The :class:`ObjectStore` facade: one API over every URI kind. It parses each URI, dispatches to the local
-helpers (``local``) or the S3 backend (``s3``), is the single place where boto/OS errors become
-:class:`StorageError` naming the URI, and owns publishing: single files that appear whole or not at all,
-and ``publish_dir`` / ``is_published`` / ``read_published_listing`` / ``download_dir``, which use the
-``_PUBLISHED.json`` marker (:data:`MARKER`) so a reader never sees a mix of two versions."""
+"""The :class:`ObjectStore` facade: one API over every URI kind. It parses each URI and hands the work to that
+kind's :class:`~lm.storage.backend.Backend` (``local``, ``s3`` or the read-only ``bundled``), is the single
+place where boto/OS errors become :class:`StorageError` naming the URI, runs transfers of many files in
+parallel, and owns publishing: single files that appear whole or not at all, and ``publish_dir`` /
+``is_published`` / ``read_published_listing`` / ``download_dir``, which use the ``_PUBLISHED.json`` marker
+(:data:`MARKER`) so a reader never sees a mix of two versions."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ import contextlib
 import gzip
 import io
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +20,13 @@ from typing import IO, Any
 
 from lm.config import StorageConfig, join_uri
 from lm.storage import local
+from lm.storage.backend import Backend
+from lm.storage.bundled import BundledBackend
 from lm.storage.errors import StorageError, StorageNotFound
-from lm.storage.s3 import BOTO_ERRORS, S3
+from lm.storage.local import LocalBackend
+from lm.storage.s3 import BOTO_ERRORS, S3, S3Backend
 from lm.storage.streams import MIB, Writer
-from lm.storage.uri import CORPORA, Loc, bundled_names, parse_uri
+from lm.storage.uri import Loc, parse_uri
 
 MARKER = "_PUBLISHED.json"
 
@@ -40,6 +42,8 @@ class ObjectStore:
     def __init__(self, cfg: StorageConfig | None = None) -> None:
         self.cfg = cfg or StorageConfig()
         self._s3 = S3(self.cfg)
+        self._backends: dict[str, Backend] = {
+            "local": LocalBackend(), "s3": S3Backend(self._s3), "bundled": BundledBackend()}
 
     def __repr__(self) -> str:
         return f"ObjectStore(root={self.cfg.root!r}, endpoint={self._s3.endpoint()!r})"
@@ -49,6 +53,10 @@ class ObjectStore:
     def client(self) -> Any:
         """This store's boto3 S3 client (created on first use; thread-safe)."""
         return self._s3.client()
+
+    def _backend(self, loc: Loc) -> Backend:
+        """The backend for the URI kind of ``loc``."""
+        return self._backends[loc.kind]
 
     @contextlib.contextmanager
     def _errors(self, uri: str, bucket: str = "") -> Iterator[None]:
@@ -66,23 +74,14 @@ class ObjectStore:
 
     def _rels(self, loc: Loc, recursive: bool = True) -> list[str]:
         """Names under ``loc`` as a folder, relative to it, sorted (non-recursive: sub-folders end in '/')."""
-        if loc.kind == "bundled":
-            return bundled_names() if loc.path == CORPORA else []
-        if loc.kind == "local":
-            return local.files(loc.path) if recursive else local.children(loc.path)
         with self._errors(loc.uri, loc.bucket):
-            return self._s3.rels(loc, recursive)
+            return self._backend(loc).rels(loc, recursive)
 
     def _put_file(self, src: Path, uri: str) -> None:
         """Upload/copy one local file to ``uri``; it appears whole or not at all."""
         loc = parse_uri(uri)
-        loc.require_writable()
         with self._errors(uri, loc.bucket):
-            if loc.kind == "s3":
-                return self._s3.put_file(src, loc)
-            loc.path.parent.mkdir(parents=True, exist_ok=True)
-            with local.atomic_path(loc.path) as tmp:
-                shutil.copyfile(src, tmp)
+            self._backend(loc).put_file(src, loc)
 
     def _put_files(self, src: Path, rels: list[str], uri: str) -> None:
         """``_put_file`` each ``src/<rel>`` to ``uri/<rel>``, in parallel."""
@@ -93,86 +92,50 @@ class ObjectStore:
         loc = parse_uri(uri)
         dst.parent.mkdir(parents=True, exist_ok=True)
         with self._errors(uri, loc.bucket), local.atomic_path(dst) as tmp:
-            if loc.kind == "s3":
-                self._s3.get_file(loc, tmp)
-            else:
-                with self.open(uri, "rb") as src, open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, MIB)
-
-    def _delete_keys(self, loc: Loc, keys: list[str]) -> None:
-        with self._errors(loc.uri, loc.bucket):
-            self._s3.delete_keys(loc, keys)
+            self._backend(loc).get_file(loc, tmp)
 
     # ------------------------------------------------------------------------------- public API
 
     def exists(self, uri: str) -> bool:
         """True if a file/object (not a folder/prefix) is at ``uri``; a missing bucket is a StorageError."""
         loc = parse_uri(uri)
-        if loc.kind != "s3":
-            return loc.path.is_file()
         try:
             with self._errors(uri, loc.bucket):
-                return self._s3.exists(loc)
+                return self._backend(loc).exists(loc)
         except StorageNotFound:
             return False
 
     def list(self, uri_prefix: str, recursive: bool = True) -> list[str]:
         """Full URIs of the files under a folder/prefix, sorted; non-recursive adds sub-folders ('…/')."""
         loc = parse_uri(uri_prefix)
-        if loc.kind == "bundled":
-            return [f"bundled://{rel}" for rel in self._rels(loc)]
-        base = uri_prefix.rstrip("/")
-        return [join_uri(base, rel) + "/" * rel.endswith("/") for rel in self._rels(loc, recursive)]
+        backend = self._backend(loc)
+        return [backend.child_uri(loc, rel) + "/" * rel.endswith("/") for rel in self._rels(loc, recursive)]
 
     def list_etags(self, uri_prefix: str) -> dict[str, str]:
         """Full URI -> a version tag of every file under a folder/prefix: the S3 ETag, or size and
         modification time for a local file (a rewritten object gets a new tag)."""
         loc = parse_uri(uri_prefix)
-        base = uri_prefix.rstrip("/")
-        if loc.kind == "s3":
-            with self._errors(uri_prefix, loc.bucket):
-                return {join_uri(base, rel): tag for rel, tag in sorted(self._s3.etags(loc).items())}
-        out = {}
-        for rel in self._rels(loc):
-            if loc.kind == "local":
-                st = (loc.path / rel).stat()
-                out[join_uri(base, rel)] = f"{st.st_size}-{st.st_mtime_ns}"
-            else:
-                out[f"bundled://{rel}"] = "bundled"
-        return out
+        backend = self._backend(loc)
+        with self._errors(uri_prefix, loc.bucket):
+            return {backend.child_uri(loc, rel): tag for rel, tag in sorted(backend.etags(loc).items())}
 
     def open(self, uri: str, mode: str = "rb") -> IO[bytes]:
         """A binary stream: ``rb`` streams the object; ``wb`` makes it appear whole on a clean close."""
         loc = parse_uri(uri)
+        backend = self._backend(loc)
         if mode == "rb":
             with self._errors(uri, loc.bucket):
-                if loc.kind == "bundled":
-                    return gzip.open(loc.path, "rb")  # type: ignore[return-value]
-                if loc.kind == "local":
-                    return open(loc.path, "rb")
-                return self._s3.open_reader(loc)
+                return backend.open_read(loc)
         if mode != "wb":
             raise ValueError(f"open({uri!r}): mode must be 'rb' or 'wb', got {mode!r}")
-        loc.require_writable()
-        if loc.kind == "s3":
-            def upload(f: IO[bytes]) -> None:
-                f.seek(0)
-                with self._errors(uri, loc.bucket):
-                    self._s3.put_stream(f, loc)
+        with self._errors(uri, loc.bucket):
+            staged = backend.open_write(loc)
 
-            spool = tempfile.SpooledTemporaryFile(max_size=8 * MIB, prefix="lm-upload-")  # noqa: SIM115
-            return Writer(spool, upload, lambda: None)  # type: ignore[arg-type,return-value]
-        with self._errors(uri):
-            loc.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.tmp_sibling(loc.path)
-            out = open(tmp, "wb")  # noqa: SIM115 (closed by Writer)
+        def commit(f: IO[bytes]) -> None:
+            with self._errors(uri, loc.bucket):
+                staged.commit(f)
 
-        def replace(f: IO[bytes]) -> None:
-            f.close()
-            with self._errors(uri):
-                os.replace(tmp, loc.path)
-
-        return Writer(out, replace, lambda: tmp.unlink(missing_ok=True))  # type: ignore[return-value]
+        return Writer(staged.file, commit, staged.discard)  # type: ignore[return-value]
 
     def read_bytes(self, uri: str) -> bytes:
         with self.open(uri, "rb") as f, self._errors(uri):
@@ -187,11 +150,8 @@ class ObjectStore:
         PUT; a folder: a hard link); False if something was. Two writers racing for the same name: one
         wins, the other gets False. The building block of the registry's compare-and-swap."""
         loc = parse_uri(uri)
-        loc.require_writable()
         with self._errors(uri, loc.bucket):
-            if loc.kind == "s3":
-                return self._s3.create_if_absent(loc, data)
-            return local.create_if_absent(loc.path, data)
+            return self._backend(loc).create_if_absent(loc, data)
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
@@ -200,7 +160,7 @@ class ObjectStore:
         self.write_bytes(uri, text.encode("utf-8"))
 
     def open_text(self, uri: str) -> Iterator[str]:
-        """Stream the lines (utf-8, line ending stripped) of a text object; ``*.gz`` is gunzipped on the fly."""
+        """Stream a text object's lines (utf-8, line ending stripped); ``*.gz`` is gunzipped on the fly."""
         raw = self.open(uri, "rb")  # opened now, so a missing object fails here, not at the first next()
 
         def lines() -> Iterator[str]:
@@ -214,16 +174,18 @@ class ObjectStore:
     def copy(self, src: str, dst: str) -> None:
         """Copy one file/object: local↔S3, S3→S3 (server side), bundled→anywhere."""
         s, d = parse_uri(src), parse_uri(dst)
-        d.require_writable()
-        if s.kind == d.kind == "s3":
+        source, target = self._backend(s), self._backend(d)
+        target.require_writable(d)
+        if source is target:
             with self._errors(f"{src} -> {dst}", s.bucket):
-                self._s3.copy(s, d)
-        elif s.kind == "local":
-            if not s.path.is_file():
+                if source.server_copy(s, d):
+                    return
+        if (path := source.plain_path(s)) is not None:  # a local file: upload/copy it
+            if not path.is_file():
                 raise StorageNotFound(f"{src}: no such file")
-            self._put_file(s.path, dst)
-        elif d.kind == "local":
-            self._get_file(src, d.path)
+            self._put_file(path, dst)
+        elif (path := target.plain_path(d)) is not None:  # into a local file: download it
+            self._get_file(src, path)
         else:
             with self.open(src, "rb") as r, self.open(dst, "wb") as w:
                 shutil.copyfileobj(r, w, MIB)
@@ -231,14 +193,8 @@ class ObjectStore:
     def delete(self, uri: str) -> int:
         """Delete a file/object and everything under it as a folder/prefix; returns the number of files."""
         loc = parse_uri(uri)
-        loc.require_writable()
-        if loc.kind == "s3":
-            keys = [loc.key_of(rel) for rel in self._rels(loc)]
-            keys += [loc.key] if loc.key and self.exists(uri) else []
-            self._delete_keys(loc, keys)
-            return len(keys)
-        with self._errors(uri):
-            return local.delete_path(loc.path)
+        with self._errors(uri, loc.bucket):
+            return self._backend(loc).delete(loc)
 
     def download_dir(self, uri: str, local_dir: str | Path) -> Path:
         """Fetch a folder/prefix into ``local_dir``; a published one yields exactly its verified listing."""
@@ -249,7 +205,8 @@ class ObjectStore:
         if listing:
             for f in listing["files"]:
                 if local.sha256(dest / f["path"]) != f["sha256"]:
-                    raise StorageError(f"{uri}: {f['path']} does not match {MARKER} (re-published meanwhile?)")
+                    raise StorageError(
+                        f"{uri}: {f['path']} does not match {MARKER} (re-published meanwhile?)")
             (dest / MARKER).write_text(json.dumps(listing, indent=2))
         return dest
 
@@ -263,16 +220,12 @@ class ObjectStore:
     def local_path(self, uri: str) -> Path | None:
         """The local Path behind a path/file:// or bundled:// URI (bundled: the .gz file); None for S3."""
         loc = parse_uri(uri)
-        return None if loc.kind == "s3" else loc.path
+        return self._backend(loc).local_path(loc)
 
     def pyarrow_filesystem(self, uri: str) -> tuple[Any, str]:
         """``(pyarrow.fs.FileSystem, path)`` for ``uri`` with this store's settings (e.g. for Ray Data)."""
         loc = parse_uri(uri)
-        if loc.kind == "s3":
-            return self._s3.pyarrow_filesystem(), f"{loc.bucket}/{loc.key}".rstrip("/")
-        import pyarrow.fs as pafs
-
-        return pafs.LocalFileSystem(), str(loc.path.absolute())
+        return self._backend(loc).pyarrow_filesystem(loc)
 
     def create_bucket(self, name: str) -> str:
         """Create an S3 bucket (fine if this account already owns it); returns ``s3://name``."""
@@ -293,32 +246,35 @@ class ObjectStore:
     def publish_dir(self, local_dir: str | Path, uri: str) -> dict[str, Any]:
         """Publish a local folder at ``uri`` atomically (see the package doc); returns the marker listing."""
         src, loc = Path(local_dir), parse_uri(uri)
-        loc.require_writable()
+        backend = self._backend(loc)
+        backend.require_writable(loc)
         if not src.is_dir():
             raise StorageNotFound(f"{src}: no such folder to publish")
         rels = [r for r in local.files(src) if r != MARKER]
         files = [{"path": r, "size": (src / r).stat().st_size, "sha256": local.sha256(src / r)} for r in rels]
         listing = {"format": "lmforge-published/1", "published_at": time.time(), "files": files}
         marker = json.dumps(listing, indent=2).encode()
-        if loc.kind == "local":
-            def fill(tmp: Path) -> None:
-                self._put_files(src, rels, str(tmp))
-                (tmp / MARKER).write_bytes(marker)
 
-            with self._errors(uri):
-                local.replace_dir(loc.path, fill)
-            return listing
+        def fill(tmp_uri: str) -> None:
+            self._put_files(src, rels, tmp_uri)
+            self.write_bytes(join_uri(tmp_uri, MARKER), marker)
+
+        with self._errors(uri, loc.bucket):
+            if backend.swap_in_dir(loc, fill):  # a local folder: built aside, swapped in whole
+                return listing
+        # No folder swap (S3): the marker goes last, so readers see the old version, none, or the new one.
         marker_uri = join_uri(uri, MARKER)
         self.delete(marker_uri)  # from here on readers see "not published", never a mix
         self._put_files(src, rels, uri)
         self.write_bytes(marker_uri, marker)
         stale = set(self._rels(loc)) - set(rels) - {MARKER}
-        self._delete_keys(loc, sorted(loc.key_of(rel) for rel in stale))
+        with self._errors(uri, loc.bucket):
+            backend.delete_files(loc, sorted(stale))
         return listing
 
     def is_published(self, uri: str) -> bool:
         """True if ``uri`` holds a complete ``publish_dir`` (its marker exists)."""
-        return parse_uri(uri).kind != "bundled" and self.exists(join_uri(uri, MARKER))
+        return not self._backend(parse_uri(uri)).read_only and self.exists(join_uri(uri, MARKER))
 
     def read_published_listing(self, uri: str) -> dict[str, Any]:
         """The marker of a published folder: ``{"files": [{"path", "size", "sha256"}, ...], ...}``."""

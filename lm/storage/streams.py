@@ -38,7 +38,8 @@ class BodyReader(io.RawIOBase):
 class Writer(io.RawIOBase):
     """Write-only file: ``commit`` runs on a clean close; an error in the ``with`` block or GC discards."""
 
-    def __init__(self, tmp: IO[bytes], commit: Callable[[IO[bytes]], None], discard: Callable[[], None]) -> None:
+    def __init__(
+            self, tmp: IO[bytes], commit: Callable[[IO[bytes]], None], discard: Callable[[], None]) -> None:
         super().__init__()
         self._tmp, self._commit, self._discard = tmp, commit, discard
 

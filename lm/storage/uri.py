@@ -1,8 +1,9 @@
 """Storage URIs: what a URI names. :func:`parse_uri` turns a path, ``file://PATH``, ``s3://bucket/key`` or
 ``bundled://NAME`` into a :class:`Loc` (backend kind plus local path or bucket and key), rejecting unknown
-schemes and bad corpus names; a ``Loc`` also says whether it may be written and how to name an S3 key under
-it as a folder/prefix. Bundled corpora are the ``lm/corpora/NAME.txt.gz`` (text) and ``NAME.jsonl.gz``
-(records, e.g. supervised fine-tuning data) files shipped with the package."""
+schemes and bad corpus names; a ``Loc`` also says how to name an S3 key under it as a folder/prefix (whether
+it may be written is its backend's concern: ``lm.storage.bundled`` is read-only). Bundled corpora are the
+``lm/corpora/NAME.txt.gz`` (text) and ``NAME.jsonl.gz`` (records, e.g. supervised fine-tuning data) files
+shipped with the package."""
 
 from __future__ import annotations
 
@@ -24,10 +25,6 @@ class Loc:
     path: Path = Path()
     bucket: str = ""
     key: str = ""
-
-    def require_writable(self) -> None:
-        if self.kind == "bundled":
-            raise StorageError(f"{self.uri}: bundled:// corpora are read-only")
 
     def key_of(self, rel: str) -> str:
         """The S3 key of ``rel`` (relative to this location taken as a folder/prefix)."""
@@ -53,10 +50,11 @@ def parse_uri(uri: str | os.PathLike) -> Loc:
 
 def _bundled_path(name: str) -> Path:
     """The file of bundled corpus ``name`` (the .txt.gz one when there is none, so a miss names it)."""
-    found = [CORPORA / f"{name}{suffix}" for suffix in BUNDLED_SUFFIXES if (CORPORA / f"{name}{suffix}").is_file()]
+    found = [path for suffix in BUNDLED_SUFFIXES if (path := CORPORA / f"{name}{suffix}").is_file()]
     return found[0] if found else CORPORA / f"{name}{BUNDLED_SUFFIXES[0]}"
 
 
 def bundled_names() -> list[str]:
     """The names of the bundled corpora, sorted."""
-    return sorted(p.name.removesuffix(suffix) for suffix in BUNDLED_SUFFIXES for p in CORPORA.glob(f"*{suffix}"))
+    names = (p.name.removesuffix(suffix) for suffix in BUNDLED_SUFFIXES for p in CORPORA.glob(f"*{suffix}"))
+    return sorted(names)
