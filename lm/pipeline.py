@@ -65,7 +65,7 @@ def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) ->
 
     model_uri = join_uri(cfg.run_uri, "model")
     if cfg.train.trainer == "ray":  # (the local trainer says it itself)
-        vocab = max(cfg.model.vocab_size, tok.vocab_size)  # as lm.train.loop.build_model sizes it
+        vocab = max(cfg.model.vocab_size, tok.vocab_size)  # as lm.train.weights.build_model sizes it
         log(f"model: {num_params(cfg.model.model_copy(update={'vocab_size': vocab})):,} parameters; "
             "Ray Train + DeepSpeed")
     result = train(cfg, store, log)

@@ -73,7 +73,7 @@ def demo_shaped_model(folder: str) -> str:
     from lm.modeldir import save_model_dir
     from lm.storage import ObjectStore
     from lm.tokenizer import train_tokenizer
-    from lm.train.loop import build_model
+    from lm.train.weights import build_model
 
     cfg = load_config(REPO / "configs/shakespeare-cpu.yaml", [f"storage.root={folder}"])
     store = ObjectStore(cfg.storage)

@@ -24,8 +24,8 @@ from lm.data.stream import train_stream
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
 from lm.train.local import train_local
-from lm.train.loop import build_model
 from lm.train.trainer import train
+from lm.train.weights import build_model
 
 REPO = Path(__file__).parents[2]
 

@@ -16,7 +16,12 @@ builds the trainer). Each worker:
   what lmforge adds to a checkpoint holds no pickle (RNG and weights in safetensors, the state in JSON);
   DeepSpeed's own ``*_states.pt`` files are pickles, read back by its ``load_checkpoint`` (the storage
   must be writable only by the job: README, "Trust boundary");
-* at the end, rank 0 publishes the consolidated model directory (lm.modeldir) at ``<run>/model``.
+* at the end, rank 0 publishes the run (lm.train.publish): metrics, loss curve and the consolidated model
+  directory at ``<run>/model``.
+
+The worker's collaborators: lm.train.weights (the model it starts from, the consolidated weights),
+lm.train.resume (what a checkpoint holds, writing and restoring it), lm.train.run_log (history, progress lines,
+TensorBoard), lm.train.publish; :class:`Worker` keeps the set-up, the step and the evaluation.
 
 With ``train.distill.teacher`` every worker also holds the frozen teacher (lm.train.distill) and
 trains on its distillation loss; ``distill_ce`` / ``distill_kl`` join the logged metrics.
@@ -33,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,45 +45,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from lm.config import Config, join_uri
 from lm.data.manifest import read_manifest
 from lm.data.stream import train_stream, validation_rows
-from lm.model import Transformer, flops_per_token
+from lm.model import flops_per_token
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
 from lm.train.distill import distill_loss, load_teacher, teacher_logits
-from lm.train.distill import lineage as distill_lineage
 from lm.train.engine import initialize_engine
 from lm.train.local import to_inputs_targets
 from lm.train.optim import EarlyStopping
 from lm.train.peak import device_peak, worker_share
-from lm.train.resume import TAG, Resume, TrainerState, checkpoint_uri, restore, restore_rng
-from lm.train.rng import save_rng_state
-
-WEIGHTS = "consolidated.safetensors"  # the full weights of every checkpoint (no longer needed to resume)
-
-
-def build_model(cfg: Config, vocab_size: int) -> Transformer:
-    """The model of ``cfg`` (embedding rows: at least the tokenizer's vocabulary), seeded."""
-    torch.manual_seed(cfg.train.seed)
-    return Transformer(cfg.model.model_copy(update={"vocab_size": max(cfg.model.vocab_size, vocab_size)}))
-
-
-def load_init_weights(model: Transformer, store: ObjectStore, uri: str) -> None:
-    """``train.init_from``: start from a model directory's weights (fine-tuning, continual learning).
-    Every tensor must be there with this model's shape (same architecture and vocabulary)."""
-    from lm.modeldir import load_model_dir
-
-    source = load_model_dir(store, uri).model.state_dict()
-    for name, tensor in model.state_dict().items():
-        if name not in source:
-            raise ValueError(f"train.init_from={uri}: it has no {name}; it is not a model of this architecture")
-        if source[name].shape != tensor.shape:
-            raise ValueError(f"train.init_from={uri}: {name} is {tuple(source[name].shape)} there but "
-                             f"{tuple(tensor.shape)} in this config's model (check model.* and the tokenizer)")
-    model.load_state_dict(source)
+from lm.train.publish import RunFacts, publish_run
+from lm.train.resume import Resume, TrainerState, checkpoint_uri, restore, restore_rng, write_checkpoint
+from lm.train.run_log import RunLog, say
+from lm.train.weights import build_model, consolidated_weights, load_init_weights
 
 
 def memory_mib(device: torch.device) -> float:
@@ -88,12 +69,6 @@ def memory_mib(device: torch.device) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
-
-
-def _say(line: str) -> None:
-    """A progress line on stdout (once: Ray Train V2's patched ``print`` would also log it)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def _all_mean(values: list[float], world: int) -> list[float]:
@@ -131,20 +106,21 @@ class Worker:
         if self.tc.init_from and checkpoint is None:  # a resumed run continues from its own checkpoint
             load_init_weights(self.model, self.store, self.tc.init_from)
         self.model.activation_checkpointing = self.tc.activation_checkpointing
-        self.step, self.history = 0, []
+        self.step = 0
         self.stopping = EarlyStopping(self.tc.early_stopping_patience)
         peak = device_peak(self.device, self.tc.peak_flops)  # one fixed number (lm.train.peak), not a timing
         self.peak, self.peak_source = worker_share(peak, self.device, self.tc.cpus_per_worker), peak.source
         self.train_s = 0.0  # training time so far (the steps' own, all ranks agreeing; schedule_unit: seconds)
         self.flops_per_token = flops_per_token(self.model.cfg, cfg.seq_len)
-        self.engine = self._engine(checkpoint)
+        self.engine, history = self._engine(checkpoint)
         self.accum = self.engine.gradient_accumulation_steps()
-        self.writer = self._tensorboard()
+        self.log = RunLog(self.rank, self.tc.max_steps, history)  # history; rank 0: lines, TensorBoard
 
     # ------------------------------------------------------------------------------ set-up and resume
 
-    def _engine(self, checkpoint) -> Any:
-        """The DeepSpeed engine, with everything a checkpoint holds restored (lm.train.resume)."""
+    def _engine(self, checkpoint) -> tuple[Any, list[dict[str, Any]]]:
+        """The DeepSpeed engine, with everything a checkpoint holds restored (lm.train.resume), and the
+        checkpoint's history ([] for a fresh run)."""
         tc = self.tc
         with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as folder:
             source = None if checkpoint is None else Resume(
@@ -163,11 +139,11 @@ class Worker:
                 restore(engine, source, self.store, self.rank)
             restore_rng(source and source.folder, self.rank, tc.seed, state.step if state else 0)
             if state is not None:
-                self.step, self.history = state.step, state.history
+                self.step = state.step
                 self.stopping = EarlyStopping(tc.early_stopping_patience, state.best, state.bad_evals)
                 if self.rank == 0:
-                    _say(f"resumed at step {self.step} {source.describe()}{self._batch_change(state)}")
-        return engine
+                    say(f"resumed at step {self.step} {source.describe()}{self._batch_change(state)}")
+        return engine, state.history if state else []
 
     def _tokens_per_step(self) -> int:
         return self.tc.batch_size * self.tc.grad_accum(self.cfg.seq_len, self.world) * self.world * self.cfg.seq_len
@@ -177,14 +153,6 @@ class Worker:
         if state.tokens_per_step in (None, self._tokens_per_step()):
             return ""
         return f"; global batch {state.tokens_per_step} → {self._tokens_per_step()} tokens (set train.global_batch_tokens)"
-
-    def _tensorboard(self):
-        if self.rank != 0:
-            return None
-        from tensorboardX import SummaryWriter
-
-        self.tb_dir = tempfile.mkdtemp(prefix="lm-tb-")
-        return SummaryWriter(self.tb_dir)
 
     # ------------------------------------------------------------------------------------- the loop
 
@@ -211,14 +179,14 @@ class Worker:
                 record = record or self._train_metrics(loss, None)
                 record.update(self._evaluate())
                 early = "val_loss" in record and self.stopping.update(record["val_loss"])
-                self._log(record)
+                self.log.add(record)
                 self._report(record)
                 if early:
                     if self.rank == 0:
-                        _say(f"early stop: no better validation loss for {self.stopping.bad_evals} evaluations")
+                        say(f"early stop: no better validation loss for {self.stopping.bad_evals} evaluations")
                     break
             elif record:
-                self._log(record)
+                self.log.add(record)
             if last:
                 break
         self._finish()
@@ -296,97 +264,48 @@ class Worker:
             out["val_bpb"] = val_loss / math.log(2) * self.tokens_per_byte
         return out
 
-    def _log(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        if self.rank != 0:
-            return
-        for key, value in record.items():
-            if key != "step":
-                self.writer.add_scalar(f"train/{key}" if not key.startswith("val") else f"val/{key}", value, self.step)
-        parts = [f"step {self.step:>5}/{self.tc.max_steps}", f"loss {record['loss']:.4f}"]
-        if "val_loss" in record:
-            parts.append(f"val {record['val_loss']:.4f}" + (f" ({record['val_bpb']:.3f} bpb)" if "val_bpb" in record else ""))
-        if "distill_kl" in record:
-            parts.append(f"kl {record['distill_kl']:.4f}")
-        parts.append(f"lr {record['lr']:.2e}")
-        if "grad_norm" in record:
-            parts.append(f"gnorm {record['grad_norm']:.2f}")
-        if "tokens_per_s" in record:
-            parts.append(f"{record['tokens_per_s']:,.0f} tok/s {record['model_gflops']:.1f} GFLOP/s "
-                         f"MFU {record['mfu']:.1%}")
-        parts.append(f"{record['memory_mib']:,.0f} MiB")
-        _say(" ".join(parts))
-
     # ------------------------------------------------------------------------- checkpoints and output
 
-    def _weights(self) -> dict[str, torch.Tensor] | None:
-        """The full state dict on rank 0 (None elsewhere); a collective under ZeRO-3."""
-        if self.tc.zero_stage == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()
-        else:
-            state = self.engine.module.state_dict()
-        if self.rank != 0:
-            return None
-        return {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}  # no shared storage
-
     def _report(self, record: dict[str, Any]) -> None:
+        """A checkpoint (lm.train.resume.write_checkpoint) reported to Ray Train with the record's metrics; Ray
+        uploads it in the background while training goes on (jobs/bench/checkpoint.py). The seconds training
+        waited go into the record."""
         import shutil
 
         import ray.train
 
         state = TrainerState(step=self.step, best=self.stopping.best, bad_evals=self.stopping.bad_evals,
-                             world_size=self.world, history=self.history, data=self.stream.position(),
+                             world_size=self.world, history=self.log.history, data=self.stream.position(),
                              tokens_per_step=self._tokens_per_step(), train_seconds=self.train_s)
         start = time.perf_counter()
         tmp = tempfile.mkdtemp(prefix="lm-ckpt-")  # Ray deletes it once uploaded (the default with ASYNC)
         try:
-            self.engine.save_checkpoint(tmp, tag=TAG)
-            saved = time.perf_counter()
-            save_rng_state(Path(tmp) / f"rng-{self.rank}.safetensors")
-            weights = self._weights()
-            if self.rank == 0:
-                save_file(weights, str(Path(tmp) / WEIGHTS), metadata={"format": "pt"})
-                state.write(Path(tmp))
-                self.writer.flush()
-                self.store.upload_dir(self.tb_dir, join_uri(self.cfg.run_uri, "train", "tensorboard"))
+            weights = consolidated_weights(self.engine, self.tc.zero_stage, self.rank)
+            save_s = write_checkpoint(self.engine, Path(tmp), self.rank, state, weights)
+            self.log.upload(self.store, join_uri(self.cfg.run_uri, "train", "tensorboard"))
             metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
             reporting = time.perf_counter()
-            # the upload runs in Ray's background thread while training goes on (jobs/bench/checkpoint.py)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        # the seconds training waited, into this checkpoint's own history record (the one _log appended)
-        now = time.perf_counter()
-        record.update(checkpoint_s=now - start, checkpoint_save_s=saved - start, checkpoint_report_s=now - reporting)
+        now = time.perf_counter()  # into this checkpoint's own history record (the one the log holds)
+        record.update(checkpoint_s=now - start, checkpoint_save_s=save_s, checkpoint_report_s=now - reporting)
 
     def _finish(self) -> None:
-        from lm.modeldir import save_model_dir
-        from lm.train.metrics import history_jsonl, loss_curve_png
-
-        weights = self._weights()
+        """Rank 0 publishes the run (lm.train.publish); under ZeRO-3 every rank helps gather the weights."""
+        weights = consolidated_weights(self.engine, self.tc.zero_stage, self.rank)
         self.stream.close()
         if self.rank != 0:
             return
         model = build_model(self.cfg, self.tok.vocab_size)
         model.load_state_dict(weights, strict=False)
-        train_uri = join_uri(self.cfg.run_uri, "train")
-        self.store.write_text(join_uri(train_uri, "metrics.jsonl"), history_jsonl(self.history))
-        self.store.write_bytes(join_uri(train_uri, "loss.png"), loss_curve_png(self.history, f"{self.cfg.name}: loss"))
-        self.writer.close()
-        self.store.upload_dir(self.tb_dir, join_uri(train_uri, "tensorboard"))
-        last = self.history[-1]
-        lineage = {"run": self.cfg.name, "config_hash": self.cfg.fingerprint(), "tokenizer_hash": self.tok.fingerprint(),
-                   "data_manifest": join_uri(self.data, "manifest.json"),
-                   "data_inputs": self.manifest.inputs_fingerprint, "steps": self.step,
-                   "tokens": self.step * self.tc.batch_size * self.accum * self.world * self.cfg.seq_len,
-                   "final_loss": last["loss"], "val_loss": last.get("val_loss"), "trainer": "ray+deepspeed",
-                   "zero_stage": self.tc.zero_stage, "workers": self.world,
-                   "data_position": self.stream.position().model_dump(mode="json", exclude={"plan"})}
-        if distilled := distill_lineage(self.tc.distill):
-            lineage["distill"] = distilled
-        save_model_dir(self.store, join_uri(self.cfg.run_uri, "model"), model, self.tok, self.cfg.generate, lineage)
+        self.log.upload(self.store, join_uri(self.cfg.run_uri, "train", "tensorboard"), close=True)
+        facts = RunFacts(tokens=self.step * self._tokens_per_step(), trainer="ray+deepspeed", workers=self.world,
+                         zero_stage=self.tc.zero_stage,
+                         data_position=self.stream.position().model_dump(mode="json", exclude={"plan"}))
+        publish_run(self.store, self.cfg, model, self.tok, self.manifest, self.log.history, facts)
 
 
 def train_worker(config: dict) -> None:

@@ -1,13 +1,15 @@
-"""Resuming a Ray Train worker from a checkpoint, on the number of workers that wrote it or on another.
+"""Checkpoints of a Ray Train worker: what goes into one, and resuming from it, on the number of workers that
+wrote it or on another.
 
+    seconds = write_checkpoint(engine, folder, rank, state, weights)   # every rank; weights on rank 0
     source = Resume(folder=Path(local_copy), uri=checkpoint_uri(store, cfg.run_uri, checkpoint.path),
                     state=TrainerState.read(Path(local_copy)), world=world)
     engine = initialize_engine(model, tc, ..., universal=source.mode == "universal")
     restore(engine, source, store, rank)                # weights, Adam moments, step, LR schedule
     restore_rng(source.folder, rank, tc.seed, source.state.step)
 
-A checkpoint is one of Ray Train's folders, ``<run>/train/ray/checkpoint_*`` (S3 or a folder). lm.train.loop
-writes into it DeepSpeed's checkpoint (tag ``state``: ZeRO shards, one set per rank), each rank's RNG state
+A checkpoint is one of Ray Train's folders, ``<run>/train/ray/checkpoint_*`` (S3 or a folder).
+:func:`write_checkpoint` puts into it DeepSpeed's checkpoint (tag ``state``: ZeRO shards, one set per rank), each rank's RNG state
 (``rng-<rank>.safetensors``), :class:`TrainerState` (``trainer_state.json``) and the consolidated weights.
 
 **What comes back** (:attr:`Resume.mode`):
@@ -49,20 +51,24 @@ import json
 import math
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict
+from safetensors.torch import save_file
 
 from lm.config import join_uri
 from lm.data.stream import StreamPosition
 from lm.storage import ObjectStore
-from lm.train.rng import load_rng_state, seed_rank
+from lm.train.rng import load_rng_state, save_rng_state, seed_rank
 
 TAG = "state"  # the DeepSpeed checkpoint tag inside every Ray Train checkpoint
 UNIVERSAL = "universal"  # its universal conversion, next to it (a DeepSpeed tag too)
 STATE = "trainer_state.json"
+WEIGHTS = "consolidated.safetensors"  # the full weights of every checkpoint (not needed to resume)
 Mode = Literal["exact", "universal", "full"]
 
 
@@ -86,6 +92,20 @@ class TrainerState(BaseModel):
     @classmethod
     def read(cls, folder: Path) -> TrainerState:
         return cls.model_validate(json.loads((folder / STATE).read_text()))
+
+
+def write_checkpoint(engine: Any, folder: Path, rank: int, state: TrainerState,
+                     weights: dict[str, torch.Tensor] | None) -> float:
+    """Into ``folder``: DeepSpeed's checkpoint (this rank's shards), this rank's RNG state, and on rank 0 the
+    consolidated ``weights`` (safetensors) and the trainer state (JSON). The seconds DeepSpeed's save took."""
+    start = time.perf_counter()
+    engine.save_checkpoint(str(folder), tag=TAG)
+    seconds = time.perf_counter() - start
+    save_rng_state(folder / f"rng-{rank}.safetensors")
+    if rank == 0:
+        save_file(weights, str(folder / WEIGHTS), metadata={"format": "pt"})
+        state.write(folder)
+    return seconds
 
 
 class Resume(BaseModel):

@@ -26,8 +26,8 @@ def main(spec: dict) -> None:
     from lm.config import load_config
     from lm.storage import ObjectStore
     from lm.train.engine import initialize_engine
-    from lm.train.loop import build_model
     from lm.train.resume import Resume, TrainerState, restore
+    from lm.train.weights import build_model
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = load_config(spec["config"], spec["overrides"])

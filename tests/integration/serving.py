@@ -9,7 +9,7 @@ from lm.data.documents import iter_documents
 from lm.modeldir import save_model_dir
 from lm.storage import ObjectStore
 from lm.tokenizer import train_tokenizer
-from lm.train.loop import build_model
+from lm.train.weights import build_model
 
 KEY = "sk-test-0123456789"
 

@@ -15,7 +15,7 @@ from lm.eval.evaluate import evaluate
 from lm.modeldir import save_model_dir
 from lm.storage import ObjectStore
 from lm.tokenizer import train_tokenizer
-from lm.train.loop import build_model
+from lm.train.weights import build_model
 
 pytestmark = pytest.mark.ray
 

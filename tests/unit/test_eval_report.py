@@ -14,7 +14,7 @@ from lm.eval.report import training_curves
 from lm.modeldir import save_model_dir
 from lm.storage import ObjectStore, StorageError
 from lm.tokenizer import train_tokenizer
-from lm.train.loop import build_model
+from lm.train.weights import build_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TEXT = ("ROMEO:\nBut soft, what light through yonder window breaks?\n\n"

@@ -135,7 +135,7 @@ def test_init_from_loads_a_model_directory_and_refuses_another_shape(tmp_path, s
     from lm.model import Transformer
     from lm.modeldir import save_model_dir
     from lm.storage import ObjectStore
-    from lm.train.loop import load_init_weights
+    from lm.train.weights import load_init_weights
 
     store = ObjectStore(StorageConfig(root=str(tmp_path)))
     cfg = ModelConfig(n_layers=2, n_heads=2, d_model=32, vocab_size=small_tokenizer.vocab_size, max_seq_len=32)
@@ -176,3 +176,33 @@ def test_controller_settings_reach_ray_trains_controller_for_one_fit_only(monkey
     with controller_env(controller_settings(tc)):
         assert os.environ[POLL_VAR] == "0.25"
     assert os.environ[POLL_VAR] == "5"
+
+
+def test_both_trainers_publish_through_one_function_with_one_lineage(tmp_path, small_tokenizer, small_model,
+                                                                     write_manifest):
+    """lm.train.publish: metrics, loss curve and the model directory, whose lineage.json has the same fields
+    (Lineage) whichever trainer ran; what only one trainer knows (ZeRO stage, data position) is extra."""
+    from lm.config import load_config
+    from lm.modeldir import load_model_dir
+    from lm.storage import ObjectStore
+    from lm.train.publish import Lineage, RunFacts, publish_run
+    from lm.train.run_log import progress_line
+
+    history = [{"step": 1, "loss": 5.0, "lr": 1e-3, "memory_mib": 100.0},
+               {"step": 2, "loss": 4.0, "val_loss": 4.5, "val_bpb": 3.2, "lr": 1e-3, "memory_mib": 100.0}]
+    assert progress_line(history[1], 2) == "step     2/2 loss 4.0000 val 4.5000 (3.200 bpb) lr 1.00e-03 100 MiB"
+    lineages = {}
+    for facts in (RunFacts(tokens=64, trainer="local"),
+                  RunFacts(tokens=64, trainer="ray+deepspeed", workers=2, zero_stage=1, data_position={"epoch": 0})):
+        name = facts.trainer.replace("+", "-")
+        cfg = load_config("configs/tiny.yaml", [f"storage.root={tmp_path}", f"name={name}"])
+        store = ObjectStore(cfg.storage)
+        manifest = write_manifest(store, cfg.data_uri, [], small_tokenizer, 64, kind="text")
+        model_uri = publish_run(store, cfg, small_model(small_tokenizer), small_tokenizer, manifest, history, facts)
+        assert store.exists(f"{cfg.run_uri}/train/metrics.jsonl") and store.exists(f"{cfg.run_uri}/train/loss.png")
+        lineages[facts.trainer] = Lineage.model_validate(load_model_dir(store, model_uri).lineage)
+    local, ray = lineages["local"], lineages["ray+deepspeed"]
+    assert (local.steps, local.final_loss, local.val_loss, local.data_inputs) == (2, 4.0, 4.5, "test")
+    assert set(local.model_dump(exclude_none=True)) | {"zero_stage", "data_position"} == set(
+        ray.model_dump(exclude_none=True))
+    assert (ray.workers, ray.zero_stage, local.zero_stage) == (2, 1, None)
