@@ -19,9 +19,7 @@ With ``train.distill.teacher`` the teacher is checked before the data and again 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from dataclasses import dataclass
 from lm.cluster import connect, worker_env
 from lm.config import Config, join_uri
 from lm.data.pipeline import prepare_data
+from lm.environ import environment
 from lm.progress import Log
 from lm.storage import ObjectStore
 from lm.train.distill import check_run_teacher
@@ -91,20 +90,10 @@ def controller_settings(tc) -> dict[str, float | None]:
     return {POLL_VAR: tc.poll_interval_s, START_TIMEOUT_VAR: tc.worker_start_timeout_s}
 
 
-@contextlib.contextmanager
 def controller_env(settings: dict[str, float | None]):
     """Ray Train hands the driver's ``RAY_TRAIN_*`` variables to the controller it starts in ``fit()``: set
     the given ones (:func:`controller_settings`) for this fit only, then put the variables back."""
-    before = {name: os.environ.get(name) for name in settings}
-    os.environ.update({name: str(value) for name, value in settings.items() if value is not None})
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return environment({name: str(value) for name, value in settings.items() if value is not None})
 
 
 def train(cfg: Config, store: ObjectStore | None = None, log: Log = print, *, callbacks: Sequence = (),

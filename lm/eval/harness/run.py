@@ -20,13 +20,11 @@ from held-out speeches (lm.eval.harness.data), in a temporary folder with the ta
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +32,7 @@ from pydantic import BaseModel
 
 from lm.config import Config, ConfigError
 from lm.data.sources import DataError
+from lm.environ import environment
 from lm.eval.harness.data import (
     CLOZE,
     TASKS,
@@ -86,21 +85,10 @@ class HarnessRun(BaseModel):
         return self.model_dump(exclude={"requests"})
 
 
-@contextlib.contextmanager
-def offline() -> Iterator[None]:
+def offline():
     """Nothing may download: the harness's datasets and hub clients run offline (the variables are set
     while the block runs, then restored; the libraries first imported inside keep their offline mode)."""
-    names = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    before = {name: os.environ.get(name) for name in names}
-    os.environ.update(dict.fromkeys(names, "1"))
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return environment(dict.fromkeys(("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"), "1"))
 
 
 def local_model_dir(store: ObjectStore, uri: str, tmp: Path) -> Path:
