@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -140,6 +141,23 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> str:
     record = {"model": model_uri, "prompt": gen.prompt, "completion": text, **gen.model_dump(exclude={"prompt"})}
     store.write_text(out_uri, json.dumps(record, indent=2))
     return f"generate: {len(loaded.tokenizer.encode(text))} tokens in {seconds:.1f} s from {model_uri} → {out_uri}"
+
+
+def cmd_chat(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.chat_terminal import EndpointChat, LocalChat, run_chat
+    from lm.storage import ObjectStore
+
+    if args.endpoint:
+        key = os.environ.get("LMFORGE_API_KEY") or os.environ.get("LMFORGE_API_KEYS", "").split(",")[0].strip()
+        backend, source = EndpointChat(args.endpoint, key or "none", cfg.generate), args.endpoint
+    else:
+        source = args.model or join_uri(cfg.run_uri, "model")
+        backend = LocalChat(ObjectStore(cfg.storage), source, cfg.generate)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {source}: /reset forgets the conversation, /exit (or Ctrl-D) ends")
+    replies = run_chat(backend, sys.stdin, sys.stdout, interactive=interactive, system=args.system)
+    return f"chat: {replies} replies from {source}"
 
 
 def cmd_eval(cfg: Config, args: argparse.Namespace) -> str:
@@ -266,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = add("generate", cmd_generate, "continue a prompt with a saved model directory")
     gen.add_argument("--model", help="model directory URI (default: <run>/model)")
     gen.add_argument("--prompt", help="prompt text (default: generate.prompt)")
+    chat = add("chat", cmd_chat, "chat in the terminal (streamed, with history) with a model directory or an endpoint")
+    chat.add_argument("--model", help="model directory URI (default: <run>/model)")
+    chat.add_argument("--endpoint", metavar="URL", help="a running lmforge endpoint (http://host:port/v1) instead; "
+                      "the key from LMFORGE_API_KEY or the first of LMFORGE_API_KEYS")
+    chat.add_argument("--system", help="a system message in front of the conversation")
     ev = add("eval", cmd_eval, "evaluate a model directory: metrics, n-gram baseline, generation scores, report")
     ev.add_argument("--model", help="model directory URI (default: <run>/model)")
     ev.add_argument("--split", choices=["train", "val", "test"], help="score this split of the run's shards only")

@@ -770,3 +770,23 @@ def test_lm_serve_ask_deploys_answers_through_the_openai_client_and_stops(server
     done = ask_once(server["cfg"], "KING:")
     assert done["object"] == "text_completion" and done["usage"]["completion_tokens"] > 0
     assert server["cfg"].serve.app_name not in serve.status().applications
+
+
+def test_lm_chat_against_the_endpoint_streams_the_servers_replies_with_history(server):
+    """`lm chat --endpoint`: each turn streamed through the openai client, the history sent with the next."""
+    import io
+
+    from lm.chat_terminal import EndpointChat, run_chat
+    from lm.config import GenerateConfig
+
+    chat = EndpointChat(server["base"], KEY, GenerateConfig(temperature=0, max_new_tokens=8))
+    out = io.StringIO()
+    assert run_chat(chat, io.StringIO("Speak.\nAgain.\n"), out) == 2
+    shown = [line.removeprefix("lmforge> ") for line in out.getvalue().splitlines()]
+    client, ask = server["client"], {"model": "lmforge", "max_tokens": 8, "temperature": 0}
+    first = client.chat.completions.create(messages=[{"role": "user", "content": "Speak."}], **ask)
+    assert shown[0] == first.choices[0].message.content
+    second = client.chat.completions.create(messages=[{"role": "user", "content": "Speak."},
+                                                      {"role": "assistant", "content": shown[0]},
+                                                      {"role": "user", "content": "Again."}], **ask)
+    assert shown[1] == second.choices[0].message.content
