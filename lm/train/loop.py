@@ -15,7 +15,7 @@ builds the trainer). Each worker:
   uploads it in the background (training waits for the local save only: jobs/bench/checkpoint.py);
   what lmforge adds to a checkpoint holds no pickle (RNG and weights in safetensors, the state in JSON);
   DeepSpeed's own ``*_states.pt`` files are pickles, read back by its ``load_checkpoint`` (the storage
-  must be writable only by the job: README, "Trust boundary");
+  must be writable only by the job: docs/cluster.md, "Trust boundary");
 * at the end, rank 0 publishes the run (lm.train.publish): metrics, loss curve and the consolidated model
   directory at ``<run>/model``.
 

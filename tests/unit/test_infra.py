@@ -148,14 +148,15 @@ def test_kubernetes_reaches_the_dashboard_only_through_a_clusterip_service():
 
 def test_the_docs_submit_jobs_through_a_tunnel():
     """Every `--address http://…` example outside Kubernetes goes to 127.0.0.1 (`ray dashboard`, ssh -L)."""
-    files = [REPO / "README.md", REPO / "cluster/README.md", *sorted((REPO / "cluster").glob("*.yaml"))]
+    files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "cluster/README.md",
+             *sorted((REPO / "cluster").glob("*.yaml"))]
     found = {}
     for path in files:
         name = str(path.relative_to(REPO))
         found[name] = re.findall(r"--address[= ](https?://\S+)", path.read_text())
         assert all(a.startswith("http://127.0.0.1:8265") for a in found[name]), (name, found[name])
-    assert len(found["README.md"]) >= 2 and found["cluster/README.md"] and found["cluster/aws.yaml"]
-    assert "ray dashboard cluster/aws.yaml" in (REPO / "README.md").read_text()
+    assert len(found["docs/cluster.md"]) >= 2 and found["cluster/README.md"] and found["cluster/aws.yaml"]
+    assert "ray dashboard cluster/aws.yaml" in (REPO / "docs/cluster.md").read_text()
 
 
 def test_only_the_jobs_role_may_write_the_runs_bucket():
