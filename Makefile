@@ -11,9 +11,9 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lmforge/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint docs clean help
 
-install: $(STAMP)
+install: $(STAMP) ## create .venv: torch (pinned), lmforge with its test extras, DeepSpeed's CPU ops
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 # sample), Ray Serve hosts the trained model and answers one request through the openai client (with a
 # random API key, printed, unless LMFORGE_API_KEYS is set), then
 # one continual-learning iteration (new documents → fine-tune → gate → promote / reject) prints the registry.
-demo: install
+demo: install ## the whole lifecycle on tinyshakespeare: sweep, main job, serve one answer, continual learning
 	$(BIN)/lm tune --config configs/tune/demo.yaml --resume
 	$(BIN)/lm run --config $(CONFIG)
 	@key=$${LMFORGE_API_KEYS:-sk-$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))')}; \
@@ -35,17 +35,25 @@ demo: install
 	  LMFORGE_API_KEYS=$$key $(BIN)/lm serve --config $(CONFIG) --ask "ROMEO:"
 	$(BIN)/lm continual --config $(CONFIG)
 
-lint: install
+lint: install ## ruff over the repository
 	$(BIN)/ruff check .
 
 # The suite runs in a private network + PID namespace (only loopback) where the machine allows it,
 # so Ray, Serve and the S3 server listen on 127.0.0.1 only; tests/isolated says when it cannot.
-test: lint
+test: lint ## ruff, then the whole suite (unit + integration: Ray, Serve, S3)
 	tests/isolated $(BIN)/pytest $(PYTEST_ARGS)
 
 # The unit tests (no Ray, no S3 server): the inner loop, under 3 minutes.
-test-fast: install
+test-fast: install ## the unit tests only (no Ray, no S3 server), under 3 minutes
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 
-clean:
+docs: install ## regenerate docs/configuration.md from the config schema (lm config docs)
+	$(BIN)/lm config docs
+
+clean: ## remove .venv, the local object store and the caches
 	rm -rf $(VENV) lmforge-store .pytest_cache .ruff_cache
+
+# One line per target: the `## ...` comment on its rule line.
+help: ## list the targets (and the variables they take)
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
+	@echo "variables: CONFIG=$(CONFIG) (demo), PYTEST_ARGS (test, test-fast), PYTHON=$(PYTHON) (install)"

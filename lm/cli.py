@@ -7,6 +7,7 @@
     lm serve [--render F [--rayservice] | --ask P] [--config F] [key.sub=value ...]
                                                             Ray Serve: OpenAI-compatible API (or write a Serve config / RayService)
     lm config show      [--config F] [key.sub=value ...]   print the resolved config
+    lm config docs      [--out F] [--check]                 write docs/configuration.md from the schema
     lm tokenizer train  [--config F] [key.sub=value ...]   train + publish the BPE tokenizer
     lm generate [--model URI] [--prompt P] [--config F] [key.sub=value ...]
     lm eval [--model URI] [--split S] [--text URI] [--compare URI] [--config F] [key.sub=value ...]
@@ -88,10 +89,11 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> str:
         Path(args.render).write_text(render(cfg, args.config, args.overrides))
         return f"serve: Serve config → {args.render} (serve deploy {args.render})"
     if args.ask is not None:
+        from lm.sample_text import show_documents
         from lm.serve.deploy import ask_once
 
         done = ask_once(cfg, args.ask)
-        print(args.ask + done["choices"][0]["text"])
+        print(show_documents(args.ask + done["choices"][0]["text"], cfg.tokenizer.eos_token))
         return (f"serve: answered {done['usage']['completion_tokens']} tokens through the openai client at "
                 f"http://{cfg.serve.host}:{cfg.serve.port}/v1 (model version {done['system_fingerprint']}), then stopped")
     start(cfg)
@@ -112,6 +114,21 @@ def cmd_config_show(cfg: Config, args: argparse.Namespace) -> str:
     return f"config {cfg.name}: hash {cfg.fingerprint()}, run URI {cfg.run_uri}"
 
 
+def cmd_config_docs(cfg: Config, args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    from lm.config.docs import render_markdown
+
+    out, text = Path(args.out), render_markdown()
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            raise ConfigError(f"{out} is missing or stale: run `lm config docs` to regenerate it")
+        return f"config docs: {out} is up to date"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return f"config docs: every section and field of the schema → {out}"
+
+
 def cmd_tokenizer_train(cfg: Config, args: argparse.Namespace) -> str:
     from lm.data.sources import plan_files
     from lm.pipeline import tokenizer_stage
@@ -127,6 +144,7 @@ def cmd_tokenizer_train(cfg: Config, args: argparse.Namespace) -> str:
 def cmd_generate(cfg: Config, args: argparse.Namespace) -> str:
     from lm.inference import generate_text
     from lm.modeldir import load_model_dir
+    from lm.sample_text import show_documents
     from lm.storage import ObjectStore
 
     store = ObjectStore(cfg.storage)
@@ -136,7 +154,7 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> str:
     start = time.perf_counter()
     text = generate_text(loaded.model, loaded.tokenizer, [gen.prompt], gen)[0]
     seconds = time.perf_counter() - start
-    print(gen.prompt + text)
+    print(show_documents(gen.prompt + text, loaded.tokenizer.eos_token))
     out_uri = join_uri(cfg.run_uri, "generations", f"{time.strftime('%Y%m%d-%H%M%S')}.json")
     record = {"model": model_uri, "prompt": gen.prompt, "completion": text, **gen.model_dump(exclude={"prompt"})}
     store.write_text(out_uri, json.dumps(record, indent=2))
@@ -279,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--rayservice", action="store_true", help="with --render: a KubeRay RayService manifest instead")
     config = sub.add_parser("config", help="inspect configuration").add_subparsers(dest="action", required=True)
     add("show", cmd_config_show, "print the resolved config (preset + overrides, secrets masked)", config)
+    docs = config.add_parser("docs", help="write the configuration reference (every section and field, from "
+                             "the schema)", description="write the configuration reference from the schema")
+    docs.add_argument("--out", default="docs/configuration.md", help="where (default: docs/configuration.md)")
+    docs.add_argument("--check", action="store_true", help="write nothing; exit 2 if the file is stale")
+    docs.set_defaults(func=cmd_config_docs, config=None, overrides=[])
     tokenizer = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     add("train", cmd_tokenizer_train, "train the BPE tokenizer on the configured sources", tokenizer)
     gen = add("generate", cmd_generate, "continue a prompt with a saved model directory")
@@ -343,13 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line as ``lm`` reads it (argparse exits 2 with a message on a bad one)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may also follow options (`lm generate --prompt P train.seed=3`)
     if bad := [a for a in extra if a.startswith("-") or "=" not in a]:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     from lm.data.sources import DataError
     from lm.rag import RagError
     from lm.registry import RegistryError

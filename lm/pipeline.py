@@ -25,6 +25,7 @@ from lm.inference import generate_text
 from lm.model import num_params
 from lm.modeldir import load_model_dir
 from lm.progress import Log
+from lm.sample_text import show_documents
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer, bytes_per_token, train_tokenizer
 from lm.train.distill import check_run_teacher
@@ -84,6 +85,6 @@ def run_main(cfg: Config, store: ObjectStore | None = None, log: Log = print) ->
     store.write_text(join_uri(cfg.run_uri, "samples.json"), json.dumps(summary, indent=2))
     log(f"trained {result.steps} steps in {result.seconds:.0f} s: loss {summary['first_loss']:.3f} → "
         f"{summary['final_loss']:.3f}; model → {model_uri}")
-    log(f"sample:\n{cfg.generate.prompt}{sample}")
+    log(f"sample:\n{show_documents(cfg.generate.prompt + sample, loaded.tokenizer.eos_token)}")
     log(f"evaluation report → {evaluation.report_uri}")
     return summary

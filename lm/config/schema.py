@@ -26,6 +26,8 @@ from lm.uri import absolute_uri, join_uri
 
 
 class StorageConfig(Section):
+    """Object storage (lm.storage): where every artifact of every run lives, a local folder or S3."""
+
     root: str = Field(
         "./lmforge-store",
         description="Object-store root for every artifact: a local folder, file:// URI or s3://bucket/prefix.",
@@ -94,6 +96,9 @@ class DedupConfig(Section):
 
 
 class DataConfig(Section):
+    """The data pipeline (lm.data, `lm data prepare`): sources → cleaned, deduplicated, split, tokenized and
+    packed Parquet shards + manifest, on Ray Data."""
+
     format: Literal["text", "sft"] = Field(
         "text", description="text: documents for language modelling (loss on every token); sft: prompt / "
         "response JSONL records (data.sft) rendered with the chat template, loss on the response only.",
@@ -151,6 +156,8 @@ class DataConfig(Section):
 
 
 class TokenizerConfig(Section):
+    """The byte-level BPE tokenizer (lm.tokenizer, `lm tokenizer train`), trained on the train split."""
+
     vocab_size: int = Field(4096, ge=300, description="BPE vocabulary size, special tokens included.")
     min_frequency: int = Field(2, ge=1, description="A merge needs at least this many occurrences.")
     eos_token: str = Field("<|endoftext|>", description="End-of-text token appended after every document.")
@@ -169,6 +176,8 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
+    """The Llama-style decoder-only transformer (lm.model): RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+
     n_layers: int = Field(4, ge=1, description="Number of transformer blocks.")
     n_heads: int = Field(4, ge=1, description="Attention (query) heads.")
     n_kv_heads: int | None = Field(
@@ -221,6 +230,8 @@ class ModelConfig(Section):
 
 
 class GenerateConfig(Section):
+    """Sampling for `lm generate`, the demo's sample and the evaluation report's samples (lm.inference)."""
+
     prompt: str = Field("ROMEO:", description="Prompt for `lm generate` and the demo sample.")
     max_new_tokens: int = Field(200, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(0.8, ge=0, description="Sampling temperature; 0 = greedy.")

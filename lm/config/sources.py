@@ -10,6 +10,8 @@ from lm.config.base import Section
 
 
 class SourceConfig(Section):
+    """One text source: a file, folder or glob of .txt / .jsonl / .parquet files (optionally .gz / .zst)."""
+
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Short name used in manifests and reports.")
     uri: str = Field(
         ...,

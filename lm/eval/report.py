@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lm.config import join_uri
+from lm.sample_text import show_documents
 from lm.storage import ObjectStore
 
 Curves = dict[str, list[tuple[int, float]]]
@@ -200,7 +201,8 @@ def markdown(report: dict) -> str:
     if report.get("samples"):
         lines += ["## Samples", ""]
         for s in report["samples"]:
-            lines += [f"**{s['prompt']!r}**", "", "```", s["prompt"] + s["completion"], "```", ""]
+            shown = show_documents(s["prompt"] + s["completion"])  # report.json keeps the raw text
+            lines += [f"**{s['prompt']!r}**", "", "```", shown, "```", ""]
     lines += ["## Training", "", f"{report['training']['note']}.", ""]
     if "training.png" in report["plots"]:
         lines += ["![training curves](training.png)", ""]

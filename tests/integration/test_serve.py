@@ -141,6 +141,33 @@ def test_openai_client_completions_chat_and_models(server):
     assert "".join(c.choices[0].text for c in chunks[:-1]) == done.choices[0].text
 
 
+def test_lm_chat_against_the_endpoint_streams_the_servers_replies_with_history(server):
+    """`lm chat --endpoint`: each turn streamed through the openai client, the history sent with the next."""
+    import io
+
+    from lm.chat_terminal import EndpointChat, run_chat
+    from lm.config import GenerateConfig
+
+    endpoint, shown = EndpointChat(server["base"], KEY, GenerateConfig(temperature=0, max_new_tokens=8)), []
+
+    class Recorded:  # each reply as the terminal got it, piece by piece (a reply may hold newlines)
+        def reply(self, messages):
+            pieces = list(endpoint.reply(messages))
+            shown.append("".join(pieces).strip())
+            yield from pieces
+
+    out = io.StringIO()
+    assert run_chat(Recorded(), io.StringIO("Speak.\nAgain.\n"), out) == 2
+    assert out.getvalue().count("lmforge> ") == 2 and shown[0] in out.getvalue()
+    client, ask = server["client"], {"model": "lmforge", "max_tokens": 8, "temperature": 0}
+    first = client.chat.completions.create(messages=[{"role": "user", "content": "Speak."}], **ask)
+    assert shown[0] == first.choices[0].message.content
+    second = client.chat.completions.create(messages=[{"role": "user", "content": "Speak."},
+                                                      {"role": "assistant", "content": shown[0]},
+                                                      {"role": "user", "content": "Again."}], **ask)
+    assert shown[1] == second.choices[0].message.content
+
+
 def test_token_prompts_sampling_controls_and_top_logprobs(server):
     """Prompts as token ids, logit_bias, presence / frequency penalties and top logprobs (completions and chat),
     each streamed and not, through the openai client."""
@@ -770,23 +797,3 @@ def test_lm_serve_ask_deploys_answers_through_the_openai_client_and_stops(server
     done = ask_once(server["cfg"], "KING:")
     assert done["object"] == "text_completion" and done["usage"]["completion_tokens"] > 0
     assert server["cfg"].serve.app_name not in serve.status().applications
-
-
-def test_lm_chat_against_the_endpoint_streams_the_servers_replies_with_history(server):
-    """`lm chat --endpoint`: each turn streamed through the openai client, the history sent with the next."""
-    import io
-
-    from lm.chat_terminal import EndpointChat, run_chat
-    from lm.config import GenerateConfig
-
-    chat = EndpointChat(server["base"], KEY, GenerateConfig(temperature=0, max_new_tokens=8))
-    out = io.StringIO()
-    assert run_chat(chat, io.StringIO("Speak.\nAgain.\n"), out) == 2
-    shown = [line.removeprefix("lmforge> ") for line in out.getvalue().splitlines()]
-    client, ask = server["client"], {"model": "lmforge", "max_tokens": 8, "temperature": 0}
-    first = client.chat.completions.create(messages=[{"role": "user", "content": "Speak."}], **ask)
-    assert shown[0] == first.choices[0].message.content
-    second = client.chat.completions.create(messages=[{"role": "user", "content": "Speak."},
-                                                      {"role": "assistant", "content": shown[0]},
-                                                      {"role": "user", "content": "Again."}], **ask)
-    assert shown[1] == second.choices[0].message.content

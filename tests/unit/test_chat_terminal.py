@@ -21,7 +21,8 @@ def test_chat_keeps_history_streams_greedy_replies_and_fits_the_context(tmp_path
     assert replies == 3 and out.getvalue().count("lmforge> ") == 3 and "(history cleared)" in out.getvalue()
     first, second, third = chat.prompts
     assert first == "System: Be brief.\n\nUser: Hello there\n\nAssistant:"
-    shown = [line.removeprefix("lmforge> ") for line in out.getvalue().splitlines() if line.startswith("lmforge> ")]
+    parts = out.getvalue().replace("(history cleared)\n", "").split("lmforge> ")[1:]
+    shown = [part.removesuffix("\n") for part in parts]  # each reply as printed (newlines and all)
     assert second.startswith(f"{first} {shown[0]}\n\nUser: And again?") and second.endswith("Assistant:")
     assert third == "System: Be brief.\n\nUser: Hi\n\nAssistant:"  # after /reset
     for prompt, reply in zip(chat.prompts, shown, strict=True):  # what the engine gives greedily, stripped
