@@ -2,8 +2,9 @@
 
     ray = connect()     # joins RAY_ADDRESS (e.g. under `ray job submit`) or starts a local instance
 
-Workers get ``DS_ACCELERATOR`` and ``TORCH_EXTENSIONS_DIR`` (DeepSpeed's compiled-ops cache) from this
-process; worker output (the trainer's progress lines) is shown here.
+Workers get ``DS_ACCELERATOR`` (this process's own, else the device found here: :func:`accelerator`) and
+``TORCH_EXTENSIONS_DIR`` (DeepSpeed's compiled-ops cache) from this process; worker output (the trainer's
+progress lines) is shown here.
 """
 
 from __future__ import annotations
@@ -13,10 +14,21 @@ import os
 SERVE_PROXY_MIDDLEWARES = "lm.serve.proxy:middlewares"  # a dead replica's requests: 503, not a bare 500
 
 
+def accelerator() -> str:
+    """DeepSpeed's accelerator: ``DS_ACCELERATOR`` when set, else "cuda" where torch sees a GPU, else
+    "cpu"."""
+    if os.environ.get("DS_ACCELERATOR"):
+        return os.environ["DS_ACCELERATOR"]
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def worker_env() -> dict[str, str]:
-    """Environment for Ray workers: CPU or GPU DeepSpeed, the JIT-compiled ops cache of this process, and
-    the middleware Serve's HTTP proxy loads (lm.serve.proxy) when this job starts Serve."""
-    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+    """Environment for Ray workers: CPU or GPU DeepSpeed (:func:`accelerator`), the JIT-compiled ops cache
+    of this process, and the middleware Serve's HTTP proxy loads (lm.serve.proxy) when this job starts
+    Serve."""
+    env = {"DS_ACCELERATOR": accelerator(),
            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": SERVE_PROXY_MIDDLEWARES}
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]

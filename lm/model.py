@@ -3,10 +3,11 @@
 This file owns the network (RMSNorm, RoPE, grouped-query attention, SwiGLU), its KV cache and
 ``generate``, the parameter / FLOP formulas, and the on-disk format (``config.json`` +
 ``model.safetensors``) that ``transformers.LlamaForCausalLM`` and vLLM read as they are. It knows
-nothing about tokenizers, storage or distributed training.
+nothing about tokenizers, storage, serving or distributed training; ``generate`` samples and checks its
+arguments with lm.sampling, as the serving engine does.
 
     model = Transformer(cfg.model)                    # cfg.model: lm.config.ModelConfig
-    logits, loss = model(x, y)                        # x, y: [B, T] int64; y may hold -100 (ignored)
+    logits, loss = model(x, y)                        # x, y: [B, T] int64; y may hold IGNORE (-100: no loss)
     new_ids = model.generate([[1, 2, 3], [4]], 50, temperature=0.8, top_k=200, eos_id=0, seed=0)
 
 Parameter names follow Llama (``model.layers.{i}.self_attn.q_proj.weight``, ...); with tied
@@ -19,13 +20,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch import nn
+from torch import Tensor, nn
 
 from lm.config import ModelConfig
+from lm.loss_mask import IGNORE
+from lm.sampling import check_prompt, check_settings, row_settings, sample_rows
 
 # ----------------------------------------------------------------------------------------- formulas
 
@@ -63,13 +67,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:  # [..., dim] -> [..., dim]
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
-def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
     """cos/sin [max_seq_len, head_dim] in fp32, halves duplicated (HF "rotate_half" layout)."""
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
@@ -78,8 +82,8 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, hd] by cos/sin [B, 1, T, hd]: pairs are (i, i + hd/2)."""
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, H, T, hd] by cos/sin [B|1, 1, T, hd]: pairs are (i, i + hd/2)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -99,17 +103,30 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, Hkv, T, hd] at ``length``; every cached key / value [B, Hkv, length + T, hd]."""
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class AttentionMask(NamedTuple):
+    """What each query may attend to: ``causal`` (the plain causal mask: SDPA's fast path), or ``allowed``
+    (bool [B|1, 1, T, S], True = the query may see the key; left padding, a KV cache), or neither (every
+    key: one new token over a cache without padding)."""
+
+    causal: bool = False
+    allowed: Tensor | None = None
+
+
 class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE (and optional QK-norm), through SDPA."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim, self.dropout = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.dropout
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
@@ -119,7 +136,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask, cache: KVCache | None,
+                layer: int) -> Tensor:
+        """x [B, T, d_model] -> [B, T, d_model]; cos / sin [B|1, 1, T, hd]; ``cache``: append, attend to
+        everything cached."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, hd]
@@ -129,15 +149,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(
+            k, v = cache.update(layer, k, v)  # [B, Hkv, S, hd], S = cached + T
+        y = F.scaled_dot_product_attention(  # [B, H, T, hd]
             q, k, v,
-            attn_mask=None if isinstance(mask, bool) else mask,
-            is_causal=mask is True,
+            attn_mask=mask.allowed,
+            is_causal=mask.causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv != self.n_heads,
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*hd] -> [B, T, d_model]
 
 
 class MLP(nn.Module):
@@ -149,7 +169,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, d_model] -> [B, T, ff_dim] -> [B, T, d_model]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -164,7 +184,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask, cache: KVCache | None,
+                layer: int) -> Tensor:  # [B, T, d_model] -> [B, T, d_model]
         x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
@@ -205,8 +226,9 @@ class Transformer(nn.Module):
         """Parameters actually held (a tied weight counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids, targets=None, *, position_ids=None, attention_mask=None, kv_cache=None,
-                last_only=False):
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, position_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, kv_cache: KVCache | None = None,
+                last_only: bool = False) -> tuple[Tensor, Tensor | None]:
         """input_ids [B, T] → (float32 logits [B, T, V], cross-entropy loss or None).
 
         position_ids: [B, T] or [1, T]; default: consecutive positions after what ``kv_cache`` holds.
@@ -218,26 +240,30 @@ class Transformer(nn.Module):
             raise ValueError("last_only=True computes no loss; pass targets=None")
         hidden = self.hidden_states(input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                     kv_cache=kv_cache, last_only=last_only)
-        logits = self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()  # [B, T, V]
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE)
         return logits, loss
 
-    def hidden_states(self, input_ids, *, position_ids=None, attention_mask=None, kv_cache=None, last_only=False):
+    def hidden_states(self, input_ids: Tensor, *, position_ids: Tensor | None = None,
+                      attention_mask: Tensor | None = None, kv_cache: KVCache | None = None,
+                      last_only: bool = False) -> Tensor:
         """The final normed hidden states [B, T (1 with last_only), d_model]: what ``lm_head`` reads
         (arguments as in :meth:`forward`)."""
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and start + T > kv_cache.max_len:
-            raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {start} used + {T} new do not fit")
+            raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {start} used + {T} new "
+                             "do not fit")
         if position_ids is None:
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence length {start + T} exceeds max_seq_len {self.cfg.max_seq_len}")
             position_ids = torch.arange(start, start + T, device=input_ids.device)[None]
-        cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
+        cos = self.rope_cos[position_ids][:, None]  # [B|1, 1, T, hd]
+        sin = self.rope_sin[position_ids][:, None]
         mask = self._attention_mask(B, T, start, attention_mask, input_ids.device)
-        x = self.drop(self.model.embed_tokens(input_ids))
+        x = self.drop(self.model.embed_tokens(input_ids))  # [B, T, d_model]
         recompute = self.activation_checkpointing and self.training and kv_cache is None
         for i, layer in enumerate(self.model.layers):
             if recompute:  # keep only block inputs; recompute the rest in backward
@@ -246,22 +272,25 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.model.norm(x[:, -1:] if last_only else x)
+        return self.model.norm(x[:, -1:] if last_only else x)  # [B, T or 1, d_model]
 
     @staticmethod
-    def _attention_mask(B, T, start, attention_mask, device) -> torch.Tensor | bool:
-        """True = plain causal (SDPA's fast path), False = no mask, else a bool [B|1, 1, T, start+T]."""
+    def _attention_mask(B: int, T: int, start: int, attention_mask: Tensor | None,
+                        device: torch.device) -> AttentionMask:
+        """Plain causal when nothing is cached nor padded, none for one new token over an unpadded cache,
+        else ``allowed`` [B|1, 1, T, start + T]: causal, and (``attention_mask`` [B, start + T]) no
+        padding."""
         if attention_mask is None and start == 0:
-            return T > 1
+            return AttentionMask(causal=T > 1)
         if attention_mask is None and T == 1:
-            return False
-        q_pos = torch.arange(start, start + T, device=device)[:, None]
-        k_pos = torch.arange(start + T, device=device)[None, :]
-        mask = (k_pos <= q_pos)[None, None]
+            return AttentionMask()
+        q_pos = torch.arange(start, start + T, device=device)[:, None]  # [T, 1]
+        k_pos = torch.arange(start + T, device=device)[None, :]  # [1, S]
+        allowed = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
         if attention_mask is not None:
             # a query may always see itself, so padding rows never get an all-masked (NaN) softmax
-            mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
-        return mask
+            allowed = (allowed & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)  # [B, 1, T, S]
+        return AttentionMask(allowed=allowed)
 
     # ------------------------------------------------------------------------------------ generate
 
@@ -282,82 +311,63 @@ class Transformer(nn.Module):
 
         Prompts of different lengths are left-padded into one batch (attention mask + per-row
         positions), prefilled once, then decoded one token per step through a KV cache.
-        temperature 0 = greedy; top_k / top_p filter before sampling. A row stops at ``eos_id``
+        temperature 0 = greedy; top_k / top_p filter before sampling (lm.sampling.sample_rows, the
+        serving engine's sampler: one uniform number per row and step, from a CPU generator, so a seed
+        gives the same tokens on any device, and one prompt the engine's tokens for a request with that
+        seed and these settings). A row stops at ``eos_id``
         (not included in its output), when ``stop(row, new_ids)`` returns True (the token that
         triggered it *is* included), or after ``max_new_tokens``, capped so that prompt + new
         tokens fit ``max_seq_len``. ``seed`` makes sampling deterministic (for the same batch).
+        Arguments are checked as the serving engine checks a request (lm.sampling).
         """
-        _check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, self.cfg)
-        if not prompts:
-            return []
-        lens = [len(p) for p in prompts]
-        budgets = [min(max_new_tokens, self.cfg.max_seq_len - n) for n in lens]
+        check_settings(max_new_tokens, temperature, top_k, top_p, where="generate",
+                       max_tokens_name="max_new_tokens")
+        for i, p in enumerate(prompts):
+            check_prompt(p, vocab_size=self.cfg.vocab_size, context_length=self.cfg.max_seq_len,
+                         where=f"prompts[{i}]")
+        budgets = [min(max_new_tokens, self.cfg.max_seq_len - len(p)) for p in prompts]
         out: list[list[int]] = [[] for _ in prompts]
-        steps, B, P = max(budgets), len(prompts), max(lens)
-        if steps == 0:
+        if not prompts or max(budgets) == 0:
             return out
-        device = self.rope_cos.device
-        ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)
-        mask = torch.tensor([[0] * (P - n) + [1] * n for n in lens], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = KVCache(self.cfg, B, P + steps, device=device, dtype=self.model.embed_tokens.weight.dtype)
-        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        next_pos = torch.tensor(lens, device=device)
-        done = [b == 0 for b in budgets]
         was_training = self.training
         self.eval()
         try:
-            logits, _ = self(ids, position_ids=positions, attention_mask=mask, kv_cache=cache)
-            for step in range(steps):
-                tokens = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
-                for i, t in enumerate(tokens.tolist()):
-                    if done[i]:
-                        continue
-                    if t == eos_id:
-                        done[i] = True
-                        continue
-                    out[i].append(t)
-                    done[i] = len(out[i]) >= budgets[i] or (stop is not None and bool(stop(i, list(out[i]))))
-                if all(done):
-                    break
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-                pos = (next_pos + step).clamp(max=self.cfg.max_seq_len - 1)  # finished rows idle
-                logits, _ = self(tokens[:, None], position_ids=pos[:, None], attention_mask=mask, kv_cache=cache)
+            self._decode(prompts, budgets, out, (temperature, top_k, top_p), eos_id, seed, stop)
         finally:
             self.train(was_training)
         return out
 
-
-def sample_next(logits, temperature: float, top_k=None, top_p=None, generator=None) -> torch.Tensor:
-    """One token per row from logits [B, V]: greedy at temperature 0, else top-k, then nucleus."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-
-
-def _check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, cfg: ModelConfig) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
-        if len(p) > cfg.max_seq_len:
-            raise ValueError(f"prompts[{i}] has {len(p)} tokens, longer than max_seq_len {cfg.max_seq_len}")
-        if min(p) < 0 or max(p) >= cfg.vocab_size:
-            raise ValueError(f"prompts[{i}] holds token ids outside [0, vocab_size={cfg.vocab_size})")
+    def _decode(self, prompts: list[list[int]], budgets: list[int], out: list[list[int]],
+                sampling: tuple[float, int | None, float | None], eos_id: int | None, seed: int | None,
+                stop: Callable[[int, list[int]], bool] | None) -> None:
+        """:meth:`generate`'s loop: prefill the left-padded batch, then one token per step for every row
+        until each is done, its new tokens appended to ``out``."""
+        device, B, steps = self.rope_cos.device, len(prompts), max(budgets)
+        lens = [len(p) for p in prompts]
+        P = max(lens)
+        ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)  # [B, P]
+        mask = torch.tensor([[0] * (P - n) + [1] * n for n in lens], device=device)  # [B, P], 0: left pad
+        cache = KVCache(self.cfg, B, P + steps, device=device, dtype=self.model.embed_tokens.weight.dtype)
+        temperature, top_k, top_p = row_settings(B, *sampling, self.cfg.vocab_size, device)  # [B] each
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None  # CPU: any device draws alike
+        next_pos = torch.tensor(lens, device=device)  # [B]
+        done = [b == 0 for b in budgets]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        logits, _ = self(ids, position_ids=positions, attention_mask=mask, kv_cache=cache)  # [B, P, V]
+        for step in range(steps):
+            draw = sampling[0] > 0  # greedy draws no number (and leaves the global RNG alone)
+            uniforms = (torch.rand(B, generator=gen) if draw else torch.zeros(B)).to(device)  # [B]
+            tokens = sample_rows(logits[:, -1], temperature, top_k, top_p, uniforms)  # [B]
+            for i, t in enumerate(tokens.tolist()):
+                if done[i]:
+                    continue
+                if t == eos_id:
+                    done[i] = True
+                    continue
+                out[i].append(t)
+                done[i] = len(out[i]) >= budgets[i] or (stop is not None and bool(stop(i, list(out[i]))))
+            if all(done):
+                return
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # [B, P + step + 1]
+            pos = (next_pos + step).clamp(max=self.cfg.max_seq_len - 1)  # finished rows idle
+            logits, _ = self(tokens[:, None], position_ids=pos[:, None], attention_mask=mask, kv_cache=cache)

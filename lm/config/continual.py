@@ -13,11 +13,11 @@ fine-tunes, and the gate a candidate must pass to be promoted.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from lm.config.base import Section
+from lm.config.base import PATH, Section
 from lm.config.eval import CompareRule
 from lm.config.sources import SourceConfig
 
@@ -32,7 +32,7 @@ def _default_gate() -> list[CompareRule]:
 class ContinualConfig(Section):
     """Continuous learning: new documents and served feedback → fine-tune production → gate → promote."""
 
-    registry: str | None = Field(
+    registry: Annotated[str | None, PATH] = Field(
         None, description="The model registry (a folder or s3:// URI, lm.registry); null = <storage.root>/registry."
     )
     corpus: list[SourceConfig] = Field(

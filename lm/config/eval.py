@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from lm.config.base import Section
+from lm.config.base import PATH, PathMarker, Section
+
+BUILTIN_OR_PATH = PathMarker(keep=("builtin",))  # a prompt set: a JSONL URI, or builtin (tinyshakespeare)
 
 # report sections that are not eval sets; their metrics are named "<section>/<metric>" like a set's
 RESERVED_SET_NAMES = ("generation", "labels", "harness")
@@ -36,7 +38,7 @@ class EvalSetConfig(Section):
         "when the model's tokenizer is not the one the shards were made with. Supervised shards "
         "(data.format: sft) are scored on the responses only, through their loss masks, as training scores them.",
     )
-    uri: str | None = Field(
+    uri: Annotated[str | None, PATH] = Field(
         None, description="A text source instead: file, folder or glob (local, file://, s3://, bundled://), "
         "read like data.sources (.txt/.jsonl/.parquet, optionally .gz/.zst) and cleaned with data.clean.",
     )
@@ -151,11 +153,11 @@ class EvalConfig(Section):
         20_000_000, ge=1, description="Fit the n-gram baseline on at most this many train tokens: the "
         "split's first rows, held in memory (a bounded sample; no shard is read past it).",
     )
-    generation_set: str | None = Field(
+    generation_set: Annotated[str | None, BUILTIN_OR_PATH] = Field(
         "builtin", description="JSONL of {prompt, reference} for BLEU / ROUGE; builtin = held-out "
         "tinyshakespeare speeches (prompt: speaker + first line, reference: the next line); null = skip.",
     )
-    labelled_set: str | None = Field(
+    labelled_set: Annotated[str | None, BUILTIN_OR_PATH] = Field(
         "builtin", description="JSONL of {prompt, label}: the model picks the label it finds likeliest as the "
         "prompt's continuation → precision / recall / F1; builtin = who speaks next in tinyshakespeare "
         "(4 speakers); null = skip.",
@@ -178,7 +180,8 @@ class EvalConfig(Section):
         default_factory=lambda: [CompareRule(set="val", metric="bpb", max_regression=0.01)],
         description="Thresholds of `lm eval --compare`: every rule must pass for the candidate to pass.",
     )
-    output: str | None = Field(None, description="Where report.json, report.md and the PNGs go; null = <run>/eval.")
+    output: Annotated[str | None, PATH] = Field(
+        None, description="Where report.json, report.md and the PNGs go; null = <run>/eval.")
 
     @model_validator(mode="after")
     def _check_names(self) -> EvalConfig:

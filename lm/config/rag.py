@@ -9,9 +9,11 @@ retrieved passages go into a prompt.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field, field_validator, model_validator
 
-from lm.config.base import Section
+from lm.config.base import PATH, Section
 from lm.config.sources import SourceConfig
 
 DEFAULT_RAG_TEMPLATE = "Context:\n{context}\n\n{prompt}"
@@ -23,7 +25,8 @@ class RagConfig(Section):
     sources: list[SourceConfig] = Field(
         default_factory=list, description="Text sources to index (as data.sources: txt / jsonl / parquet, local or s3://)."
     )
-    index: str | None = Field(None, description="Where the index lives; null = <storage.root>/rag/index.")
+    index: Annotated[str | None, PATH] = Field(
+        None, description="Where the index lives; null = <storage.root>/rag/index.")
     passage_words: int = Field(80, ge=8, description="Words per passage (documents are cut into overlapping windows).")
     overlap_words: int = Field(16, ge=0, description="Words shared by consecutive passages of a document.")
     top_k: int = Field(3, ge=1, le=20, description="Passages put into a prompt unless the request says otherwise.")

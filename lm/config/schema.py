@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
+from lm.config.base import PATH, Section, absolute_paths
 from lm.config.base import ConfigError as ConfigError  # re-exported
-from lm.config.base import Section
 from lm.config.continual import ContinualConfig
 from lm.config.eval import EvalConfig
 from lm.config.rag import RagConfig
@@ -22,13 +22,13 @@ from lm.config.sft import SFTConfig
 from lm.config.sources import SourceConfig
 from lm.config.train import TrainConfig
 from lm.config.tune import TuneConfig
-from lm.uri import absolute_uri, join_uri
+from lm.uri import join_uri
 
 
 class StorageConfig(Section):
     """Object storage (lm.storage): where every artifact of every run lives, a local folder or S3."""
 
-    root: str = Field(
+    root: Annotated[str, PATH] = Field(
         "./lmforge-store",
         description="Object-store root for every artifact: a local folder, file:// URI or s3://bucket/prefix.",
     )
@@ -117,7 +117,8 @@ class DataConfig(Section):
         None, ge=1, description="Tokens per packed training row (rows hold seq_len + 1); null = model.max_seq_len."
     )
     rows_per_shard: int = Field(4096, ge=1, description="Packed rows per Parquet shard.")
-    output: str | None = Field(None, description="Where shards + manifest go; null = <run>/data.")
+    output: Annotated[str | None, PATH] = Field(
+        None, description="Where shards + manifest go; null = <run>/data.")
     shuffle_partitions: int = Field(
         4, ge=1, description="Fewest partitions of each Ray Data groupby (exact and near dedup, sharding) under "
         "shuffle_strategy=default; more as the data grows (block_mb).",
@@ -248,7 +249,7 @@ class Config(Section):
     """Everything one lmforge run needs."""
 
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; artifacts go to <storage.root>/runs/<name>.")
-    output: str | None = Field(
+    output: Annotated[str | None, PATH] = Field(
         None, description="Where this run's artifacts go (a folder or s3:// URI); null = <storage.root>/runs/<name>."
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -304,20 +305,10 @@ class Config(Section):
         return self.rag.index or join_uri(self.storage.root, "rag", "index")
 
     def with_absolute_paths(self) -> Config:
-        """A copy whose local ``storage.root``, ``output``, ``data.output``, ``continual.registry``,
-        ``train.init_from`` and ``train.distill.teacher`` are absolute paths: what a driver hands to Ray
-        workers, which run in another working directory."""
-        data = self.data.model_copy(update={"output": self.data.output and absolute_uri(self.data.output)})
-        storage = self.storage.model_copy(update={"root": absolute_uri(self.storage.root)})
-        continual = self.continual.model_copy(
-            update={"registry": self.continual.registry and absolute_uri(self.continual.registry)})
-        rag = self.rag.model_copy(update={"index": self.rag.index and absolute_uri(self.rag.index)})
-        teacher = self.train.distill.teacher
-        distill = self.train.distill.model_copy(update={"teacher": teacher and absolute_uri(teacher)})
-        train = self.train.model_copy(update={"init_from": self.train.init_from and absolute_uri(self.train.init_from),
-                                              "distill": distill})
-        return self.model_copy(update={"storage": storage, "data": data, "continual": continual, "rag": rag,
-                                       "train": train, "output": self.output and absolute_uri(self.output)})
+        """A copy whose local paths (every field marked :data:`lm.config.base.PATH`: storage.root, output,
+        the sources of data, continual and rag, serve.model, ...) are absolute: what a driver hands to Ray
+        workers, which run in another working directory. URIs with a scheme are kept as they are."""
+        return absolute_paths(self)
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, secrets masked (safe to print and store)."""

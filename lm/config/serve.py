@@ -4,11 +4,11 @@ caches and records feedback."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lm.config.base import Section
+from lm.config.base import PATH, Section
 
 
 class AutoscalingConfig(Section):
@@ -41,7 +41,8 @@ class FeedbackConfig(Section):
     """Capture of prompts, completions and feedback for continual learning (opt-in)."""
 
     enabled: bool = Field(False, description="Record every completion and /v1/feedback call.")
-    uri: str | None = Field(None, description="Storage prefix for the JSONL batches; null = <storage.root>/feedback.")
+    uri: Annotated[str | None, PATH] = Field(
+        None, description="Storage prefix for the JSONL batches; null = <storage.root>/feedback.")
     flush_interval_s: float = Field(5.0, gt=0, description="Write a batch at least this often (when there is one).")
     flush_records: int = Field(256, ge=1, description="Write a batch as soon as it holds this many records.")
 
@@ -53,14 +54,14 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     route_prefix: str = Field("/", pattern=r"^/", description="Where the API is mounted.")
     app_name: str = Field("lmforge", pattern=r"^[A-Za-z0-9_.-]+$", description="Serve application name.")
-    model: str | None = Field(
+    model: Annotated[str | None, PATH] = Field(
         None, description="Model directory URI to serve, or registry:<alias|version> (registry:production follows "
         "the registry's production version as it moves); null = <run>/model.")
     registry_poll_s: float = Field(5.0, gt=0, description="How often replicas serving registry:<ref> re-read it.")
     model_name: str = Field("lmforge", description="Model id reported by /v1/models and required in requests.")
     # who may call
     api_keys_env: str = Field("LMFORGE_API_KEYS", description="Environment variable with comma-separated API keys.")
-    api_keys_file: str | None = Field(
+    api_keys_file: Annotated[str | None, PATH] = Field(
         None, description="YAML key file (a mounted secret): each key's name, role and limits (lm.serve.auth.KeyFile).")
     require_auth: bool = Field(
         True, description="Refuse requests without a valid bearer key; starting with no key configured is an error "

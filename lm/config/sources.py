@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
-from lm.config.base import Section
+from lm.config.base import PATH, Section
 
 
 class SourceConfig(Section):
     """One text source: a file, folder or glob of .txt / .jsonl / .parquet files (optionally .gz / .zst)."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Short name used in manifests and reports.")
-    uri: str = Field(
+    uri: Annotated[str, PATH] = Field(
         ...,
         description="File, folder or glob: a local path, file://, s3://bucket/prefix, or bundled://NAME "
         "for a corpus shipped inside lmforge (bundled://tinyshakespeare).",

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from lm.config.base import Section
+from lm.config.base import PATH, Section
 
 
 class DistillConfig(Section):
     """Knowledge distillation (lm.train.distill): learn from a teacher model's logits as well as the data."""
 
-    teacher: str | None = Field(
+    teacher: Annotated[str | None, PATH] = Field(
         None, description="Teacher model directory (URI) whose logits the student learns from; it must use the "
         "data's tokenizer and hold a context >= the training sequence length. null = no distillation.",
     )
@@ -95,7 +95,7 @@ class TrainConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the plain (single-process) loop runs.")
     seed: int = Field(1337, description="Seed for init, batch sampling and dropout.")
-    init_from: str | None = Field(
+    init_from: Annotated[str | None, PATH] = Field(
         None, description="Start from this model directory's weights (fine-tuning); a resumed run uses its checkpoint."
     )
     distill: DistillConfig = Field(

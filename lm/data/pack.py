@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from lm.loss_mask import masked_targets
+
 _INT32 = np.iinfo(np.int32)
 
 
@@ -88,21 +90,15 @@ def _pad_rows(ids: list[np.ndarray], masks: list[np.ndarray], width: int, pad_id
     return rows, out_mask
 
 
-def rows_to_inputs_targets(rows, loss_mask=None, ignore_index: int = -100):
+def rows_to_inputs_targets(rows, loss_mask=None):
     """Split packed rows ``[n, seq_len + 1]`` into ``inputs = rows[:, :-1]``, ``targets = rows[:, 1:]``;
-    with a ``loss_mask`` of the rows' shape, targets whose mask is 0 become ``ignore_index`` (no loss:
-    the prompt of a supervised example).
+    with a ``loss_mask`` of the rows' shape, targets whose mask is 0 become :data:`lm.loss_mask.IGNORE`
+    (no loss: the prompt of a supervised example).
 
     Works on numpy arrays and torch tensors alike (views, no copy, unless masked).
     """
     if rows.ndim != 2 or rows.shape[1] < 2:
         raise ValueError(f"rows must have shape [n, seq_len + 1] with seq_len >= 1, got {tuple(rows.shape)}")
-    inputs, targets = rows[:, :-1], rows[:, 1:]
-    if loss_mask is None:
-        return inputs, targets
-    if tuple(loss_mask.shape) != tuple(rows.shape):
+    if loss_mask is not None and tuple(loss_mask.shape) != tuple(rows.shape):
         raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)}, the rows {tuple(rows.shape)}")
-    keep = loss_mask[:, 1:] != 0
-    masked = targets.clone() if hasattr(targets, "clone") else targets.copy()
-    masked[~keep] = ignore_index
-    return inputs, masked
+    return rows[:, :-1], masked_targets(rows[:, 1:], None if loss_mask is None else loss_mask[:, 1:])

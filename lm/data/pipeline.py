@@ -40,6 +40,7 @@ from typing import Any
 
 from lm.cluster import connect
 from lm.config import Config, join_uri
+from lm.config.base import absolute_paths
 from lm.data.dedup import (
     INDEX_KNOWN_EXACT,
     INDEX_KNOWN_NEAR,
@@ -77,6 +78,7 @@ from lm.data.tables import filter_in
 from lm.progress import Log
 from lm.storage import ObjectStore, StorageError
 from lm.tokenizer import BPETokenizer, train_tokenizer
+from lm.uri import absolute_uri
 
 SCRATCH = "tmp"  # <data>/tmp-<fingerprint>/: the run's intermediate Parquet (lm.data.steps.Scratch)
 
@@ -86,11 +88,12 @@ _EXECUTION_ONLY = {"output", "tokenize_actors", "actor_cpus", "shuffle_partition
 
 
 def settings_hash(cfg: Config) -> str:
-    """Hash of the settings that shape the output (not where it goes nor how it is executed)."""
+    """Hash of the settings that shape the output (not where it goes nor how it is executed; local source
+    paths as absolute paths)."""
     sft_only = {"format", "sft"} if cfg.data.format == "text" else set()  # text data keeps its earlier hash
     blob = json.dumps(
         {
-            "data": cfg.data.model_dump(mode="json", exclude=_EXECUTION_ONLY | sft_only),
+            "data": absolute_paths(cfg.data).model_dump(mode="json", exclude=_EXECUTION_ONLY | sft_only),
             "tokenizer": cfg.tokenizer.model_dump(mode="json"),
             "seq_len": cfg.seq_len,
         },
@@ -101,8 +104,11 @@ def settings_hash(cfg: Config) -> str:
 
 def inputs_fingerprint(cfg: Config, files: list[dict], extra: str = "") -> str:
     """Hash of everything that determines the output: the files (uri, size), the settings and ``extra``
-    (a given tokenizer, a corpus index)."""
-    blob = json.dumps({"files": [(f["uri"], f.get("size", -1)) for f in files], "settings": settings_hash(cfg)})
+    (a given tokenizer, a corpus index). Local files count by their absolute path, so a source spelled
+    relative (``lm prepare``) and made absolute (Config.with_absolute_paths: ``lm train``) are the same
+    inputs."""
+    listed = [(absolute_uri(f["uri"]), f.get("size", -1)) for f in files]
+    blob = json.dumps({"files": listed, "settings": settings_hash(cfg)})
     blob += extra
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -24,8 +24,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 
-import numpy as np
-
 from lm.config import Config, join_uri
 from lm.config.eval import EvalConfig, EvalSetConfig
 from lm.data.sources import DataError
@@ -34,7 +32,7 @@ from lm.eval.generation import generation_scores, label_scores, samples
 from lm.eval.metrics import TokenSums, score_rows, token_byte_lengths
 from lm.eval.ngram import NGramLM
 from lm.eval.report import training_curves, write_report
-from lm.eval.sets import EvalRows, load_set, ngram_train_rows, prompt_set
+from lm.eval.sets import EvalRows, Piece, load_set, ngram_train_rows, prompt_set
 from lm.modeldir import LoadedModel, load_model_dir
 from lm.progress import Log
 from lm.storage import ObjectStore
@@ -66,7 +64,7 @@ def _ngram(cfg: Config, store: ObjectStore, loaded: LoadedModel, seq_len: int, c
     return cache[key]
 
 
-def _backend(ev: EvalConfig, found: EvalRows) -> tuple[str, Iterator[np.ndarray]]:
+def _backend(ev: EvalConfig, found: EvalRows) -> tuple[str, Iterator[Piece]]:
     """The backend for a set (``eval.backend``; auto: ray from ``ray_min_rows`` rows up) and its pieces. A
     set of unknown size (a text set) is read up to ``ray_min_rows`` rows to decide: held, bounded by that."""
     if ev.backend != "auto":
@@ -82,14 +80,15 @@ def _backend(ev: EvalConfig, found: EvalRows) -> tuple[str, Iterator[np.ndarray]
     return "local", iter(head)
 
 
-def _local_sums(loaded: LoadedModel, pieces: Iterable[np.ndarray], batch_size: int,
+def _local_sums(loaded: LoadedModel, pieces: Iterable[Piece], batch_size: int,
                 ngram: NGramLM | None) -> tuple[dict[str, TokenSums], int]:
     """Token sums of every piece, added up (memory holds one piece, whatever the set's size), and the rows."""
     table = token_byte_lengths(loaded.tokenizer, loaded.model.cfg.vocab_size)
     sums = {"model": TokenSums(), **({"ngram": TokenSums(correct=None)} if ngram is not None else {})}
     rows = 0
     for piece in pieces:
-        for key, part in score_rows(loaded.model, piece, table, batch_size, ngram).items():
+        for key, part in score_rows(loaded.model, piece.rows, table, batch_size, ngram,
+                                    loss_mask=piece.loss_mask).items():
             sums[key] = sums[key] + part
         rows += len(piece)
     return sums, rows

@@ -1,10 +1,11 @@
 """Token-level sums → loss, perplexity, bits per byte and next-token top-1 accuracy (pure torch, one process).
 
 Rows are packed token rows ``[n, seq_len + 1]`` (the shards' layout, lm.data.pack): inputs ``row[:-1]``,
-targets ``row[1:]``. A negative id is not scored: −1 is padding (the tail of a text set's last row,
-lm.eval.sets), neither scored nor fed to the model (padding only ever follows the real tokens, and
-attention is causal); −(id + 2) is a token the model reads but is not scored on (:func:`hide_targets`:
-the prompt of a supervised example, loss mask 0), so SFT data is scored on its responses as it trains.
+targets ``row[1:]``. −1 is padding (the tail of a text set's last row, lm.eval.sets), neither scored nor
+fed to the model (padding only ever follows the real tokens, and attention is causal). A ``loss_mask``
+beside the rows (supervised shards: 0 on the prompt) makes its 0 targets :data:`lm.loss_mask.IGNORE`, as
+training does (lm.data.pack.rows_to_inputs_targets): read, not scored, so SFT data is scored on its
+responses as it trains. A negative target is never scored.
 
 Bits per byte = the summed negative log-likelihood in bits ÷ the UTF-8 bytes that the scored target
 tokens encode. :func:`token_byte_lengths` gives those bytes per token id: in a byte-level BPE every
@@ -14,6 +15,7 @@ probability evenly over V tokens scores ``log2(V) × tokens ÷ bytes``.
 
     table = token_byte_lengths(tokenizer, model.cfg.vocab_size)
     sums = model_sums(model, rows, table, batch_size=16)     # TokenSums; sums add up across shards
+    sums = model_sums(model, rows, table, loss_mask=mask)    # supervised rows: their responses only
     sums.metrics()   # {"loss", "perplexity", "bpb", "accuracy", "tokens", "bytes"}
 """
 
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lm.data.pack import rows_to_inputs_targets
 from lm.tokenizer import BPETokenizer
 
 
@@ -77,22 +80,6 @@ def token_byte_lengths(tokenizer: BPETokenizer, size: int | None = None) -> np.n
     return table
 
 
-def hide_targets(rows: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
-    """``rows`` with every target whose loss mask is 0 hidden as −(id + 2): still read, not scored."""
-    hidden = np.array(rows, dtype=np.int32, copy=True)
-    off = np.asarray(loss_mask) == 0
-    off[:, 0] = False  # the first token of a row is never a target
-    hidden[off] = -hidden[off] - 2
-    return hidden
-
-
-def read_ids(rows):
-    """The ids the model reads from rows (numpy or torch): hidden targets back to their ids, padding 0."""
-    if isinstance(rows, torch.Tensor):
-        return torch.where(rows <= -2, -rows - 2, rows).clamp(min=0)
-    return np.maximum(np.where(rows <= -2, -rows - 2, rows), 0)
-
-
 def sums_from_logits(logits: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> TokenSums:
     """Sums over the non-negative ``targets`` [B, T] of ``logits`` [B, T, V] (nats; byte table [≥ V])."""
     keep = targets >= 0
@@ -106,8 +93,9 @@ def sums_from_logits(logits: torch.Tensor, targets: torch.Tensor, token_bytes: t
 
 @torch.no_grad()
 def model_sums(model: torch.nn.Module, rows: np.ndarray, token_bytes: np.ndarray, batch_size: int = 16,
-               device: str | torch.device = "cpu") -> TokenSums:
-    """Score every row of ``rows`` with ``model`` (a :class:`lm.model.Transformer`), ``batch_size`` at a time."""
+               device: str | torch.device = "cpu", loss_mask: np.ndarray | None = None) -> TokenSums:
+    """Score every row of ``rows`` with ``model`` (a :class:`lm.model.Transformer`), ``batch_size`` at a time
+    (``loss_mask``, the rows' shape: only the targets whose mask is 1)."""
     if rows.ndim != 2 or rows.shape[1] < 2:
         raise ValueError(f"rows must have shape [n, seq_len + 1], got {tuple(rows.shape)}")
     was_training = model.training
@@ -116,9 +104,11 @@ def model_sums(model: torch.nn.Module, rows: np.ndarray, token_bytes: np.ndarray
     total = TokenSums()
     try:
         for start in range(0, len(rows), batch_size):
-            batch = torch.from_numpy(np.asarray(rows[start : start + batch_size], dtype=np.int64)).to(device)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            logits, _ = model(read_ids(inputs))
+            end = start + batch_size
+            batch = torch.from_numpy(np.asarray(rows[start:end], dtype=np.int64)).to(device)  # [b, T + 1]
+            mask = None if loss_mask is None else torch.as_tensor(loss_mask[start:end], device=device)
+            inputs, targets = rows_to_inputs_targets(batch, mask)  # [b, T] each; mask 0: IGNORE
+            logits, _ = model(inputs.clamp(min=0))  # padding (-1) read as 0: it only follows the real tokens
             total = total + sums_from_logits(logits, targets, table)
     finally:
         model.train(was_training)
@@ -126,11 +116,12 @@ def model_sums(model: torch.nn.Module, rows: np.ndarray, token_bytes: np.ndarray
 
 
 def score_rows(model: torch.nn.Module, rows: np.ndarray, token_bytes: np.ndarray, batch_size: int = 16,
-               baseline=None, device: str | torch.device = "cpu") -> dict[str, TokenSums]:
-    """``{"model": sums}``, plus ``"ngram"`` when a ``baseline`` (anything with ``.nll(rows)`` in nats,
-    e.g. lm.eval.ngram.NGramLM) scores the same targets: one scorer for both backends."""
-    sums = model_sums(model, rows, token_bytes, batch_size, device)
+               baseline=None, device: str | torch.device = "cpu",
+               loss_mask: np.ndarray | None = None) -> dict[str, TokenSums]:
+    """``{"model": sums}``, plus ``"ngram"`` when a ``baseline`` (anything with ``.nll(rows, loss_mask=)`` in
+    nats, e.g. lm.eval.ngram.NGramLM) scores the same targets: one scorer for both backends."""
+    sums = model_sums(model, rows, token_bytes, batch_size, device, loss_mask)
     out = {"model": sums}
     if baseline is not None:
-        out["ngram"] = TokenSums(baseline.nll(rows), sums.tokens, sums.bytes, None)
+        out["ngram"] = TokenSums(baseline.nll(rows, loss_mask=loss_mask), sums.tokens, sums.bytes, None)
     return out

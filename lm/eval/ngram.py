@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lm.eval.metrics import read_ids
+from lm.data.pack import rows_to_inputs_targets
 
 _MAX_KEY = 2**63
 
@@ -169,15 +169,16 @@ class NGramLM:
         contexts = np.broadcast_to(padded, (len(tokens), width))
         return self._probs(contexts, np.full(len(tokens), len(ctx)), tokens)
 
-    def log_probs(self, rows: np.ndarray) -> np.ndarray:
-        """ln P(row[j] | row[j − order + 1 : j]) for the targets ``rows[:, 1:]``; 0 where the target is not scored (negative)."""
+    def log_probs(self, rows: np.ndarray, loss_mask: np.ndarray | None = None) -> np.ndarray:
+        """ln P(row[j] | row[j − order + 1 : j]) for the targets ``rows[:, 1:]``; 0 where the target is not
+        scored (negative: padding, or loss mask 0 with a ``loss_mask`` of the rows' shape)."""
         rows = np.asarray(rows, dtype=np.int64)
         n, width = rows.shape
         w = self.order - 1
-        ids = read_ids(rows)  # contexts may hold tokens that are read but not scored (lm.eval.metrics.hide_targets)
+        ids = np.maximum(rows, 0)  # contexts read every token (padding as 0), scored or not
         padded = np.concatenate([np.zeros((n, w), dtype=np.int64), ids], axis=1)  # context ids before row start
         positions = np.arange(1, width)
-        targets = rows[:, 1:]
+        _, targets = rows_to_inputs_targets(rows, loss_mask)
         keep = targets >= 0
         if w:
             ctx = np.stack([padded[:, positions + i] for i in range(w)], axis=-1)  # [n, width − 1, w]
@@ -188,6 +189,11 @@ class NGramLM:
         out[keep] = np.log(self._probs(ctx[keep], ctx_len[keep], targets[keep]))
         return out
 
-    def nll(self, rows: np.ndarray, chunk_rows: int = 4096) -> float:
-        """Summed negative log-likelihood (nats) of the scored (non-negative) targets of ``rows``, in chunks."""
-        return float(sum(-self.log_probs(rows[i : i + chunk_rows]).sum() for i in range(0, len(rows), chunk_rows)))
+    def nll(self, rows: np.ndarray, chunk_rows: int = 4096, loss_mask: np.ndarray | None = None) -> float:
+        """Summed negative log-likelihood (nats) of the scored targets of ``rows`` (as :meth:`log_probs`), in
+        chunks."""
+        total = 0.0
+        for i in range(0, len(rows), chunk_rows):
+            mask = None if loss_mask is None else loss_mask[i : i + chunk_rows]
+            total -= self.log_probs(rows[i : i + chunk_rows], mask).sum()
+        return float(total)

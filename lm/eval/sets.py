@@ -7,7 +7,8 @@ in memory: a set is an iterator of bounded pieces (a Parquet row group of the sh
 
 * split, the model's tokenizer made the shards: the shards' rows as they are (``shard_uris`` set, so
   the Ray backend reads the files itself); supervised shards (``data.format: sft``) are scored through
-  their loss masks (``masked``), so only the responses are scored, as in training;
+  their loss masks (``masked``: each :class:`Piece` carries its rows' mask), so only the responses are
+  scored, as in training;
 * split, another tokenizer made them: the rows are decoded with the data's tokenizer and re-encoded
   with the model's, so bits per byte compare across tokenizers;
 * text: :func:`packed_rows`: every token is scored exactly once, so the scored bytes are the text's.
@@ -19,7 +20,7 @@ Prompt sets are JSONL (``{"prompt", "reference"}`` or ``{"prompt", "label"}``) a
 made deterministically from held-out speeches of the bundled tinyshakespeare (no download).
 
     found = load_set(store, cfg, cfg.eval.sets[0], tokenizer, seq_len=64)   # EvalRows
-    for rows in found.pieces: ...                                            # [k, seq_len + 1] each
+    for piece in found.pieces: ...                                           # Piece(rows, loss_mask)
     examples = prompt_set(store, cfg, "builtin", "labelled")                 # [{"prompt", "label"}, ...]
 """
 
@@ -41,7 +42,6 @@ from lm.data.manifest import read_manifest
 from lm.data.sources import DataError, plan_files, read_file_task
 from lm.data.split import assign_split
 from lm.data.stream import ParquetSplit
-from lm.eval.metrics import hide_targets
 from lm.storage import ObjectStore, StorageError
 from lm.tokenizer import BPETokenizer
 
@@ -54,15 +54,27 @@ PIECE_ROWS = 256  # rows of a text set packed (and scored) at once
 ENCODE_BATCH = 256  # documents tokenized at once
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A bounded piece of an eval set: ``rows`` [k, seq_len + 1] (-1: padding, lm.eval.metrics) and, for
+    supervised shards, their ``loss_mask`` (the same shape; 0: read, not scored). ``len``: its rows."""
+
+    rows: np.ndarray
+    loss_mask: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 @dataclass
 class EvalRows:
     """One eval set, never whole in memory: ``pieces`` yields its rows a bounded piece at a time, in
     order (a row group of the shards, or :data:`PIECE_ROWS` rows of a text set); reading starts at the
-    first piece and the iterator is used once. Negative ids are not scored (lm.eval.metrics)."""
+    first piece and the iterator is used once."""
 
     name: str
     source: str  # what is read, for the report
-    pieces: Iterator[np.ndarray]  # [k, seq_len + 1] each
+    pieces: Iterator[Piece]
     n_rows: int | None  # known before reading (shards: the manifest's count); None: a text set
     shard_uris: list[str] | None = None  # the rows are exactly these shards (the Ray backend reads the files)
     masked: bool = False  # the shards' loss masks apply (their ``loss_mask`` column)
@@ -133,12 +145,12 @@ def _encoded(tok: BPETokenizer, texts: Iterable[str]) -> Iterator[list[int]]:
         yield from tok.encode_batch(batch)
 
 
-def _documents(pieces: Iterable[np.ndarray], tok: BPETokenizer) -> Iterator[str]:
+def _documents(pieces: Iterable[Piece], tok: BPETokenizer) -> Iterator[str]:
     """The documents packed in the rows of ``pieces`` (a stream of ``doc eos doc eos …``), decoded with
     ``tok``; a document cut by a piece's end is carried into the next."""
     carry = np.zeros(0, dtype=np.int32)
-    for rows in pieces:
-        flat = np.concatenate([carry, rows.reshape(-1)])
+    for piece in pieces:
+        flat = np.concatenate([carry, piece.rows.reshape(-1)])
         start = 0
         for end in np.flatnonzero(flat == tok.eos_id):
             if end > start and (text := tok.decode(flat[start:end].tolist())):
@@ -149,9 +161,9 @@ def _documents(pieces: Iterable[np.ndarray], tok: BPETokenizer) -> Iterator[str]
         yield text
 
 
-def _shard_pieces(store: ObjectStore, uris: list[str], max_rows: int | None, masked: bool) -> Iterator[np.ndarray]:
+def _shard_pieces(store: ObjectStore, uris: list[str], max_rows: int | None, masked: bool) -> Iterator[Piece]:
     """The rows of the shards at ``uris`` in order, one Parquet row group at a time, the first ``max_rows``
-    of them (no row group past those is read); ``masked``: loss-mask-0 targets hidden (hide_targets)."""
+    of them (no row group past those is read); ``masked``: with their loss masks."""
     split = ParquetSplit.of_uris(uris, store.pyarrow_filesystem)
     left = split.rows if max_rows is None else max_rows
     for i in range(len(split.unit_rows)):
@@ -160,7 +172,7 @@ def _shard_pieces(store: ObjectStore, uris: list[str], max_rows: int | None, mas
         rows, mask = split.read(i)
         rows = rows[:left]
         left -= len(rows)
-        yield hide_targets(rows, mask[: len(rows)]) if masked and mask is not None else rows
+        yield Piece(rows, mask[: len(rows)] if masked and mask is not None else None)
 
 
 def split_rows(store: ObjectStore, cfg: Config, split: str, tok: BPETokenizer, seq_len: int,
@@ -185,7 +197,8 @@ def split_rows(store: ObjectStore, cfg: Config, split: str, tok: BPETokenizer, s
                         masked, "supervised rows: scored on the responses" if masked else "")
     data_tok = BPETokenizer.from_json(store.read_text(manifest.tokenizer_uri(data)))
     docs = _documents(_shard_pieces(store, uris, None, False), data_tok)  # read only as far as the rows need
-    return EvalRows(split, source, packed_rows(_encoded(tok, docs), seq_len, tok.eos_id, max_rows), None,
+    rows = packed_rows(_encoded(tok, docs), seq_len, tok.eos_id, max_rows)
+    return EvalRows(split, source, map(Piece, rows), None,
                     note="re-tokenized: the shards were made with another tokenizer")
 
 
@@ -199,7 +212,8 @@ def load_set(store: ObjectStore, cfg: Config, spec: EvalSetConfig, tok: BPEToken
     source = SourceConfig(name=spec.name, uri=spec.uri, format=spec.format, delimiter=spec.delimiter,
                           text_field=spec.text_field)
     texts = iter_texts(store, cfg, source)
-    return EvalRows(spec.name, spec.uri, packed_rows(_encoded(tok, texts), seq_len, tok.eos_id, max_rows), None)
+    rows = packed_rows(_encoded(tok, texts), seq_len, tok.eos_id, max_rows)
+    return EvalRows(spec.name, spec.uri, map(Piece, rows), None)
 
 
 def ngram_train_rows(store: ObjectStore, cfg: Config, tok: BPETokenizer, seq_len: int,
@@ -210,7 +224,7 @@ def ngram_train_rows(store: ObjectStore, cfg: Config, tok: BPETokenizer, seq_len
     try:
         found = split_rows(store, cfg, "train", tok, seq_len, max_rows=max(1, max_tokens // (seq_len + 1)),
                            every_token=True)
-        parts = list(found.pieces)
+        parts = [piece.rows for piece in found.pieces]
     except (DataError, StorageError) as err:
         return None, f"no n-gram baseline: {err}"
     if not parts:

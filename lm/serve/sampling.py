@@ -1,6 +1,7 @@
-"""Sampling one token per row of a batch, each row with its own settings (no Ray).
+"""What the serving engine adds to lm.sampling's one sampler and argument checker (no Ray): OpenAI's
+logit adjustments, logprobs, and the check of a whole request.
 
-    tokens = sample_rows(logits, temperature, top_k, top_p, uniforms)   # [B, V] logits, [B] settings
+    tokens = sample_rows(logits, temperature, top_k, top_p, uniforms)   # lm.sampling's, re-exported
     logits = adjust_logits(logits, generated, presence, frequency, bias)  # OpenAI's penalties and logit_bias
     chosen, top = top_logprobs(logits, tokens, k)                          # logprobs of the chosen, top k
     lps, tops = prompt_logprobs(prompt_logits, prompt_ids, k)              # echo: the prompt's own
@@ -11,42 +12,8 @@ from __future__ import annotations
 
 import torch
 
-
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``logits`` [B, V], each row with its own settings ([B] tensors).
-
-    temperature 0 = greedy (argmax); else logits / temperature, keep the values >= the top_k-th
-    largest (top_k >= V: off), then the nucleus (tokens whose preceding mass is < top_p; top_p >= 1:
-    off), as :func:`lm.model.sample_next` does; the token is drawn by inverse CDF with ``uniforms``
-    (one number in [0, 1) per row), so a row's draw depends on its logits and its number only: over
-    the tokens by likelihood for rows with top-k / top-p, in vocabulary order (no sort) otherwise.
-    """
-    greedy = logits.argmax(dim=-1)
-    sampled_rows = temperature > 0
-    if not bool(sampled_rows.any()):
-        return greedy
-    V = logits.size(-1)
-    scaled = logits.float() / torch.where(sampled_rows, temperature, 1.0)[:, None]
-    token = _inverse_cdf(scaled.softmax(dim=-1), uniforms)  # rows without top-k / top-p: no sort needed
-    filtered = sampled_rows & ((top_k < V) | (top_p < 1))
-    if bool(filtered.any()):
-        values, order = scaled.sort(dim=-1, descending=True, stable=True)
-        kth = values.gather(1, (top_k.clamp(1, V) - 1)[:, None])
-        values = values.masked_fill(values < kth, float("-inf"))
-        probs = values.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p[:, None]  # the mass before this token reaches top_p
-        probs = values.masked_fill(outside, float("-inf")).softmax(dim=-1)
-        token = torch.where(filtered, order.gather(1, _inverse_cdf(probs, uniforms)[:, None]).squeeze(1), token)
-    return torch.where(sampled_rows, token, greedy)
-
-
-def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Per row, the first index whose cumulative mass exceeds u·total (right=True: never a token of
-    probability 0)."""
-    cdf = probs.cumsum(dim=-1)
-    index = torch.searchsorted(cdf, uniforms[:, None].to(cdf) * cdf[:, -1:], right=True)
-    return index.clamp(max=probs.size(-1) - 1).squeeze(1)
+from lm.sampling import check_prompt, check_settings
+from lm.sampling import sample_rows as sample_rows  # re-exported: the engine's sampler is lm.sampling's
 
 
 def adjust_logits(logits: torch.Tensor, generated: list[list[int]], presence: list[float], frequency: list[float],
@@ -116,22 +83,9 @@ def check_adjustments(req, vocab: int, where: str) -> None:
 
 def check_request(req, context_length: int, vocab_size: int, where: str = "request") -> None:
     """Raise ValueError (naming ``where``) if ``req`` (an lm.serve.engine.GenRequest) cannot run on a model of
-    this context and vocabulary (ArgumentError, naming the parameter, for the adjustments)."""
-    ctx, vocab = context_length, vocab_size
-    n = len(req.prompt_ids)
-    if n == 0:
-        raise ValueError(f"{where}: the prompt is empty; it needs at least one token")
-    if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab:
-        raise ValueError(f"{where}: the prompt holds token ids outside [0, vocab_size={vocab})")
-    if not isinstance(req.max_tokens, int) or req.max_tokens < 0:
-        raise ValueError(f"{where}: max_tokens must be an int >= 0, got {req.max_tokens!r}")
-    if n + req.max_tokens > ctx:
-        raise ValueError(f"{where}: prompt of {n} tokens + max_tokens {req.max_tokens} = "
-                         f"{n + req.max_tokens} exceeds the model's context length {ctx}")
-    if not (req.temperature >= 0 and req.temperature != float("inf")):
-        raise ValueError(f"{where}: temperature must be a finite number >= 0, got {req.temperature!r}")
-    if req.top_k is not None and (not isinstance(req.top_k, int) or req.top_k < 1):
-        raise ValueError(f"{where}: top_k must be an int >= 1 or None, got {req.top_k!r}")
-    if req.top_p is not None and not 0 < req.top_p <= 1:
-        raise ValueError(f"{where}: top_p must be in (0, 1] or None, got {req.top_p!r}")
-    check_adjustments(req, vocab, where)
+    this context and vocabulary (lm.sampling's checks; ArgumentError, naming the parameter, for the
+    adjustments)."""
+    check_settings(req.max_tokens, req.temperature, req.top_k, req.top_p, where=where)
+    check_prompt(req.prompt_ids, vocab_size=vocab_size, context_length=context_length, where=where,
+                 new_tokens=req.max_tokens)
+    check_adjustments(req, vocab_size, where)

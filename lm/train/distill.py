@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lm.config import ConfigError, join_uri
+from lm.loss_mask import IGNORE
 from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
 
@@ -36,7 +37,7 @@ class DistillLoss:
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, *, temperature: float,
-                 weight: float, ignore_index: int = -100) -> DistillLoss:
+                 weight: float, ignore_index: int = IGNORE) -> DistillLoss:
     """The distillation loss of logits ``student`` [B, T, V_s] against ``teacher`` [B, T, V_t] and
     ``targets`` [B, T]; both terms are means over the positions whose target is not ``ignore_index``.
 

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lm.cluster import accelerator
 from lm.config import Config, join_uri
 from lm.data.manifest import read_manifest
 from lm.data.stream import train_stream, validation_rows
@@ -311,5 +312,5 @@ class Worker:
 def train_worker(config: dict) -> None:
     """The ``train_loop_per_worker`` of the TorchTrainer: ``config = {"cfg": Config, "store": ObjectStore}``
     (the driver's store, so credentials resolved from its environment reach the workers)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    os.environ["DS_ACCELERATOR"] = accelerator()
     Worker(config["cfg"], config.get("store")).run()

@@ -74,7 +74,9 @@ def test_prepare_sft_records_into_masked_shards(ray_session, store_root):
     # lm eval scores these rows on their responses, as training does; the n-gram fits on every token
     scored = split_rows(store, cfg, "val", tok, cfg.seq_len)
     _, val_mask = read_head(ParquetSplit.open(store, data, "val"), manifest.rows_in("val"))
-    got = np.concatenate(list(scored.pieces))  # small: the test's few rows
-    assert scored.masked and (got[:, 1:] >= 0).sum() == val_mask[:, 1:].sum()
-    every = np.concatenate(list(split_rows(store, cfg, "val", tok, cfg.seq_len, every_token=True).pieces))
+    pieces = list(scored.pieces)  # small: the test's few rows
+    got = np.concatenate([p.loss_mask for p in pieces])
+    assert scored.masked and got[:, 1:].sum() == val_mask[:, 1:].sum()
+    every_token = split_rows(store, cfg, "val", tok, cfg.seq_len, every_token=True)
+    every = np.concatenate([p.rows for p in every_token.pieces])
     assert (every >= 0).all() and len(every) == len(got)

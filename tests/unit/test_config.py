@@ -97,3 +97,39 @@ def test_every_field_is_documented():
 
     missing = [key for key, desc in walk(Config) if not desc and key != "data.sources"]
     assert not missing, f"undocumented config fields: {missing}"
+
+
+def test_with_absolute_paths_resolves_every_marked_path(tmp_path, monkeypatch):
+    """Every path field (lm.config.base.PATH), in lists of sources too; URIs with a scheme stay."""
+    monkeypatch.chdir(tmp_path)
+    cfg = Config.model_validate({
+        "data": {"sources": [{"name": "local", "uri": "corpus/*.txt"},
+                             {"name": "s", "uri": "bundled://tinyshakespeare"}]},
+        "continual": {"corpus": [{"name": "new", "uri": "incoming/"}]},
+        "rag": {"sources": [{"name": "plays", "uri": "s3://bucket/plays/"}]},
+        "serve": {"model": "registry:production", "api_keys_file": "keys.yaml", "feedback": {"uri": "fb"}},
+        "eval": {"sets": [{"name": "val", "uri": "held.txt"}], "labelled_set": "labels.jsonl"},
+    })
+    out = cfg.with_absolute_paths()
+    here = str(tmp_path.resolve())
+    assert [s.uri for s in out.data.sources] == [f"{here}/corpus/*.txt", "bundled://tinyshakespeare"]
+    assert out.continual.corpus[0].uri == f"{here}/incoming/"  # a folder prefix stays one
+    assert out.rag.sources[0].uri == "s3://bucket/plays/"
+    assert out.serve.model == "registry:production"
+    assert (out.serve.api_keys_file, out.serve.feedback.uri) == (f"{here}/keys.yaml", f"{here}/fb")
+    assert (out.eval.sets[0].uri, out.eval.labelled_set, out.eval.generation_set) == (
+        f"{here}/held.txt", f"{here}/labels.jsonl", "builtin")  # builtin: a name, not a path
+    assert out.storage.root == f"{here}/lmforge-store" and out.train.init_from is None
+    assert cfg.data.sources[0].uri == "corpus/*.txt"  # a copy: the original is left as it is
+    assert load_config(None, ["serve.model=s3://b/m"]).with_absolute_paths().serve.model == "s3://b/m"
+
+
+def test_data_fingerprint_is_the_same_for_relative_and_absolute_sources(tmp_path, monkeypatch):
+    """`lm prepare` reads the sources as written, `lm train` after with_absolute_paths: the same inputs."""
+    from lm.data.pipeline import inputs_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    cfg = Config.model_validate({"data": {"sources": [{"name": "local", "uri": "corpus/"}]}})
+    files = [{"uri": "corpus/a.txt", "size": 3}]
+    absolute = [{"uri": str(tmp_path.resolve() / "corpus/a.txt"), "size": 3}]
+    assert inputs_fingerprint(cfg, files) == inputs_fingerprint(cfg.with_absolute_paths(), absolute)

@@ -10,7 +10,6 @@ import torch
 from lm.config import ModelConfig, TokenizerConfig
 from lm.eval.metrics import (
     TokenSums,
-    hide_targets,
     model_sums,
     score_rows,
     sums_from_logits,
@@ -130,13 +129,12 @@ def test_masked_rows_score_what_training_scores_and_read_every_token(tok):
     rng = np.random.default_rng(1)
     rows = rng.integers(0, tok.vocab_size, size=(6, 17))
     mask = (rng.random((6, 17)) < 0.4).astype(np.uint8)  # the responses; position 0 is only ever read
-    hidden = hide_targets(rows, mask)
-    assert (hidden[:, 0] == rows[:, 0]).all() and ((hidden[:, 1:] < 0) == (mask[:, 1:] == 0)).all()
-    sums = model_sums(model, hidden, token_byte_lengths(tok), batch_size=4)
+    sums = model_sums(model, rows, token_byte_lengths(tok), batch_size=4, loss_mask=mask)
     x = torch.from_numpy(rows).long()
     logits, _ = model(x[:, :-1])  # the whole row is read, as in training
     keep = torch.from_numpy(mask[:, 1:] == 1)
     nll = torch.nn.functional.cross_entropy(logits[keep], x[:, 1:][keep], reduction="sum")
     assert sums.tokens == int(mask[:, 1:].sum()) and sums.nll == pytest.approx(nll.item(), rel=1e-5)
-    ngram = NGramLM.fit(rows, 3, tok.vocab_size)  # the n-gram reads the hidden context too
-    assert np.allclose(ngram.log_probs(hidden), np.where(mask[:, 1:] == 1, ngram.log_probs(rows), 0.0))
+    ngram = NGramLM.fit(rows, 3, tok.vocab_size)  # the n-gram reads the unscored context too
+    assert np.allclose(ngram.log_probs(rows, mask), np.where(mask[:, 1:] == 1, ngram.log_probs(rows), 0.0))
+    assert ngram.nll(rows, chunk_rows=4, loss_mask=mask) == pytest.approx(-ngram.log_probs(rows, mask).sum())

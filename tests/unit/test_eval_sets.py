@@ -10,7 +10,7 @@ from lm.config import TokenizerConfig, load_config
 from lm.config.eval import EvalSetConfig
 from lm.data.loader import shard_bytes
 from lm.data.stream import ParquetSplit
-from lm.eval.sets import load_set, ngram_train_rows, packed_rows, split_rows, text_rows
+from lm.eval.sets import Piece, load_set, ngram_train_rows, packed_rows, split_rows, text_rows
 from lm.storage import ObjectStore
 from lm.tokenizer import train_tokenizer
 
@@ -78,7 +78,8 @@ def test_a_split_is_read_a_row_group_at_a_time_up_to_max_rows(tmp_path, small_to
     found = split_rows(store, cfg, "val", small_tokenizer, SEQ, max_rows=10)
     assert (found.n_rows, found.shard_uris) == (10, None) and reads == []  # nothing read before the first piece
     pieces = list(found.pieces)
-    assert [len(p) for p in pieces] == [4, 4, 2] and np.array_equal(np.concatenate(pieces), val[:10])
+    assert [len(p) for p in pieces] == [4, 4, 2]
+    assert np.array_equal(np.concatenate([p.rows for p in pieces]), val[:10])
     assert reads == [0, 1, 2]  # no row group past the tenth row
     whole = load_set(store, cfg, EvalSetConfig(name="v", split="val"), small_tokenizer, SEQ)
     assert whole.n_rows == 40 and len(whole.shard_uris) == 2  # the Ray backend may read the files as they are
@@ -96,10 +97,12 @@ def test_supervised_rows_are_scored_through_their_masks(tmp_path, small_tokenize
     cfg, store = write_data(write_manifest, tmp_path, small_tokenizer, {"val": rows, "train": rows}, mask, kind="sft")
     found = split_rows(store, cfg, "val", small_tokenizer, SEQ)
     assert found.masked and "responses" in found.note
-    got = np.concatenate(list(found.pieces))
-    assert (got[:, 5:] == rows[:, 5:]).all() and (got[:, 1:5] < 0).all() and (got[:, 0] == rows[:, 0]).all()
-    every = np.concatenate(list(split_rows(store, cfg, "val", small_tokenizer, SEQ, every_token=True).pieces))
-    assert np.array_equal(every, rows)
+    pieces = list(found.pieces)
+    assert np.array_equal(np.concatenate([p.rows for p in pieces]), rows)  # every token is read
+    assert np.array_equal(np.concatenate([p.loss_mask for p in pieces]), mask)  # and scored through its mask
+    every = list(split_rows(store, cfg, "val", small_tokenizer, SEQ, every_token=True).pieces)
+    assert np.array_equal(np.concatenate([p.rows for p in every]), rows)
+    assert all(p.loss_mask is None for p in every)
 
 
 def test_another_tokenizers_split_is_decoded_across_pieces_and_re_encoded(tmp_path, small_tokenizer, write_manifest):
@@ -113,6 +116,19 @@ def test_another_tokenizers_split_is_decoded_across_pieces_and_re_encoded(tmp_pa
     assert found.n_rows is None and "re-tokenized" in found.note
     kept = small_tokenizer.decode(stream[: n * (SEQ + 1)]).split(small_tokenizer.eos_token)
     expected = text_rows(other.encode_batch([t for t in kept if t]), SEQ, other.eos_id)
-    assert np.array_equal(np.concatenate(list(found.pieces)), expected)
-    capped = list(split_rows(store, cfg, "val", other, SEQ, max_rows=5).pieces)
+    assert np.array_equal(np.concatenate([p.rows for p in found.pieces]), expected)
+    capped = [p.rows for p in split_rows(store, cfg, "val", other, SEQ, max_rows=5).pieces]
     assert np.array_equal(np.concatenate(capped), expected[:5])
+
+
+def test_a_piece_goes_to_the_ray_actors_in_the_shards_columns():
+    """lm.eval.distributed sends pieces as the shards' own columns: the actors read both alike."""
+    from lm.eval.distributed import _piece_table
+
+    rows, mask = numbered(3), np.zeros((3, SEQ + 1), np.uint8)
+    mask[:, 4:] = 1
+    table = _piece_table(Piece(rows, mask))
+    assert table.column_names == ["tokens", "loss_mask"]
+    assert np.array_equal(np.array(table["tokens"].to_pylist()), rows)
+    assert np.array_equal(np.array(table["loss_mask"].to_pylist()), mask)
+    assert _piece_table(Piece(rows)).column_names == ["tokens"]

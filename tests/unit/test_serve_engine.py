@@ -155,6 +155,14 @@ def test_seeds(engine, tok):
     assert run(3, top_p=1e-6) == greedy  # a nucleus of one token
 
 
+@pytest.mark.parametrize("kw", [{}, {"top_k": 5}, {"top_p": 0.8}, {"top_k": 7, "top_p": 0.9}])
+def test_the_model_and_the_engine_sample_alike(engine, model, tok, kw):
+    """One sampler (lm.sampling): a seeded Transformer.generate of one prompt draws the engine's tokens."""
+    prompt = tok.encode("To be")
+    done = engine.generate([GenRequest(prompt, 20, temperature=1.5, seed=4, ignore_eos=True, **kw)])[0]
+    assert model.generate([prompt], 20, temperature=1.5, seed=4, **kw)[0] == done.token_ids
+
+
 def test_sample_rows_per_row_settings():
     probs = torch.tensor([0.5, 0.3, 0.2])
     logits = probs.log().repeat(6, 1)
