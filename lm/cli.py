@@ -38,6 +38,8 @@ from lm.config import Config, ConfigError, dump_yaml, join_uri, load_config
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML preset, e.g. configs/tiny.yaml (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also show the libraries' own progress and INFO logs (Ray Data's stage dumps)")
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> str:
@@ -379,6 +381,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["LMFORGE_VERBOSE"] = "1"  # lm.cluster leaves the libraries' own output on
     from lm.data.sources import DataError
     from lm.rag import RagError
     from lm.registry import RegistryError

@@ -53,4 +53,20 @@ def connect():
         submitted = _job_env_vars()
         extra = {k: v for k, v in worker_env().items() if k not in submitted}
         ray.init(configure_logging=False, runtime_env={"env_vars": extra} if extra else None)
+    quiet_ray_data()
     return ray
+
+
+def quiet_ray_data() -> None:
+    """Unless ``LMFORGE_VERBOSE`` is set (``lm --verbose``): Ray Data's per-stage progress dumps and INFO
+    lines stay out of the output (~130 lines for the tiny preset's data pipeline); lmforge prints one line
+    per stage, and Ray Data's warnings and errors still show. Its logs are in Ray's session folder."""
+    if os.environ.get("LMFORGE_VERBOSE"):
+        return
+    import logging
+
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
