@@ -24,6 +24,11 @@ def accelerator() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def verbose() -> bool:
+    """Whether the libraries' own progress and INFO output is wanted (``lm --verbose``: LMFORGE_VERBOSE)."""
+    return bool(os.environ.get("LMFORGE_VERBOSE"))
+
+
 def worker_env() -> dict[str, str]:
     """Environment for Ray workers: CPU or GPU DeepSpeed (:func:`accelerator`), the JIT-compiled ops cache
     of this process, and the middleware Serve's HTTP proxy loads (lm.serve.proxy) when this job starts
@@ -32,6 +37,8 @@ def worker_env() -> dict[str, str]:
            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": SERVE_PROXY_MIDDLEWARES}
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    if not verbose():  # the libraries' deprecation notices to each other (torch, DeepSpeed, Ray) stay quiet
+        env["PYTHONWARNINGS"] = "ignore::FutureWarning,ignore::DeprecationWarning"
     return env
 
 
@@ -61,7 +68,7 @@ def quiet_ray_data() -> None:
     """Unless ``LMFORGE_VERBOSE`` is set (``lm --verbose``): Ray Data's per-stage progress dumps and INFO
     lines stay out of the output (~130 lines for the tiny preset's data pipeline); lmforge prints one line
     per stage, and Ray Data's warnings and errors still show. Its logs are in Ray's session folder."""
-    if os.environ.get("LMFORGE_VERBOSE"):
+    if verbose():
         return
     import logging
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lm.cluster import connect, worker_env
+from lm.cluster import connect, verbose, worker_env
 from lm.config import Config, join_uri
 from lm.data.pipeline import prepare_data
 from lm.environ import environment
@@ -48,7 +48,7 @@ class TrainSummary:
 def build_trainer(cfg: Config, store: ObjectStore, callbacks: Sequence = ()):
     """The TorchTrainer of ``cfg.train`` (no work starts until ``fit()``); ``callbacks`` are Ray Train
     callbacks (lm.tune passes Tune's report callback)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from lm.train.loop import train_worker
@@ -74,6 +74,9 @@ def build_trainer(cfg: Config, store: ObjectStore, callbacks: Sequence = ()):
                                                checkpoint_score_order="min"),
             worker_runtime_env={"env_vars": worker_env()},
             callbacks=list(callbacks),
+            # Ray Train's own INFO lines (resources, worker group, every checkpoint's TrainingReport) go to
+            # its log files in Ray's session folder, not the console, unless lm --verbose
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
 
