@@ -1,4 +1,5 @@
-"""The ``lm`` command. Each subcommand loads the config, then calls one function in ``lm``.
+"""The ``lm`` command line: the parser and ``main``. Each subcommand loads the config, then calls its function
+in lm.commands (``--verbose`` on any of them shows the libraries' own progress and INFO output).
 
     lm run              [--config F] [key.sub=value ...]   the main job (make demo)
     lm data prepare     [--config F] [key.sub=value ...]   corpora → cleaned, deduplicated token shards (Ray Data)
@@ -10,6 +11,7 @@
     lm config docs      [--out F] [--check]                 write docs/configuration.md from the schema
     lm tokenizer train  [--config F] [key.sub=value ...]   train + publish the BPE tokenizer
     lm generate [--model URI] [--prompt P] [--config F] [key.sub=value ...]
+    lm chat [--model URI | --endpoint URL] [--system S] [--config F] [key.sub=value ...]   a terminal chat
     lm eval [--model URI] [--split S] [--text URI] [--compare URI] [--config F] [key.sub=value ...]
                                                             metrics, n-gram baseline, report (exit 1: comparison failed)
     lm eval --harness TASK[,TASK...] [--endpoint URL] [--model URI] [--compare URI] ...
@@ -26,13 +28,28 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 
-from lm.config import Config, ConfigError, dump_yaml, join_uri, load_config
+from lm.commands import (
+    cmd_chat,
+    cmd_config_docs,
+    cmd_config_show,
+    cmd_continual,
+    cmd_data_prepare,
+    cmd_eval,
+    cmd_generate,
+    cmd_prune,
+    cmd_rag,
+    cmd_registry,
+    cmd_run,
+    cmd_serve,
+    cmd_tokenizer_train,
+    cmd_train,
+    cmd_tune,
+)
+from lm.config import ConfigError, load_config
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -40,241 +57,6 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="also show the libraries' own progress and INFO logs (Ray Data's stage dumps)")
-
-
-def cmd_run(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.pipeline import run_main
-
-    summary = run_main(cfg)
-    return (f"run {cfg.name}: {summary['steps']} steps, loss {summary['final_loss']:.3f} → {summary['model_uri']}; "
-            f"evaluation report → {summary['eval_report']}")
-
-
-def cmd_data_prepare(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.data.pipeline import prepare_data
-
-    manifest = prepare_data(cfg)
-    splits = ", ".join(f"{s} {e.docs:,} docs / {e.tokens:,} tokens" for s, e in sorted(manifest.splits.items()))
-    return (f"data: {splits}; {len(manifest.shards)} shards, {len(manifest.skipped_objects)} skipped objects "
-            f"→ {cfg.data_uri}/manifest.json")
-
-
-def cmd_train(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.train.trainer import train
-
-    summary = train(cfg)
-    last = summary.history[-1]
-    val = f", val {last['val_loss']:.3f}" if "val_loss" in last else ""
-    return f"train {cfg.name}: {summary.steps} steps in {summary.seconds:.0f} s, loss {last['loss']:.3f}{val} → {summary.model_uri}"
-
-
-def cmd_tune(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.tune.sweep import tune
-
-    result = tune(cfg, resume=args.resume)
-    values = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
-    return (f"tune {cfg.name}: {len(result.table)} trials ({result.stopped_early} stopped early); best {values}: "
-            f"{cfg.tune.metric} {result.best_value:.4f} → {result.uris['best']}")
-
-
-def cmd_serve(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.serve.deploy import render, start
-
-    if args.render:
-        from pathlib import Path
-
-        if args.rayservice:
-            from lm.infra import rayservice
-
-            Path(args.render).write_text(rayservice(cfg, args.config, args.overrides))
-            return f"serve: KubeRay RayService → {args.render} (kubectl apply -f {args.render})"
-        Path(args.render).write_text(render(cfg, args.config, args.overrides))
-        return f"serve: Serve config → {args.render} (serve deploy {args.render})"
-    if args.ask is not None:
-        from lm.sample_text import show_documents
-        from lm.serve.deploy import ask_once
-
-        done = ask_once(cfg, args.ask)
-        print(show_documents(args.ask + done["choices"][0]["text"], cfg.tokenizer.eos_token))
-        return (f"serve: answered {done['usage']['completion_tokens']} tokens through the openai client at "
-                f"http://{cfg.serve.host}:{cfg.serve.port}/v1 (model version {done['system_fingerprint']}), then stopped")
-    start(cfg)
-    url = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}/v1"
-    print(f"serve: {cfg.serve.model_name} at {url} (OpenAI-compatible; Ctrl-C stops)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
-    return "serve: stopped"
-
-
-def cmd_config_show(cfg: Config, args: argparse.Namespace) -> str:
-    print(dump_yaml(cfg), end="")
-    return f"config {cfg.name}: hash {cfg.fingerprint()}, run URI {cfg.run_uri}"
-
-
-def cmd_config_docs(cfg: Config, args: argparse.Namespace) -> str:
-    from pathlib import Path
-
-    from lm.config.docs import render_markdown
-
-    out, text = Path(args.out), render_markdown()
-    if args.check:
-        if not out.is_file() or out.read_text() != text:
-            raise ConfigError(f"{out} is missing or stale: run `lm config docs` to regenerate it")
-        return f"config docs: {out} is up to date"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return f"config docs: every section and field of the schema → {out}"
-
-
-def cmd_tokenizer_train(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.data.sources import plan_files
-    from lm.pipeline import tokenizer_stage
-    from lm.storage import ObjectStore
-
-    store = ObjectStore(cfg.storage)
-    plan_files(store, cfg.data)  # fail before any work if a source is missing
-    report = tokenizer_stage(store, cfg)
-    return (f"tokenizer: {report.tokenizer.vocab_size} tokens, {report.bytes_per_token:.2f} bytes/token, "
-            f"{report.seconds:.1f} s → {report.uri}")
-
-
-def cmd_generate(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.inference import generate_text
-    from lm.modeldir import load_model_dir
-    from lm.sample_text import show_documents
-    from lm.storage import ObjectStore
-
-    store = ObjectStore(cfg.storage)
-    model_uri = args.model or join_uri(cfg.run_uri, "model")
-    gen = cfg.generate if args.prompt is None else cfg.generate.model_copy(update={"prompt": args.prompt})
-    loaded = load_model_dir(store, model_uri)
-    start = time.perf_counter()
-    text = generate_text(loaded.model, loaded.tokenizer, [gen.prompt], gen)[0]
-    seconds = time.perf_counter() - start
-    print(show_documents(gen.prompt + text, loaded.tokenizer.eos_token))
-    out_uri = join_uri(cfg.run_uri, "generations", f"{time.strftime('%Y%m%d-%H%M%S')}.json")
-    record = {"model": model_uri, "prompt": gen.prompt, "completion": text, **gen.model_dump(exclude={"prompt"})}
-    store.write_text(out_uri, json.dumps(record, indent=2))
-    return f"generate: {len(loaded.tokenizer.encode(text))} tokens in {seconds:.1f} s from {model_uri} → {out_uri}"
-
-
-def cmd_chat(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.chat_terminal import EndpointChat, LocalChat, run_chat
-    from lm.storage import ObjectStore
-
-    if args.endpoint:
-        key = os.environ.get("LMFORGE_API_KEY") or os.environ.get("LMFORGE_API_KEYS", "").split(",")[0].strip()
-        backend, source = EndpointChat(args.endpoint, key or "none", cfg.generate), args.endpoint
-    else:
-        source = args.model or join_uri(cfg.run_uri, "model")
-        backend = LocalChat(ObjectStore(cfg.storage), source, cfg.generate)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"chatting with {source}: /reset forgets the conversation, /exit (or Ctrl-D) ends")
-    replies = run_chat(backend, sys.stdin, sys.stdout, interactive=interactive, system=args.system)
-    return f"chat: {replies} replies from {source}"
-
-
-def cmd_eval(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.config.eval import EvalSetConfig
-    from lm.eval.evaluate import evaluate
-
-    sets = [EvalSetConfig(name=args.split, split=args.split)] if args.split else []
-    sets += [EvalSetConfig(name="text", uri=args.text)] if args.text else []
-    if sets:
-        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"sets": sets})})
-    if args.endpoint and not args.harness:
-        raise ConfigError("--endpoint scores harness tasks: give --harness TASK[,TASK...] too")
-    if args.harness:  # only the harness: only the compare rules on its metrics apply
-        harness = cfg.eval.harness.model_copy(update={"tasks": [t.strip() for t in args.harness.split(",") if t.strip()]})
-        rules = [r for r in cfg.eval.compare if r.set == "harness"]
-        if args.compare and not rules:
-            raise ConfigError("--harness with --compare: give eval.compare rules on harness metrics, e.g. "
-                              "'eval.compare=[{set: harness, metric: lmforge_cloze/acc, max_regression: 0.05}]'")
-        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"harness": harness, "compare": rules})})
-    result = evaluate(cfg, model_uri=args.model, compare_to=args.compare, harness_only=bool(args.harness),
-                      endpoint=args.endpoint)
-    scores = ", ".join([*(f"{name} {s['model']['bpb']:.3f} bpb" + (f" (n-gram {s['ngram']['bpb']:.3f})" if s["ngram"]
-                                                                   else "") for name, s in result.report["sets"].items()),
-                        *(f"{k} {v:.3f}" for k, v in result.metrics.items() if k.startswith("harness/"))])
-    verdict = "" if result.verdict is None else f"; comparison {'PASSED' if result.verdict.passed else 'FAILED'}"
-    line = f"eval: {scores}{verdict} in {result.seconds:.0f} s → {result.report_uri}"
-    if result.verdict is not None and not result.verdict.passed:
-        print(line)
-        raise SystemExit(1)
-    return line
-
-
-def cmd_registry(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.registry import Registry, table
-    from lm.storage import ObjectStore
-
-    reg = Registry(ObjectStore(cfg.storage), cfg.registry_uri)
-    if args.action == "list":
-        return table(reg.versions(), reg.state()) + f"\n({cfg.registry_uri})"
-    if args.action == "show":
-        from dataclasses import asdict
-
-        return json.dumps(asdict(reg.get(args.ref)), indent=2)
-    if args.action == "add":
-        v = reg.register(args.model, parent=args.parent, note=args.note or "")
-        return f"registered {v.id} ({v.model_uri}) as a candidate"
-    if args.action == "promote":
-        state = reg.promote(args.version, reason=args.reason or "promoted by hand")
-    elif args.action == "reject":
-        state = reg.reject(args.version, reason=args.reason or "rejected by hand")
-    else:
-        state = reg.rollback(reason=args.reason or "rolled back by hand")
-    return f"{args.action}: production = {state['aliases'].get('production')}, previous = " \
-           f"{state['aliases'].get('previous', '-')}"
-
-
-def cmd_continual(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.continual.iteration import run_iteration, watch
-    from lm.registry import Registry, table
-    from lm.storage import ObjectStore
-
-    store = ObjectStore(cfg.storage)
-    if args.watch:
-        watch(cfg, store, iterations=args.iterations)
-        outcome = "watch ended"
-    else:
-        found = run_iteration(cfg, store)
-        outcome = f"continual: {found['verdict']}" + (f" {found['version']}" if found.get("version") else "")
-    reg = Registry(store, cfg.registry_uri)
-    return f"{outcome}\n{table(reg.versions(), reg.state())}"
-
-
-def cmd_rag(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.rag import RagIndex, build_index
-
-    if args.action == "build":
-        manifest = build_index(cfg)
-        return json.dumps({k: manifest[k] for k in ("passages", "documents")} | {"index": cfg.rag_uri})
-    from lm.storage import ObjectStore
-
-    hits = RagIndex.load(ObjectStore(cfg.storage), cfg.rag_uri).search(args.query, args.top_k or cfg.rag.top_k)
-    return "\n".join(f"{h['score']:8.3f}  {h['id']}  {h['text'][:100]}" for h in hits) or "(no passage shares a word)"
-
-
-def cmd_prune(cfg: Config, args: argparse.Namespace) -> str:
-    from lm.compress.prune import PruneError, prune_dir
-    from lm.storage import ObjectStore
-
-    model_uri = args.model or join_uri(cfg.run_uri, "model")
-    try:
-        r = prune_dir(ObjectStore(cfg.storage), model_uri, args.out, args.sparsity, args.method, scope=args.scope,
-                      finetune_steps=args.finetune_steps, cfg=cfg, data_uri=args.data)
-    except PruneError as err:
-        raise ConfigError(f"lm prune: {err}") from None
-    tuned = f", fine-tuned {r['finetune']['steps']} steps" if "finetune" in r else ""
-    return (f"prune {args.method}: {r['params_before']:,} → {r['params_after']:,} parameters, measured sparsity "
-            f"{r['actual_sparsity']:.4f} of the block weights{tuned} → {r['uri']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,6 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     docs.set_defaults(func=cmd_config_docs, config=None, overrides=[])
     tokenizer = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     add("train", cmd_tokenizer_train, "train the BPE tokenizer on the configured sources", tokenizer)
+    _model_commands(add)
+    cont = add("continual", cmd_continual, "one continual-learning iteration: new documents and feedback → "
+               "fine-tune production → gate → promote or reject (a re-run resumes an interrupted one)")
+    cont.add_argument("--watch", action="store_true", help="repeat every continual.interval_s seconds")
+    cont.add_argument("--iterations", type=int, help="with --watch: stop after N iterations")
+    rag = sub.add_parser("rag", help="retrieval-augmented generation: the passage index").add_subparsers(
+        dest="action", required=True)
+    add("build", cmd_rag, "index rag.sources (BM25 over passages) into rag.index", rag)
+    rag_search = rag.add_parser("search", help="the best passages for a query", description="the best passages")
+    rag_search.add_argument("query")
+    rag_search.add_argument("--top-k", type=int, help="passages to show (default: rag.top_k)")
+    _config_args(rag_search)
+    rag_search.set_defaults(func=cmd_rag)
+    _registry_commands(sub)
+    return parser
+
+
+def _model_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """The commands that read a model directory: generate, chat, eval, prune."""
     gen = add("generate", cmd_generate, "continue a prompt with a saved model directory")
     gen.add_argument("--model", help="model directory URI (default: <run>/model)")
     gen.add_argument("--prompt", help="prompt text (default: generate.prompt)")
@@ -323,18 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "lmforge_cloze, lmforge_who_speaks; eval.harness.limit items each)")
     ev.add_argument("--endpoint", metavar="URL", help="with --harness: score a running lmforge endpoint "
                     "(http://host:port/v1, local-completions) serving --model, whose tokenizer makes the requests")
-    cont = add("continual", cmd_continual, "one continual-learning iteration: new documents and feedback → "
-               "fine-tune production → gate → promote or reject (a re-run resumes an interrupted one)")
-    cont.add_argument("--watch", action="store_true", help="repeat every continual.interval_s seconds")
-    cont.add_argument("--iterations", type=int, help="with --watch: stop after N iterations")
-    rag = sub.add_parser("rag", help="retrieval-augmented generation: the passage index").add_subparsers(
-        dest="action", required=True)
-    add("build", cmd_rag, "index rag.sources (BM25 over passages) into rag.index", rag)
-    rag_search = rag.add_parser("search", help="the best passages for a query", description="the best passages")
-    rag_search.add_argument("query")
-    rag_search.add_argument("--top-k", type=int, help="passages to show (default: rag.top_k)")
-    _config_args(rag_search)
-    rag_search.set_defaults(func=cmd_rag)
     pr = add("prune", cmd_prune, "magnitude pruning of a model directory (unstructured, or whole attention heads / "
              "MLP channels, which shrinks the model), optionally fine-tuned a few steps, into a new directory")
     pr.add_argument("--model", help="model directory URI (default: <run>/model)")
@@ -344,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--scope", default="matrix", help="unstructured: rank weights per matrix (matrix) or all at once (global)")
     pr.add_argument("--finetune-steps", type=int, default=0, help="then train this many steps (train.*, plain loop)")
     pr.add_argument("--data", help="fine-tuning data folder (default: what the model was trained on, else <run>/data)")
+
+
+def _registry_commands(sub) -> None:
+    """``lm registry list | show | add | promote | reject | rollback``."""
     registry = sub.add_parser("registry", help="the model registry (versions, production / previous)")
     reg = registry.add_subparsers(dest="action", required=True)
 
@@ -365,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
             ("version", {})).add_argument("--reason")
     reg_cmd("reject", "mark a candidate rejected", ("version", {})).add_argument("--reason")
     reg_cmd("rollback", "put the previous production version back").add_argument("--reason")
-    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -5,8 +5,12 @@ model deployment (lm.serve.model_server), or with the model in its own replicas 
     build_app(cfg)                                        # the Serve application (serve.run / import_path app_builder)
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream`` as server-sent
-events), ``GET /v1/models``, ``POST /v1/feedback``, ``GET /healthz``. Keys and body size are checked
-first (lm.serve.gate); bad requests get a 4xx in OpenAI's error shape, never a 5xx; serve.feedback records.
+events), ``POST /v1/embeddings``, ``GET /v1/models``, ``POST /v1/feedback``, ``GET /healthz``. The two
+generation routes share one request pipeline (``Api._serve``: the model's streams or whole results, the
+events or the response, usage, feedback capture), each with its adapter (lm.serve.routes: the model
+requests a body asks for, the shape of its chunks and responses). Keys, limits, the declared body size
+and the request metrics (every status) are the gate's (lm.serve.gate, middleware); bad requests get a 4xx
+in OpenAI's error shape, never a 5xx; serve.feedback records.
 
 (No ``from __future__ import annotations`` here: FastAPI must see the route parameters' real types
 after Serve rewrites the methods into class-based routes.)
@@ -15,7 +19,6 @@ after Serve rewrites the methods into class-based routes.)
 
 import asyncio
 import json
-import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -25,8 +28,9 @@ from lm.config import Config, join_uri
 from lm.serve import errors, schemas
 from lm.serve.errors import BadRequest, refused
 from lm.serve.failover import Failover, guarded
-from lm.serve.gate import Gate, report_usage
+from lm.serve.gate import Gate, ServeMetrics, report_usage
 from lm.serve.model_server import REGISTRY, ModelServer
+from lm.serve.routes import ChatRoute, CompletionRoute, RouteAdapter
 from lm.serve.scheduler import merge_streams
 from lm.storage import ObjectStore
 
@@ -51,11 +55,10 @@ class Api:
     def __init__(self, model, cfg: Config, store: ObjectStore, grants: dict):
         """``model``: the model deployment's handle, or None to hold a ModelServer here (serve.colocate);
         ``grants``: key digest → lm.serve.auth.Grant (this replica's share of each key's limits)."""
-        from ray.serve.metrics import Counter, Histogram
-
         self.model, self.cfg, self.sc = model, cfg, cfg.serve
         self.local = ModelServer(cfg, store) if model is None else None
-        Gate.configure(grants, self.sc.max_body_bytes)  # this replica's process: its gate's settings
+        # this replica's process: its gate's settings, and the request metrics the gate records
+        Gate.configure(grants, self.sc.max_body_bytes, ServeMetrics())
         several = model is not None and self.sc.autoscaling.max_replicas >= 2  # another replica to fail over to
         self.failover = Failover(self.sc.failover_retries if several else 0, self.sc.retry_after_s)
         self.feedback = None
@@ -65,11 +68,6 @@ class Api:
             fb = self.sc.feedback
             self.feedback = FeedbackLog(store, cfg.feedback_uri,
                                         flush_interval_s=fb.flush_interval_s, flush_records=fb.flush_records)
-        self.m_requests = Counter("lmforge_requests", description="HTTP requests by route and status.",
-                                  tag_keys=("route", "status"))
-        self.m_latency = Histogram("lmforge_request_latency_ms", description="Request latency (ms).",
-                                   boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000],
-                                   tag_keys=("route",))
 
     # ------------------------------------------------------------------------------------ checks
 
@@ -78,42 +76,6 @@ class Api:
         size = len(await request.body())
         if size > self.sc.max_body_bytes:
             raise BadRequest(413, f"request body of {size} bytes exceeds {self.sc.max_body_bytes}", code="too_large")
-
-    def _check(self, body: schemas._Request, max_tokens: int, prompts: int) -> None:
-        if body.model != self.sc.model_name:
-            raise BadRequest(404, f"model {body.model!r} does not exist; this server has {self.sc.model_name!r}",
-                             param="model", code="model_not_found")
-        if max_tokens > self.sc.max_tokens_limit:
-            raise BadRequest(400, f"max_tokens {max_tokens} exceeds this server's limit of {self.sc.max_tokens_limit}",
-                             param="max_tokens")
-        if body.n > self.sc.max_n:
-            raise BadRequest(400, f"n {body.n} exceeds this server's limit of {self.sc.max_n}", param="n")
-        if not 1 <= prompts <= self.sc.max_prompts:
-            raise BadRequest(400, f"give 1 to {self.sc.max_prompts} prompts, got {prompts}", param="prompt")
-        if len(body.stop_list()) > 4:
-            raise BadRequest(400, "stop takes at most 4 sequences", param="stop")
-        if (top_k := body.rag_top_k(self.cfg.rag.top_k)) is not None:
-            if not self.sc.rag:
-                raise BadRequest(400, "retrieval is off on this server (serve.rag)", param="rag")
-            if top_k > self.cfg.rag.max_top_k:
-                raise BadRequest(400, f"rag.top_k {top_k} exceeds this server's limit of {self.cfg.rag.max_top_k}",
-                                 param="rag.top_k")
-
-    def _templated(self, body: schemas._Request, prompt: str | list[int]) -> str | list[int]:
-        """The prompt through the request's named template (serve.templates), if it names one."""
-        if body.template is None:
-            return prompt
-        if not isinstance(prompt, str):
-            raise BadRequest(400, "a template applies to text prompts, not token ids", param="template")
-        try:
-            return schemas.apply_template(self.sc.templates, body.template, prompt, body.template_vars)
-        except ValueError as err:
-            param = "template_vars" if "template_vars" in str(err) or "has no fields" in str(err) else "template"
-            raise BadRequest(400, str(err), param=param) from None
-
-    def _record(self, route: str, status: int, start: float) -> None:
-        self.m_requests.inc(tags={"route": route, "status": str(status)})
-        self.m_latency.observe((time.perf_counter() - start) * 1000, tags={"route": route})
 
     async def reconfigure(self, user_config: dict) -> None:
         """serve.colocate: the model's hot reload (lm.serve.model_server.ModelServer.reconfigure)."""
@@ -147,25 +109,44 @@ class Api:
                 raise refused(result)
         return results
 
-    def _requests(self, prompts: list, body: schemas._Request, max_tokens: int, stops: list[str],
-                  top_logprobs: int | None, queries: list | None = None, echo: bool = False) -> list[dict]:
-        """One model request per (prompt, choice); choice j of a seeded request uses seed + j. ``queries``:
-        what retrieval looks up for each prompt (with ``rag``). ``top_logprobs``: None for no logprobs;
-        ``echo`` with logprobs: the prompt tokens' too."""
-        top_k = body.rag_top_k(self.cfg.rag.top_k)
-        return [{"prompt": p, "max_tokens": max_tokens, "temperature": body.temperature,
-                 "top_p": body.top_p if body.top_p < 1 else None, "top_k": body.top_k,
-                 "seed": None if body.seed is None else body.seed + j, "stop": stops,
-                 "logprobs": top_logprobs is not None, "top_logprobs": top_logprobs or 0,
-                 "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
-                 "logit_bias": body.bias(), "prompt_logprobs": echo and top_logprobs is not None,
-                 "rag": None if top_k is None else {"query": (queries or prompts)[i], "top_k": top_k}}
-                for i, p in enumerate(prompts) for j in range(body.n)]
+    # --------------------------------------------------------------------------------- pipeline
 
-    def _capture(self, kind: str, rid: str, prompts: list[str], texts: list[str], version: str, body) -> None:
+    async def _serve(self, request: Request, route: RouteAdapter):
+        """A generation request, whatever its route (lm.serve.routes): the model's streams or whole results,
+        then a stream of server-sent events or one JSON response."""
+        await self._admit(request)
+        requests = route.requests()
+        if route.body.stream:
+            streams, heads = await self._open(requests)
+        else:
+            heads = await self._complete(requests)
+        route.start(heads)
+        if route.body.stream:
+            return StreamingResponse(guarded(self._events(request, route, streams)), media_type="text/event-stream",
+                                     headers={"x-lmforge-model-version": route.version})
+        completion_tokens = sum(len(w["token_ids"]) for w in heads)
+        self._finish(request, route, [w["text"] for w in heads], completion_tokens)
+        return JSONResponse({**route.response(completion_tokens), "system_fingerprint": route.version},
+                            headers=route.headers())
+
+    async def _events(self, request: Request, route: RouteAdapter, streams: list):
+        texts, tokens = [""] * len(streams), 0
+        for chunk in route.opening():
+            yield _sse(chunk)
+        async for i, chunk in merge_streams(streams):
+            texts[i] += chunk["text"]
+            tokens += len(chunk["token_ids"])
+            yield _sse(route.chunk(i, chunk))
+        if route.body.usage_chunk():
+            yield _sse(route.usage_chunk(schemas.usage(route.prompt_tokens(), tokens)))
+        yield _sse("[DONE]")
+        self._finish(request, route, texts, tokens)
+
+    def _finish(self, request: Request, route: RouteAdapter, texts: list[str], completion_tokens: int) -> None:
+        """The request has been answered: its tokens count against its key (lm.serve.gate); feedback capture."""
+        report_usage(request, route.prompt_tokens() + completion_tokens)
         if self.feedback is not None:
-            self.feedback.add({"type": kind, "id": rid, "model_version": version, "prompts": prompts,
-                               "completions": texts, "temperature": body.temperature, "seed": body.seed})
+            self.feedback.add(route.capture(texts))
 
     # ----------------------------------------------------------------------------------- routes
 
@@ -180,127 +161,15 @@ class Api:
 
     @api.post("/v1/completions", responses=schemas.REQUEST_ERRORS)
     async def completions(self, request: Request, body: schemas.CompletionRequest):
-        start = time.perf_counter()
-        await self._admit(request)
-        asked, max_tokens = body.prompts(), 16 if body.max_tokens is None else body.max_tokens
-        self._check(body, max_tokens, len(asked))
-        prompts = [self._templated(body, p) for p in asked]
-        logprobs = body.logprobs is not None
-        requests = self._requests(prompts, body, max_tokens, body.stop_list(), body.logprobs, asked, body.echo)
-        if body.stream:
-            streams, heads = await self._open(requests)
-        else:
-            heads = await self._complete(requests)
-        rid, version = schemas.new_id("cmpl"), heads[0]["version"]
-        prompt_tokens = sum(h["prompt_tokens"] for h in heads[:: body.n])
-
-        def choice_logprobs(whole: dict) -> dict | None:
-            return schemas.completion_logprobs(whole) if logprobs else None
-
-        prompt_texts = [heads[i * body.n].get("prompt_text", p) for i, p in enumerate(prompts)]  # token ids as text
-
-        def echoed(i: int) -> str:
-            return prompt_texts[i // body.n] if body.echo else ""
-
-        if body.stream:
-            async def events():
-                texts, tokens = [""] * len(streams), 0
-                echo_first = [body.echo and logprobs] * len(streams)  # the echo goes with its logprobs
-                for i, head in enumerate(heads):
-                    if (body.echo and not logprobs) or "sources" in head:
-                        chunk = schemas.completion_chunk(rid, body.model, i, "" if logprobs else echoed(i), None)
-                        yield _sse(schemas.with_sources(chunk, head))
-                async for i, chunk in merge_streams(streams):
-                    texts[i] += chunk["text"]
-                    tokens += len(chunk["token_ids"])
-                    text = (echoed(i) if echo_first[i] else "") + chunk["text"]
-                    echo_first[i] = False
-                    yield _sse(schemas.completion_chunk(rid, body.model, i, text, chunk["finish_reason"],
-                                                        choice_logprobs(chunk)))
-                if body.usage_chunk():
-                    usage = schemas.usage(prompt_tokens, tokens)
-                    yield _sse(schemas.completion_chunk(rid, body.model, 0, "", None, usage_=usage))
-                yield _sse("[DONE]")
-                report_usage(request, prompt_tokens + tokens)
-                self._capture("completion", rid, prompt_texts, texts, version, body)
-                self._record("completions", 200, start)
-
-            return StreamingResponse(guarded(events()), media_type="text/event-stream",
-                                     headers={"x-lmforge-model-version": version})
-        wholes = heads
-        choices = [schemas.with_sources_choice({"text": echoed(i) + w["text"],
-                                                "index": i, "logprobs": choice_logprobs(w),
-                                                "finish_reason": w["finish_reason"]}, w)
-                   for i, w in enumerate(wholes)]
-        completion_tokens = sum(len(w["token_ids"]) for w in wholes)
-        report_usage(request, prompt_tokens + completion_tokens)
-        self._capture("completion", rid, prompt_texts, [w["text"] for w in wholes], version, body)
-        self._record("completions", 200, start)
-        response = schemas.completion_response(rid, body.model, choices, prompt_tokens, completion_tokens)
-        cache = "hit" if all(h.get("cached") for h in heads) else "miss"
-        return JSONResponse({**response, "system_fingerprint": version}, headers={"x-lmforge-cache": cache})
+        return await self._serve(request, CompletionRoute(self.cfg, body))
 
     @api.post("/v1/chat/completions", responses=schemas.REQUEST_ERRORS)
     async def chat(self, request: Request, body: schemas.ChatRequest):
-        start = time.perf_counter()
-        await self._admit(request)
-        max_tokens = body.token_budget(self.cfg.generate.max_new_tokens)
-        self._check(body, max_tokens, 1)
-        messages, query = list(body.messages), ""
-        if users := [i for i, m in enumerate(messages) if m.role == "user"]:
-            query = messages[users[-1]].text()
-            messages[users[-1]] = messages[users[-1]].model_copy(update={"content": self._templated(body, query)})
-        prompt = schemas.chat_prompt(messages)
-        stops = [*body.stop_list(), *schemas.CHAT_STOPS]
-        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        requests = self._requests([prompt], body, max_tokens, stops, top_logprobs, [query or prompt])
-        if (response_format := body.format()) is not None:  # structured output (lm.serve.grammar)
-            requests = [{**r, "response_format": response_format} for r in requests]
-        if body.stream:
-            streams, heads = await self._open(requests)
-        else:
-            heads = await self._complete(requests)
-        rid, version = schemas.new_id("chatcmpl"), heads[0]["version"]
-        prompt_tokens = heads[0]["prompt_tokens"]
-
-        if body.stream:
-            async def events():
-                texts, tokens = [""] * len(streams), 0
-                for i, head in enumerate(heads):
-                    chunk = schemas.chat_chunk(rid, body.model, i, {"role": "assistant", "content": ""}, None)
-                    yield _sse(schemas.with_sources(chunk, head))
-                async for i, chunk in merge_streams(streams):
-                    texts[i] += chunk["text"]
-                    tokens += len(chunk["token_ids"])
-                    delta = {"content": chunk["text"]} if chunk["text"] else {}
-                    lp = schemas.chat_logprobs(chunk) if body.logprobs else None
-                    yield _sse(schemas.chat_chunk(rid, body.model, i, delta, chunk["finish_reason"], logprobs=lp))
-                if body.usage_chunk():
-                    usage = schemas.usage(prompt_tokens, tokens)
-                    yield _sse(schemas.chat_chunk(rid, body.model, 0, {}, None, usage_=usage))
-                yield _sse("[DONE]")
-                report_usage(request, prompt_tokens + tokens)
-                self._capture("chat", rid, [prompt], texts, version, body)
-                self._record("chat", 200, start)
-
-            return StreamingResponse(guarded(events()), media_type="text/event-stream",
-                                     headers={"x-lmforge-model-version": version})
-        wholes = heads
-        choices = [schemas.with_sources_choice({"index": i, "message": {"role": "assistant", "content": w["text"].strip()},
-                                                "logprobs": schemas.chat_logprobs(w) if body.logprobs else None,
-                                                "finish_reason": w["finish_reason"]}, w)
-                   for i, w in enumerate(wholes)]
-        completion_tokens = sum(len(w["token_ids"]) for w in wholes)
-        report_usage(request, prompt_tokens + completion_tokens)
-        self._capture("chat", rid, [prompt], [w["text"] for w in wholes], version, body)
-        self._record("chat", 200, start)
-        response = schemas.chat_response(rid, body.model, choices, prompt_tokens, completion_tokens)
-        return JSONResponse({**response, "system_fingerprint": version})
+        return await self._serve(request, ChatRoute(self.cfg, body))
 
     @api.post("/v1/embeddings", responses=schemas.REQUEST_ERRORS)
     async def embeddings(self, request: Request, body: schemas.EmbeddingRequest) -> dict:
         """One unit vector per input: the mean of the model's final hidden states (lm.inference.embed_ids)."""
-        start = time.perf_counter()
         await self._admit(request)
         if body.model != self.sc.model_name:
             raise BadRequest(404, f"model {body.model!r} does not exist; this server has {self.sc.model_name!r}",
@@ -316,7 +185,6 @@ class Api:
             raise BadRequest(400, f"dimensions {body.dimensions}: this model's embeddings have "
                                   f"{len(result['embeddings'][0])}", param="dimensions")
         report_usage(request, result["prompt_tokens"])
-        self._record("embeddings", 200, start)
         return schemas.embedding_response(body.model, result["embeddings"], body.encoding_format, result["prompt_tokens"])
 
     @api.post("/v1/feedback", responses=schemas.REQUEST_ERRORS)

@@ -9,9 +9,10 @@ Serve's request handling (many streamed requests) would contend for the replica'
 :class:`ProcessScheduler` keeps :class:`~lm.serve.scheduler.BatchScheduler`'s interface
 (``outputs(request, engine, whole)``, ``close()``) but runs the same :func:`decode_loop` in a spawned
 child: requests, cancellations and model loads go in through one multiprocessing queue, each step's
-outputs come back through another, read by a thread that hands them to the event loop. The child
-holds the weights; the replica holds an :class:`EngineHandle` per loaded model (tokenizer and
-limits, to tokenize and check requests) and names the engine by a number in every request. The
+outputs come back through another (typed messages, lm.serve.messages), read by a thread that hands them
+to the event loop. The child loads the weights (lm.serve.loading, as the replica does without it) and
+holds them; the replica holds an :class:`EngineHandle` per loaded model (tokenizer and limits, to
+tokenize and check requests) and names the engine by a number in every request. The
 child exits when told to, or when its parent is gone.
 
     scheduler = ProcessScheduler(store_cfg, quantize=None, threads=1, max_batch_size=16)
@@ -33,6 +34,7 @@ from typing import Any
 from lm.config import ModelConfig, StorageConfig
 from lm.serve import grammar
 from lm.serve.engine import GenRequest
+from lm.serve.messages import Inbox, Load, Loaded, Out, Stop, Stopped, Unload
 from lm.serve.sampling import check_request
 from lm.serve.scheduler import BatchScheduler, decode_loop
 from lm.tokenizer import BPETokenizer
@@ -76,36 +78,35 @@ class ProcessScheduler(BatchScheduler):
         """Load a model directory in the engine process (blocking); a StorageError etc. is raised here."""
         ref = next(self._refs)
         done = self._loads[ref] = concurrent.futures.Future()
-        self.inbox.put(("load", ref, uri))
+        self.inbox.put(Load(ref, uri))
         tokenizer_json, cfg = done.result()
         return EngineHandle(ref, BPETokenizer.from_json(tokenizer_json), ModelConfig(**cfg))
 
     def unload(self, engine: EngineHandle) -> None:
         """Forget a model in the engine process (rows still decoding on it finish first)."""
-        self.inbox.put(("unload", engine.ref))
+        self.inbox.put(Unload(engine.ref))
 
     def _engine_token(self, engine: EngineHandle) -> int:
         return engine.ref
 
     def close(self) -> None:
         if self._process.is_alive():
-            self.inbox.put(("stop",))
+            self.inbox.put(Stop())
             self._process.join(30)
         if self._process.is_alive():
             self._process.kill()
 
     def _read_outbox(self) -> None:
         while True:
-            message = self._outbox.get()
-            if message[0] == "out":
-                if self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._deliver, message[1], message[2])
-            elif message[0] == "loaded":
-                _, ref, result, error = message
-                future = self._loads.pop(ref)
-                future.set_exception(error) if error is not None else future.set_result(result)
-            elif message[0] == "stopped":
-                return
+            match self._outbox.get():
+                case Out(outputs=outputs, joined=joined):
+                    if self._loop is not None:
+                        self._loop.call_soon_threadsafe(self._deliver, outputs, joined)
+                case Loaded(ref=ref, result=result, error=error):
+                    future = self._loads.pop(ref)
+                    future.set_exception(error) if error is not None else future.set_result(result)
+                case Stopped():
+                    return
 
 
 def _engine_main(store_cfg: StorageConfig, quantize: str | None, threads: int, settings: dict, inbox, outbox,
@@ -113,42 +114,36 @@ def _engine_main(store_cfg: StorageConfig, quantize: str | None, threads: int, s
     """The engine process: load models on request, run the decode loop, publish each step."""
     import torch
 
-    from lm.modeldir import load_model_dir
-    from lm.serve.engine import Engine
+    from lm.serve.loading import load_engine
     from lm.storage import ObjectStore
 
     torch.set_num_threads(threads)
     store = ObjectStore(store_cfg)
     engines: dict[int, Any] = {}
 
-    def load(ref: int, uri: str) -> None:
+    def load(message: Load) -> None:
         try:
-            loaded = load_model_dir(store, uri)
-            model = loaded.model.eval()
-            if quantize == "int8":
-                from lm.serve.quantize import quantize_int8
-
-                model = quantize_int8(model)
-            engines[ref] = Engine(model, loaded.tokenizer, max_batch_size=settings["max_batch_size"])
-            result = (loaded.tokenizer.to_json(), model.cfg.model_dump())
-            outbox.put(("loaded", ref, result, None))
+            engine = engines[message.ref] = load_engine(store, message.uri, quantize, settings["max_batch_size"])
+            result = (engine.tokenizer.to_json(), engine.model.cfg.model_dump())
+            outbox.put(Loaded(message.ref, result))
         except Exception as err:  # the replica raises it
-            outbox.put(("loaded", ref, None, err))
+            outbox.put(Loaded(message.ref, error=err))
 
-    def on_message(message: tuple) -> None:
-        if message[0] == "load":  # in a thread: the rows of the current model keep decoding meanwhile
-            threading.Thread(target=load, args=message[1:], daemon=True).start()
-        elif message[0] == "unload":
-            engines.pop(message[1], None)
+    def on_message(message: Inbox) -> None:
+        match message:
+            case Load():  # in a thread: the rows of the current model keep decoding meanwhile
+                threading.Thread(target=load, args=(message,), daemon=True).start()
+            case Unload(ref=ref):
+                engines.pop(ref, None)
 
-    def get():
+    def get() -> Inbox:
         while True:
             try:
                 return inbox.get(timeout=1.0)
             except queue.Empty:
                 if os.getppid() != parent_pid:  # the replica is gone
-                    return ("stop",)
+                    return Stop()
 
-    decode_loop(get, inbox.empty, lambda outputs, joined: outbox.put(("out", outputs, joined)), settings,
+    decode_loop(get, inbox.empty, lambda outputs, joined: outbox.put(Out(outputs, joined)), settings,
                 engine_of=engines.__getitem__, on_message=on_message)
-    outbox.put(("stopped",))
+    outbox.put(Stopped())

@@ -1,4 +1,5 @@
-"""The model deployment: one model directory on lm.serve.engine, continuously batched.
+"""The model deployment: one model directory on lm.serve.engine (loaded by lm.serve.loading), continuously
+batched.
 
 Each request (a dict from the ingress: prompt text + sampling settings; chat's ``response_format``
 becomes the row's grammar, lm.serve.grammar) is tokenized and checked against the context here, then
@@ -74,8 +75,10 @@ class ModelServer:
     # ------------------------------------------------------------------------------------ loading
 
     def _load(self, uri: str) -> tuple[Any, str]:
+        """The engine of the model directory at ``uri`` (in the engine process with ``serve.engine_process``;
+        both load with lm.serve.loading.load_engine) and a version digest of the directory."""
         from lm.config import join_uri
-        from lm.serve.engine import Engine
+        from lm.serve.loading import load_engine
         from lm.storage import StorageNotFound
 
         try:
@@ -85,15 +88,8 @@ class ModelServer:
         version = hashlib.sha256(f"{uri}\n{json.dumps(lineage, sort_keys=True)}".encode()).hexdigest()[:12]
         if hasattr(self.scheduler, "load"):  # the engine process loads the weights
             return self.scheduler.load(uri), version
-        from lm.modeldir import load_model_dir
-
-        loaded = load_model_dir(self.store, uri)
-        model = loaded.model.eval()
-        if self.cfg.serve.quantize == "int8":
-            from lm.serve.quantize import quantize_int8
-
-            model = quantize_int8(model)
-        return Engine(model, loaded.tokenizer, max_batch_size=self.cfg.serve.max_batch_size), version
+        sc = self.cfg.serve
+        return load_engine(self.store, uri, sc.quantize, sc.max_batch_size), version
 
     async def reconfigure(self, user_config: dict) -> None:
         """``model_uri``: a model directory, or ``registry:<alias or version>`` (then the registry is

@@ -1,7 +1,8 @@
 """Continuous batching on one engine (no Ray): :class:`BatchScheduler` runs a decode thread over one
 :class:`~lm.serve.engine.DecodeBatch` that requests join and leave between steps; :func:`decode_loop` is
-that loop (shared with the engine process, lm.serve.engine_process); :func:`merge_streams` interleaves the
-chunks of several requests (the ingress's n > 1 and multi-prompt streams). Used by lm.serve.model_server and app.
+that loop (shared with the engine process, lm.serve.engine_process), fed typed messages (lm.serve.messages),
+its state between steps in :class:`_LoopState`; :func:`merge_streams` interleaves the chunks of several
+requests (the ingress's n > 1 and multi-prompt streams). Used by lm.serve.model_server and app.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NamedTuple
+
+from lm.serve.messages import Add, Cancel, Stop
 
 
 class BatchScheduler:
@@ -36,7 +39,7 @@ class BatchScheduler:
         self.max_batch_size, self.observe_batch, self.wait_s = max_batch_size, observe_batch, wait_s
         self.join_ratio, self.join_max_wait_steps = join_ratio, join_max_wait_steps
         self.queues: dict[int, asyncio.Queue] = {}  # key -> the request's StepOutputs, then None or an error
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", key, request, engine, whole) | ("cancel", key)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # lm.serve.messages: Add | Cancel | Stop
         self._keys = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -50,7 +53,7 @@ class BatchScheduler:
             self._thread.start()
         key = next(self._keys)
         outputs = self.queues[key] = asyncio.Queue()
-        self.inbox.put(("add", key, request, self._engine_token(engine), whole))
+        self.inbox.put(Add(key, request, self._engine_token(engine), whole))
         try:
             while (out := await outputs.get()) is not None:
                 if isinstance(out, Exception):
@@ -58,7 +61,7 @@ class BatchScheduler:
                 yield out
         finally:
             if self.queues.pop(key, None) is not None:  # left early (client gone, call cancelled): free its row
-                self.inbox.put(("cancel", key))
+                self.inbox.put(Cancel(key))
 
     def _engine_token(self, engine):
         """How the decode loop's inbox names an engine (the engine itself, in this process)."""
@@ -67,7 +70,7 @@ class BatchScheduler:
     def close(self) -> None:
         """Stop the decode thread (rows still running are dropped)."""
         if self._thread is not None:
-            self.inbox.put(("stop",))
+            self.inbox.put(Stop())
             self._thread.join()
             self._thread = None
 
@@ -96,66 +99,105 @@ class BatchScheduler:
 
 
 def decode_loop(get: Callable[[], Any], empty: Callable[[], bool], publish: Callable[[list, int], None], settings: dict,
-                engine_of: Callable[[Any], Any], on_message: Callable[[tuple], None] = lambda m: None) -> None:
+                engine_of: Callable[[Any], Any], on_message: Callable[[Any], None] = lambda m: None) -> None:
     """The continuous-batching loop (see BatchScheduler), wherever it runs: ``get`` blocks for the next
-    inbox message (None: nothing yet, look again), ``empty`` says whether more are queued, ``publish``
-    hands a step's outputs on, ``engine_of`` turns a message's engine field into an Engine, and
-    ``on_message`` takes any message other than add / cancel / stop."""
-    max_batch_size, wait_s = settings["max_batch_size"], settings["wait_s"]
-    join_ratio, join_max_wait_steps = settings["join_ratio"], settings["join_max_wait_steps"]
-    batch, waiting, waited = None, [], False  # waiting: (key, request, engine) not yet in the batch
-    held = 0  # steps the waiting requests have been held back
-    partial: dict[int, Any] = {}  # key -> what a `whole` request has produced so far
+    inbox message (lm.serve.messages; None: nothing yet, look again), ``empty`` says whether more are
+    queued, ``publish`` hands a step's outputs on, ``engine_of`` turns an Add's engine field into an
+    Engine, and ``on_message`` takes any message other than Add / Cancel / Stop."""
+    state = _LoopState(settings, engine_of, on_message)
     while True:
-        messages = [] if batch or waiting else [get()]  # idle: sleep until a request comes
+        messages = [] if state.batch or state.waiting else [get()]  # idle: sleep until a request comes
         while not empty():
             messages.append(get())
         for message in messages:
-            if message is None:
-                continue
-            if message[0] == "stop":
+            if isinstance(message, Stop):
                 return
-            if message[0] == "add":
-                waiting.append((message[1], message[2], engine_of(message[3])))
-                if message[4]:
-                    partial[message[1]] = None
-            elif message[0] == "cancel":
-                waiting = [w for w in waiting if w[0] != message[1]]
-                partial.pop(message[1], None)
-                if batch:
-                    batch.cancel(message[1])
-            else:
-                on_message(message)
-        if not batch:
-            if not waiting:
-                continue
-            if wait_s and not waited and len(waiting) < max_batch_size:
-                time.sleep(wait_s)  # an idle engine: let a burst arrive together
-                waited = True
-                continue
-            batch, waited = waiting[0][2].batch(), False
-        joining = [w for w in waiting if w[2] is batch.engine][: batch.room()]
-        if joining and batch and len(joining) < join_ratio * len(batch) and held < join_max_wait_steps:
-            joining, held = [], held + 1  # too few to be worth a prefill yet: decode on
-        else:
-            held = 0
-        taken = {w[0] for w in joining}
-        waiting = [w for w in waiting if w[0] not in taken]
-        outputs: list = []
-        try:
-            batch.add([request for _, request, _ in joining], [key for key, _, _ in joining])
-        except Exception as err:  # refused requests hear why; the batch runs on
-            outputs, joining = [(key, err) for key, _, _ in joining], []
-        joined = len(batch) if joining else 0
-        try:
-            outputs += batch.step()
-        except Exception as err:  # the engine failed: every row of the batch hears it
-            outputs += [(row.key, err) for row in batch.rows]
-            batch = None
-        if partial:
-            outputs = _gather_whole(outputs, partial)
+            state.take(message)
+        if not state.ready():
+            continue
+        outputs, joined = state.step()
         if outputs or joined:
             publish(outputs, joined)
+
+
+class _Waiting(NamedTuple):
+    key: int
+    request: Any
+    engine: Any
+
+
+class _LoopState:
+    """What the decode loop holds between steps: the running batch, the requests waiting to join it (with
+    the steps they have been held back), and what each ``whole`` request has produced so far."""
+
+    def __init__(self, settings: dict, engine_of: Callable[[Any], Any], on_message: Callable[[Any], None]):
+        self.max_batch_size, self.wait_s = settings["max_batch_size"], settings["wait_s"]
+        self.join_ratio, self.join_max_wait_steps = settings["join_ratio"], settings["join_max_wait_steps"]
+        self.engine_of, self.on_message = engine_of, on_message
+        self.batch: Any = None
+        self.waiting: list[_Waiting] = []
+        self.waited = False  # an idle engine has waited wait_s for a burst
+        self.held = 0  # steps the waiting requests have been held back
+        self.partial: dict[int, Any] = {}  # key -> what a `whole` request has produced so far
+
+    def take(self, message: Any) -> None:
+        match message:
+            case None:
+                pass
+            case Add(key=key, request=request, engine=engine, whole=whole):
+                self.waiting.append(_Waiting(key, request, self.engine_of(engine)))
+                if whole:
+                    self.partial[key] = None
+            case Cancel(key=key):
+                self.waiting = [w for w in self.waiting if w.key != key]
+                self.partial.pop(key, None)
+                if self.batch:
+                    self.batch.cancel(key)
+            case _:
+                self.on_message(message)
+
+    def ready(self) -> bool:
+        """Whether to step now: a batch is running, or one starts (an idle engine may wait for a burst)."""
+        if self.batch:
+            return True
+        if not self.waiting:
+            return False
+        if self.wait_s and not self.waited and len(self.waiting) < self.max_batch_size:
+            time.sleep(self.wait_s)  # an idle engine: let a burst arrive together
+            self.waited = True
+            return False
+        self.batch, self.waited = self.waiting[0].engine.batch(), False
+        return True
+
+    def joining(self) -> list[_Waiting]:
+        """The waiting requests that join at this step (none while too few to be worth a prefill)."""
+        batch = self.batch
+        joining = [w for w in self.waiting if w.engine is batch.engine][: batch.room()]
+        if joining and batch and len(joining) < self.join_ratio * len(batch) and self.held < self.join_max_wait_steps:
+            joining, self.held = [], self.held + 1  # decode on
+        else:
+            self.held = 0
+        taken = {w.key for w in joining}
+        self.waiting = [w for w in self.waiting if w.key not in taken]
+        return joining
+
+    def step(self) -> tuple[list, int]:
+        """One decode step with the joining rows: the (key, StepOutput | Exception) pairs to publish, and
+        the rows decoding together if requests joined (0 if none)."""
+        joining, outputs = self.joining(), []
+        try:
+            self.batch.add([w.request for w in joining], [w.key for w in joining])
+        except Exception as err:  # refused requests hear why; the batch runs on
+            outputs, joining = [(w.key, err) for w in joining], []
+        joined = len(self.batch) if joining else 0
+        try:
+            outputs += self.batch.step()
+        except Exception as err:  # the engine failed: every row of the batch hears it
+            outputs += [(row.key, err) for row in self.batch.rows]
+            self.batch = None
+        if self.partial:
+            outputs = _gather_whole(outputs, self.partial)
+        return outputs, joined
 
 
 def _gather_whole(outputs: list, partial: dict) -> list:

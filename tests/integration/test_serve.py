@@ -470,6 +470,36 @@ def test_metrics_are_exported_in_prometheus_format(server, ray_session):
     assert batches > singles > 0
 
 
+def test_request_metrics_count_every_status_by_route(server, ray_session):
+    """lm.serve.gate records lmforge_requests and lmforge_request_latency_ms for every answer, tagged with the
+    route and the status: the gate's own 401, FastAPI's 400, a route's 404, and 200s."""
+    url, key = f"{server['base']}/chat/completions", {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "lmforge", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert httpx.post(url, json=chat, timeout=30).status_code == 401
+    assert httpx.post(url, json={**chat, "max_tokens": "many"}, headers=key, timeout=30).status_code == 400
+    assert httpx.post(url, json={**chat, "model": "gpt-9"}, headers=key, timeout=30).status_code == 404
+    assert httpx.post(url, json=chat, headers=key, timeout=60).status_code == 200
+    assert httpx.post(url, json={**chat, "stream": True}, headers=key, timeout=60).status_code == 200
+    port = ray_session.nodes()[0]["MetricsExportPort"]
+
+    def counted(text: str, name: str) -> set[str]:  # the statuses with a nonzero count for route="chat"
+        found = set()
+        for labels, value in re.findall(r"^\w*" + name + r"(?:_total)?\{([^}]*)\} ([0-9.e+]+)$", text, re.M):
+            status = re.search(r'status="(\d+)"', labels)
+            if 'route="chat"' in labels and status and float(value) > 0:
+                found.add(status.group(1))
+        return found
+
+    wanted, deadline = {"200", "400", "401", "404"}, time.monotonic() + 40
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        requests, latencies = counted(text, "lmforge_requests"), counted(text, "lmforge_request_latency_ms_count")
+        if (wanted <= requests and wanted <= latencies) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert wanted <= requests and wanted <= latencies, (requests, latencies)
+
+
 def test_feedback_is_captured_as_jsonl(server):
     client, store = server["client"], ObjectStore(server["cfg"].storage)
     done = client.completions.create(model="lmforge", prompt="FEEDBACK:", max_tokens=4, temperature=0)
