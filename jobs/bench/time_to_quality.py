@@ -111,17 +111,17 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     rows = []
-    for name in args.variants.split(","):
+    for name in args.variants.split(","):  # results written after each variant: a long run keeps what it has
         against, overrides = VARIANTS[name]
         runs = [run(args.minutes, overrides, 1337 + seed) for seed in range(args.seeds)]
         rows.append({"variant": name, "against": against, "overrides": overrides, "runs": runs,
                      "val_bpb_seeds": [r["val_bpb"] for r in runs],
                      **{k: statistics.mean(r[k] for r in runs) for k in ("val_bpb", "steps", "tokens_per_s",
                                                                           "model_gflops")}})
-    write_result(args.out, {"machine": machine(), "budget_minutes": args.minutes, "target_bpb": 2.1,
-                            "base": BASE, "variants": rows})
-    plot(rows, 2.1, Path(args.out).with_suffix(".png"))
-    replace_section(REPO / "jobs/bench/README.md", "## Time to quality", table(rows, args.minutes))
+        write_result(args.out, {"machine": machine(), "budget_minutes": args.minutes, "target_bpb": 2.1,
+                                "base": BASE, "variants": rows})
+        plot(rows, 2.1, Path(args.out).with_suffix(".png"))
+        replace_section(REPO / "jobs/bench/README.md", "## Time to quality", table(rows, args.minutes))
 
 
 if __name__ == "__main__":
