@@ -24,10 +24,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lm.config import ModelConfig
+from lm.head_loss import linear_cross_entropy
 from lm.loss_mask import IGNORE
 from lm.sampling import check_prompt, check_settings, row_settings, sample_rows
 
@@ -190,6 +190,17 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
+class LMHead(nn.Linear):
+    """The vocabulary projection: hidden [..., d_model] -> logits [..., V]. Called with targets and a fused
+    ``kernel`` (lm.head_loss: chunked, liger), it returns the mean cross-entropy instead, without the whole
+    logits (a call of this module, so that ZeRO-3 gathers its weight as for any layer)."""
+
+    def forward(self, hidden: Tensor, targets: Tensor | None = None, kernel: str = "torch") -> Tensor:
+        if targets is None:
+            return super().forward(hidden)
+        return linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), self.weight, targets.reshape(-1), kernel)
+
+
 class Transformer(nn.Module):
     """Token ids → next-token logits. ``.model`` holds embed_tokens / layers / norm, then ``.lm_head``.
 
@@ -207,11 +218,10 @@ class Transformer(nn.Module):
                 "norm": RMSNorm(cfg.d_model, cfg.norm_eps),
             }
         )
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.drop = nn.Dropout(cfg.dropout)
-        self.activation_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -228,18 +238,21 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, position_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, kv_cache: KVCache | None = None,
-                last_only: bool = False) -> tuple[Tensor, Tensor | None]:
+                last_only: bool = False, loss_kernel: str = "torch") -> tuple[Tensor | None, Tensor | None]:
         """input_ids [B, T] → (float32 logits [B, T, V], cross-entropy loss or None).
 
         position_ids: [B, T] or [1, T]; default: consecutive positions after what ``kv_cache`` holds.
         attention_mask: [B, T_total] 1 = real token, 0 = (left) padding, T_total = cached + T.
         kv_cache: a :class:`KVCache`; the new keys/values are appended and ``length`` advances.
         last_only: logits of the last position only ([B, 1, V]; a prefill needs no more); no targets.
+        loss_kernel: with targets, chunked or liger (lm.head_loss) give the loss and no logits (None).
         """
         if last_only and targets is not None:
             raise ValueError("last_only=True computes no loss; pass targets=None")
         hidden = self.hidden_states(input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                     kv_cache=kv_cache, last_only=last_only)
+        if targets is not None and loss_kernel != "torch":
+            return None, self.lm_head(hidden, targets, loss_kernel)
         logits = self.lm_head(hidden).float()  # [B, T, V]
         loss = None
         if targets is not None:
@@ -264,12 +277,8 @@ class Transformer(nn.Module):
         sin = self.rope_sin[position_ids][:, None]
         mask = self._attention_mask(B, T, start, attention_mask, input_ids.device)
         x = self.drop(self.model.embed_tokens(input_ids))  # [B, T, d_model]
-        recompute = self.activation_checkpointing and self.training and kv_cache is None
         for i, layer in enumerate(self.model.layers):
-            if recompute:  # keep only block inputs; recompute the rest in backward
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, kv_cache, i)
+            x = layer(x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
         return self.model.norm(x[:, -1:] if last_only else x)  # [B, T or 1, d_model]

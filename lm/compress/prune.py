@@ -151,7 +151,6 @@ def _rebuild(model: Transformer, state: dict[str, torch.Tensor], **changes) -> T
     with torch.device(device):
         new = Transformer(cfg)
     new.to(dtype).load_state_dict(state)
-    new.activation_checkpointing = model.activation_checkpointing
     return new.train(model.training)
 
 

@@ -119,14 +119,36 @@ class TrainConfig(Section):
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Extra custom Ray resources per worker (e.g. an accelerator type)."
     )
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 (DDP-like), 1, 2 or 3.")
+    zero_stage: Annotated[int, Field(ge=0, le=3)] | Literal["auto"] = Field(
+        2, description="DeepSpeed ZeRO stage: 0 (DDP-like), 1, 2 or 3; auto: the lowest that fits the device's memory "
+        "on paper (lm.train.ds_config.fit_memory: 0 on one worker, where partitioning only adds gathers; else 1, 2, "
+        "then 3), chosen by each worker when training starts.",
+    )
     offload_optimizer: bool = Field(False, description="ZeRO >= 1: keep optimizer state on CPU (DeepSpeedCPUAdam).")
     offload_params: bool = Field(False, description="ZeRO-3: keep parameters on CPU between uses.")
     compile: bool = Field(
         False, description="torch.compile the model inside the DeepSpeed engine (engine.compile()); the first "
-        "steps pay for compiling. On an H200 it took gpt2-124m (batch 32) from 242k to 436k tokens/s.",
+        "steps pay for compiling. On an H200 it took gpt2-124m (batch 16) from 185k to 257k tokens/s.",
     )
-    activation_checkpointing: bool = Field(False, description="Recompute each block's activations in backward.")
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field(
+        "default", description="train.compile's torch.compile mode: reduce-overhead adds CUDA graphs (GPU; for "
+        "small models whose steps are launch-bound), max-autotune-no-cudagraphs tunes the kernels longer.",
+    )
+    activation_checkpointing: bool | Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        False, description="Recompute blocks' activations in backward (applied by lm.train.levers, not the model): "
+        "true = every block, a number = that many blocks (the first ones), auto = the fewest that make a step fit "
+        "the device's memory on paper (lm.train.ds_config.fit_memory; none where it fits).",
+    )
+    loss_kernel: Literal["torch", "chunked", "liger"] = Field(
+        "torch", description="How the vocabulary projection's cross-entropy is computed: torch (float32 logits, "
+        "then cross-entropy), chunked (lm.head_loss: chunks of rows with their gradients in the forward, never "
+        "the whole [tokens, vocab] logits) or liger (liger-kernel's fused Triton kernel; GPU, `pip install "
+        "liger-kernel`). Distillation needs the logits and keeps torch.",
+    )
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+        "auto", description="The SDPA kernel training may use: auto = PyTorch's choice; flash (also on CPU), "
+        "cudnn and efficient (GPU), math (the reference). Serving is not affected.",
+    )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts after a failure (-1: unlimited).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept, ranked by validation loss (best kept).")
     poll_interval_s: float | None = Field(
@@ -154,6 +176,8 @@ class TrainConfig(Section):
         if not 1 <= self.min_workers <= self.max_workers:
             shown = list(self.workers) if isinstance(self.workers, tuple) else self.workers
             raise ValueError(f"train.workers {shown}: a number >= 1, or [min, max] with 1 <= min <= max")
+        if self.zero_stage == "auto" and (self.offload_params or self.offload_optimizer):
+            raise ValueError("offload_optimizer / offload_params need an explicit zero_stage (auto never offloads)")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -164,7 +188,7 @@ class TrainConfig(Section):
             raise ValueError("schedule_unit seconds needs max_seconds (the time the schedule spans)")
         if self.optimizer == "muon" and self.trainer == "local":
             raise ValueError("optimizer muon runs through DeepSpeed: use trainer ray (the plain loop has AdamW)")
-        if self.optimizer == "muon" and self.zero_stage > 0 and self.grad_clip > 0:
+        if self.optimizer == "muon" and self.zero_stage not in (0, "auto") and self.grad_clip > 0:
             raise ValueError("optimizer muon under ZeRO 1-3 with grad_clip: DeepSpeed folds Muon's orthogonalised "
                              "update into the gradient partitions and then clips that (measured: a first step 31x "
                              "too small), not the gradient; set train.zero_stage=0 or train.grad_clip=0")

@@ -34,6 +34,9 @@ def quantize_int8(model: Transformer) -> Transformer:
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise ValueError("the model has no nn.Linear layers to quantize (already quantized?)")
     float_model = copy.deepcopy(model).float().eval()
+    head = nn.Linear(*reversed(float_model.lm_head.weight.shape), bias=False)  # lm.model.LMHead's plain form,
+    head.weight = float_model.lm_head.weight  # which quantize_dynamic maps (it matches types exactly)
+    float_model.lm_head = head
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
         warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated.*")

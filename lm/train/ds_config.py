@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lm.config import Config, TrainConfig
+from lm.head_loss import CHUNK_ROWS
 from lm.model import num_params
 
 
@@ -107,6 +108,66 @@ def memory_estimate(cfg: Config, gpus: int) -> MemoryEstimate:
     if tc.offload_params:
         params = 0
     s, b, d = cfg.seq_len, tc.batch_size, mc.d_model
-    per_layer = 2 * s * b * d if tc.activation_checkpointing else 34 * s * b * d
-    activations = int(per_layer * mc.n_layers * (width / 2)) + 4 * s * b * mc.vocab_size  # + fp32 logits
+    recomputed = recomputed_blocks(tc.activation_checkpointing, mc.n_layers)
+    per_block = 2 * s * b * d * recomputed + 34 * s * b * d * (mc.n_layers - recomputed)
+    logits = 4 * s * b * mc.vocab_size if tc.loss_kernel == "torch" else 4 * min(s * b, CHUNK_ROWS) * mc.vocab_size
+    activations = int(per_block * (width / 2)) + logits  # + the fp32 logits (a chunk of them: lm.head_loss)
     return MemoryEstimate(params, grads, opt, activations)
+
+
+def recomputed_blocks(setting: bool | int | str, n_layers: int) -> int:
+    """How many blocks ``train.activation_checkpointing`` recomputes (``auto`` must be resolved first)."""
+    if setting == "auto":
+        raise ValueError("activation_checkpointing auto is resolved by fit_memory before use")
+    return n_layers if setting is True else min(int(setting), n_layers)
+
+
+@dataclass
+class MemoryPlan:
+    """What :func:`fit_memory` chose, and the estimate it fits."""
+
+    zero_stage: int
+    recomputed: int  # blocks
+    estimate: MemoryEstimate
+    budget_gb: float | None
+
+    def describe(self, n_layers: int) -> str:
+        budget = f" of {self.budget_gb:g} GiB" if self.budget_gb else ""
+        return (f"ZeRO-{self.zero_stage}, {self.recomputed}/{n_layers} blocks recomputed "
+                f"({self.estimate.total / 2**30:.1f} GiB on paper{budget})")
+
+
+HEADROOM = 0.9  # of the device's memory a plan may fill on paper (the estimate is rough: see docs/training.md)
+
+
+def fit_memory(cfg: Config, world: int, memory_gb: float | None) -> tuple[Config, MemoryPlan]:
+    """``cfg`` with ``zero_stage: auto`` and ``activation_checkpointing: auto`` resolved to fit ``memory_gb``
+    per device (``train.gpu_memory_gb`` takes precedence; None: no limit) on paper. The cheapest choice
+    first: no recomputation at the lowest ZeRO stage, then one more recomputed block at a time. The stages
+    tried: 1, 2, 3 on several workers; on one worker, where partitioning saves nothing, 0 in fp32 and 1 in
+    bf16 / fp16 (DeepSpeed's ZeRO-0 half-precision optimizer takes other first steps than ZeRO 1-3 and fp32
+    do: tests/unit/test_levers.py). Nothing that fits: a ValueError naming it."""
+    tc, n = cfg.train, cfg.model.n_layers
+    budget = tc.gpu_memory_gb or memory_gb
+    if tc.zero_stage != "auto":
+        stages = [tc.zero_stage]
+    elif tc.optimizer == "muon" and tc.grad_clip > 0:  # under ZeRO >= 1 DeepSpeed would clip Muon's update
+        stages = [0]
+    elif world == 1:
+        stages = [0 if tc.precision == "fp32" else 1]
+    else:
+        stages = [1, 2, 3]
+    blocks = range(n + 1) if tc.activation_checkpointing == "auto" else [recomputed_blocks(tc.activation_checkpointing, n)]
+    estimate = None
+    for recomputed in blocks:
+        for stage in stages:
+            chosen = cfg.model_copy(update={"train": tc.model_copy(
+                update={"zero_stage": stage, "activation_checkpointing": recomputed if recomputed < n else True})})
+            estimate = memory_estimate(chosen, gpus=world)
+            if budget is None or estimate.total <= HEADROOM * budget * 2**30:
+                return chosen, MemoryPlan(stage, recomputed, estimate, budget)
+    if tc.zero_stage != "auto" and tc.activation_checkpointing != "auto":
+        return cfg, MemoryPlan(stages[0], blocks[0], estimate, budget)  # as configured: a stated choice
+    raise ValueError(f"train: no ZeRO stage ({stages}) and activation checkpointing fits a step in {budget:g} GiB "
+                     f"per device (at best {estimate.total / 2**30:.1f} GiB on paper): lower train.batch_size, "
+                     "or set train.zero_stage with offload_optimizer / offload_params")

@@ -36,8 +36,8 @@ def initialize_engine(model: torch.nn.Module, tc: TrainConfig, *, seq_len: int, 
         config=deepspeed_config(tc, seq_len=seq_len, world=world, on_gpu=on_gpu, universal=universal),
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_scale(step, tc, clock())),
     )
-    if tc.compile:
-        engine.compile()  # compiles the module in place: parameter names and checkpoints are unchanged
+    if tc.compile:  # compiles the module in place: parameter names and checkpoints are unchanged
+        engine.compile(compile_kwargs={} if tc.compile_mode == "default" else {"mode": tc.compile_mode})
     return engine
 
 

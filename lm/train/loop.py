@@ -55,6 +55,7 @@ from lm.storage import ObjectStore
 from lm.tokenizer import BPETokenizer
 from lm.train.distill import distill_loss, load_teacher, teacher_logits
 from lm.train.engine import initialize_engine
+from lm.train.levers import checkpoint_blocks, prepare_levers
 from lm.train.local import to_inputs_targets
 from lm.train.optim import EarlyStopping
 from lm.train.peak import device_peak, worker_share
@@ -88,10 +89,14 @@ class Worker:
         import ray.train
         import ray.train.torch
 
-        self.cfg, self.tc = cfg, cfg.train
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        autos = "auto" in (cfg.train.zero_stage, cfg.train.activation_checkpointing)
+        cfg, self.memory_plan = prepare_levers(cfg, self.world, self.device)  # autos resolved alike on every rank
+        if autos and self.rank == 0:
+            say(f"memory plan: {self.memory_plan.describe(cfg.model.n_layers)}")
+        self.cfg, self.tc = cfg, cfg.train
         self.store = store or ObjectStore(cfg.storage)
         self.data = cfg.data_uri
         self.manifest = read_manifest(self.store, self.data)
@@ -102,11 +107,12 @@ class Worker:
         self.teacher = (load_teacher(self.store, distill.teacher, self.tok, cfg.seq_len, self.tc.precision, self.device)
                         if distill.teacher else None)
         self.distill_parts = (0.0, 0.0)  # the last step's cross-entropy and KL terms
+        self.loss_kernel = "torch" if self.teacher is not None else self.tc.loss_kernel  # distillation reads logits
         self.model = build_model(cfg, self.tok.vocab_size)
         checkpoint = ray.train.get_checkpoint()
         if self.tc.init_from and checkpoint is None:  # a resumed run continues from its own checkpoint
             load_init_weights(self.model, self.store, self.tc.init_from)
-        self.model.activation_checkpointing = self.tc.activation_checkpointing
+        checkpoint_blocks(self.model, self.memory_plan.recomputed)
         self.step = 0
         self.stopping = EarlyStopping(self.tc.early_stopping_patience)
         peak = device_peak(self.device, self.tc.peak_flops)  # one fixed number (lm.train.peak), not a timing
@@ -197,7 +203,7 @@ class Worker:
         for _ in range(self.accum):
             rows, mask = self.stream.next_rows(self.tc.batch_size)
             x, y = to_inputs_targets(rows, self.device, mask)
-            logits, loss = self.engine(x, y)
+            logits, loss = self.engine(x, y, loss_kernel=self.loss_kernel)
             if self.teacher is not None:
                 parts = distill_loss(logits, teacher_logits(self.teacher, x), y, temperature=distill.temperature,
                                      weight=distill.weight)

@@ -191,7 +191,9 @@ def test_the_trial_killed_between_checkpoints_resumes_from_its_own_with_the_opti
     cfg, result, _finished_before, (trial_id, saved), resumed_at = sweep
     assert saved.step == 10 and saved.world_size == 1
     outputs = [text for text in worker_outputs(resumed_at) if "resumed at step" in text]
-    assert len(outputs) == 1, outputs  # no other trial had a checkpoint to resume from
+    ended = result.table.set_index("trial_id").loc[trial_id, ["ended", "last_step"]].to_dict()
+    anywhere = [line for text in worker_outputs(0) for line in text.splitlines() if "resumed at" in line]
+    assert len(outputs) == 1, (ended, anywhere)  # no other trial had a checkpoint to resume from
     trial = Path(result.uris["trials"]) / trial_id
     history = [json.loads(line) for line in (trial / "train/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history] == [1, 10, 20]
