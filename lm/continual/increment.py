@@ -183,23 +183,9 @@ def build_mix(cfg: Config, store: ObjectStore, it_uri: str, inputs: dict[str, st
     shards: list[ShardEntry] = []
     gate_texts: list[str] = []
     parts = {"new": 0, "sft": 0, "replay": 0}
-    new_uri = join_uri(it_uri, "new")
     if documents:
-        inc = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources, "output": new_uri})})
-        try:
-            index = corpus_index(cfg, store, earlier_runs)
-            new = prepare_data(inc, store, log, tokenizer=tok, known=index, export_texts=("val",), only=documents)
-        except DataError as err:
-            counts["documents_note"] = str(err)
-            log(f"continual: no new documents to learn from: {err}")
-        else:
-            counts.update(dropped=new.dropped, dedup=new.dedup, skipped_objects=len(new.skipped_objects))
-            shards += [s.model_copy(update={"path": join_uri(new_uri, s.path)}) for s in new.shards
-                       if s.split in ("train", "val")]
-            parts["new"] = new.rows_in("train")
-            if "val" in new.texts:
-                gate_texts += [json.loads(line)["text"] for line in
-                               store.read_text(join_uri(new_uri, new.texts["val"])).splitlines() if line.strip()]
+        shards, gate_texts, parts["new"] = _new_documents(cfg, store, it_uri, tok, sources, documents,
+                                                          earlier_runs, counts, log)
     sft, too_long = write_sft(cfg, store, mix_uri, tok, pairs) if pairs and cfg.continual.feedback_as == "sft" else ({}, 0)
     if too_long:
         counts["feedback"]["skipped: longer than a row"] = too_long
@@ -220,6 +206,30 @@ def build_mix(cfg: Config, store: ObjectStore, it_uri: str, inputs: dict[str, st
     log(f"continual: training mix → {mix_uri}: {parts['new']} new rows, {parts['sft']} supervised rows, "
         f"{parts['replay']} replay rows; {len(gate_texts)} held-out texts for the gate")
     return Mix(mix_uri, gate_uri if gate_texts else None, parts, counts)
+
+
+def _new_documents(cfg: Config, store: ObjectStore, it_uri: str, tok: BPETokenizer, sources: list[SourceConfig],
+                   documents: set[str], earlier_runs: list[str], counts: dict,
+                   log: Log) -> tuple[list[ShardEntry], list[str], int]:
+    """This iteration's new documents through lm.data's pipeline under ``<it>/new``, deduplicated against the
+    earlier runs' corpora: their train and val shards, the val texts (for the gate) and the train rows; their
+    counts go into ``counts``. None left (all duplicates, say): nothing, and a note in ``counts``."""
+    new_uri = join_uri(it_uri, "new")
+    inc = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources, "output": new_uri})})
+    try:
+        index = corpus_index(cfg, store, earlier_runs)
+        new = prepare_data(inc, store, log, tokenizer=tok, known=index, export_texts=("val",), only=documents)
+    except DataError as err:
+        counts["documents_note"] = str(err)
+        log(f"continual: no new documents to learn from: {err}")
+        return [], [], 0
+    counts.update(dropped=new.dropped, dedup=new.dedup, skipped_objects=len(new.skipped_objects))
+    shards = [s.model_copy(update={"path": join_uri(new_uri, s.path)}) for s in new.shards if s.split in ("train", "val")]
+    texts = []
+    if "val" in new.texts:
+        texts = [json.loads(line)["text"] for line in
+                 store.read_text(join_uri(new_uri, new.texts["val"])).splitlines() if line.strip()]
+    return shards, texts, new.rows_in("train")
 
 
 def _write_manifest(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, inputs: dict[str, str],
