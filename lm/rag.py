@@ -51,7 +51,9 @@ def iter_passages(cfg: Config, store: ObjectStore) -> Iterator[dict[str, str]]:
     from lm.data.documents import iter_documents
 
     rc = cfg.rag
-    data = DataConfig(sources=rc.sources, val_fraction=0.0, test_fraction=0.0, clean=cfg.data.clean)
+    # cleaned only: a knowledge base's short passages are not web pages (no language, quality or PII step)
+    data = DataConfig(sources=rc.sources, val_fraction=0.0, test_fraction=0.0, clean=cfg.data.clean, languages=[],
+                      quality={"enabled": False}, pii={"enabled": False})
     for doc in iter_documents(store, data):
         for j, text in enumerate(cut_passages(doc.text, rc.passage_words, rc.overlap_words)):
             yield {"id": f"{doc.id}#{j}", "doc": doc.id, "source": doc.source, "text": text}

@@ -181,7 +181,9 @@ def pipeline_run(args, corpus: Path, store_root: Path) -> tuple[dict, object]:
     cfg = load_config(None, [
         "name=bench", f"storage.root={store_root}", f"data.sources=[{{name: bench, uri: '{corpus}'}}]",
         "tokenizer.vocab_size=8192", "tokenizer.max_train_bytes=10000000", "data.seq_len=256",
-        "model.max_seq_len=256", *args.overrides,
+        "model.max_seq_len=256",
+        "data.languages=[]", "data.quality.enabled=false",  # verse, like the Shakespeare presets (docs/data.md)
+        *args.overrides,
     ])
     lines: list[str] = []
 

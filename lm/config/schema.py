@@ -16,6 +16,7 @@ from lm.config.base import PATH, Section, absolute_paths
 from lm.config.base import ConfigError as ConfigError  # re-exported
 from lm.config.continual import ContinualConfig
 from lm.config.eval import EvalConfig
+from lm.config.quality import DecontamConfig, PIIConfig, QualityConfig
 from lm.config.rag import RagConfig
 from lm.config.serve import ServeConfig
 from lm.config.sft import SFTConfig
@@ -109,6 +110,17 @@ class DataConfig(Section):
     )
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"], description="Keep documents whose language (py3langid, ISO 639-1 codes "
+        "such as en, de, fr; identified after cleaning) is one of these (reason language); [] = no language filter.",
+    )
+    language_min_score: float = Field(
+        0.5, ge=0, le=1, description="The identified language must have at least this probability (else reason "
+        "language).",
+    )
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    pii: PIIConfig = Field(default_factory=PIIConfig)
+    decontaminate: DecontamConfig = Field(default_factory=DecontamConfig)
     val_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of documents held out for validation (by a hash of the document id)."
     )

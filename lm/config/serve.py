@@ -38,13 +38,19 @@ class KeyLimits(Section):
 
 
 class FeedbackConfig(Section):
-    """Capture of prompts, completions and feedback for continual learning (opt-in)."""
+    """Capture of prompts, completions and feedback for continual learning (opt-in), redacted before anything is
+    stored."""
 
     enabled: bool = Field(False, description="Record every completion and /v1/feedback call.")
     uri: Annotated[str | None, PATH] = Field(
         None, description="Storage prefix for the JSONL batches; null = <storage.root>/feedback.")
     flush_interval_s: float = Field(5.0, gt=0, description="Write a batch at least this often (when there is one).")
     flush_records: int = Field(256, ge=1, description="Write a batch as soon as it holds this many records.")
+    redact: list[Literal["email", "card", "ip", "phone"]] = Field(
+        default_factory=lambda: ["email", "card", "ip", "phone"], description="Personal data replaced by typed "
+        "placeholders (<EMAIL>, <CARD_NUMBER>, <IP_ADDRESS>, <PHONE_NUMBER>) in prompts, completions and corrections "
+        "before a record is buffered or written (lm.data.pii); [] = none. Secrets are always redacted, whatever this "
+        "says: API keys (sk-..., AKIA..., this server's own keys, ...), bearer tokens, private-key blocks, passwords.")
 
 
 class ServeConfig(Section):

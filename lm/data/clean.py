@@ -14,7 +14,8 @@ its :class:`~lm.config.CleanConfig` flag is on):
 
 then the filters, first failure wins: ``too_short``, ``too_long``, ``repetitive_lines``,
 ``repetitive_ngrams``. :func:`clean_batch` applies it to a Ray-Data-style column batch and adds the
-``n_bytes`` and ``hash`` (exact-dedup key) columns.
+``n_bytes`` and ``hash`` (exact-dedup key) columns; given the data section, it also runs the quality stack
+(lm.data.quality: language, heuristic filters, PII redaction) on each kept document, before the hash.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-from lm.config import CleanConfig
+from lm.config import CleanConfig, DataConfig
+from lm.data.quality import COUNT_COLUMNS, apply_stack
 
 DROP_REASONS = ("too_short", "too_long", "repetitive_lines", "repetitive_ngrams", "invalid_utf8")
 
@@ -190,14 +192,16 @@ def _as_list(column: Any) -> list[Any]:
     return column.tolist() if hasattr(column, "tolist") else list(column)
 
 
-def clean_batch(batch: dict[str, Sequence[Any]], cfg: CleanConfig) -> dict[str, Any]:
+def clean_batch(batch: dict[str, Sequence[Any]], cfg: CleanConfig, data: DataConfig | None = None) -> dict[str, Any]:
     """Clean a column batch (``map_batches`` style; columns are lists or numpy arrays).
 
     Needs ``"text"`` and ``"reason"`` ("" / None = not dropped yet). Rows that already carry a reason
     pass through untouched. ``"text"`` may hold bytes, decoded by ``cfg.invalid_utf8``. Returns the
     same columns (``text`` cleaned, ``reason`` set for newly dropped rows) plus ``n_bytes`` (UTF-8
     size of the cleaned text, 0 when dropped) and ``hash`` (:func:`text_hash`, "" when dropped);
-    every other column is returned unchanged.
+    every other column is returned unchanged. With ``data`` (the data section), kept documents go through
+    the quality stack (:func:`lm.data.quality.apply_stack`) and the columns of
+    :data:`~lm.data.quality.COUNT_COLUMNS` (lines removed, redactions per kind) are added.
     """
     missing = {"text", "reason"} - set(batch)
     if missing:
@@ -209,14 +213,19 @@ def clean_batch(batch: dict[str, Sequence[Any]], cfg: CleanConfig) -> dict[str, 
     out_reason: list[str] = []
     n_bytes: list[int] = []
     hashes: list[str] = []
+    counts: dict[str, list[int]] = {c: [] for c in COUNT_COLUMNS} if data is not None else {}
     for text, reason in zip(texts, reasons, strict=True):
-        reason = reason or ""
+        reason, found = reason or "", None
         if not reason:
             if isinstance(text, bytes | bytearray | memoryview):
                 decoded = decode_utf8(text, cfg.invalid_utf8)
                 text, reason = (text, "invalid_utf8") if decoded is None else (decoded, "")
             if not reason:
                 text, reason = clean_text(text or "", cfg)
+            if not reason and data is not None:
+                text, reason, found = apply_stack(text, data)
+        for c, values in counts.items():  # what was done to the documents kept
+            values.append(found[c] if found and not reason else 0)
         out_text.append(text)
         out_reason.append(reason)
         if reason:
@@ -227,5 +236,5 @@ def clean_batch(batch: dict[str, Sequence[Any]], cfg: CleanConfig) -> dict[str, 
             n_bytes.append(len(encoded))
             hashes.append(hashlib.blake2b(encoded, digest_size=16).hexdigest())
     out: dict[str, Any] = dict(batch)
-    out.update(text=out_text, reason=out_reason, n_bytes=n_bytes, hash=hashes)
+    out.update(text=out_text, reason=out_reason, n_bytes=n_bytes, hash=hashes, **counts)
     return out

@@ -1,5 +1,5 @@
-"""Single-process document streaming: the same reading and cleaning as the Ray Data pipeline,
-without Ray or deduplication, for quick tools (``lm tokenizer train``) and tests.
+"""Single-process document streaming: the same reading, cleaning and quality stack as the Ray Data pipeline,
+without Ray, deduplication or decontamination, for quick tools (``lm tokenizer train``) and tests.
 
     for doc in iter_documents(store, cfg.data, split="train"):
         doc.id, doc.source, doc.text
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from lm.config import DataConfig
 from lm.data.clean import clean_text
+from lm.data.quality import apply_stack
 from lm.data.sources import plan_files, read_file_task
 from lm.data.split import assign_split
 from lm.storage import ObjectStore
@@ -33,6 +34,8 @@ def iter_documents(store: ObjectStore, data: DataConfig, split: str | None = Non
             if row["reason"]:
                 continue
             text, reason = clean_text(row["text"], data.clean)
+            if not reason:
+                text, reason, _ = apply_stack(text, data)
             if reason:
                 continue
             if split is None or assign_split(row["id"], data.val_fraction, data.test_fraction) == split:

@@ -81,8 +81,20 @@ class SourceSplit(Entry):
 class SourceTotals(Entry):
     weight: float
     files: int = 0
-    dropped: dict[str, int] = {}
+    dropped: dict[str, int] = {}  # documents dropped, by reason (cleaning, language, quality, contaminated)
+    redacted: dict[str, int] = {}  # PII / secrets replaced by placeholders, by kind (lm.data.pii)
+    lines_removed: int = 0  # boilerplate lines removed from kept documents (lm.data.quality)
     splits: dict[str, SourceSplit] = {}
+
+
+class Decontamination(Entry):
+    """What the train split was decontaminated against (lm.data.decontam)."""
+
+    ngram: int  # words per n-gram
+    against: list[str]  # held-out splits, eval sets (eval-<name>), further sources
+    ngrams: int  # distinct n-grams of those texts
+    skipped: list[str] = []  # eval sets that could not be read (not there yet)
+    dropped: int = 0  # train documents dropped (reason contaminated)
 
 
 class BaseManifest(Entry):
@@ -121,6 +133,9 @@ class DataManifest(BaseManifest):
     config_hash: str
     sources: dict[str, SourceTotals]
     dropped: dict[str, int]  # documents dropped, by reason
+    redacted: dict[str, int] = {}  # placeholders put in, by kind (email, ip, phone, card, secret)
+    lines_removed: int = 0  # boilerplate lines removed
+    decontamination: Decontamination | None = None
     dedup: dict[str, int]  # exact / near duplicates removed (corpus_*: of an existing corpus)
     skipped_objects: list[dict[str, Any]]  # {source, uri, reason, detail}
     files: int
@@ -141,6 +156,13 @@ class DataManifest(BaseManifest):
                          f"{e.rows:,} rows in {e.shards} shards")
         d = self.dedup
         lines.append(f"dedup: {d['exact']} exact, {d['near']} near; skipped objects: {len(self.skipped_objects)}")
+        if self.redacted or self.lines_removed:
+            lines.append("redacted: " + (", ".join(f"{k}={v}" for k, v in sorted(self.redacted.items())) or "-")
+                         + f"; boilerplate lines removed: {self.lines_removed}")
+        if (dc := self.decontamination) is not None:
+            lines.append(f"decontamination: {dc.dropped} train documents share a {dc.ngram}-gram with "
+                         f"{', '.join(dc.against) or 'nothing'} ({dc.ngrams:,} n-grams)"
+                         + (f"; not read: {', '.join(dc.skipped)}" if dc.skipped else ""))
         by_source: dict[str, dict[str, int]] = {}
         for s in self.skipped_objects:  # older manifests' entries have no source
             reasons = by_source.setdefault(s.get("source", "?"), {})

@@ -4,8 +4,10 @@
 
 Stages (each a Ray Data step over the pure functions in lm.data.*; the UDFs live in lm.data.steps):
   plan (driver: list files; errors before any work) → read (flat_map, through the storage layer's
-  pyarrow filesystem; bad objects become skip rows) → clean (map_batches) → exact dedup (groupby on
-  the text hash) → near dedup (MinHash + LSH) → split (hash of the document id) → tokenizer trained
+  pyarrow filesystem; bad objects become skip rows) → clean + quality stack (map_batches: language,
+  heuristic filters, PII redaction; lm.data.quality) → split (hash of the document id) → exact dedup
+  (groupby on the text hash) → near dedup (MinHash + LSH) → decontamination (train documents sharing
+  an n-gram with the held-out splits or eval sets; lm.data.decontam) → tokenizer trained
   on a seeded sample of the train split → tokenize (actor pool, tokenizer loaded once per actor) →
   pack + write Parquet shards (groupby on a hash bucket, so shard contents are deterministic) →
   ``manifest.json`` published last. With ``data.format: sft`` the records of prompt / response JSONL
@@ -41,6 +43,7 @@ from typing import Any
 from lm.cluster import connect
 from lm.config import Config, join_uri
 from lm.config.base import absolute_paths
+from lm.data.decontam import CONTAMINATED, decontaminate, eval_sources
 from lm.data.dedup import (
     INDEX_KNOWN_EXACT,
     INDEX_KNOWN_NEAR,
@@ -50,17 +53,8 @@ from lm.data.dedup import (
     mark_known,
     near_dedup,
 )
-from lm.data.manifest import (
-    MANIFEST,
-    DataManifest,
-    ShardEntry,
-    SourceSplit,
-    SourceTotals,
-    SplitTotals,
-    TokenizerEntry,
-    add_shards,
-    parse_manifest,
-)
+from lm.data.manifest import MANIFEST, DataManifest, Decontamination, parse_manifest
+from lm.data.quality import COUNT_COLUMNS
 from lm.data.sft import SFTTokenizeActor, manifest_entry, read_records, write_sft_shard
 from lm.data.sources import OBJECT_REASONS, DataError, check_every_source_read, plan_files, read_file_task
 from lm.data.steps import (
@@ -74,6 +68,7 @@ from lm.data.steps import (
     read_counts,
     write_shard,
 )
+from lm.data.summary import build_manifest, reason_totals
 from lm.data.tables import filter_in
 from lm.progress import Log
 from lm.storage import ObjectStore, StorageError
@@ -91,14 +86,14 @@ def settings_hash(cfg: Config) -> str:
     """Hash of the settings that shape the output (not where it goes nor how it is executed; local source
     paths as absolute paths)."""
     sft_only = {"format", "sft"} if cfg.data.format == "text" else set()  # text data keeps its earlier hash
-    blob = json.dumps(
-        {
-            "data": absolute_paths(cfg.data).model_dump(mode="json", exclude=_EXECUTION_ONLY | sft_only),
-            "tokenizer": cfg.tokenizer.model_dump(mode="json"),
-            "seq_len": cfg.seq_len,
-        },
-        sort_keys=True,
-    )
+    settings = {
+        "data": absolute_paths(cfg.data).model_dump(mode="json", exclude=_EXECUTION_ONLY | sft_only),
+        "tokenizer": cfg.tokenizer.model_dump(mode="json"),
+        "seq_len": cfg.seq_len,
+    }
+    if against := [absolute_paths(s).model_dump(mode="json") for s in eval_sources(cfg)]:
+        settings["decontaminate_eval_sets"] = against  # what the train split is decontaminated against
+    blob = json.dumps(settings, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -221,17 +216,15 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     n_clean = sum(r["count()"] for r in clean)
     check_every_source_read(files, reasons, skipped)
     done(f"read and cleaned {n_clean} {'records' if sft else 'documents'} ({len(skipped)} objects skipped)")
-    docs = filter_in(rows, "reason", [""]).drop_columns(["reason", "detail"])
+    docs = filter_in(rows, "reason", [""]).drop_columns(["reason", "detail", *COUNT_COLUMNS])
     docs, removed = _dedup(cfg, docs, n_clean, sum(r["sum(n_bytes)"] for r in clean), scratch, known, done)
-    # the documents left, as files: the passes below read no dropped rows, and the tokenizer actors' input
-    # is a plain read of half a CPU (_tokenize), with no filter task of a whole CPU, which Ray Data's
-    # budget never grants beside the actors and a Serve replica (test_continual deadlocked)
-    docs, per_split = scratch(docs, "docs", ["split"], ["n_bytes"])
+    docs, per_split, reasons, decontam = _write_docs(cfg, store, docs, scratch, reasons, removed, done)
     if n_clean == sum(removed.values()):
         raise DataError(f"no documents left after reading and filtering {len(files)} files "
-                        f"(dropped: {_reason_totals(reasons)}; duplicates: {removed['exact']} exact, "
+                        f"(dropped: {reason_totals(reasons)}; duplicates: {removed['exact']} exact, "
                         f"{removed['near']} near, {removed[INDEX_KNOWN_EXACT] + removed[INDEX_KNOWN_NEAR]} of the "
-                        f"existing corpus; skipped objects: {len(skipped)})")
+                        f"existing corpus, {removed.get(CONTAMINATED, 0)} contaminated; skipped objects: "
+                        f"{len(skipped)})")
 
     train_bytes = sum(r["sum(n_bytes)"] for r in per_split if r["split"] == "train")
     tok = tokenizer or _train_tokenizer(cfg, docs, train_bytes, log)
@@ -247,7 +240,8 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     shards = _write_shards(cfg, store, tokens, per_source, tok, f"shards-{fingerprint}", out)
     done(f"packed and wrote {len(shards)} shards")
 
-    manifest = _manifest(cfg, fingerprint, files, tok, shards, per_source, reasons, skipped, removed, texts)
+    manifest = build_manifest(cfg, fingerprint, settings_hash(cfg), files, tok, shards, per_source, reasons, skipped,
+                              removed, texts, decontam, manifest_entry(cfg.data.sft) if sft else None)
     store.publish_file(manifest.dumps(), join_uri(out, MANIFEST))
     _remove_stale(store, out, fingerprint)
     log(manifest.summary_table())
@@ -265,16 +259,18 @@ def _read(cfg: Config, store: ObjectStore, files: list[dict],
                    max_file_bytes=int(cfg.data.max_file_mb * 2**20))
     split = {"val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction,
              "fixed": {s.name: s.split for s in cfg.data.sources if s.split}}
-    reader, kwargs = ((read_records, {"read": read, "sft": cfg.data.sft, "clean": cfg.data.clean, "split": split})
+    reader, kwargs = ((read_records, {"read": read, "sft": cfg.data.sft, "clean": cfg.data.clean, "split": split,
+                                      "pii": cfg.data.pii})
                       if cfg.data.format == "sft"
-                      else (read_and_clean, {"read": read, "cfg": cfg.data.clean, "split": split}))
+                      else (read_and_clean, {"read": read, "cfg": cfg.data.clean, "split": split, "data": cfg.data}))
+    sums = ["n_bytes", *COUNT_COLUMNS]  # and the quality stack's counts
     rows, counts = scratch(ray.data.from_items(files, override_num_blocks=max(1, len(files))).map_batches(
-        reader, fn_kwargs=kwargs, batch_size=1), "rows", ["source", "reason", "uri", "detail"], ["n_bytes"],
-        summary=partial(read_counts, object_reasons=sorted(OBJECT_REASONS)))
+        reader, fn_kwargs=kwargs, batch_size=1), "rows", ["source", "reason", "uri", "detail"], sums,
+        summary=partial(read_counts, object_reasons=sorted(OBJECT_REASONS), sums=sums))
     skipped = sorted(({k: r[k] for k in ("source", "uri", "reason", "detail")} for r in counts
                       if r["reason"] in OBJECT_REASONS for _ in range(r["count()"])),
                      key=lambda r: (r["source"], r["uri"], r["reason"]))
-    reasons = add_up([r for r in counts if r["reason"] not in OBJECT_REASONS], ["source", "reason"], ["n_bytes"])
+    reasons = add_up([r for r in counts if r["reason"] not in OBJECT_REASONS], ["source", "reason"], sums)
     return rows, skipped, reasons
 
 
@@ -303,6 +299,28 @@ def _dedup(cfg: Config, docs, n_clean: int, n_bytes: int, scratch: Scratch, know
     return docs, removed
 
 
+def _write_docs(cfg: Config, store: ObjectStore, docs, scratch: Scratch, reasons: list[dict], removed: dict[str, int],
+                done: _StageClock) -> tuple[Any, list[dict], list[dict], Decontamination | None]:
+    """The documents left, decontaminated (text data; lm.data.decontam) and written as files: the passes below
+    read no dropped rows, and the tokenizer actors' input is a plain read of half a CPU (_tokenize), with no
+    filter task of a whole CPU, which Ray Data's budget never grants beside the actors and a Serve replica
+    (test_continual deadlocked). Contaminated train documents are marked in the pass that writes, counted
+    (``reasons``, ``removed``), not written. Returns the documents, their counts and bytes per split, the
+    reasons and the manifest's decontamination entry (None: off)."""
+    docs, decontam = decontaminate(cfg, store, docs) if cfg.data.format == "text" else (docs, None)
+    marked = decontam is not None and decontam.ngrams > 0
+    docs, per_split = scratch(docs, "docs", ["split", "source", "reason"] if marked else ["split"], ["n_bytes"],
+                              keep=("reason", "") if marked else None)
+    if marked:
+        dropped = [r for r in per_split if r["reason"]]
+        reasons = reasons + add_up(dropped, ["source", "reason"], ["n_bytes"])
+        removed[CONTAMINATED] = decontam.dropped = sum(r["count()"] for r in dropped)
+        per_split = add_up([r for r in per_split if not r["reason"]], ["split"], ["n_bytes"])
+        done(f"decontamination: {decontam.dropped} train documents share a {decontam.ngram}-gram with "
+             f"{', '.join(decontam.against)}")
+    return docs, per_split, reasons, decontam
+
+
 def _tokenize(cfg: Config, docs, tok: BPETokenizer, scratch: Scratch,
               reasons: list[dict]) -> tuple[Any, list[dict], list[dict]]:
     """Tokenize (actor pool; ``docs`` read by tasks of data.actor_cpus, as the writes are: a whole CPU may never
@@ -324,7 +342,7 @@ def _tokenize(cfg: Config, docs, tok: BPETokenizer, scratch: Scratch,
         per_source = add_up([r for r in per_source if not r["reason"]], ["source", "split"], sums)
         tokens = filter_in(tokens, "reason", [""])
     if sft and not per_source:
-        raise DataError(f"no record fits a row of {cfg.seq_len + 1} tokens (dropped: {_reason_totals(reasons)})")
+        raise DataError(f"no record fits a row of {cfg.seq_len + 1} tokens (dropped: {reason_totals(reasons)})")
     return tokens, per_source, reasons
 
 
@@ -350,44 +368,6 @@ def _write_shards(cfg: Config, store: ObjectStore, tokens, per_source: list[dict
                            batch_format="numpy")
                .take_all())
     return sorted(({**w, "path": f"{folder}/{w['path']}"} for w in written), key=lambda w: w["path"])
-
-
-def _reason_totals(reasons: list[dict]) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    for r in reasons:
-        if r["reason"]:
-            totals[r["reason"]] = totals.get(r["reason"], 0) + r["count()"]
-    return dict(sorted(totals.items()))
-
-
-def _manifest(cfg: Config, fingerprint: str, files: list[dict], tok: BPETokenizer, shards: list[dict],
-              per_source: list[dict], reasons: list[dict], skipped: list[dict], removed: dict[str, int],
-              texts: dict[str, str]) -> DataManifest:
-    """The one writer of a :class:`DataManifest`: the counts the stages gathered, the shards written."""
-    sources = {s.name: SourceTotals(weight=s.weight) for s in cfg.data.sources}
-    for f in files:
-        sources[f["source"]].files += 1
-    splits: dict[str, SplitTotals] = {}
-    for r in per_source:
-        entry = SourceSplit(docs=r["count()"], unique_docs=r["sum(original)"], tokens=r["sum(n_tokens)"],
-                            bytes=r["sum(n_bytes)"])
-        sources[r["source"]].splits[r["split"]] = entry
-        totals = splits.setdefault(r["split"], SplitTotals())
-        totals.docs, totals.tokens, totals.bytes = (totals.docs + entry.docs, totals.tokens + entry.tokens,
-                                                    totals.bytes + entry.bytes)
-    for r in reasons:
-        if r["reason"]:
-            sources[r["source"]].dropped[r["reason"]] = r["count()"]
-    entries = [ShardEntry(**s) for s in shards]
-    sft = cfg.data.format == "sft"
-    return DataManifest(
-        kind="sft" if sft else "text", inputs_fingerprint=fingerprint, config_hash=settings_hash(cfg),
-        seq_len=cfg.seq_len, row_length=cfg.seq_len + 1, tokenizer=TokenizerEntry.of(tok), shards=entries,
-        splits=add_shards(splits, entries), sources=sources, dropped=_reason_totals(reasons),
-        dedup={"exact": removed["exact"], "near": removed["near"], "corpus_exact": removed[INDEX_KNOWN_EXACT],
-               "corpus_near": removed[INDEX_KNOWN_NEAR]},
-        skipped_objects=skipped, files=len(files), index=f"index-{fingerprint}", texts=texts,
-        sft=manifest_entry(cfg.data.sft) if sft else None)
 
 
 def _remove_stale(store: ObjectStore, out: str, fingerprint: str) -> None:

@@ -9,9 +9,9 @@ Each line is a JSON object with ``data.sft.prompt_field`` and ``response_field``
 and optionally ``system_field``; it becomes ``lm.chat.sft_prompt(prompt, system)`` (no loss) followed by
 ``lm.chat.assistant_reply(response)`` and end-of-text (loss), tokenized with ``lm.chat.sft_tokens`` —
 the text Serve's chat endpoint builds and the model then writes. Fields are Unicode-normalised and
-stripped of control characters (``data.clean``), nothing else: the other cleaning filters are for
-documents. A line that is not usable is skipped and counted by reason (:data:`RECORD_REASONS`), an
-unusable file by the reasons of lm.data.sources; nothing raises.
+stripped of control characters (``data.clean``) and PII-redacted (``data.pii``, lm.data.pii; counted in
+the manifest's ``redacted``), nothing else: the other cleaning and quality filters are for documents. A
+line that is not usable is skipped and counted by reason (:data:`RECORD_REASONS`), an unusable file by the reasons of lm.data.sources; nothing raises.
 
 Steps: :func:`read_records` (files → records, split by the hash of ``<source>/<file>#<line>``),
 :class:`SFTTokenizeActor` (records → tokens + loss mask; records longer than a row are dropped as
@@ -32,10 +32,13 @@ import numpy as np
 
 from lm.chat import assistant_reply, sft_example, sft_prompt
 from lm.config import CleanConfig, join_uri
+from lm.config.quality import PIIConfig
 from lm.config.sft import SFTConfig
 from lm.data.clean import normalize_unicode, remove_control_chars, text_hash, unify_newlines
 from lm.data.loader import shard_bytes
 from lm.data.pack import pack_examples
+from lm.data.pii import redact
+from lm.data.quality import COUNT_COLUMNS
 from lm.data.split import split_batch
 from lm.data.steps import READ_BATCH_ROWS, repeat_by_weight, write_file
 from lm.tokenizer import BPETokenizer
@@ -85,24 +88,39 @@ def parse_record(line: str, sft: SFTConfig, clean: CleanConfig) -> tuple[str, st
     return prompt, assistant_reply(values[sft.response_field]), "", ""
 
 
+def _redacted(prompt: str, reply: str, pii: PIIConfig | None) -> tuple[str, str, dict[str, int]]:
+    """The record's prompt and reply redacted (``pii``: data.pii), and the counts of lm.data.quality.COUNT_COLUMNS."""
+    counts = dict.fromkeys(COUNT_COLUMNS, 0)
+    if pii is None or not pii.enabled:
+        return prompt, reply, counts
+    prompt, found = redact(prompt, pii.kinds)
+    reply, more = redact(reply, pii.kinds)
+    for kind, n in (found + more).items():
+        counts[f"redacted_{kind}"] = n
+    return prompt, reply, counts
+
+
 def read_records(files: dict[str, Any], *, read: Callable, sft: SFTConfig, clean: CleanConfig,
-                 split: dict[str, Any]) -> Iterator[dict[str, list]]:
+                 split: dict[str, Any], pii: PIIConfig | None = None) -> Iterator[dict[str, list]]:
     """map_batches UDF (one fused task per file, like lm.data.steps.read_and_clean): every line of each
     file as a row ``{id, source, uri, text (prompt + reply), prompt, reply, reason, detail, n_bytes, hash,
-    split}``; ``read`` is lm.data.sources.read_file_task, which reads the file as lines (so a bad object
-    is skipped and reported like any other)."""
+    split}`` and the redaction counts (``pii``); ``read`` is lm.data.sources.read_file_task, which reads the
+    file as lines (so a bad object is skipped and reported like any other)."""
     columns: dict[str, list] = {}
     n_files = len(next(iter(files.values()), []))
     for i in range(n_files):
         task = {**{k: v[i] for k, v in files.items()}, "format": "txt", "delimiter": "\n"}
         for row in read(task):
             prompt = reply = ""
+            counts = dict.fromkeys(COUNT_COLUMNS, 0)
             if not row["reason"]:
                 prompt, reply, reason, detail = parse_record(row["text"], sft, clean)
                 row.update(reason=reason, detail=detail)
+                if not reason:
+                    prompt, reply, counts = _redacted(prompt, reply, pii)
             text = prompt + reply
             row.update(text=text, prompt=prompt, reply=reply, n_bytes=len(text.encode()),
-                       hash=text_hash(text) if text else "")
+                       hash=text_hash(text) if text else "", **counts)
             for key, value in row.items():
                 columns.setdefault(key, []).append(value)
             if len(columns["id"]) >= READ_BATCH_ROWS:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from itertools import chain
 from typing import Any
@@ -81,8 +81,10 @@ def repeat_by_weight(table: Any, weights: dict[str, float]) -> Any:
 READ_BATCH_ROWS = 4096
 
 
-def read_and_clean(files: dict[str, Any], *, read: Callable, cfg, split: dict[str, Any]) -> Iterator[dict[str, list]]:
-    """map_batches UDF: the documents of each file, cleaned and assigned their split (``split``: the
+def read_and_clean(files: dict[str, Any], *, read: Callable, cfg, split: dict[str, Any],
+                   data=None) -> Iterator[dict[str, list]]:
+    """map_batches UDF: the documents of each file, cleaned (``cfg``: data.clean; with ``data``, the data
+    section, also through the quality stack, lm.data.quality) and assigned their split (``split``: the
     keyword arguments of :func:`split_batch`), as column batches of ≤ READ_BATCH_ROWS (one fused task
     per file: no Python dict per row crosses Ray)."""
     columns: dict[str, list] = {}
@@ -92,10 +94,10 @@ def read_and_clean(files: dict[str, Any], *, read: Callable, cfg, split: dict[st
             for key, value in row.items():
                 columns.setdefault(key, []).append(value)
             if len(columns["id"]) >= READ_BATCH_ROWS:
-                yield split_batch(clean_batch(columns, cfg), **split)
+                yield split_batch(clean_batch(columns, cfg, data), **split)
                 columns = {}
     if columns:
-        yield split_batch(clean_batch(columns, cfg), **split)
+        yield split_batch(clean_batch(columns, cfg, data), **split)
 
 
 def add_bucket(batch: Any, shards_per_split: dict[str, int]) -> Any:
@@ -204,30 +206,36 @@ def _table_counts(table: Any, keys: list[str], sums: list[str]) -> Any:
     return _batch_counts({c: table.column(c).to_numpy(zero_copy_only=False) for c in [*keys, *sums]}, keys, sums)
 
 
-def read_counts(table: Any, object_reasons: list[str]) -> Any:
-    """Summary of read rows (:class:`Scratch`): counts and text bytes per (source, reason, uri, detail), with
-    uri and detail blanked but for the rows of skipped objects (one per file at most: bounded by the files)."""
+def read_counts(table: Any, object_reasons: list[str], sums: Sequence[str] = ("n_bytes",)) -> Any:
+    """Summary of read rows (:class:`Scratch`): counts and sums of ``sums`` (text bytes; the quality stack's
+    counts) per (source, reason, uri, detail), with uri and detail blanked but for the rows of skipped
+    objects (one per file at most: bounded by the files)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     skipped = pc.is_in(table.column("reason"), value_set=pa.array(object_reasons, type=pa.string()))
-    columns = {c: table.column(c) for c in ("source", "reason", "n_bytes")}
+    columns = {c: table.column(c) for c in ("source", "reason", *sums)}
     for c in ("uri", "detail"):
         columns[c] = pc.if_else(skipped, table.column(c).cast(pa.string()), pa.scalar("", pa.string()))
-    return _table_counts(pa.table(columns), ["source", "reason", "uri", "detail"], ["n_bytes"])
+    return _table_counts(pa.table(columns), ["source", "reason", "uri", "detail"], list(sums))
 
 
-def _write_part(table: Any, *, fs_factory, folder: str, summary: Callable) -> Any:
-    """map_batches UDF (pyarrow, whole blocks): the block as one Parquet file under ``folder``; returns
-    ``summary(block)``. One row group (a map_groups block has a chunk per group, and thousands of row groups
+def _write_part(table: Any, *, fs_factory, folder: str, summary: Callable, keep: tuple[str, str] | None = None) -> Any:
+    """map_batches UDF (pyarrow, whole blocks): the block as one Parquet file under ``folder`` (``keep``:
+    only its rows whose column ``keep[0]`` is ``keep[1]``, without that column); returns ``summary(block)``
+    (of every row). One row group (a map_groups block has a chunk per group, and thousands of row groups
     read back many times slower)."""
     import uuid
 
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    if table.num_rows:
+    written = table
+    if keep is not None:
+        written = table.filter(pc.equal(table.column(keep[0]), keep[1])).drop_columns([keep[0]])
+    if written.num_rows:
         with _output_stream(fs_factory, join_uri(folder, f"part-{uuid.uuid4().hex}.parquet")) as f:
-            pq.write_table(table.combine_chunks(), f)
+            pq.write_table(written.combine_chunks(), f)
     return summary(table)
 
 
@@ -247,17 +255,18 @@ class Scratch:
     def __init__(self, store, uri: str):
         self.store, self.uri = store, uri
 
-    def __call__(self, ds, name: str, keys: list[str], sums: list[str] = (),
-                 summary: Callable | None = None, task_cpus: float = 1.0) -> tuple[Any, list[dict]]:
+    def __call__(self, ds, name: str, keys: list[str], sums: list[str] = (), summary: Callable | None = None,
+                 task_cpus: float = 1.0, keep: tuple[str, str] | None = None) -> tuple[Any, list[dict]]:
         """Write ``ds`` under ``<uri>/<name>/`` (a file per block) and return a dataset reading it back with
         the counts (and sums) per ``keys`` (:func:`add_up`) of its rows, made while writing; ``summary`` (a
-        pyarrow table → count rows of ``keys`` and ``sums``) replaces the plain counts. The writing tasks
+        pyarrow table → count rows of ``keys`` and ``sums``) replaces the plain counts. ``keep`` (column,
+        value): only those rows are written (without the column), all are counted. The writing tasks
         ask for ``task_cpus``; the read-back's for Ray's default."""
         folder = join_uri(self.uri, name)
         summary = summary or partial(_table_counts, keys=list(keys), sums=list(sums))
         written = ds.map_batches(_write_part, batch_size=None, batch_format="pyarrow", num_cpus=task_cpus,
                                  fn_kwargs={"fs_factory": self.store.pyarrow_filesystem, "folder": folder,
-                                            "summary": summary})
+                                            "summary": summary, "keep": keep})
         counts = add_up(written.take_all(), keys, sums)  # runs the writes
         return self.read(name), counts
 

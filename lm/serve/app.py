@@ -66,8 +66,8 @@ class Api:
             from lm.serve.feedback import FeedbackLog
 
             fb = self.sc.feedback
-            self.feedback = FeedbackLog(store, cfg.feedback_uri,
-                                        flush_interval_s=fb.flush_interval_s, flush_records=fb.flush_records)
+            self.feedback = FeedbackLog(store, cfg.feedback_uri, flush_interval_s=fb.flush_interval_s,
+                                        flush_records=fb.flush_records, redact=fb.redact, known_digests=grants)
 
     # ------------------------------------------------------------------------------------ checks
 

@@ -5,6 +5,12 @@ Records go to an in-memory buffer (``add`` never touches storage); a background 
 every ``flush_interval_s`` or as soon as ``flush_records`` are waiting, in a worker thread, so a slow
 or failing store never delays a response. Each batch is one object,
 ``<prefix>/<YYYY-MM-DD>/<writer>-<unix ms>-<seq>.jsonl``; a failed write keeps the records for the next try.
+
+Privacy: ``add`` redacts every text of a record (prompts, completions, corrections: every string but the
+record's type, id and model version) before it is buffered (lm.data.pii): secrets always (API keys of common
+forms and the server's own keys, bearer tokens, private-key blocks, passwords in URLs and assignments), and
+the PII kinds of ``serve.feedback.redact`` (default: e-mail addresses, card numbers, IP addresses, phone
+numbers). A record that had something redacted says what, per kind (``"redacted": {"email": 1}``).
 """
 
 from __future__ import annotations
@@ -16,17 +22,52 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from lm.config import join_uri
+from lm.data.pii import redact
 from lm.storage import ObjectStore
+
+KEEP = frozenset({"type", "id", "model_version"})  # a record's fields that are never redacted (server-made)
 
 log = logging.getLogger(__name__)
 
 
+def _redacted(value: Any, kinds: Sequence[str], known: frozenset[str], counts: Counter) -> Any:
+    if isinstance(value, str):
+        text, found = redact(value, kinds, known)
+        counts.update(found)
+        return text
+    if isinstance(value, list):
+        return [_redacted(v, kinds, known, counts) for v in value]
+    if isinstance(value, dict):
+        return {k: _redacted(v, kinds, known, counts) for k, v in value.items()}
+    return value
+
+
+def redact_record(record: dict, kinds: Sequence[str] = ("secret",), known_digests: Iterable[str] = ()) -> dict:
+    """``record`` with every string (nested in lists and dicts too) but those of :data:`KEEP` redacted for
+    ``kinds`` (lm.data.pii; ``secret`` is always among them) and ``known_digests`` (SHA-256 of the server's
+    keys); with ``"redacted": {kind: count}`` when something was."""
+    kinds = ("secret", *(k for k in kinds if k != "secret"))
+    counts: Counter = Counter()
+    known = frozenset(known_digests)
+    out = {k: v if k in KEEP else _redacted(v, kinds, known, counts) for k, v in record.items()}
+    if counts:
+        out["redacted"] = dict(sorted(counts.items()))
+    return out
+
+
 class FeedbackLog:
     def __init__(self, store: ObjectStore, prefix: str, *, flush_interval_s: float = 5.0, flush_records: int = 256,
-                 writer: str | None = None):
+                 writer: str | None = None, redact: Sequence[str] = ("email", "card", "ip", "phone"),
+                 known_digests: Iterable[str] = ()):
+        """``redact``: the PII kinds removed from every record before it is buffered (secrets always are);
+        ``known_digests``: SHA-256 digests of the server's API keys, redacted whatever their form."""
         self.store, self.prefix = store, prefix
+        self.redact, self.known_digests = tuple(redact), frozenset(known_digests)
         self.flush_interval_s, self.flush_records = flush_interval_s, flush_records
         self.writer = writer or uuid.uuid4().hex[:8]
         self._buffer: list[dict] = []
@@ -37,7 +78,8 @@ class FeedbackLog:
         self.written = 0  # records written so far
 
     def add(self, record: dict) -> None:
-        """Queue one record (called from a request handler: returns at once)."""
+        """Queue one record, redacted (called from a request handler: returns at once)."""
+        record = redact_record(record, self.redact, self.known_digests)
         with self._lock:
             self._buffer.append({"time": time.time(), **record})
             full = len(self._buffer) >= self.flush_records

@@ -4,6 +4,7 @@ Serve from ``registry:production``; served completions, their feedback and the l
 corpus (new documents) feed an iteration on Ray Train + DeepSpeed that is killed during fine-tuning on 2
 workers, resumed from its checkpoint on 1 (optimizer state and all, not from the production weights again),
 gated and promoted while clients keep calling (no failed request, answers move to v2), then rolled back;
+an e-mail address, a phone number and API keys sent to Serve are nowhere in storage nor in the training rows;
 garbage (random bytes, repeated junk, gibberish) is rejected and production stays."""
 
 import contextlib
@@ -36,6 +37,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
 REPO = Path(__file__).parents[2]
 TINY = REPO / "configs/tiny.yaml"
+# what users typed that must never be stored (serve.feedback redacts before writing; issue 23)
+EMAIL, PHONE, AWS_KEY = "juliet.capulet@verona.example", "+39 045 803 4217", "AKIAIOSFODNN7EXAMPLE"
+PRIVATE = (EMAIL, PHONE, AWS_KEY, KEY)  # KEY: the server's own API key
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +126,13 @@ def test_feedback_and_new_documents_become_v2_in_serving_after_a_killed_and_resu
     client = openai.OpenAI(base_url=loop["base"], api_key=KEY, max_retries=0)
     try:
         # served traffic and what users said about it
-        prompts = ["ROMEO:\n", "JULIET:\n", "KING RICHARD III:\n", "First Citizen:\n", "MENENIUS:\n", "GLOUCESTER:\n"]
+        prompts = ["ROMEO:\n", "JULIET:\n", "KING RICHARD III:\n", f"First Citizen: {EMAIL} {KEY}\n",
+                   "MENENIUS:\n", "GLOUCESTER:\n"]
         answers = [client.completions.create(model="lmforge", prompt=p, max_tokens=12, temperature=0) for p in prompts]
         assert {a.system_fingerprint for a in answers} == {loop["v1"]}
         for i, a in enumerate(answers):
-            body = {"id": a.id, "correction": "Good morrow, my lord; what news?"} if i % 2 else {"id": a.id, "rating": 1}
+            correction = f"Call {PHONE}, key {AWS_KEY}." if i == 3 else "Good morrow, my lord; what news?"
+            body = {"id": a.id, "correction": correction} if i % 2 else {"id": a.id, "rating": 1}
             r = httpx.post(f"{loop['base']}/feedback", json=body, headers={"Authorization": f"Bearer {KEY}"})
             assert r.status_code == 200, r.text
 
@@ -219,6 +225,37 @@ def test_feedback_and_new_documents_become_v2_in_serving_after_a_killed_and_resu
     assert registry.get(v2).status == "rejected" and "rolled back" in registry.get(v2).reason
     seen = [u for it in ledger.iterations() for u in it["inputs"]]
     assert len(seen) == len(set(seen))
+    assert_never_stored(store, root, f"{iteration_uri(cfg, 1)}/mix")
+
+
+def assert_never_stored(store, root: str, mix_uri: str) -> None:
+    """None of PRIVATE is in any object of the bucket (Parquet read as tables) nor in the iteration's training
+    rows (decoded), while their placeholders are: the feedback logs were redacted before they were written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lm.data.manifest import read_manifest
+    from lm.data.stream import ParquetSplit, read_head
+    from lm.tokenizer import BPETokenizer
+
+    placeholders = 0
+    for uri in store.list(root):
+        if uri.endswith("/"):  # a folder marker
+            continue
+        blob = store.read_bytes(uri)
+        if uri.endswith(".parquet"):
+            blob = str(pq.read_table(pa.BufferReader(blob)).to_pylist()).encode()
+        assert not [p for p in PRIVATE if p.encode() in blob], uri
+        placeholders += b"<EMAIL>" in blob
+    assert placeholders >= 1  # the feedback logs (and the iteration's copies) hold the redacted texts
+    tok = BPETokenizer.from_json(store.read_text(f"{root}/runs/tiny/model/tokenizer.json"))
+    texts = []
+    for split in read_manifest(store, mix_uri).splits:
+        data = ParquetSplit.open(store, mix_uri, split)
+        texts += [tok.decode(row.tolist()) for row in read_head(data, data.rows)[0]]
+    joined = "\n".join(texts)
+    assert texts and not [p for p in PRIVATE if p in joined]
+
 
 
 def test_garbage_is_rejected_and_production_stays(loop):

@@ -148,6 +148,84 @@ def test_rerun_reproduces_manifest_and_skips_when_done(ray_session, tmp_path):
     assert epochs[0] == epochs[1] and epochs[0][0] != epochs[0][1] and n == split.rows > 0
 
 
+# web-like paragraphs for the quality stack: each passes every default filter on its own
+PARAGRAPHS = [
+    "The city council met on Tuesday evening to discuss the new budget for public libraries. Several members argued "
+    "that the proposed cuts would reduce opening hours in the poorest districts, where residents depend on free "
+    "internet access. After a long debate, the council agreed to delay the vote until next month.",
+    "Farmers in the valley have started to plant earlier in the spring because the last frost now arrives weeks "
+    "sooner than it did when their parents worked the same fields. Some of them welcome the longer season, while "
+    "others worry about the dry summers that seem to come with it and about the cost of water.",
+    "The museum reopened its east wing after two years of careful restoration work on the painted ceilings. Visitors "
+    "can now see the original colours, which had been hidden under layers of soot and varnish for more than a "
+    "century, and a small exhibition explains how the conservators cleaned every panel by hand.",
+    "A group of students built a small weather station on the roof of their school and shared the readings with a "
+    "national network of volunteers. Their teacher said that the project taught them more about statistics than "
+    "any textbook, because they had to decide what to do with missing or strange values.",
+    "The ferry company announced that it will replace its oldest boats with electric ones over the next five years. "
+    "The new vessels are quieter and cheaper to run, but the harbour needs a stronger connection to the grid before "
+    "they can be charged between crossings, and the town has asked the region to help pay for it.",
+]
+HELD_OUT = ("Lighthouse keepers on the northern islands once kept detailed diaries of the weather, the passing "
+            "ships and the birds that rested on the rocks during the autumn storms, and historians now read them "
+            "to learn how the coast has changed over the last two hundred years. The diaries are kept in the town "
+            "library, where anyone may ask to see them on weekday mornings.")
+BENCH = ("Which of the following best explains why the moon shows phases to an observer standing on the earth "
+         "at night, given that half of the moon is always lit by the sun during its orbit around us?")
+NOTICE = ("This website uses cookies. By continuing to browse you agree to our cookie policy, our privacy policy and "
+          "our terms of use, which you can read in full on the legal page of this website at any time.\n")
+
+
+def test_quality_stack_counts_by_reason_in_the_manifest(ray_session, tmp_path):
+    """Language, heuristic filters, boilerplate lines, PII redaction and decontamination (against a pinned val
+    source and an eval set) on web-like text through the Ray Data pipeline, each counted in the manifest."""
+    web, held, bench = tmp_path / "web", tmp_path / "held", tmp_path / "bench.txt"
+    web.mkdir(), held.mkdir()
+    (web / "wiki.txt").write_text((SHARED / "wikitext-2/valid.txt").read_text()[:60_000])  # headings: too few words
+    pii = " Write to jane.doe@example.com or call +1 415 555 0132; server 192.168.10.20, card 4111 1111 1111 1111."
+    words = HELD_OUT.split()
+    pages = [
+        PARAGRAPHS[0] + pii + " My key is sk-live0123456789abcdef, do not share it.",
+        "Der Stadtrat hat am Dienstagabend lange über den neuen Haushalt der öffentlichen Bibliotheken beraten, "
+        "denn viele Mitglieder fürchten, dass die Kürzungen die Öffnungszeiten in den ärmsten Vierteln verringern.",
+        "\n".join("- " + " ".join(p.split()[:12]) for p in [*PARAGRAPHS, HELD_OUT[60:], BENCH[40:]]),
+        NOTICE * 3 + PARAGRAPHS[1],
+        PARAGRAPHS[2] + "\nCopyright 2024 The Museum. All rights reserved.",
+        PARAGRAPHS[3] + " As the guide put it, " + " ".join(words[2:17]) + ", which surprised them all.",
+        PARAGRAPHS[4] + " The quiz began: " + " ".join(BENCH.split()[:14]) + " and nobody could answer.",
+    ]
+    (web / "pages.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in pages))
+    (held / "a.txt").write_text(HELD_OUT)
+    bench.write_text(BENCH)
+    sources = (f"[{{name: web, uri: '{web}', delimiter: \"\\n \\n\"}}, "
+               f"{{name: heldout, uri: '{held}', split: val}}]")
+    cfg = config(str(tmp_path / "store"), sources, "data.languages=[en]", "data.quality.enabled=true",
+                 "data.val_fraction=0", "data.dedup.near=false",
+                 f"eval.sets=[{{name: val, split: val}}, {{name: bench, uri: '{bench}'}}, "
+                 f"{{name: later, uri: '{tmp_path}/not-yet/*.jsonl'}}]")  # an eval set not there yet: noted
+    lines: list[str] = []
+    manifest = prepare_data(cfg, log=lines.append, export_texts=("train",))
+    dropped = manifest.sources["web"].dropped
+    assert dropped["language"] > 10 and dropped["few_words"] > 0, dropped  # the German page and wikitext's headings
+    assert (dropped["bullet_lines"], dropped["boilerplate"], dropped["contaminated"]) == (1, 1, 2), dropped
+    assert manifest.dropped["contaminated"] == 2 and "contaminated" not in manifest.sources["heldout"].dropped
+    decon = manifest.decontamination
+    assert (decon.ngram, decon.against, decon.dropped) == (13, ["val", "test", "eval-bench"], 2) and decon.ngrams > 0
+    assert decon.skipped == ["eval-later"]
+    redacted = {"card": 1, "email": 1, "ip": 1, "phone": 1, "secret": 1}
+    assert manifest.redacted == manifest.sources["web"].redacted == redacted
+    assert manifest.lines_removed == manifest.sources["web"].lines_removed == 1
+    assert manifest.splits["val"].docs == 1 and manifest.splits["train"].docs > 20
+    texts = (Path(cfg.data_uri) / "train-texts.jsonl").read_text()
+    for raw in ("jane.doe@example.com", "415 555 0132", "192.168.10.20", "4111 1111", "sk-live", "Copyright 2024",
+                "Lighthouse", "moon shows"):
+        assert raw not in texts, raw
+    assert all(p in texts for p in ("<EMAIL>", "<PHONE_NUMBER>", "<IP_ADDRESS>", "<CARD_NUMBER>", "<API_KEY>"))
+    summary = "\n".join(lines)
+    assert "redacted: card=1, email=1, ip=1, phone=1, secret=1; boilerplate lines removed: 1" in summary
+    assert "decontamination: 2 train documents share a 13-gram with val, test, eval-bench" in summary
+
+
 def test_nothing_is_written_for_bad_sources(ray_session, tmp_path):
     store_root = tmp_path / "store"
     with pytest.raises(DataError, match="nothing-here"):

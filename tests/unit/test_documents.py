@@ -22,6 +22,8 @@ def test_documents_are_read_cleaned_and_split(tmp_path):
         f.write("four\n\nfive é")
     (folder / "c.jsonl").write_text(json.dumps({"text": "six"}) + "\n" + json.dumps({"body": "x"}) + "\n")
     data = DataConfig(sources=[SourceConfig(name="s", uri=str(folder))], val_fraction=0.5)
+    assert list(iter_documents(store, data)) == []  # the web-text defaults: too few words, not English
+    data = data.model_copy(update={"languages": [], "quality": data.quality.model_copy(update={"enabled": False})})
     docs = list(iter_documents(store, data))
     assert sorted(d.text for d in docs) == ["five é", "four", "one", "six", "three", "two"]
     assert {d.id for d in docs} >= {"s/a.txt#0", "s/sub/b.txt.gz#1"}
@@ -31,7 +33,8 @@ def test_documents_are_read_cleaned_and_split(tmp_path):
 
 
 def test_bundled_corpus_streams():
-    data = DataConfig(sources=[SourceConfig(name="ts", uri="bundled://tinyshakespeare")])
+    data = DataConfig(sources=[SourceConfig(name="ts", uri="bundled://tinyshakespeare")], languages=[],
+                      quality={"enabled": False})
     first = next(iter_documents(ObjectStore(), data))
     assert first.text.startswith("First Citizen:") and first.id == "ts/tinyshakespeare#0"
 
