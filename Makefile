@@ -27,13 +27,14 @@ $(STAMP): pyproject.toml constraints.txt
 # sample), Ray Serve hosts the trained model and answers one request through the openai client (with a
 # random API key, printed, unless LMFORGE_API_KEYS is set), then
 # one continual-learning iteration (new documents → fine-tune → gate → promote / reject) prints the registry.
-demo: install ## the whole lifecycle on tinyshakespeare: sweep, main job, serve one answer, continual learning
+demo: install ## the whole lifecycle on tinyshakespeare: sweep, main job, serve one answer, continual learning, the card
 	$(BIN)/lm tune --config configs/tune/demo.yaml --resume
 	$(BIN)/lm run --config $(CONFIG)
 	@key=$${LMFORGE_API_KEYS:-sk-$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))')}; \
 	  [ -n "$$LMFORGE_API_KEYS" ] || echo "API key of this demo (LMFORGE_API_KEYS, random): $$key"; \
 	  LMFORGE_API_KEYS=$$key $(BIN)/lm serve --config $(CONFIG) --ask "ROMEO:"
 	$(BIN)/lm continual --config $(CONFIG)
+	@$(BIN)/lm summary --config $(CONFIG) --sweep configs/tune/demo.yaml
 
 lint: install ## ruff over the repository
 	$(BIN)/ruff check .

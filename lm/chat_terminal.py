@@ -36,7 +36,8 @@ class LocalChat:
         from lm.serve.engine import Engine
 
         loaded = load_model_dir(store, model_uri)
-        self.engine, self.tok, self.gen = Engine(loaded.model, loaded.tokenizer, max_batch_size=1), loaded.tokenizer, gen
+        self.engine, self.tok, self.gen = (Engine(loaded.model, loaded.tokenizer, max_batch_size=1),
+                                           loaded.tokenizer, gen)
         self.prompts: list[str] = []  # every prompt sent, as the model saw it
 
     def fit(self, messages: Messages) -> tuple[Messages, list[int]]:

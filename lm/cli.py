@@ -1,12 +1,14 @@
 """The ``lm`` command line: the parser and ``main``. Each subcommand loads the config, then calls its function
-in lm.commands (``--verbose`` on any of them shows the libraries' own progress and INFO output).
+in lm.commands. The jobs (run, data, train, tune, serve, eval, continual) send the libraries' logs to the
+run's log file (lm.logfile) and say where once; ``--verbose`` on any command shows them live as well.
 
     lm run              [--config F] [key.sub=value ...]   the main job (make demo)
     lm data prepare     [--config F] [key.sub=value ...]   corpora → cleaned, deduplicated token shards (Ray Data)
     lm train            [--config F] [key.sub=value ...]   Ray Train + DeepSpeed on the shards (resumes a run)
     lm tune [--resume]  [--config F] [key.sub=value ...]   Ray Tune sweep over training (cfg.tune.space)
     lm serve [--render F [--rayservice] | --ask P] [--config F] [key.sub=value ...]
-                                                            Ray Serve: OpenAI-compatible API (or write a Serve config / RayService)
+                                                            Ray Serve: OpenAI-compatible API
+                                                            (or write a Serve config / RayService)
     lm config show      [--config F] [key.sub=value ...]   print the resolved config
     lm config docs      [--out F] [--check]                 write docs/configuration.md from the schema
     lm tokenizer train  [--config F] [key.sub=value ...]   train + publish the BPE tokenizer
@@ -15,12 +17,15 @@ in lm.commands (``--verbose`` on any of them shows the libraries' own progress a
     lm eval [--model URI] [--split S] [--text URI] [--compare URI] [--config F] [key.sub=value ...]
                                                             metrics, n-gram baseline, report (exit 1: comparison failed)
     lm eval --harness TASK[,TASK...] [--endpoint URL] [--model URI] [--compare URI] ...
-                                                            lm-evaluation-harness tasks only (model directory or endpoint)
+                                                            lm-evaluation-harness tasks only
+                                                            (model directory or endpoint)
     lm registry list | show [ID|ALIAS] | add --model URI | promote ID | reject ID | rollback   the model registry
     lm continual [--watch [--iterations N]] [--config F] [key.sub=value ...]
                                                             new data + feedback → fine-tune → gate → promote / reject
+    lm summary [--sweep F] [--config F] [key.sub=value ...]   the run's summary card (make demo ends with it)
     lm rag build | search QUERY [--top-k K] [--config F] [key.sub=value ...]
                                                             the retrieval index (rag.sources → rag.index) / a lookup
+    lm lineage REF [--json] [--verify] [--config F]        provenance: response / version / model → data
     lm prune --out URI --sparsity S --method unstructured|heads|channels [--model URI] [--scope global|matrix]
              [--finetune-steps N] [--data URI] [--config F] [key.sub=value ...]   magnitude pruning (lm.compress.prune)
 """
@@ -45,11 +50,15 @@ from lm.commands import (
     cmd_registry,
     cmd_run,
     cmd_serve,
+    cmd_summary,
     cmd_tokenizer_train,
     cmd_train,
     cmd_tune,
 )
 from lm.config import ConfigError, load_config
+from lm.lineage_text import add_parser as lineage_parser
+
+JOBS = ("run", "data", "train", "tune", "serve", "eval", "continual")  # log to <run>/logs/<command>.log
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     rag_search.add_argument("--top-k", type=int, help="passages to show (default: rag.top_k)")
     _config_args(rag_search)
     rag_search.set_defaults(func=cmd_rag)
+    summary = add("summary", cmd_summary, "the run's summary card: what was built, validation bits/byte against "
+                  "the n-gram baseline, tokens/s, time per stage, where things are, what to try next")
+    summary.add_argument("--sweep", metavar="F",
+                         help="also the sweep of this tune config (e.g. configs/tune/demo.yaml)")
     _registry_commands(sub)
+    lineage_parser(sub)
     return parser
 
 
@@ -130,7 +144,8 @@ def _model_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     pr.add_argument("--out", required=True, help="where the pruned model directory goes")
     pr.add_argument("--sparsity", type=float, required=True, help="fraction to remove, in [0, 1)")
     pr.add_argument("--method", required=True, help="unstructured | heads | channels")
-    pr.add_argument("--scope", default="matrix", help="unstructured: rank weights per matrix (matrix) or all at once (global)")
+    pr.add_argument("--scope", default="matrix",
+                    help="unstructured: rank weights per matrix (matrix) or all at once (global)")
     pr.add_argument("--finetune-steps", type=int, default=0, help="then train this many steps (train.*, plain loop)")
     pr.add_argument("--data", help="fine-tuning data folder (default: what the model was trained on, else <run>/data)")
 
@@ -182,6 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command in JOBS and not getattr(args, "render", None):
+            from lm.logfile import open_log_file
+
+            path = open_log_file(cfg.run_uri, cfg.name, args.command, verbose=bool(getattr(args, "verbose", False)))
+            print(f"log file: {path} (Ray, DeepSpeed, library logs; lm --verbose shows them here too)", flush=True)
         print(args.func(cfg, args))
     except (ConfigError, StorageError, DataError, RegistryError, RagError, FileNotFoundError) as err:
         print(f"lm: error: {err}", file=sys.stderr)

@@ -2,14 +2,17 @@
 
     ray = connect()     # joins RAY_ADDRESS (e.g. under `ray job submit`) or starts a local instance
 
-Workers get ``DS_ACCELERATOR`` (this process's own, else the device found here: :func:`accelerator`) and
-``TORCH_EXTENSIONS_DIR`` (DeepSpeed's compiled-ops cache) from this process; worker output (the trainer's
-progress lines) is shown here.
+Workers get ``DS_ACCELERATOR`` (this process's own, else the device found here: :func:`accelerator`),
+``TORCH_EXTENSIONS_DIR`` (DeepSpeed's compiled-ops cache) and ``LMFORGE_CODE_COMMIT`` (the code commit,
+lm.provenance) from this process; worker output is shown here through lm.driver_output (the trainer's
+progress records as the live progress line, library chatter into the run's log file: lm.logfile).
 """
 
 from __future__ import annotations
 
 import os
+
+from lm.provenance import COMMIT_ENV, code_commit
 
 SERVE_PROXY_MIDDLEWARES = "lm.serve.proxy:middlewares"  # a dead replica's requests: 503, not a bare 500
 
@@ -31,14 +34,19 @@ def verbose() -> bool:
 
 def worker_env() -> dict[str, str]:
     """Environment for Ray workers: CPU or GPU DeepSpeed (:func:`accelerator`), the JIT-compiled ops cache
-    of this process, and the middleware Serve's HTTP proxy loads (lm.serve.proxy) when this job starts
+    of this process, the code commit (lm.provenance), and the middleware Serve's HTTP proxy loads
+    (lm.serve.proxy) when this job starts
     Serve."""
     env = {"DS_ACCELERATOR": accelerator(),
            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": SERVE_PROXY_MIDDLEWARES}
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    if commit := code_commit():  # the workers have no .git (lm.provenance)
+        env[COMMIT_ENV] = commit
     if not verbose():  # the libraries' deprecation notices to each other (torch, DeepSpeed, Ray) stay quiet
         env["PYTHONWARNINGS"] = "ignore::FutureWarning,ignore::DeprecationWarning"
+    else:
+        env["LMFORGE_VERBOSE"] = "1"  # lm.train.run_log leaves Ray Train's INFO lines on too
     return env
 
 
@@ -56,11 +64,16 @@ def connect():
     the same key twice)."""
     import ray
 
+    from lm.driver_output import install
+    from lm.logfile import attach_libraries
+
+    attach_libraries()  # Ray's own logger: into the run's log file (lm.logfile), WARNING and up on the terminal
     if not ray.is_initialized():
         submitted = _job_env_vars()
         extra = {k: v for k, v in worker_env().items() if k not in submitted}
         ray.init(configure_logging=False, runtime_env={"env_vars": extra} if extra else None)
     quiet_ray_data()
+    install(verbose=verbose())  # worker lines: progress bar, chatter to the log file, the rest printed
     return ray
 
 

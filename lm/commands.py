@@ -9,15 +9,43 @@ import os
 import sys
 import time
 
-from lm.config import Config, ConfigError, dump_yaml, join_uri
+from lm.config import Config, ConfigError, dump_yaml, join_uri, load_config
+from lm.logfile import log_path
+from lm.progress import live_progress
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> str:
     from lm.pipeline import run_main
 
-    summary = run_main(cfg)
+    with live_progress():
+        summary = run_main(cfg)
     return (f"run {cfg.name}: {summary['steps']} steps, loss {summary['final_loss']:.3f} → {summary['model_uri']}; "
-            f"evaluation report → {summary['eval_report']}")
+            f"evaluation report → {summary['eval_report']} (the card: {prog()} summary{_config_flag(args)})")
+
+
+def cmd_summary(cfg: Config, args: argparse.Namespace) -> str:
+    from lm.card import card, read_summary, registry_info, sweep_info
+    from lm.storage import ObjectStore
+
+    store = ObjectStore(cfg.storage)
+    summary = read_summary(store, cfg)
+    if summary is None:
+        raise ConfigError(f"no run at {cfg.run_uri} yet (no samples.json): "
+                          f"run `{prog()} run{_config_flag(args)}` first")
+    sweep = sweep_info(store, load_config(args.sweep)) if args.sweep else None
+    return card(summary, config=args.config, prog=prog(), registry=registry_info(store, cfg.registry_uri),
+                sweep=sweep, logs=str(log_path(cfg.run_uri, cfg.name, "run").parent))
+
+
+def prog() -> str:
+    """How this ``lm`` was called, for the commands a message suggests (``.venv/bin/lm`` under the
+    current folder, else ``lm``)."""
+    path = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0].endswith("/lm") else "lm"
+    return "lm" if path.startswith("..") or os.sep not in path else path
+
+
+def _config_flag(args: argparse.Namespace) -> str:
+    return f" -c {args.config}" if getattr(args, "config", None) else ""
 
 
 def cmd_data_prepare(cfg: Config, args: argparse.Namespace) -> str:
@@ -32,16 +60,19 @@ def cmd_data_prepare(cfg: Config, args: argparse.Namespace) -> str:
 def cmd_train(cfg: Config, args: argparse.Namespace) -> str:
     from lm.train.trainer import train
 
-    summary = train(cfg)
+    with live_progress():
+        summary = train(cfg)
     last = summary.history[-1]
     val = f", val {last['val_loss']:.3f}" if "val_loss" in last else ""
-    return f"train {cfg.name}: {summary.steps} steps in {summary.seconds:.0f} s, loss {last['loss']:.3f}{val} → {summary.model_uri}"
+    return (f"train {cfg.name}: {summary.steps} steps in {summary.seconds:.0f} s, loss {last['loss']:.3f}{val} "
+            f"→ {summary.model_uri}")
 
 
 def cmd_tune(cfg: Config, args: argparse.Namespace) -> str:
     from lm.tune.sweep import tune
 
-    result = tune(cfg, resume=args.resume)
+    with live_progress():
+        result = tune(cfg, resume=args.resume)
     values = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
     return (f"tune {cfg.name}: {len(result.table)} trials ({result.stopped_early} stopped early); best {values}: "
             f"{cfg.tune.metric} {result.best_value:.4f} → {result.uris['best']}")
@@ -67,7 +98,8 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> str:
         done = ask_once(cfg, args.ask)
         print(show_documents(args.ask + done["choices"][0]["text"], cfg.tokenizer.eos_token))
         return (f"serve: answered {done['usage']['completion_tokens']} tokens through the openai client at "
-                f"http://{cfg.serve.host}:{cfg.serve.port}/v1 (model version {done['system_fingerprint']}), then stopped")
+                f"http://{cfg.serve.host}:{cfg.serve.port}/v1 (model version {done['system_fingerprint']}), "
+                "then stopped")
     start(cfg)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}/v1"
     print(f"serve: {cfg.serve.model_name} at {url} (OpenAI-compatible; Ctrl-C stops)", flush=True)
@@ -161,7 +193,8 @@ def cmd_eval(cfg: Config, args: argparse.Namespace) -> str:
     if args.endpoint and not args.harness:
         raise ConfigError("--endpoint scores harness tasks: give --harness TASK[,TASK...] too")
     if args.harness:  # only the harness: only the compare rules on its metrics apply
-        harness = cfg.eval.harness.model_copy(update={"tasks": [t.strip() for t in args.harness.split(",") if t.strip()]})
+        tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+        harness = cfg.eval.harness.model_copy(update={"tasks": tasks})
         rules = [r for r in cfg.eval.compare if r.set == "harness"]
         if args.compare and not rules:
             raise ConfigError("--harness with --compare: give eval.compare rules on harness metrics, e.g. "
@@ -169,8 +202,9 @@ def cmd_eval(cfg: Config, args: argparse.Namespace) -> str:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"harness": harness, "compare": rules})})
     result = evaluate(cfg, model_uri=args.model, compare_to=args.compare, harness_only=bool(args.harness),
                       endpoint=args.endpoint)
-    scores = ", ".join([*(f"{name} {s['model']['bpb']:.3f} bpb" + (f" (n-gram {s['ngram']['bpb']:.3f})" if s["ngram"]
-                                                                   else "") for name, s in result.report["sets"].items()),
+    scores = ", ".join([*(f"{name} {s['model']['bpb']:.3f} bpb"
+                          + (f" (n-gram {s['ngram']['bpb']:.3f})" if s["ngram"] else "")
+                          for name, s in result.report["sets"].items()),
                         *(f"{k} {v:.3f}" for k, v in result.metrics.items() if k.startswith("harness/"))])
     verdict = "" if result.verdict is None else f"; comparison {'PASSED' if result.verdict.passed else 'FAILED'}"
     line = f"eval: {scores}{verdict} in {result.seconds:.0f} s → {result.report_uri}"
@@ -211,10 +245,12 @@ def cmd_continual(cfg: Config, args: argparse.Namespace) -> str:
 
     store = ObjectStore(cfg.storage)
     if args.watch:
-        watch(cfg, store, iterations=args.iterations)
+        with live_progress():
+            watch(cfg, store, iterations=args.iterations)
         outcome = "watch ended"
     else:
-        found = run_iteration(cfg, store)
+        with live_progress():
+            found = run_iteration(cfg, store)
         outcome = f"continual: {found['verdict']}" + (f" {found['version']}" if found.get("version") else "")
     reg = Registry(store, cfg.registry_uri)
     return f"{outcome}\n{table(reg.versions(), reg.state())}"

@@ -113,7 +113,8 @@ class RagIndex:
             retriever = bm25s.BM25.load(str(Path(folder) / "bm25"), show_progress=False)
             passages = [json.loads(line) for line in (Path(folder) / "passages.jsonl").read_text().splitlines()]
         if len(passages) != manifest["passages"]:
-            raise RagError(f"{uri}: passages.jsonl has {len(passages)} passages, the manifest says {manifest['passages']}")
+            raise RagError(f"{uri}: passages.jsonl has {len(passages)} passages, "
+                           f"the manifest says {manifest['passages']}")
         return cls(uri, retriever, passages)
 
     def search(self, query: str, k: int) -> list[dict[str, Any]]:

@@ -50,6 +50,8 @@ class Version:
     data_manifest: str | None = None
     config_hash: str | None = None
     code_version: str | None = None
+    gate_report: str | None = None  # the evaluation report that decided it (continual learning's gate)
+    iteration: int | None = None  # the continual-learning iteration that made it (its ledger entry)
     created: float = 0.0
     note: str = ""
     status: str = "candidate"  # from the state, not stored in the version record
@@ -112,10 +114,12 @@ class Registry:
     # ------------------------------------------------------------------------------------- writing
 
     def register(self, model_uri: str, *, parent: str | None = None, metrics: dict | None = None,
-                 data_manifest: str | None = None, config_hash: str | None = None, note: str = "") -> Version:
+                 data_manifest: str | None = None, config_hash: str | None = None, note: str = "",
+                 gate_report: str | None = None, iteration: int | None = None) -> Version:
         """Record a new candidate version (the next free id; racing writers each get their own)."""
         record = Version(id="", model_uri=model_uri, parent=parent, metrics=metrics or {}, data_manifest=data_manifest,
-                         config_hash=config_hash, code_version=code_version(), created=time.time(), note=note)
+                         config_hash=config_hash, code_version=code_version(), gate_report=gate_report,
+                         iteration=iteration, created=time.time(), note=note)
         taken = self._names("versions")
         n = int(taken[-1][1:7]) + 1 if taken else 1
         for _ in range(self.max_retries):

@@ -140,7 +140,8 @@ def summarize(cfg, summary, store: ObjectStore) -> dict:
             "precision": tc.precision, "batch_size": tc.batch_size, "seq_len": cfg.seq_len,
             "steps": summary.steps, "checkpoint_every": tc.eval_interval, "fit_s": round(summary.seconds, 1),
             "step_s": round(step_s, 4), "clean_step_s": [round(s, 4) for s in clean],
-            **{k: round(v, 3) for k, v in median.items()}, "checkpoints": saves, "loop_costs_s": [round(c, 2) for c in costs],
+            **{k: round(v, 3) for k, v in median.items()}, "checkpoints": saves,
+            "loop_costs_s": [round(c, 2) for c in costs],
             "checkpoint_mb": mb, "share": share(median["checkpoint_s"], step_s),
             "loop_share": share(median["loop_cost_s"], step_s), "load_average_1m": round(os.getloadavg()[0], 2)}
 
@@ -203,10 +204,10 @@ def table(cases: list[dict]) -> str:
     for c in cases:
         each = ", ".join(f"{s['checkpoint_s']:.2f}" for s in c["checkpoints"])
         mark = " (> 5%)" if c["share"] > GOAL else ""
-        lines.append(f"| {c['model']} ({c['params_m']:g} M) | {c['storage']} | {c['checkpoint_mb']:,} | {c['step_s']:.3f} | "
-                     f"{c['checkpoint_s']:.2f} ({each}) | {c['checkpoint_save_s']:.2f} | {c['checkpoint_other_s']:.2f} | "
-                     f"{c['checkpoint_report_s']:.2f} | {c['loop_cost_s']:.2f} | **{c['share']:.1%}**{mark} "
-                     f"({c['loop_share']:.1%}) |")
+        lines.append(f"| {c['model']} ({c['params_m']:g} M) | {c['storage']} | {c['checkpoint_mb']:,} | "
+                     f"{c['step_s']:.3f} | {c['checkpoint_s']:.2f} ({each}) | {c['checkpoint_save_s']:.2f} | "
+                     f"{c['checkpoint_other_s']:.2f} | {c['checkpoint_report_s']:.2f} | {c['loop_cost_s']:.2f} | "
+                     f"**{c['share']:.1%}**{mark} ({c['loop_share']:.1%}) |")
     return "\n".join(lines)
 
 

@@ -24,8 +24,8 @@ and the same file compressed with zstd level 19 (where zeros do count); decoding
 with ``--threads`` torch threads (default 1), batch 1, greedy through lm.serve.engine with
 ``ignore_eos``: ``--new-tokens`` after each of ``--prompts`` prompts (the first 16 tokens of validation
 rows), the median (and best) of ``--repeats`` rounds after a warm-up, every variant once per round in a
-shuffled order, so the machine's drift hits them alike; validation bits per byte on the whole val split of the base's data
-(lm.eval.metrics.model_sums, as `lm eval` computes it). Writes the JSON (``--out``), a PNG beside it
+shuffled order, so the machine's drift hits them alike; validation bits per byte on the whole val split of the
+base's data (lm.eval.metrics.model_sums, as `lm eval` computes it). Writes the JSON (``--out``), a PNG beside it
 (size vs bits per byte) and prints a Markdown table for the README. Unless ``--no-large``, the same
 decoding timing (2 prompts, 16 + 16 tokens) on a randomly initialised gpt2-124m-shaped model and its
 int8 / pruned / 6-layer versions, where FLOPs rather than per-step overhead decide the speed.
@@ -96,7 +96,8 @@ def timings(models: dict[str, torch.nn.Module], tok: BPETokenizer, prompts, new_
         for name in order:
             times[name].append(decode_once(engines[name], prompts, new_tokens))
     total = len(prompts) * new_tokens
-    return {name: {"tokens_per_s": round(total / statistics.median(t), 1), "tokens_per_s_best": round(total / min(t), 1),
+    return {name: {"tokens_per_s": round(total / statistics.median(t), 1),
+                   "tokens_per_s_best": round(total / min(t), 1),
                    "seconds_all": [round(x, 3) for x in t]} for name, t in times.items()}
 
 
@@ -170,7 +171,8 @@ def variants(args, store: ObjectStore, base: str, data: str, work: str, log) -> 
             uri = join_uri(work, f"{method}-{sparsity:g}-ft{steps}")
             if args.rebuild or not store.is_published(uri):
                 prune_dir(store, base, uri, sparsity, method, finetune_steps=steps, cfg=ft_cfg, data_uri=data, log=log)
-            found[name] = {"uri": uri, "kind": "pruned", "method": method, "sparsity": sparsity, "finetune_steps": steps}
+            found[name] = {"uri": uri, "kind": "pruned", "method": method, "sparsity": sparsity,
+                           "finetune_steps": steps}
     if args.distilled:
         found["distilled"] = {"uri": args.distilled, "kind": "distilled (given)"}
     elif importlib.util.find_spec("lm.train.distill") is None:
@@ -190,7 +192,8 @@ def markdown(rows: list[dict], threads: int) -> str:
     lines = [head]
     for r in rows:
         lines.append(f"| {r['name']} | {r['parameters']:,} | {r['size']['bytes'] / 1e6:.2f} | "
-                     f"{r['size']['zstd19_bytes'] / 1e6:.2f} | {r['tokens_per_s']:,.0f} ({r['tokens_per_s_best']:,.0f}) | "
+                     f"{r['size']['zstd19_bytes'] / 1e6:.2f} | "
+                     f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s_best']:,.0f}) | "
                      f"{r['val_bpb']:.4f} | "
                      f"{r['val_bpb'] - base:+.4f} |")
     return "\n".join(lines)

@@ -131,7 +131,8 @@ def one_process(cfg, store: ObjectStore) -> tuple[float, dict[str, float], int]:
         index_rows(docs.slice(i, 1024).select(["hash", "text"]).to_pydict(), data.dedup)
     done("wrote the corpus index")
     tokenize = TokenizeActor(tok.to_json(), {s.name: s.weight for s in data.sources})
-    tokens = pa.concat_tables(tokenize({k: np.asarray(v, dtype=object) for k, v in docs.slice(i, 1024).to_pydict().items()})
+    tokens = pa.concat_tables(tokenize({k: np.asarray(v, dtype=object)
+                                        for k, v in docs.slice(i, 1024).to_pydict().items()})
                               for i in range(0, docs.num_rows, 1024))
     done("tokenized")
     n_tokens = _pack_here(tokens, cfg, store, tok)
@@ -163,7 +164,8 @@ def _pack_here(tokens: pa.Table, cfg, store: ObjectStore, tok: BPETokenizer) -> 
     tokens = add_bucket(tokens, per_split)
     for split, bucket in sorted(set(zip(tokens.column("split").to_pylist(), tokens.column("bucket").to_pylist(),
                                         strict=True))):
-        group = tokens.filter(pc.and_(pc.equal(tokens.column("split"), split), pc.equal(tokens.column("bucket"), bucket)))
+        group = tokens.filter(pc.and_(pc.equal(tokens.column("split"), split),
+                                      pc.equal(tokens.column("bucket"), bucket)))
         lists = group.column("tokens").combine_chunks()
         flat, offsets = lists.values.to_numpy(), lists.offsets.to_numpy()
         written += write_shard({"id": group.column("id").to_pylist(), "split": [split], "bucket": [bucket],

@@ -8,9 +8,10 @@ Each variant is a preset (configs/gpt2-124m.yaml, configs/1b-zero3.yaml) with ov
 fields (train.zero_stage auto, activation_checkpointing, loss_kernel, attention_backend, compile_mode), applied
 by the same lm.train code the Ray Train workers run (lm.train.levers, lm.train.engine), fed random tokens on
 one worker. Variants run one per process, two at a time on a GPU: one compiles while the other holds the
-timing lock, and the median step is reported (a neighbour's first step may overlap one timed step). MFU = tokens/s x model FLOPs per token
-(lm.model.flops_per_token: 6N plus attention, recomputation not counted) / the device's dense bf16 peak
-(datasheet; lm.train.peak). Writes one JSON per variant, ``gpu.json`` and a table to --out-dir.
+timing lock, and the median step is reported (a neighbour's first step may overlap one timed step).
+MFU = tokens/s x model FLOPs per token (lm.model.flops_per_token: 6N plus attention, recomputation not
+counted) / the device's dense bf16 peak (datasheet; lm.train.peak). Writes one JSON per variant, ``gpu.json``
+and a table to --out-dir.
 Needs only torch, deepspeed, pydantic and pyyaml (no Ray, no data); liger-kernel for loss_kernel liger.
 """
 
@@ -190,7 +191,8 @@ def launch(name: str, args: argparse.Namespace, deadline: float) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| variant | ZeRO | recomputed | loss kernel | attention | batch | tokens/s | MFU | memory GiB | first step s |",
+    rows = [("| variant | ZeRO | recomputed | loss kernel | attention | batch | tokens/s | MFU | memory GiB | "
+             "first step s |"),
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if "mfu" not in r or "invalid" in r:

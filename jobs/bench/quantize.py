@@ -143,9 +143,11 @@ def main() -> None:
         start = time.perf_counter()
         metrics = model_sums(m, rows, table, batch_size=16).metrics()
         quality[name] = {"val_bpb": round(metrics["bpb"], 4), "val_loss": round(metrics["loss"], 4),
-                         "val_accuracy": round(metrics["accuracy"], 4), "seconds": round(time.perf_counter() - start, 2)}
+                         "val_accuracy": round(metrics["accuracy"], 4),
+                         "seconds": round(time.perf_counter() - start, 2)}
 
-    same = sum(a == b for ra, rb in zip(outputs["fp32"], outputs["int8"], strict=True) for a, b in zip(ra, rb, strict=True))
+    same = sum(a == b for ra, rb in zip(outputs["fp32"], outputs["int8"], strict=True)
+               for a, b in zip(ra, rb, strict=True))
     prefix = [next((i for i, (a, b) in enumerate(zip(ra, rb, strict=True)) if a != b), len(ra))
               for ra, rb in zip(outputs["fp32"], outputs["int8"], strict=True)]
     result = {

@@ -234,7 +234,8 @@ def ingest(args, store: ObjectStore, data: str, kind: str, rows: int, tc) -> dic
     with Sampler(args.interval, ROLES) as sampler:
         start = time.perf_counter()
         if kind == "rowstream":
-            refs = [r.rowstream.remote(store, data, rank, 2, rows, args.batch_rows, tc) for rank, r in enumerate(readers)]
+            refs = [r.rowstream.remote(store, data, rank, 2, rows, args.batch_rows, tc)
+                    for rank, r in enumerate(readers)]
         else:
             splits = ray_dataset(store, data, "train", seed=tc.seed).streaming_split(2, equal=True)
             refs = [r.ray_data.remote(it, rows, args.batch_rows) for it, r in zip(splits, readers, strict=True)]
@@ -278,8 +279,8 @@ def markdown(result: dict) -> str:
     for s in result["sizes"]:
         t = s["train"]
         lines.append(f"| {s['gb']:g} GB | {s['tokens'] / 1e6:,.0f} M | {s['shards']} ({s['stored_mb']:,.0f} MB) | "
-                     f"{t['peak_worker_uss_mib']:,.0f} / {t['peak_worker_pss_mib']:,.0f} | {t['ray_data_uss_mib']:,.0f} | "
-                     f"{t['object_store_peak_mib']:,.1f} | {t['tokens_per_s']:,} "
+                     f"{t['peak_worker_uss_mib']:,.0f} / {t['peak_worker_pss_mib']:,.0f} | "
+                     f"{t['ray_data_uss_mib']:,.0f} | {t['object_store_peak_mib']:,.1f} | {t['tokens_per_s']:,} "
                      f"({', '.join(f'{x:,}' for x in t['tokens_per_s_runs'])}) |")
     lines += ["", "| corpus | reader | rows/s (after the first batch) | first batch, s | peak USS / PSS per "
               "reader, MiB | Ray Data tasks + actors USS, MiB | object store, MiB |", "|---|---|---|---|---|---|---|"]
@@ -312,7 +313,8 @@ def plot(result: dict, path: Path) -> None:
         runs = [next(i for i in s["ingest"] if i["kind"] == kind) for s in result["sizes"]]
         mem.plot(gb, [r["peak_reader_uss_mib"] for r in runs], mark, label=f"{kind}: reader USS")
         if kind == "ray_data":  # (a process's USS includes object-store pages only it maps: no sum)
-            mem.plot(gb, [r["ray_data_uss_mib"] for r in runs], mark, alpha=0.6, label="ray_data: Ray Data processes USS")
+            mem.plot(gb, [r["ray_data_uss_mib"] for r in runs], mark, alpha=0.6,
+                     label="ray_data: Ray Data processes USS")
             mem.plot(gb, [r["object_store_peak_mib"] for r in runs], mark, alpha=0.3, label="ray_data: object store")
     mem.set(xscale="log", xlabel="corpus, GB of int32 tokens", ylabel="peak MiB", title="memory", ylim=(0, None))
     mem.legend(fontsize=7)
@@ -363,7 +365,8 @@ def fresh_ray():
         ray.shutdown()
         deadline = time.monotonic() + 15  # its dashboard's processes take a moment to go
         while time.monotonic() < deadline and any(
-                "ray" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()):
+                "ray" in " ".join(p.info["cmdline"] or [])
+                for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()):
             time.sleep(0.5)
 
 
@@ -450,7 +453,8 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     result = {"benchmark": "scale", "machine": machine(), "command": " ".join(["python", *sys.argv]),
               "config": Path(args.config).name, "overrides": args.overrides, "steps": args.steps,
-              "repeats": args.repeats, "shard_mb": args.shard_mb, "ingest_rows_per_reader": args.ingest_rows, "batch_rows": args.batch_rows,
+              "repeats": args.repeats, "shard_mb": args.shard_mb, "ingest_rows_per_reader": args.ingest_rows,
+              "batch_rows": args.batch_rows,
               "load_average_1m_at_end": round(os.getloadavg()[0], 2), "sizes": sizes}
     result["goals"] = goals(sizes)
     result["markdown"] = markdown(result)

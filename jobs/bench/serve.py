@@ -22,9 +22,9 @@ generation may end early at end-of-text, so tokens are counted from ``usage.comp
     ``max(--requests, 8 x concurrency)`` requests): tokens/s = completion tokens / wall seconds from the
     first send to the last answer (the target's number); also steady-state tokens/s (the tokens of the
     requests answered before the last one was sent, over that time: without the drain at the end,
-    when fewer than ``concurrency`` requests are in flight); per-request latency p50 / p99. Batched (``serve.max_batch_size``
-    = --max-batch-size), then redeployed unbatched (``serve.max_batch_size=1``); ``max_ongoing_requests``
-    is left at its default, 2 x max_batch_size.
+    when fewer than ``concurrency`` requests are in flight); per-request latency p50 / p99. Batched
+    (``serve.max_batch_size`` = --max-batch-size), then redeployed unbatched (``serve.max_batch_size=1``);
+    ``max_ongoing_requests`` is left at its default, 2 x max_batch_size.
   * HTTP overhead: the same greedy request (temperature 0, so both paths make the same tokens), one at a
     time, alternately in-process (lm.serve.engine on the loaded directory, tokenization included) and
     over HTTP to the batched deployment; overhead = HTTP p50 - in-process p50, at max_tokens 1 (the
@@ -204,8 +204,8 @@ def load_levels(base: str, prompts: list[str], levels_of: tuple[int, ...], reque
         chunk = [prompts[(offset + i) % len(prompts)] for i in range(n)]
         offset += n
         levels[str(c)] = row = asyncio.run(_load(base, chunk, c, max_tokens))
-        log(f"{label} c={c}: {row['tokens_per_s']} tok/s (steady {row['steady_tokens_per_s']}), p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms "
-            f"({n} requests, {row['seconds']} s)")
+        log(f"{label} c={c}: {row['tokens_per_s']} tok/s (steady {row['steady_tokens_per_s']}), "
+            f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms ({n} requests, {row['seconds']} s)")
     return levels
 
 

@@ -199,7 +199,8 @@ def memory_growth(timeline: list, warm_end: float, end: float) -> dict:
             after = [(t / 60, s[role][0] / MIB) for t, s in timeline if warm_end <= t <= end and role in s]
             slope = float(np.polyfit(*zip(*after, strict=True), 1)[0]) if len(after) > 2 else None
             out[role] = {"processes": [n0, n1], "rss_mib": [round(r0 / MIB, 1), round(r1 / MIB, 1)],
-                         "rss_growth_pct": round(100 * (r1 - r0) / r0, 2), "uss_mib": [round(u0 / MIB, 1), round(u1 / MIB, 1)],
+                         "rss_growth_pct": round(100 * (r1 - r0) / r0, 2),
+                         "uss_mib": [round(u0 / MIB, 1), round(u1 / MIB, 1)],
                          "uss_growth_pct": round(100 * (u1 - u0) / u0, 2),
                          "rss_trend_mib_per_min": None if slope is None else round(slope, 2)}
     r0 = sum(warm[r][0] for r in WATCHED if r in warm)
@@ -236,8 +237,8 @@ def plot(result: dict, timeline: list, start: float, out: Path) -> None:
     mem.set(xlabel="minutes since the load began", ylabel="RSS, MiB", title="RSS of the Serve processes")
     mem.legend(fontsize=7)
     mem.grid(alpha=0.3)
-    fig.suptitle(f"soak: {result['minutes']} min of mixed load, {result['threads']} client threads ({result['machine']})",
-                 fontsize=9)
+    fig.suptitle(f"soak: {result['minutes']} min of mixed load, {result['threads']} client threads "
+                 f"({result['machine']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -285,7 +286,8 @@ def soak(args, model: str, key: str) -> tuple[dict, list, float]:
     result = {"context_length": context, "max_tokens": args.max_tokens,
               "prompt_tokens_max": max(len(loaded.tokenizer.encode(p)) for p in prompts),
               "serve": {"replicas": 1, "replica_cpus": sc.replica_cpus, "ingress_cpus": sc.ingress_cpus,
-                        "max_batch_size": sc.max_batch_size, "cache_entries": sc.cache_entries, "colocate": sc.colocate},
+                        "max_batch_size": sc.max_batch_size, "cache_entries": sc.cache_entries,
+                        "colocate": sc.colocate},
               "load_average_1m": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
               "requests_total": len(load.records),
               "requests": {f"{k}: {o}": n for (k, o), n in sorted(kinds.items())},
@@ -295,7 +297,8 @@ def soak(args, model: str, key: str) -> tuple[dict, list, float]:
               "memory": memory_growth(sampler.timeline, mono_start + 60 * args.warmup_minutes, mono_end),
               "memory_peaks": sampler.summary()["roles"],
               "rss_timeline_mib": {"minute": [round((t - mono_start) / 60, 2) for t, _ in sampler.timeline],
-                                   **{role: [round(s[role][0] / MIB, 1) if role in s else None for _, s in sampler.timeline]
+                                   **{role: [round(s[role][0] / MIB, 1) if role in s else None
+                                             for _, s in sampler.timeline]
                                       for role in ROLES.values()}},
               "per_minute": per_minute(load.records, start, args.minutes, args.warmup_minutes)}
     return result, sampler.timeline, mono_start
@@ -333,7 +336,8 @@ def main() -> None:
             ray.shutdown()
     watched = measured["memory"]["watched"]
     result = {"benchmark": "soak", "machine": machine(), "ray": ray.__version__, "model": model,
-              "model_kind": "demo" if model == str(DEMO) else ("given" if args.model else "demo-shaped, random weights"),
+              "model_kind": ("demo" if model == str(DEMO)
+                             else ("given" if args.model else "demo-shaped, random weights")),
               "minutes": args.minutes, "warmup_minutes": args.warmup_minutes, "threads": args.threads,
               "seed": args.seed, "mix": MIX, "bad_requests": BAD,
               "latency": "sent → last byte (streams read to the end), good requests only; a request counts in the "
@@ -345,7 +349,8 @@ def main() -> None:
     write_result(args.out, result)
     plot(result, timeline, start, Path(args.out).with_suffix(".png"))
     print(f"RSS model replica + ingress: {watched['rss_mib'][0]} → {watched['rss_mib'][1]} MiB "
-          f"({watched['rss_growth_pct']:+.2f}%, goal < 5%); unexpected errors: {measured['unexpected_errors']} (goal 0)")
+          f"({watched['rss_growth_pct']:+.2f}%, goal < 5%); "
+          f"unexpected errors: {measured['unexpected_errors']} (goal 0)")
 
 
 if __name__ == "__main__":

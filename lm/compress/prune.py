@@ -20,10 +20,11 @@ Methods (``sparsity`` in [0, 1) is the fraction to remove):
 * ``unstructured``: zero the fraction of the blocks' Linear weights (q/k/v/o, gate/up/down) with the
   smallest |w|, matrix by matrix (``scope="matrix"``, the default: on the demo model it lost less
   at 60%, 2.407 vs 2.422 bits/byte from 2.396) or ranked over all of them at once (``"global"``,
-  which takes more from the smaller-initialised output projections), with ``torch.nn.utils.prune``. During a fine-tune its mask stays on as a forward
-  pre-hook (pruned weights stay exactly zero), then it is made permanent. Embeddings, the lm_head and
-  the norms are untouched. Shapes and the safetensors file size do not change; only compression
-  of the file (and sparse kernels, which this does not use) can profit from the zeros.
+  which takes more from the smaller-initialised output projections), with ``torch.nn.utils.prune``. During
+  a fine-tune its mask stays on as a forward pre-hook (pruned weights stay exactly zero), then it is made
+  permanent. Embeddings, the lm_head and the norms are untouched. Shapes and the safetensors file size do
+  not change; only compression of the file (and sparse kernels, which this does not use) can profit from
+  the zeros.
 * ``heads``: in every layer, drop ``round(sparsity x n_heads)`` attention heads with the smallest
   weight norm (query rows, output-projection columns, and under plain multi-head attention their
   key / value rows). ``n_heads`` shrinks, the head width stays (``model.d_head``, so

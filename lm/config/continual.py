@@ -44,7 +44,9 @@ class ContinualConfig(Section):
         "sft", description="Feedback pairs become supervised examples (loss on the response only, sft) or plain "
         "text documents (prompt + response, text).",
     )
-    use_unrated: bool = Field(False, description="Also learn from completions nobody rated (else: rated 1 or corrected).")
+    use_unrated: bool = Field(
+        False, description="Also learn from completions nobody rated (else: rated 1 or corrected).",
+    )
     replay_ratio: float = Field(
         0.5, ge=0, lt=1, description="Share of the fine-tuning rows drawn from the production model's training "
         "data (against forgetting); 0.5 = one earlier row per new row.",

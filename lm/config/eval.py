@@ -174,7 +174,8 @@ class EvalConfig(Section):
         description="Qualitative samples in the report, generated with the generate section's settings.",
     )
     harness: HarnessConfig = Field(
-        default_factory=HarnessConfig, description="lm-evaluation-harness tasks (their metrics: harness/<task>/<metric>).",
+        default_factory=HarnessConfig,
+        description="lm-evaluation-harness tasks (their metrics: harness/<task>/<metric>).",
     )
     compare: list[CompareRule] = Field(
         default_factory=lambda: [CompareRule(set="val", metric="bpb", max_regression=0.01)],

@@ -55,7 +55,8 @@ class CleanConfig(Section):
     )
     normalize_whitespace: bool = Field(
         True,
-        description="Unify line endings, turn odd spaces into ' ', strip line ends, at most 2 newlines in a row, strip the ends.",
+        description="Unify line endings, turn odd spaces into ' ', strip line ends, at most 2 newlines in a row, "
+        "strip the ends.",
     )
     lowercase: bool = Field(False, description="Lower-case everything (off for LM training).")
     remove_special_chars: bool = Field(
@@ -66,7 +67,8 @@ class CleanConfig(Section):
         5_000_000, ge=1, description="Drop documents longer than this after cleaning (reason too_long)."
     )
     max_duplicate_line_fraction: float = Field(
-        0.5, ge=0, le=1, description="Drop if more than this share of non-empty lines are repeats (reason repetitive_lines)."
+        0.5, ge=0, le=1,
+        description="Drop if more than this share of non-empty lines are repeats (reason repetitive_lines)."
     )
     repetition_ngram: int = Field(3, ge=1, description="Word n-gram size for the n-gram repetition filter.")
     max_duplicate_ngram_fraction: float = Field(
@@ -74,7 +76,8 @@ class CleanConfig(Section):
         description="Drop if more than this share of word n-grams are repeats (reason repetitive_ngrams); 1 disables.",
     )
     invalid_utf8: Literal["replace", "drop"] = Field(
-        "replace", description="Bytes that are not UTF-8: replace with U+FFFD, or drop the document (reason invalid_utf8)."
+        "replace",
+        description="Bytes that are not UTF-8: replace with U+FFFD, or drop the document (reason invalid_utf8)."
     )
 
 
@@ -85,7 +88,8 @@ class DedupConfig(Section):
     near: bool = Field(True, description="Drop near-duplicates found by MinHash + LSH, keeping one per cluster.")
     threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity that makes a near-duplicate.")
     num_perm: int = Field(128, ge=8, description="MinHash permutations (signature length).")
-    bands: int = Field(16, ge=1, description="LSH bands; num_perm must be divisible by it (rows per band = num_perm/bands).")
+    bands: int = Field(
+        16, ge=1, description="LSH bands; num_perm must be divisible by it (rows per band = num_perm/bands).")
     shingle: int = Field(5, ge=1, description="Word n-gram (shingle) size for MinHash.")
     seed: int = Field(42, description="Seed of the MinHash permutations.")
 
@@ -212,7 +216,8 @@ class ModelConfig(Section):
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output projection.")
     qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys before RoPE (Qwen3's "
                           "QK-norm); the model directory is then a Qwen3ForCausalLM one, not Llama.")
-    init_std: float = Field(0.02, gt=0, description="Std of the normal init; residual projections get std/sqrt(2·n_layers).")
+    init_std: float = Field(
+        0.02, gt=0, description="Std of the normal init; residual projections get std/sqrt(2·n_layers).")
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -260,7 +265,8 @@ class GenerateConfig(Section):
 class Config(Section):
     """Everything one lmforge run needs."""
 
-    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; artifacts go to <storage.root>/runs/<name>.")
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="Run name; artifacts go to <storage.root>/runs/<name>.")
     output: Annotated[str | None, PATH] = Field(
         None, description="Where this run's artifacts go (a folder or s3:// URI); null = <storage.root>/runs/<name>."
     )
@@ -305,6 +311,11 @@ class Config(Section):
     def feedback_uri(self) -> str:
         """Where Serve records completions and feedback (lm.serve.feedback) and lm.continual reads them."""
         return self.serve.feedback.uri or join_uri(self.storage.root, "feedback")
+
+    @property
+    def responses_uri(self) -> str:
+        """Where Serve records each response's id, model version and time (lm.serve.feedback, lm.lineage)."""
+        return self.serve.responses.uri or join_uri(self.storage.root, "responses")
 
     @property
     def registry_uri(self) -> str:

@@ -16,7 +16,8 @@ class AutoscalingConfig(Section):
 
     min_replicas: int = Field(1, ge=0, description="Replicas kept when idle.")
     max_replicas: int = Field(1, ge=1, description="Replicas at most.")
-    target_ongoing_requests: float = Field(4.0, gt=0, description="Ongoing requests per replica the autoscaler aims at.")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Ongoing requests per replica the autoscaler aims at.")
     upscale_delay_s: float = Field(30.0, ge=0, description="Load must stay high this long before adding replicas.")
     downscale_delay_s: float = Field(600.0, ge=0, description="Load must stay low this long before removing replicas.")
 
@@ -53,6 +54,16 @@ class FeedbackConfig(Section):
         "says: API keys (sk-..., AKIA..., this server's own keys, ...), bearer tokens, private-key blocks, passwords.")
 
 
+class ResponsesConfig(Section):
+    """Response records: metadata only (response id, model version and directory, time), one per response, written
+    whatever serve.feedback says: where ``lm lineage <response id>`` starts. No prompt or completion text."""
+
+    uri: Annotated[str | None, PATH] = Field(
+        None, description="Storage prefix for the JSONL batches; null = <storage.root>/responses.")
+    flush_interval_s: float = Field(5.0, gt=0, description="Write a batch at least this often (when there is one).")
+    flush_records: int = Field(256, ge=1, description="Write a batch as soon as it holds this many records.")
+
+
 class ServeConfig(Section):
     """Ray Serve: an OpenAI-compatible API (FastAPI ingress) in front of a batched model deployment."""
 
@@ -74,7 +85,8 @@ class ServeConfig(Section):
         "unless this is false (local use only).",
     )
     key_limits: KeyLimits = Field(
-        default_factory=KeyLimits, description="Limits of the keys from api_keys_env, and of key-file keys that set none.")
+        default_factory=KeyLimits,
+        description="Limits of the keys from api_keys_env, and of key-file keys that set none.")
     # what it accepts
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(4, ge=1, description="Largest n (completions per prompt).")
@@ -112,7 +124,8 @@ class ServeConfig(Section):
         False, description="Decode in a process of its own beside each model replica (no GIL shared with Serve's "
         "request handling); false = a thread in the replica.")
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="Per model replica; null = 2 x max_batch_size (a batch decoding, the next ones waiting)."
+        None, ge=1,
+        description="Per model replica; null = 2 x max_batch_size (a batch decoding, the next ones waiting)."
     )
     replica_cpus: float = Field(1.0, gt=0, description="CPUs per model replica.")
     replica_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
@@ -126,13 +139,15 @@ class ServeConfig(Section):
         "only (several nodes on one machine would otherwise bind the same port).",
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     failover_retries: int = Field(
         2, ge=0, description="A whole (non-streamed) request, or a stream before its first token, whose model replica "
         "dies is sent again to another replica this many times (with autoscaling.max_replicas >= 2 and a separate "
         "ingress); then, or with one replica, 503 with Retry-After.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503 when no model replica could answer.")
     quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 Linear layers (CPU replicas).")
-    cache_entries: int = Field(1024, ge=0, description="Exact-match response cache for deterministic requests; 0 = off.")
+    cache_entries: int = Field(
+        1024, ge=0, description="Exact-match response cache for deterministic requests; 0 = off.")
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
 
     @field_validator("templates")

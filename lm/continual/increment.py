@@ -112,9 +112,10 @@ def write_sft(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, 
         keep = mask[:, 1:].sum(axis=1) > 0  # a row with no response target would have no loss at all
         rows, mask = rows[keep], mask[keep]
         if len(rows):
-            name = f"sft-{split}.parquet"
-            store.write_bytes(join_uri(mix_uri, name), shard_bytes(rows, mask))
-            out[split] = ShardEntry(path=join_uri(mix_uri, name), split=split, rows=len(rows))
+            name, data = f"sft-{split}.parquet", shard_bytes(rows, mask)
+            store.write_bytes(join_uri(mix_uri, name), data)
+            out[split] = ShardEntry(path=join_uri(mix_uri, name), split=split, rows=len(rows),
+                                    sha256=hashlib.sha256(data).hexdigest())
     return out, too_long
 
 
@@ -132,9 +133,9 @@ def _replay(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, ne
     if not split.rows:
         raise DataError(f"{base}: the train split has no rows to replay")
     rows, mask = replay_rows(split, want, cfg.train.seed)  # want rows: bounded by the new data, not the corpus
-    uri = join_uri(mix_uri, "replay-train.parquet")
-    store.write_bytes(uri, shard_bytes(rows, mask))
-    return ShardEntry(path=uri, split="train", rows=want)
+    uri, data = join_uri(mix_uri, "replay-train.parquet"), shard_bytes(rows, mask)
+    store.write_bytes(uri, data)
+    return ShardEntry(path=uri, split="train", rows=want, sha256=hashlib.sha256(data).hexdigest())
 
 
 def replay_rows(split: Split, want: int, seed: int) -> Rows:
@@ -186,7 +187,8 @@ def build_mix(cfg: Config, store: ObjectStore, it_uri: str, inputs: dict[str, st
     if documents:
         shards, gate_texts, parts["new"] = _new_documents(cfg, store, it_uri, tok, sources, documents,
                                                           earlier_runs, counts, log)
-    sft, too_long = write_sft(cfg, store, mix_uri, tok, pairs) if pairs and cfg.continual.feedback_as == "sft" else ({}, 0)
+    sft, too_long = (write_sft(cfg, store, mix_uri, tok, pairs) if pairs and cfg.continual.feedback_as == "sft"
+                     else ({}, 0))
     if too_long:
         counts["feedback"]["skipped: longer than a row"] = too_long
     shards += list(sft.values())
@@ -202,7 +204,8 @@ def build_mix(cfg: Config, store: ObjectStore, it_uri: str, inputs: dict[str, st
         parts["replay"] = replay.rows
     if gate_texts:
         store.write_text(gate_uri, "".join(json.dumps({"text": t}) + "\n" for t in gate_texts))
-    _write_manifest(cfg, store, mix_uri, tok, inputs, shards, parts, counts)
+    new_data = join_uri(it_uri, "new") if parts["new"] else None
+    _write_manifest(cfg, store, mix_uri, tok, inputs, shards, parts, counts, new_data)
     log(f"continual: training mix → {mix_uri}: {parts['new']} new rows, {parts['sft']} supervised rows, "
         f"{parts['replay']} replay rows; {len(gate_texts)} held-out texts for the gate")
     return Mix(mix_uri, gate_uri if gate_texts else None, parts, counts)
@@ -224,7 +227,8 @@ def _new_documents(cfg: Config, store: ObjectStore, it_uri: str, tok: BPETokeniz
         log(f"continual: no new documents to learn from: {err}")
         return [], [], 0
     counts.update(dropped=new.dropped, dedup=new.dedup, skipped_objects=len(new.skipped_objects))
-    shards = [s.model_copy(update={"path": join_uri(new_uri, s.path)}) for s in new.shards if s.split in ("train", "val")]
+    shards = [s.model_copy(update={"path": join_uri(new_uri, s.path)})
+              for s in new.shards if s.split in ("train", "val")]
     texts = []
     if "val" in new.texts:
         texts = [json.loads(line)["text"] for line in
@@ -233,12 +237,13 @@ def _new_documents(cfg: Config, store: ObjectStore, it_uri: str, tok: BPETokeniz
 
 
 def _write_manifest(cfg: Config, store: ObjectStore, mix_uri: str, tok: BPETokenizer, inputs: dict[str, str],
-                    shards: list[ShardEntry], parts: dict, counts: dict) -> None:
-    """The one writer of a :class:`MixManifest` (its tokenizer beside it)."""
+                    shards: list[ShardEntry], parts: dict, counts: dict, new_data: str | None) -> None:
+    """The one writer of a :class:`MixManifest` (its tokenizer beside it; every shard with its SHA-256)."""
     store.publish_file(tok.to_json().encode(), join_uri(mix_uri, "tokenizer.json"))
-    shards = [ShardEntry(path=s.path, split=s.split, rows=s.rows) for s in shards]
+    shards = [ShardEntry(path=s.path, split=s.split, rows=s.rows, sha256=s.sha256) for s in shards]
     fingerprint = hashlib.sha256(json.dumps(sorted(inputs.items())).encode()).hexdigest()[:16]
     manifest = MixManifest(kind="continual-mix", inputs_fingerprint=fingerprint, seq_len=cfg.seq_len,
                            row_length=cfg.seq_len + 1, tokenizer=TokenizerEntry.of(tok), shards=shards,
-                           splits=add_shards({}, shards), parts=parts, counts=counts, inputs=inputs)
+                           splits=add_shards({}, shards), parts=parts, counts=counts, inputs=inputs,
+                           new_data=new_data, replay_from=cfg.data_uri if parts.get("replay") else None)
     store.publish_file(manifest.dumps(), join_uri(mix_uri, "manifest.json"))

@@ -82,13 +82,15 @@ def _fine_tune(ft: Config, store: ObjectStore, mix: Mix, log: Log) -> str:
 
 
 def _candidate(registry: Registry, model_uri: str, parent: Version, metrics: dict, ft: Config, mix: Mix,
-               n: int) -> Version:
-    """The registry version of this iteration's model (registered once, also across resumes)."""
+               n: int, report: str | None) -> Version:
+    """The registry version of this iteration's model (registered once, also across resumes), with its gate
+    report and iteration: the provenance chain (lm.lineage) follows them."""
     for v in registry.versions():
         if v.model_uri == model_uri:
             return v
     return registry.register(model_uri, parent=parent.id, metrics=metrics, config_hash=ft.fingerprint(),
-                             data_manifest=join_uri(mix.data_uri, "manifest.json"), note=f"continual iteration {n}")
+                             data_manifest=join_uri(mix.data_uri, "manifest.json"), note=f"continual iteration {n}",
+                             gate_report=report, iteration=n)
 
 
 def run_iteration(cfg: Config, store: ObjectStore | None = None, log: Log = print) -> dict:
@@ -132,7 +134,7 @@ def run_iteration(cfg: Config, store: ObjectStore | None = None, log: Log = prin
         result = evaluate(gate_config(cfg, n, mix.gate_texts), store, model_uri, log, compare_to=parent.model_uri)
         passed, reasons, report = result.verdict.passed, result.verdict.reasons, result.report_uri
         metrics = {k: v for k, v in result.metrics.items() if k.startswith(("fixed/", "new/", "harness/"))}
-    version = _candidate(registry, model_uri, parent, metrics, ft, mix, n)
+    version = _candidate(registry, model_uri, parent, metrics, ft, mix, n, report)
     outcome.update(version=version.id, model_uri=model_uri, reasons=reasons, report=report, metrics=metrics)
     current = registry.get(version.id).status
     if current != "candidate":  # decided before an interruption
@@ -146,7 +148,8 @@ def run_iteration(cfg: Config, store: ObjectStore | None = None, log: Log = prin
     if passed:
         registry.promote(version.id, reason=f"continual iteration {n}: gate passed")
     else:
-        registry.reject(version.id, reason=f"continual iteration {n}: " + "; ".join(r for r in reasons if r.startswith("FAIL")))
+        failed = "; ".join(r for r in reasons if r.startswith("FAIL"))
+        registry.reject(version.id, reason=f"continual iteration {n}: " + failed)
     return _finish(store, ledger, n, it_uri, {**outcome, "verdict": "promoted" if passed else "rejected"}, log)
 
 
@@ -175,7 +178,8 @@ def _finish(store: ObjectStore, ledger: Ledger, n: int, it_uri: str, outcome: di
     outcome = {"n": n, **outcome}
     store.write_text(join_uri(it_uri, "outcome.json"), json.dumps(outcome, indent=2, default=str))
     ledger.finish(n, outcome)
-    log(f"continual: iteration {n} {outcome['verdict']}" + (f" ({outcome['version']})" if outcome.get("version") else ""))
+    log(f"continual: iteration {n} {outcome['verdict']}"
+        + (f" ({outcome['version']})" if outcome.get("version") else ""))
     for reason in outcome.get("reasons", []):
         log(f"  {reason}")
     return outcome

@@ -325,7 +325,8 @@ def index_rows(batch: dict[str, np.ndarray], cfg: DedupConfig) -> Any:
         return pa.table({"hash": hashes, "sig": pa.array([[] for _ in range(len(hashes))], type=pa.list_(pa.uint32()))})
     sigs = minhash_batch(batch["text"], cfg)
     offsets = pa.array(np.arange(0, sigs.size + 1, cfg.num_perm, dtype=np.int32))
-    return pa.table({"hash": hashes, "sig": pa.ListArray.from_arrays(offsets, pa.array(sigs.reshape(-1), type=pa.uint32()))})
+    sig = pa.ListArray.from_arrays(offsets, pa.array(sigs.reshape(-1), type=pa.uint32()))
+    return pa.table({"hash": hashes, "sig": sig})
 
 
 class CorpusIndex:

@@ -38,7 +38,8 @@ def shard_bytes(rows: np.ndarray, loss_mask: np.ndarray | None = None, row_group
     width = rows.shape[1]
     columns = {"tokens": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=pa.int32()), width)}
     if loss_mask is not None:
-        columns["loss_mask"] = pa.FixedSizeListArray.from_arrays(pa.array(loss_mask.reshape(-1), type=pa.uint8()), width)
+        flat = pa.array(loss_mask.reshape(-1), type=pa.uint8())
+        columns["loss_mask"] = pa.FixedSizeListArray.from_arrays(flat, width)
     buf = io.BytesIO()
     row_group_rows = row_group_rows or max(1, ROW_GROUP_BYTES // (4 * width))
     pq.write_table(pa.table(columns), buf, compression="zstd", row_group_size=row_group_rows)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lm.config import join_uri
+from lm.data.objects import SourceObject
 from lm.storage import ObjectStore, StorageError
 
 FORMAT = "lmforge.data/2"  # /2: a corpus index (index-<fingerprint>/) beside the shards
@@ -85,6 +86,7 @@ class SourceTotals(Entry):
     redacted: dict[str, int] = {}  # PII / secrets replaced by placeholders, by kind (lm.data.pii)
     lines_removed: int = 0  # boilerplate lines removed from kept documents (lm.data.quality)
     splits: dict[str, SourceSplit] = {}
+    objects: list[SourceObject] = []  # what it was read from (lm.data.objects): S3 ETags, local size/mtime/sha256
 
 
 class Decontamination(Entry):
@@ -177,6 +179,8 @@ class MixManifest(BaseManifest):
     parts: dict[str, int]  # train rows by origin: new, sft, replay
     counts: dict[str, Any]  # what was read and dropped, for the iteration's report
     inputs: dict[str, str]  # the objects the iteration took: URI -> ETag
+    new_data: str | None = None  # the data directory of the new documents (its manifest lists their objects)
+    replay_from: str | None = None  # the data directory the replay rows were drawn from
 
 
 def shard_uri(data_uri: str, path: str) -> str:

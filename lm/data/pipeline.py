@@ -54,6 +54,7 @@ from lm.data.dedup import (
     near_dedup,
 )
 from lm.data.manifest import MANIFEST, DataManifest, Decontamination, parse_manifest
+from lm.data.objects import source_objects
 from lm.data.quality import COUNT_COLUMNS
 from lm.data.sft import SFTTokenizeActor, manifest_entry, read_records, write_sft_shard
 from lm.data.sources import OBJECT_REASONS, DataError, check_every_source_read, plan_files, read_file_task
@@ -126,7 +127,8 @@ def init_tokenizer(store: ObjectStore, model_uri: str) -> BPETokenizer:
     """The tokenizer of the model ``train.init_from`` names: fine-tuning data must be tokenized with it."""
     uri = join_uri(model_uri, "tokenizer.json")
     if not store.exists(uri):
-        what = "has no tokenizer.json" if store.exists(join_uri(model_uri, "config.json")) else "is not a model directory"
+        is_model = store.exists(join_uri(model_uri, "config.json"))
+        what = "has no tokenizer.json" if is_model else "is not a model directory"
         raise DataError(f"train.init_from={model_uri} {what}: the data of a fine-tuning run is tokenized with the "
                         "model's own tokenizer (train the model first, e.g. `lm run`, or point init_from at its "
                         "<run>/model)")
@@ -241,7 +243,8 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     done(f"packed and wrote {len(shards)} shards")
 
     manifest = build_manifest(cfg, fingerprint, settings_hash(cfg), files, tok, shards, per_source, reasons, skipped,
-                              removed, texts, decontam, manifest_entry(cfg.data.sft) if sft else None)
+                              removed, texts, decontam, manifest_entry(cfg.data.sft) if sft else None,
+                              source_objects(store, files))
     store.publish_file(manifest.dumps(), join_uri(out, MANIFEST))
     _remove_stale(store, out, fingerprint)
     log(manifest.summary_table())
@@ -364,7 +367,8 @@ def _write_shards(cfg: Config, store: ObjectStore, tokens, per_source: list[dict
                .groupby(["split", "bucket"], num_partitions=_partitions(cfg, n_bytes))
                .map_groups(write_sft_shard if sft else write_shard,
                            fn_kwargs={"out_dir": join_uri(out, folder), "fs_factory": store.pyarrow_filesystem,
-                                      "seq_len": seq_len, **({"pad_id": tok.pad_id} if sft else {"eos_id": tok.eos_id})},
+                                      "seq_len": seq_len,
+                                      **({"pad_id": tok.pad_id} if sft else {"eos_id": tok.eos_id})},
                            batch_format="numpy")
                .take_all())
     return sorted(({**w, "path": f"{folder}/{w['path']}"} for w in written), key=lambda w: w["path"])

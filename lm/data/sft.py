@@ -11,7 +11,8 @@ and optionally ``system_field``; it becomes ``lm.chat.sft_prompt(prompt, system)
 the text Serve's chat endpoint builds and the model then writes. Fields are Unicode-normalised and
 stripped of control characters (``data.clean``) and PII-redacted (``data.pii``, lm.data.pii; counted in
 the manifest's ``redacted``), nothing else: the other cleaning and quality filters are for documents. A
-line that is not usable is skipped and counted by reason (:data:`RECORD_REASONS`), an unusable file by the reasons of lm.data.sources; nothing raises.
+line that is not usable is skipped and counted by reason (:data:`RECORD_REASONS`), an unusable file by the
+reasons of lm.data.sources; nothing raises.
 
 Steps: :func:`read_records` (files → records, split by the hash of ``<source>/<file>#<line>``),
 :class:`SFTTokenizeActor` (records → tokens + loss mask; records longer than a row are dropped as

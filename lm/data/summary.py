@@ -21,6 +21,7 @@ from lm.data.manifest import (
     TokenizerEntry,
     add_shards,
 )
+from lm.data.objects import SourceObject
 from lm.data.quality import COUNT_COLUMNS
 
 REDACTED = "redacted_"
@@ -57,10 +58,12 @@ def _stack_counts(sources: dict[str, SourceTotals], reasons: list[dict]) -> tupl
 
 def build_manifest(cfg, fingerprint: str, config_hash: str, files: list[dict], tok, shards: list[dict],
                    per_source: list[dict], reasons: list[dict], skipped: list[dict], removed: dict[str, int],
-                   texts: dict[str, str], decontamination: Decontamination | None, sft_entry: dict | None
-                   ) -> DataManifest:
-    """The one writer of a :class:`DataManifest`: the counts the stages gathered, the shards written."""
-    sources = {s.name: SourceTotals(weight=s.weight) for s in cfg.data.sources}
+                   texts: dict[str, str], decontamination: Decontamination | None, sft_entry: dict | None,
+                   objects: dict[str, list[SourceObject]] | None = None) -> DataManifest:
+    """The one writer of a :class:`DataManifest`: the counts the stages gathered, the shards written, the
+    source objects read (``objects``, lm.data.objects)."""
+    sources = {s.name: SourceTotals(weight=s.weight, objects=(objects or {}).get(s.name, []))
+               for s in cfg.data.sources}
     for f in files:
         sources[f["source"]].files += 1
     splits: dict[str, SplitTotals] = {}

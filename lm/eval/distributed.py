@@ -3,8 +3,9 @@
 Each actor loads the model directory once (and receives the fitted n-gram baseline once), scores its
 batches with :func:`lm.eval.metrics.score_rows` (supervised rows through their loss masks) and returns
 one row of sums per batch; the driver streams those rows and adds them up: it sees counts, never rows
-(pieces made on the driver go into the object store one at a time). Actors take a fractional ``num_cpus`` (``eval.actor_cpus``) so Ray Data's read tasks can always
-be scheduled beside them (a pool holding every CPU deadlocks the reads on a small machine).
+(pieces made on the driver go into the object store one at a time). Actors take a fractional ``num_cpus``
+(``eval.actor_cpus``) so Ray Data's read tasks can always be scheduled beside them (a pool holding every CPU
+deadlocks the reads on a small machine).
 
     sums, rows = ray_sums(store, model_uri, shard_uris=[...], batch_size=16, actors=2, actor_cpus=0.5, ngram=lm)
     sums["model"].metrics(), sums["ngram"].metrics()

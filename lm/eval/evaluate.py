@@ -112,7 +112,8 @@ def _score_set(cfg: Config, store: ObjectStore, model_uri: str, loaded: LoadedMo
     seconds = time.perf_counter() - start
     model: TokenSums = sums["model"]
     entry = {"source": found.source, "rows": n_rows, "backend": backend, "seconds": round(seconds, 2),
-             "note": found.note, "model": model.metrics(), "ngram": sums["ngram"].metrics() if "ngram" in sums else None}
+             "note": found.note, "model": model.metrics(),
+             "ngram": sums["ngram"].metrics() if "ngram" in sums else None}
     ng = f" | n-gram {entry['ngram']['bpb']:.3f} bpb" if entry["ngram"] else ""
     m = entry["model"]
     log(f"eval {spec.name}: {n_rows:,} rows ({backend}) loss {m['loss']:.4f} ppl {m['perplexity']:.1f} "

@@ -185,8 +185,10 @@ def markdown(report: dict) -> str:
     if g := report.get("generation"):
         lines += ["## Generation (greedy continuations)", "", "| examples | BLEU | ROUGE-1 | ROUGE-2 | ROUGE-L |",
                   "|---|---|---|---|---|",
-                  f"| {g['examples']} | {g['bleu']:.2f} | {g['rouge1']:.4f} | {g['rouge2']:.4f} | {g['rougeL']:.4f} |", ""]
-        lines += [f"- `{e['prompt']!r}` → `{e['output']!r}` (reference `{e['reference']!r}`)" for e in g["shown"]] + [""]
+                  f"| {g['examples']} | {g['bleu']:.2f} | {g['rouge1']:.4f} | {g['rouge2']:.4f} | {g['rougeL']:.4f} |",
+                  ""]
+        lines += [f"- `{e['prompt']!r}` → `{e['output']!r}` (reference `{e['reference']!r}`)"
+                  for e in g["shown"]] + [""]
     if lab := report.get("labels"):
         lines += ["## Labelled prompts (the model's likeliest label)", "",
                   f"Accuracy {lab['accuracy']:.4f} on {lab['examples']} examples; macro precision "

@@ -10,7 +10,8 @@ generation routes share one request pipeline (``Api._serve``: the model's stream
 events or the response, usage, feedback capture), each with its adapter (lm.serve.routes: the model
 requests a body asks for, the shape of its chunks and responses). Keys, limits, the declared body size
 and the request metrics (every status) are the gate's (lm.serve.gate, middleware); bad requests get a 4xx
-in OpenAI's error shape, never a 5xx; serve.feedback records.
+in OpenAI's error shape, never a 5xx; serve.feedback records; every response's id, model version and time
+are recorded whatever serve.feedback says (serve.responses, metadata only: the start of ``lm lineage``).
 
 (No ``from __future__ import annotations`` here: FastAPI must see the route parameters' real types
 after Serve rewrites the methods into class-based routes.)
@@ -28,6 +29,7 @@ from lm.config import Config, join_uri
 from lm.serve import errors, schemas
 from lm.serve.errors import BadRequest, refused
 from lm.serve.failover import Failover, guarded
+from lm.serve.feedback import FeedbackLog, JsonlBatches
 from lm.serve.gate import Gate, ServeMetrics, report_usage
 from lm.serve.model_server import REGISTRY, ModelServer
 from lm.serve.routes import ChatRoute, CompletionRoute, RouteAdapter
@@ -63,11 +65,12 @@ class Api:
         self.failover = Failover(self.sc.failover_retries if several else 0, self.sc.retry_after_s)
         self.feedback = None
         if self.sc.feedback.enabled:
-            from lm.serve.feedback import FeedbackLog
-
             fb = self.sc.feedback
             self.feedback = FeedbackLog(store, cfg.feedback_uri, flush_interval_s=fb.flush_interval_s,
                                         flush_records=fb.flush_records, redact=fb.redact, known_digests=grants)
+        rc = self.sc.responses  # metadata of every response, capture or not (lm.lineage)
+        self.responses = JsonlBatches(store, cfg.responses_uri, flush_interval_s=rc.flush_interval_s,
+                                      flush_records=rc.flush_records)
 
     # ------------------------------------------------------------------------------------ checks
 
@@ -76,6 +79,12 @@ class Api:
         size = len(await request.body())
         if size > self.sc.max_body_bytes:
             raise BadRequest(413, f"request body of {size} bytes exceeds {self.sc.max_body_bytes}", code="too_large")
+
+    def __del__(self):
+        """Serve shuts the replica down (gracefully): what the logs still buffer is written now."""
+        for log in (getattr(self, "responses", None), getattr(self, "feedback", None)):
+            if log is not None:
+                log.flush()
 
     async def reconfigure(self, user_config: dict) -> None:
         """serve.colocate: the model's hot reload (lm.serve.model_server.ModelServer.reconfigure)."""
@@ -121,6 +130,7 @@ class Api:
         else:
             heads = await self._complete(requests)
         route.start(heads)
+        self.responses.add(route.provenance())
         if route.body.stream:
             return StreamingResponse(guarded(self._events(request, route, streams)), media_type="text/event-stream",
                                      headers={"x-lmforge-model-version": route.version})
@@ -185,7 +195,8 @@ class Api:
             raise BadRequest(400, f"dimensions {body.dimensions}: this model's embeddings have "
                                   f"{len(result['embeddings'][0])}", param="dimensions")
         report_usage(request, result["prompt_tokens"])
-        return schemas.embedding_response(body.model, result["embeddings"], body.encoding_format, result["prompt_tokens"])
+        return schemas.embedding_response(body.model, result["embeddings"], body.encoding_format,
+                                          result["prompt_tokens"])
 
     @api.post("/v1/feedback", responses=schemas.REQUEST_ERRORS)
     async def feedback_route(self, request: Request, body: schemas.FeedbackRequest) -> dict:

@@ -85,7 +85,8 @@ def _read_key_file(path: Path) -> list[ApiKey]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(f"serve.api_keys_file {path}: {line}not YAML ({getattr(err, 'problem', 'unreadable')})") from None
+        raise ConfigError(f"serve.api_keys_file {path}: {line}not YAML "
+                          f"({getattr(err, 'problem', 'unreadable')})") from None
     except ValidationError as err:
         where = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'file'}: {p['msg']}" for p in err.errors()[:3])
         raise ConfigError(f"serve.api_keys_file {path}: {where} (format: lm.serve.auth.KeyFile)") from None

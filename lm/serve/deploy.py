@@ -2,7 +2,8 @@
 Ray cluster, ``ask_once`` is ``lm serve --ask`` (make demo's check), ``render`` writes a Serve config file.
 
     lm serve -c configs/shakespeare-cpu.yaml              # runs until Ctrl-C; settings from serve.*
-    lm serve --render F -c configs/shakespeare-cpu.yaml  # a Serve config file for `serve deploy` (--rayservice: KubeRay)
+    lm serve --render F -c configs/shakespeare-cpu.yaml  # a Serve config file for `serve deploy`
+                                                         # (--rayservice: KubeRay)
 """
 
 from __future__ import annotations

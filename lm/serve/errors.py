@@ -30,7 +30,8 @@ class Unavailable(Exception):
 def refused(result: dict, generation: bool = True) -> BadRequest:
     """The 400 of a request the model deployment refused (its result holds ``error`` and maybe ``param``;
     a generation request names a param only when it exceeds the context)."""
-    code = result["code"] if "code" in result else "context_length_exceeded" if generation and result.get("param") else None
+    code = (result["code"] if "code" in result
+            else "context_length_exceeded" if generation and result.get("param") else None)
     return BadRequest(400, result["error"], param=result.get("param"), code=code)
 
 

@@ -1,9 +1,11 @@
 """Feedback capture: completions and /v1/feedback records appended in batches as JSONL objects under a
-storage prefix, the continual-learning input (lm.continual reads them).
+storage prefix, the continual-learning input (lm.continual reads them); and the response records, metadata
+only, that Serve writes for every response whether capture is on or off (``{type, id, model_version,
+model_uri, time}`` under ``<storage.root>/responses``; ``lm lineage <response id>`` starts there).
 
-Records go to an in-memory buffer (``add`` never touches storage); a background task writes a batch
-every ``flush_interval_s`` or as soon as ``flush_records`` are waiting, in a worker thread, so a slow
-or failing store never delays a response. Each batch is one object,
+Both are a :class:`JsonlBatches`: records go to an in-memory buffer (``add`` never touches storage); a
+background task writes a batch every ``flush_interval_s`` or as soon as ``flush_records`` are waiting, in a
+worker thread, so a slow or failing store never delays a response. Each batch is one object,
 ``<prefix>/<YYYY-MM-DD>/<writer>-<unix ms>-<seq>.jsonl``; a failed write keeps the records for the next try.
 
 Privacy: ``add`` redacts every text of a record (prompts, completions, corrections: every string but the
@@ -60,14 +62,12 @@ def redact_record(record: dict, kinds: Sequence[str] = ("secret",), known_digest
     return out
 
 
-class FeedbackLog:
+class JsonlBatches:
+    """Records buffered in memory and written in batches, one JSONL object per batch (see the module docstring)."""
+
     def __init__(self, store: ObjectStore, prefix: str, *, flush_interval_s: float = 5.0, flush_records: int = 256,
-                 writer: str | None = None, redact: Sequence[str] = ("email", "card", "ip", "phone"),
-                 known_digests: Iterable[str] = ()):
-        """``redact``: the PII kinds removed from every record before it is buffered (secrets always are);
-        ``known_digests``: SHA-256 digests of the server's API keys, redacted whatever their form."""
+                 writer: str | None = None):
         self.store, self.prefix = store, prefix
-        self.redact, self.known_digests = tuple(redact), frozenset(known_digests)
         self.flush_interval_s, self.flush_records = flush_interval_s, flush_records
         self.writer = writer or uuid.uuid4().hex[:8]
         self._buffer: list[dict] = []
@@ -78,8 +78,7 @@ class FeedbackLog:
         self.written = 0  # records written so far
 
     def add(self, record: dict) -> None:
-        """Queue one record, redacted (called from a request handler: returns at once)."""
-        record = redact_record(record, self.redact, self.known_digests)
+        """Queue one record (called from a request handler: returns at once)."""
         with self._lock:
             self._buffer.append({"time": time.time(), **record})
             full = len(self._buffer) >= self.flush_records
@@ -123,3 +122,19 @@ class FeedbackLog:
             return None
         self.written += len(batch)
         return uri
+
+
+class FeedbackLog(JsonlBatches):
+    """Feedback capture: every record redacted before it is buffered."""
+
+    def __init__(self, store: ObjectStore, prefix: str, *, redact: Sequence[str] = ("email", "card", "ip", "phone"),
+                 known_digests: Iterable[str] = (), **batching: Any):
+        """``redact``: the PII kinds removed from every record before it is buffered (secrets always are);
+        ``known_digests``: SHA-256 digests of the server's API keys, redacted whatever their form; ``batching``:
+        :class:`JsonlBatches`'s settings."""
+        super().__init__(store, prefix, **batching)
+        self.redact, self.known_digests = tuple(redact), frozenset(known_digests)
+
+    def add(self, record: dict) -> None:
+        """Queue one record, redacted (called from a request handler: returns at once)."""
+        super().add(redact_record(record, self.redact, self.known_digests))

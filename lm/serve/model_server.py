@@ -9,7 +9,7 @@ replica keeps accepting requests while the batch decodes.
 
 Non-streamed requests go through ``complete`` (the whole completion in one reply instead of one
 message per token). The stream a request gets from ``generate``: first a head (``prompt_tokens``,
-``version``, ``prompt_text`` for a token-id prompt) or an ``error`` (the ingress answers 400), then one
+``version``, ``model_uri``, ``prompt_text`` for a token-id prompt) or an ``error`` (the ingress answers 400), then one
 chunk per step (``text``, ``token_ids``, ``logprobs``, ``tokens``, ``top_logprobs`` as [token, logprob]
 pairs, ``finish_reason``). A prompt is text or token ids. A caller that goes away frees its row.
 Deterministic requests (temperature 0, or a seed) are answered from a bounded LRU cache when seen
@@ -145,7 +145,7 @@ class ModelServer:
 
         engine, version = self.engine, self.version
         limit, tok = engine.context_length(), engine.tokenizer
-        prompt, extra = req["prompt"], {}
+        prompt, extra = req["prompt"], {"model_uri": self.model_uri}  # the directory behind version (lm.lineage)
         if not isinstance(prompt, str):  # token ids
             if bad := [t for t in prompt if not 0 <= t < tok.vocab_size]:
                 return {"error": f"the prompt holds token ids outside the vocabulary (0..{tok.vocab_size - 1}): "
@@ -203,7 +203,8 @@ class ModelServer:
             if not ids:
                 return {"error": f"input[{i}] is empty", "param": "input"}
             if len(ids) > limit:
-                return {"error": f"input[{i}] has {len(ids)} tokens; this model reads at most {limit}", "param": "input"}
+                return {"error": f"input[{i}] has {len(ids)} tokens; this model reads at most {limit}",
+                        "param": "input"}
             if bad := [t for t in ids if not 0 <= t < tok.vocab_size]:
                 return {"error": f"input[{i}] holds token ids outside the vocabulary (0..{tok.vocab_size - 1}): "
                                  f"{bad[:3]}", "param": "input"}

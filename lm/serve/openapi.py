@@ -128,8 +128,9 @@ class Health(_Out):
     status: Literal["ok"]
 
 
-RESPONSES = {"/healthz": Health, "/v1/models": ModelList, "/v1/completions": Completion, "/v1/chat/completions": ChatCompletion,
-             "/v1/embeddings": EmbeddingList, "/v1/feedback": FeedbackRecorded}  # each route's 200 (JSON)
+RESPONSES = {"/healthz": Health, "/v1/models": ModelList, "/v1/completions": Completion,
+             "/v1/chat/completions": ChatCompletion, "/v1/embeddings": EmbeddingList,
+             "/v1/feedback": FeedbackRecorded}  # each route's 200 (JSON)
 
 
 # ``stream: true``: server-sent events, each ``data:`` one JSON chunk and the last ``[DONE]``

@@ -69,6 +69,11 @@ class RouteAdapter:
         """The prompts as feedback capture records them (text, also for token-id prompts)."""
         raise NotImplementedError
 
+    def provenance(self) -> dict:
+        """The response record of this request (metadata only, written for every response: lm.lineage)."""
+        return {"type": self.kind, "id": self.rid, "model_version": self.version,
+                "model_uri": self.heads[0].get("model_uri")}
+
     def capture(self, texts: list[str]) -> dict:
         """The feedback record of this request (lm.serve.feedback) with its choices' texts."""
         body = self.body
@@ -225,7 +230,8 @@ class ChatRoute(RouteAdapter):
         return schemas.chat_chunk(self.rid, self.body.model, 0, {}, None, usage_=usage)
 
     def response(self, completion_tokens: int) -> dict:
-        choices = [schemas.with_sources_choice({"index": i, "message": {"role": "assistant", "content": w["text"].strip()},
+        choices = [schemas.with_sources_choice({"index": i,
+                                                "message": {"role": "assistant", "content": w["text"].strip()},
                                                 "logprobs": self._logprobs(w), "finish_reason": w["finish_reason"]}, w)
                    for i, w in enumerate(self.heads)]
         return schemas.chat_response(self.rid, self.body.model, choices, self.prompt_tokens(), completion_tokens)

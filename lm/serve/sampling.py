@@ -38,7 +38,8 @@ def adjust_logits(logits: torch.Tensor, generated: list[list[int]], presence: li
     return out
 
 
-def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor,
+                 k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
     """Per row of ``logits`` [B, V]: the log-probability (log-softmax) of its ``chosen`` token, and its ``k``
     likeliest tokens as (id, logprob), likeliest first."""
     logp = torch.log_softmax(logits.float(), dim=-1)

@@ -218,7 +218,8 @@ def _gather_whole(outputs: list, partial: dict) -> list:
                 out = StepOutput(so_far.text + out.text, so_far.token_ids + out.token_ids,
                                  None if so_far.logprobs is None else so_far.logprobs + (out.logprobs or []),
                                  out.finish_reason,
-                                 None if so_far.top_logprobs is None else so_far.top_logprobs + (out.top_logprobs or []),
+                                 (None if so_far.top_logprobs is None
+                                  else so_far.top_logprobs + (out.top_logprobs or [])),
                                  so_far.prompt_logprobs, so_far.prompt_top_logprobs)  # only the first step's
             if out.finish_reason is None:
                 partial[key] = out

@@ -372,8 +372,9 @@ def chat_logprobs(whole: dict) -> dict:
     def entry(token: str, raw: list[int], logprob: float) -> dict:
         return {"token": token, "logprob": logprob, "bytes": raw}
 
-    return {"content": [{**entry(t, raw, lp), "top_logprobs": [entry(*alt) for alt in alts]} for t, raw, lp, alts in zip(
-        whole["tokens"], whole["token_bytes"], whole["logprobs"], whole["top_logprobs"], strict=True)], "refusal": None}
+    return {"content": [{**entry(t, raw, lp), "top_logprobs": [entry(*alt) for alt in alts]}
+                        for t, raw, lp, alts in zip(whole["tokens"], whole["token_bytes"], whole["logprobs"],
+                                                    whole["top_logprobs"], strict=True)], "refusal": None}
 
 
 def chat_response(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:

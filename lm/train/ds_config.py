@@ -157,12 +157,14 @@ def fit_memory(cfg: Config, world: int, memory_gb: float | None) -> tuple[Config
         stages = [0 if tc.precision == "fp32" else 1]
     else:
         stages = [1, 2, 3]
-    blocks = range(n + 1) if tc.activation_checkpointing == "auto" else [recomputed_blocks(tc.activation_checkpointing, n)]
+    blocks = (range(n + 1) if tc.activation_checkpointing == "auto"
+              else [recomputed_blocks(tc.activation_checkpointing, n)])
     estimate = None
     for recomputed in blocks:
         for stage in stages:
-            chosen = cfg.model_copy(update={"train": tc.model_copy(
-                update={"zero_stage": stage, "activation_checkpointing": recomputed if recomputed < n else True})})
+            resolved = {"zero_stage": stage, "activation_checkpointing": recomputed if recomputed < n else True}
+            chosen = cfg.model_copy(update={"train": tc.model_copy(  # only the autos change (the run's config hash)
+                update={k: v for k, v in resolved.items() if getattr(tc, k) == "auto"})})
             estimate = memory_estimate(chosen, gpus=world)
             if budget is None or estimate.total <= HEADROOM * budget * 2**30:
                 return chosen, MemoryPlan(stage, recomputed, estimate, budget)

@@ -95,8 +95,8 @@ def train_local(
         return _train(cfg, model, train_rows, val_rows, log, val_mask, teacher)
 
 
-def _train(cfg: Config, model: torch.nn.Module, stream: RowStream, val_rows: np.ndarray | None, log: Callable[[str], None],
-           val_mask: np.ndarray | None, teacher: torch.nn.Module | None) -> TrainResult:
+def _train(cfg: Config, model: torch.nn.Module, stream: RowStream, val_rows: np.ndarray | None,
+           log: Callable[[str], None], val_mask: np.ndarray | None, teacher: torch.nn.Module | None) -> TrainResult:
     tc = cfg.train
     device = pick_device(tc.device)
     model.to(device).train()

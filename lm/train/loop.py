@@ -159,7 +159,8 @@ class Worker:
         """A note when the global batch is not the checkpoint's (no ``train.global_batch_tokens``)."""
         if state.tokens_per_step in (None, self._tokens_per_step()):
             return ""
-        return f"; global batch {state.tokens_per_step} → {self._tokens_per_step()} tokens (set train.global_batch_tokens)"
+        return (f"; global batch {state.tokens_per_step} → {self._tokens_per_step()} tokens "
+                "(set train.global_batch_tokens)")
 
     # ------------------------------------------------------------------------------------- the loop
 

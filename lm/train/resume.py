@@ -9,8 +9,9 @@ wrote it or on another.
     restore_rng(source.folder, rank, tc.seed, source.state.step)
 
 A checkpoint is one of Ray Train's folders, ``<run>/train/ray/checkpoint_*`` (S3 or a folder).
-:func:`write_checkpoint` puts into it DeepSpeed's checkpoint (tag ``state``: ZeRO shards, one set per rank), each rank's RNG state
-(``rng-<rank>.safetensors``), :class:`TrainerState` (``trainer_state.json``) and the consolidated weights.
+:func:`write_checkpoint` puts into it DeepSpeed's checkpoint (tag ``state``: ZeRO shards, one set per rank),
+each rank's RNG state (``rng-<rank>.safetensors``), :class:`TrainerState` (``trainer_state.json``) and the
+consolidated weights.
 
 **What comes back** (:attr:`Resume.mode`):
 
@@ -157,7 +158,8 @@ def convert_to_universal(folder: Path, out: Path) -> None:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             ds_to_universal.main(ds_to_universal.parse_arguments())
     except Exception as err:
-        raise RuntimeError(f"{folder}: converting to a universal checkpoint failed: {err}\n{log.getvalue()[-2000:]}") from err
+        raise RuntimeError(f"{folder}: converting to a universal checkpoint failed: {err}\n"
+                           f"{log.getvalue()[-2000:]}") from err
     finally:
         sys.argv = argv
 

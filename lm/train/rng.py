@@ -30,7 +30,8 @@ def save_rng_state(path: Path) -> None:
                "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    meta = {"python": json.dumps([version, gauss]), "numpy": json.dumps([name, int(pos), int(has_gauss), float(cached)])}
+    meta = {"python": json.dumps([version, gauss]),
+            "numpy": json.dumps([name, int(pos), int(has_gauss), float(cached)])}
     save_file(tensors, str(path), metadata=meta)
 
 

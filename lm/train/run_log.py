@@ -1,5 +1,6 @@
 """What a Ray Train worker logs of its run: the history (every logged record, kept in checkpoints), and on
-rank 0 the progress line on stdout and TensorBoard events (uploaded to ``<run>/train/tensorboard``).
+rank 0 the progress record on stdout (lm.progress: the driver draws it as its live progress line) and
+TensorBoard events (uploaded to ``<run>/train/tensorboard``).
 
     log = RunLog(rank, max_steps)
     log.add(record)                              # history; rank 0: a line and TensorBoard scalars
@@ -8,11 +9,17 @@ rank 0 the progress line on stdout and TensorBoard events (uploaded to ``<run>/t
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
 import tempfile
 from typing import Any
 
+from lm.progress import progress_message
 from lm.storage import ObjectStore
+
+RUN_VAR = "LMFORGE_RUN"  # the run's name in the workers' environment (lm.train.trainer sets it)
 
 
 def say(line: str) -> None:
@@ -25,7 +32,8 @@ def progress_line(record: dict[str, Any], max_steps: int) -> str:
     """One record as the line rank 0 prints: step, losses, lr, gradient norm, throughput, memory."""
     parts = [f"step {record['step']:>5}/{max_steps}", f"loss {record['loss']:.4f}"]
     if "val_loss" in record:
-        parts.append(f"val {record['val_loss']:.4f}" + (f" ({record['val_bpb']:.3f} bpb)" if "val_bpb" in record else ""))
+        bpb = f" ({record['val_bpb']:.3f} bpb)" if "val_bpb" in record else ""
+        parts.append(f"val {record['val_loss']:.4f}{bpb}")
     if "distill_kl" in record:
         parts.append(f"kl {record['distill_kl']:.4f}")
     parts.append(f"lr {record['lr']:.2e}")
@@ -38,13 +46,27 @@ def progress_line(record: dict[str, Any], max_steps: int) -> str:
     return " ".join(parts)
 
 
+def quiet_worker_logs() -> None:
+    """Unless ``LMFORGE_VERBOSE``: Ray Train's "Reporting training result …" INFO line (one per checkpoint and
+    rank, its whole repr) stays in the worker's log file. Its logger is named after its file, so
+    ``LoggingConfig(log_level=...)``, which filters ``ray.train.*`` only, misses it."""
+    if os.environ.get("LMFORGE_VERBOSE"):
+        return
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 class RunLog:
     """The run's history on every rank; rank 0 also prints and writes TensorBoard events."""
 
     def __init__(self, rank: int, max_steps: int, history: list[dict[str, Any]] | None = None):
         self.rank, self.max_steps = rank, max_steps
+        self.run = os.environ.get(RUN_VAR, "run")
         self.history: list[dict[str, Any]] = list(history or [])
         self.writer, self.folder = None, None
+        with contextlib.suppress(ImportError):  # not Ray Train V2
+            quiet_worker_logs()
         if rank == 0:
             from tensorboardX import SummaryWriter
 
@@ -58,7 +80,7 @@ class RunLog:
         for key, value in record.items():
             if key != "step":
                 self.writer.add_scalar(f"val/{key}" if key.startswith("val") else f"train/{key}", value, record["step"])
-        say(progress_line(record, self.max_steps))
+        say(progress_message(self.run, record, self.max_steps, progress_line(record, self.max_steps)))
 
     def upload(self, store: ObjectStore, uri: str, *, close: bool = False) -> None:
         """Rank 0: flush (or close) the event files and copy them to ``uri``."""

@@ -28,9 +28,10 @@ from lm.cluster import connect, verbose, worker_env
 from lm.config import Config, join_uri
 from lm.data.pipeline import prepare_data
 from lm.environ import environment
-from lm.progress import Log
+from lm.progress import Log, display
 from lm.storage import ObjectStore
 from lm.train.distill import check_run_teacher
+from lm.train.run_log import RUN_VAR
 
 POLL_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -63,7 +64,8 @@ def build_trainer(cfg: Config, store: ObjectStore, callbacks: Sequence = ()):
         train_worker,
         train_loop_config={"cfg": cfg, "store": store},  # the store carries resolved S3 settings and keys
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.workers if tc.elastic else tc.min_workers, use_gpu=on_gpu, resources_per_worker=resources,
+        scaling_config=ScalingConfig(num_workers=tc.workers if tc.elastic else tc.min_workers, use_gpu=on_gpu,
+                                     resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=tc.elastic_resize_monitor_interval_s),
         run_config=RunConfig(
             name="ray",
@@ -72,7 +74,7 @@ def build_trainer(cfg: Config, store: ObjectStore, callbacks: Sequence = ()):
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
-            worker_runtime_env={"env_vars": worker_env()},
+            worker_runtime_env={"env_vars": {**worker_env(), RUN_VAR: cfg.name}},  # RUN_VAR: progress records
             callbacks=list(callbacks),
             # Ray Train's own INFO lines (resources, worker group, every checkpoint's TrainingReport) go to
             # its log files in Ray's session folder, not the console, unless lm --verbose
@@ -115,23 +117,29 @@ def train(cfg: Config, store: ObjectStore | None = None, log: Log = print, *, ca
         model_uri, result = train_in_process(cfg, store, log)
         return TrainSummary(model_uri, result.steps, result.seconds, result.history, None)
     tc = cfg.train
-    log(f"train: {_group(tc, cfg.seq_len)}, ZeRO-{tc.zero_stage}, {tc.precision}, {tc.max_steps} steps → "
-        f"{join_uri(cfg.run_uri, 'train')}")
+    mfu = ""
     if tc.peak_flops is None and tc.gpus_per_worker == 0:  # calibrated here, once per machine, not in a worker
         import torch
 
         from lm.train.peak import device_peak
 
         peak = device_peak(torch.device("cpu"))
-        log(f"train: MFU against {peak.flops / 1e9:.0f} GFLOP/s ({peak.source})")
+        mfu = f"; MFU against {peak.flops / 1e9:.0f} GFLOP/s ({peak.source})"
+    log(f"train: {_group(tc, cfg.seq_len)}, ZeRO-{tc.zero_stage}, {tc.precision}, {tc.max_steps} steps → "
+        f"{join_uri(cfg.run_uri, 'train')}{mfu}")
     connect()
     start = time.perf_counter()
-    with controller_env(controller_settings(tc)):
-        result = build_trainer(cfg, store, callbacks).fit()
+    display().start(cfg.name)
+    try:
+        with controller_env(controller_settings(tc)):
+            result = build_trainer(cfg, store, callbacks).fit()
+    finally:
+        display().finish()  # the progress bar of the workers' records (lm.driver_output) ends with the fit
     if result.error:
         raise result.error
     seconds = time.perf_counter() - start
-    history = [json.loads(line) for line in store.read_text(join_uri(cfg.run_uri, "train", "metrics.jsonl")).splitlines()]
+    metrics = store.read_text(join_uri(cfg.run_uri, "train", "metrics.jsonl"))
+    history = [json.loads(line) for line in metrics.splitlines()]
     scored = [(m.get("val_loss", float("inf")), c.path) for c, m in result.best_checkpoints or []]
     best = min(scored)[1] if scored else None
     model_uri = join_uri(cfg.run_uri, "model")

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lm.cluster import connect
+from lm.cluster import connect, verbose
 from lm.config import Config, ConfigError, Dimension, join_uri, with_overrides
 from lm.data.pipeline import inputs_fingerprint, prepare_data
 from lm.data.sources import plan_files
@@ -153,7 +153,8 @@ def _tuner(cfg: Config, store: ObjectStore, resume: bool, log: Log):
         tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples, scheduler=scheduler,
                                     search_alg=search_alg, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  verbose=None if verbose() else 0),  # the progress line shows the trials
     )
 
 

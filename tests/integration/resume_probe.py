@@ -1,6 +1,7 @@
 """Run by test_train_ray as a script: resume one checkpoint the way a Ray Train worker does (lm.train.resume,
 real DeepSpeed, one gloo process), then write the Adam moments the engine holds, flat per parameter, to a
-safetensors file, with each parameter group's settings (lr, betas, eps, weight decay) as its metadata. Usage: ``resume_probe.py SPEC_JSON`` with keys config, overrides, folder, uri, out."""
+safetensors file, with each parameter group's settings (lr, betas, eps, weight decay) as its metadata.
+Usage: ``resume_probe.py SPEC_JSON`` with keys config, overrides, folder, uri, out."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def main(spec: dict) -> None:
     folder = Path(spec["folder"])
     source = Resume(folder=folder, uri=spec["uri"], state=TrainerState.read(folder), world=1,
                     zero_stage=cfg.train.zero_stage)
-    engine = initialize_engine(build_model(cfg, cfg.model.vocab_size), cfg.train, seq_len=cfg.seq_len, world=1, on_gpu=False,
-                               universal=source.mode == "universal")
+    engine = initialize_engine(build_model(cfg, cfg.model.vocab_size), cfg.train, seq_len=cfg.seq_len, world=1,
+                               on_gpu=False, universal=source.mode == "universal")
     restore(engine, source, ObjectStore(cfg.storage), rank=0)
     moments = {f"{name}.{key}": safe_get_full_optimizer_state(param, key).flatten().contiguous()
                for name, param in engine.module.named_parameters() for key in ("exp_avg", "exp_avg_sq")}

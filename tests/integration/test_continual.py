@@ -107,6 +107,24 @@ def latest_checkpoint(store, run_uri: str) -> tuple[str, TrainerState]:
     return uri, TrainerState.model_validate(json.loads(store.read_text(f"{uri}/trainer_state.json")))
 
 
+def check_lineage(cfg, store, v2: str, v1: str, claimed: dict, response_id: str) -> None:
+    """``lm lineage`` of the continual version: its gate report, the ledger's inputs (feedback logs and the new
+    document), the new documents' source object, the replayed data, the parent's chain down to its source; every
+    hash verifies. A served response leads to v1."""
+    from lm.lineage import all_checks, build_chain, verify_chain
+
+    chain = verify_chain(store, build_chain(cfg, store, v2))
+    assert chain.version.parent == v1 and chain.version.iteration == 1 and chain.version.gate_report.endswith(".md")
+    assert chain.continual.inputs == claimed and chain.continual.parent.version.id == v1
+    assert chain.data.kind == "continual-mix" and all(s.sha256 for s in chain.data.shards)
+    new = chain.data.parts["new"].sources["incoming"]
+    assert [o.uri for o in new] == [f"{cfg.storage.root}/incoming/shakespeare-b.txt"] and new[0].etag
+    assert chain.continual.parent.data.sources and "replay" in chain.data.parts
+    checks = all_checks(chain)
+    assert len(checks) > 10 and all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert build_chain(cfg, store, response_id).version.id == v1
+
+
 def wait_for(predicate, timeout: float, what: str, every: float = 0.3) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -197,6 +215,7 @@ def test_feedback_and_new_documents_become_v2_in_serving_after_a_killed_and_resu
             registry.rollback(reason="test: rollback puts v1 back into serving")
             assert settles_on(fingerprints, loop["v1"]), fingerprints[-6:]
         assert not errors, errors[:3]
+        check_lineage(cfg, store, v2, loop["v1"], claimed, answers[0].id)
     finally:
         serve.delete(cfg.serve.app_name)
 
@@ -215,7 +234,8 @@ def test_feedback_and_new_documents_become_v2_in_serving_after_a_killed_and_resu
     printed = {int(m[1]): float(m[2]) for m in re.finditer(r"step\s+(\d+)/30 loss (\S+)", "".join(killed))}
     assert saved.step in printed, sorted(printed)
     print(f"killed after step {saved.step} on 2 workers; its printed steps {min(printed)}-{max(printed)} against the "
-          "resumed curve:", " ".join(f"{abs(history[s - 1]['loss'] - loss):.1e}" for s, loss in sorted(printed.items())))
+          "resumed curve:",
+          " ".join(f"{abs(history[s - 1]['loss'] - loss):.1e}" for s, loss in sorted(printed.items())))
     assert {s: round(history[s - 1]["loss"], 4) for s in printed} == pytest.approx(printed, abs=5e-4)
     # the optimizer came back: Adam's step count and the LR schedule went on from the checkpoint's (after a resume
     # of the weights alone they would stand at 30 - step)
@@ -268,7 +288,8 @@ def test_garbage_is_rejected_and_production_stays(loop):
     store.write_text(f"{root}/incoming/junk.txt", "\n\n".join("BUY NOW buy now CLICK HERE " * 50 for _ in range(40)))
     first = run_iteration(cfg, store, log=lines.append)
     assert first["verdict"] == "rejected" and "no new data to learn from" in first["reasons"][0], first
-    assert "1 objects skipped" in first["counts"]["documents_note"] or "skipped objects: 1" in first["counts"]["documents_note"]
+    assert ("1 objects skipped" in first["counts"]["documents_note"]
+            or "skipped objects: 1" in first["counts"]["documents_note"])
     assert registry.get("production").id == production
 
     # gibberish that reads as text passes cleaning, is learned, and the gate sees the forgetting

@@ -33,7 +33,8 @@ def trained(tiny_run):
     """The session's tiny run (Ray Data shards, 60 Ray Train steps) and a small text file."""
     (tiny_run.root / "sonnet.txt").write_text(SONNET)
     output = f"eval.output={tiny_run.root}/eval-tests"  # the run's own report stays as the main job wrote it
-    cfg = tiny_run.cfg.model_copy(update={"eval": tiny_run.cfg.eval.model_copy(update={"output": output.split("=")[1]})})
+    cfg = tiny_run.cfg.model_copy(
+        update={"eval": tiny_run.cfg.eval.model_copy(update={"output": output.split("=")[1]})})
     return cfg, [*tiny_run.overrides, output], tiny_run.root
 
 

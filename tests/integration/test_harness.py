@@ -91,7 +91,8 @@ def test_hf_backend_and_endpoint_give_the_same_accuracy_and_lmforges_loglikeliho
     pair = (context, tok.decode(new[:k]))
     (expected, greedy), = loglikelihoods(model, tok, [pair])
     assert greedy, pair
-    (_, hf_args), (_, api_args) = (model_args(cfg, local, model.cfg.max_seq_len, url) for url in (None, endpoint["url"]))
+    (_, hf_args), (_, api_args) = (model_args(cfg, local, model.cfg.max_seq_len, url)
+                                   for url in (None, endpoint["url"]))
     for backend, args in (("hf", {**hf_args, "device": "cpu"}), ("local-completions", api_args)):
         (ll, is_greedy), = get_model(backend)(**args).loglikelihood([Instance("loglikelihood", {}, pair, 0)])
         assert is_greedy and ll == pytest.approx(expected, abs=1e-4), backend

@@ -40,11 +40,12 @@ KEY_FILE = f"""keys:
 """
 # The one exclusion from schemathesis' checks: positive_data_acceptance takes a 400 (added to its statuses) if
 # it names a limit of the deployment, which the schema cannot know: serve.max_tokens_limit, max_n, max_prompts,
-# max_embedding_inputs, the model's context, vocabulary (prompt token ids, logit_bias) and width, serve.rag, rag.max_top_k, serve.templates,
-# and a response_format JSON schema using a keyword the grammar engine does not implement.
+# max_embedding_inputs, the model's context, vocabulary (prompt token ids, logit_bias) and width, serve.rag,
+# rag.max_top_k, serve.templates, and a response_format JSON schema using a keyword the grammar engine does
+# not implement.
 # (A schema-valid prompt longer than the context is a correct 400.) at_deployment_limits checks the param.
-DEPLOYMENT_LIMITS = {"max_tokens", "n", "prompt", "input", "dimensions", "rag", "rag.top_k", "template", "template_vars",
-                     "logit_bias", "response_format"}
+DEPLOYMENT_LIMITS = {"max_tokens", "n", "prompt", "input", "dimensions", "rag", "rag.top_k", "template",
+                     "template_vars", "logit_bias", "response_format"}
 FUZZ = {"headers": {"Authorization": f"Bearer {KEY}"}, "request-timeout": 60, "checks": {
             "enabled": True, "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "401", "404", "429"]}},
         "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True}, "fuzzing": {"enabled": True}},
@@ -109,7 +110,8 @@ def test_openai_client_completions_chat_and_models(server):
     done = client.completions.create(model="lmforge", prompt="ROMEO:", max_tokens=12, temperature=0)
     assert done.object == "text_completion" and done.choices[0].finish_reason in ("length", "stop")
     assert done.usage.completion_tokens == 12 or done.choices[0].finish_reason == "stop"
-    assert done.usage.prompt_tokens > 0 and done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    assert (done.usage.prompt_tokens > 0
+            and done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens)
     assert len(pieces) > 1 and "".join(pieces) == done.choices[0].text
     # several prompts and n choices, seeded: choice j of a prompt is reproducible
     many = client.completions.create(model="lmforge", prompt=["KING:", "QUEEN:"], n=2, max_tokens=8, seed=7)
@@ -221,7 +223,8 @@ def test_token_prompts_sampling_controls_and_top_logprobs(server):
     assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content] and len(content) > 0
     for entry in content:
         assert entry.top_logprobs[0].token == entry.token and len(entry.top_logprobs) == 3
-        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob) and shown(bytes(entry.bytes)) == entry.token
+        assert (entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+                and shown(bytes(entry.bytes)) == entry.token)
         assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
     assert client.chat.completions.create(**{**ask, "logprobs": False}).choices[0].logprobs is None
     log_likelihood_requests(client, tok, Path(server["v1"]))
@@ -317,7 +320,8 @@ def test_per_key_limits_answer_429_with_retry_after(server):
     ({"model": "lmforge", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),  # wrong type
     ({"model": "lmforge", "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),     # negative
     ({"model": "lmforge", "prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens"),  # huge
-    ({"model": "lmforge", "prompt": "hi", "max_tokens": 64}, 400, "max_tokens"),     # prompt + max_tokens > context (64)
+    ({"model": "lmforge", "prompt": "hi", "max_tokens": 64}, 400, "max_tokens"),     # prompt + max_tokens >
+                                                                                     # context (64)
     ({"model": "lmforge", "prompt": "ROMEO: " * 80, "max_tokens": 1}, 400, "prompt"),  # prompt longer than the context
     ({"model": "gpt-9", "prompt": "hi"}, 404, "model"),                              # unknown model
     ({"model": "lmforge", "prompt": "hi", "temperature": 7}, 400, "temperature"),
@@ -466,7 +470,8 @@ def test_metrics_are_exported_in_prometheus_format(server, ray_session):
         return sum(float(m) for m in re.findall(pattern + r"[^\n]* ([0-9.e+]+)\n", text))
 
     # dynamic batching happened: some batches held more than one request (16 concurrent requests above)
-    singles, batches = total(r'\w*lmforge_batch_size_bucket\{[^}]*le="1(?:\.0)?"'), total(r"\w*lmforge_batch_size_count")
+    singles, batches = (total(r'\w*lmforge_batch_size_bucket\{[^}]*le="1(?:\.0)?"'),
+                        total(r"\w*lmforge_batch_size_count"))
     assert batches > singles > 0
 
 
@@ -518,7 +523,8 @@ def test_feedback_is_captured_as_jsonl(server):
             break
         time.sleep(0.5)
     completion = [r for r in records if r.get("id") == done.id and r["type"] == "completion"]
-    assert completion and completion[0]["prompts"] == ["FEEDBACK:"] and completion[0]["completions"] == [done.choices[0].text]
+    assert (completion and completion[0]["prompts"] == ["FEEDBACK:"]
+            and completion[0]["completions"] == [done.choices[0].text])
     assert any(r["type"] == "feedback" and r["correction"] == correction for r in records)
 
 
@@ -571,7 +577,8 @@ def test_named_prompt_templates_through_the_api(server):
                                           messages=[{"role": "user", "content": "Why?"}],
                                           extra_body={"template": "qa", "template_vars": {"tone": "gravely"}})
     assert chat.usage.prompt_tokens > client.chat.completions.create(
-        model="lmforge", max_tokens=2, temperature=0, messages=[{"role": "user", "content": "Why?"}]).usage.prompt_tokens
+        model="lmforge", max_tokens=2, temperature=0,
+        messages=[{"role": "user", "content": "Why?"}]).usage.prompt_tokens
     for extra, param in [({"template": "nope"}, "template"), ({"template": "qa"}, "template_vars"),
                          ({"template": "qa", "template_vars": {"tone": "x", "mood": "y"}}, "template_vars")]:
         with pytest.raises(openai.BadRequestError) as err:
@@ -701,17 +708,32 @@ def test_colocated_replicas_answer_http_themselves(server):
 
 def test_serving_follows_the_registry_production_alias(server):
     """serve.model=registry:production: the replicas load the registry's production version and swap
-    when a promotion (then a rollback) moves it, under load, with no failed request."""
+    when a promotion (then a rollback) moves it, under load, with no failed request. With feedback capture
+    off, every response still leaves its record (id, version, time; no text), and ``lm lineage`` follows a
+    response id to its version and model directory."""
+    from lm.lineage import build_chain
     from lm.registry import Registry
     from lm.serve.deploy import start
 
-    cfg, client = server["cfg"], server["client"]
-    reg = Registry(ObjectStore(cfg.storage), cfg.registry_uri)
+    cfg, client, store = server["cfg"], server["client"], ObjectStore(server["cfg"].storage)
+    reg = Registry(store, cfg.registry_uri)
     v1 = reg.register(server["v1"])
     v2 = reg.register(server["v2"], parent=v1.id)
     reg.promote(v1.id)
-    start(load_config(REPO / "configs/tiny.yaml", [*server["overrides"], "serve.model=registry:production",
-                                                    "serve.registry_poll_s=0.5"]))
+    cfg = load_config(REPO / "configs/tiny.yaml", [*server["overrides"], "serve.model=registry:production",
+                                                    "serve.registry_poll_s=0.5", "serve.feedback.enabled=false",
+                                                    "serve.responses.flush_interval_s=0.5"])
+    start(cfg)
+    answer = client.completions.create(model="lmforge", prompt="PRIVATE: my secret plan", max_tokens=4)
+    deadline = time.monotonic() + 30
+    while not (logged := [u for u in store.list(cfg.responses_uri) if answer.id in store.read_text(u)]):
+        assert time.monotonic() < deadline, "no response record"
+        time.sleep(0.3)
+    (record,) = [json.loads(x) for x in store.read_text(logged[0]).splitlines() if answer.id in x]
+    assert set(record) == {"time", "type", "id", "model_version", "model_uri"} and record["model_version"] == v1.id
+    assert not any(answer.id in store.read_text(u) for u in store.list(cfg.feedback_uri))  # capture is off
+    chain = build_chain(cfg, store, answer.id)
+    assert chain.response.id == answer.id and chain.version.id == v1.id and chain.run.model_uri == server["v1"]
 
     with under_load(client, "WHO:", 4, 0.7, threads=3) as (fingerprints, errors):
         assert settles_on(fingerprints, v1.id), fingerprints[-6:]

@@ -35,14 +35,17 @@ def test_prepare_sft_records_into_masked_shards(ray_session, store_root):
            json.dumps({"prompt": "", "response": "r"}), json.dumps({"prompt": "long", "response": "x " * 200})]
     lines = [json.dumps(r) for r in good[:40]] + bad + [json.dumps(good[0])]  # + an exact duplicate
     store.write_text(join_uri(root, "sft/a.jsonl"), "\n".join(lines) + "\n")
-    store.write_bytes(join_uri(root, "sft/b.jsonl.gz"), gzip.compress("".join(json.dumps(r) + "\n" for r in good[40:]).encode()))
+    store.write_bytes(join_uri(root, "sft/b.jsonl.gz"),
+                      gzip.compress("".join(json.dumps(r) + "\n" for r in good[40:]).encode()))
     store.write_bytes(join_uri(root, "sft/c.jsonl.gz"), gzip.compress(b'{"prompt": "a", "response": "b"}\n' * 50)[:30])
     store.write_bytes(join_uri(root, "sft/d.jsonl"), b"")
-    tok = train_tokenizer(iter([" ".join(WORDS)] * 50 + ["System: User: Assistant:"] * 50), TokenizerConfig(vocab_size=300))
+    tok = train_tokenizer(iter([" ".join(WORDS)] * 50 + ["System: User: Assistant:"] * 50),
+                          TokenizerConfig(vocab_size=300))
     store.write_text(join_uri(root, "model/tokenizer.json"), tok.to_json())  # what train.init_from points at
     cfg = load_config(REPO / "configs/tiny.yaml", [f"storage.root={root}", "data.format=sft", "data.val_fraction=0.2",
                                                    f"data.sources=[{{name: qa, uri: '{join_uri(root, 'sft/')}'}}]",
-                                                   f"train.init_from={join_uri(root, 'model')}", "data.dedup.near=false"])
+                                                   f"train.init_from={join_uri(root, 'model')}",
+                                                   "data.dedup.near=false"])
     manifest = prepare_data(cfg, store, log=lambda _: None)
     data = join_uri(cfg.run_uri, "data")
     assert read_manifest(store, data) == manifest and manifest.kind == "sft"

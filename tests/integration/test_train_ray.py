@@ -1,6 +1,7 @@
 """`lm train` on Ray Train + DeepSpeed (CPU, gloo): ZeRO stages, exact resume, resume on another
-number of workers with the optimizer state kept (ZeRO-1 and ZeRO-3), a worker process killed at a random step (chaos: it resumes from the last checkpoint),
-and the published model directory. (A whole node with a worker going away: test_multinode.)"""
+number of workers with the optimizer state kept (ZeRO-1 and ZeRO-3), a worker process killed at a random
+step (chaos: it resumes from the last checkpoint), and the published model directory. (A whole node with a
+worker going away: test_multinode.)"""
 
 import json
 import math
@@ -130,9 +131,10 @@ def test_muon_on_a_time_budget_ends_together_with_the_schedule(data_dir, tmp_pat
 
 def test_resume_continues_the_same_curve_and_on_fewer_workers(zero3_run, data_dir, tmp_path, s3_server):
     """An exact resume of the ZeRO-3 run above; then 2 workers x 10 steps resumed on 1 worker x 10 steps, for
-    ZeRO-3 and ZeRO-1 with the optimizer offloaded (DeepSpeedCPUAdam) (fp32, no dropout): the Adam moments after the resume are the saved ones, and every
-    resumed step's loss is within 1e-3 of the uninterrupted 2-worker run (lm.train.resume). The ZeRO-1
-    checkpoint is resumed once more from S3 (converted, published and read back there)."""
+    ZeRO-3 and ZeRO-1 with the optimizer offloaded (DeepSpeedCPUAdam) (fp32, no dropout): the Adam moments
+    after the resume are the saved ones, and every resumed step's loss is within 1e-3 of the uninterrupted
+    2-worker run (lm.train.resume). The ZeRO-1 checkpoint is resumed once more from S3 (converted, published
+    and read back there)."""
     straight = losses(zero3_run[1].history)
     train(config(tmp_path, data_dir, "halves", *ZERO3, "train.stop_after_steps=10"), log=lambda _: None)
     shutil.copytree(tmp_path / "runs" / "halves", tmp_path / "runs" / "smaller")  # the same half, twice
@@ -260,7 +262,8 @@ def run_killing_a_worker(ray_session, cfg_args: list[str], run_dir: Path, kill_a
 
     try:
         wait_for(lambda: last_step(lines) >= 1)  # the workers are up: their pids, before the moment comes
-        pids = sorted(a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]))
+        pids = sorted(a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                                          ("state", "=", "ALIVE")]))
         assert len(pids) == 2, pids
         committed = run_dir / "train/ray/checkpoint_manager_snapshot.json"
         wait_for(lambda: last_step(lines) >= kill_after and committed.exists())
@@ -288,9 +291,11 @@ def test_a_worker_killed_at_a_random_step_resumes_from_the_last_checkpoint(ray_s
         "train.eval_interval=10", "train.warmup_steps=4", "train.workers=2", "train.max_failures=2", *ZERO3,
     ], tmp_path / "runs/chaos", kill_after, seed)
     killed = next(i for i, line in enumerate(lines) if line.startswith("TEST: killed"))
-    resumes = [(i, int(m[1])) for i, line in enumerate(lines) if (m := re.search(r"resumed at step (\d+) exactly", line))]
+    resumes = [(i, int(m[1])) for i, line in enumerate(lines)
+               if (m := re.search(r"resumed at step (\d+) exactly", line))]
     assert len(resumes) == 1 and resumes[0][0] > killed, (seed, resumes, "".join(lines)[-3000:])
-    before = {int(m[1]): float(m[2]) for line in lines[:resumes[0][0]] if (m := re.search(r"step\s+(\d+)/20 loss (\S+)", line))}
+    before = {int(m[1]): float(m[2]) for line in lines[:resumes[0][0]]
+              if (m := re.search(r"step\s+(\d+)/20 loss (\S+)", line))}
     done = max(before)  # the last step both workers finished before the failure (rank 0 prints after an all-reduce)
     print(f"chaos seed {seed}: killed after step {done}, resumed at step {resumes[0][1]}")
     assert resumes[0][1] == 10 < kill_after <= done < 20, (seed, resumes, sorted(before))  # steps 11..done: again

@@ -52,7 +52,8 @@ def committed(trial: Path) -> dict | None:
     """The latest checkpoint Ray Train has committed for a trial's run (its checkpoint manager's snapshot):
     ``checkpoint_dir_name`` and the reported ``metrics``; what a new run of the trial restores from."""
     try:
-        return json.loads((trial / "train/ray/checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+        snapshot = (trial / "train/ray/checkpoint_manager_snapshot.json").read_text()
+        return json.loads(snapshot)["latest_checkpoint_result"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return None
 
@@ -63,7 +64,8 @@ def candidates(experiment: Path) -> list[str]:
     saved = saved_trials(experiment)
     if not any(t["status"] == "TERMINATED" for t in saved.values()):
         return []
-    return [trial_id for trial_id, t in saved.items() if t["status"] != "TERMINATED" and t["config"]["train.lr"] == 0.01]
+    return [trial_id for trial_id, t in saved.items()
+            if t["status"] != "TERMINATED" and t["config"]["train.lr"] == 0.01]
 
 
 def caught(trials: Path, watched: list[str]) -> str | None:

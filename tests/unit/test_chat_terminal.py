@@ -14,7 +14,8 @@ from lm.storage import ObjectStore
 def test_chat_keeps_history_streams_greedy_replies_and_fits_the_context(tmp_path, small_tokenizer, small_model):
     store = ObjectStore()
     model_dir = str(tmp_path / "model")
-    save_model_dir(store, model_dir, small_model(small_tokenizer, max_seq_len=128), small_tokenizer, GenerateConfig(), {})
+    save_model_dir(store, model_dir, small_model(small_tokenizer, max_seq_len=128), small_tokenizer,
+                   GenerateConfig(), {})
     chat = LocalChat(store, model_dir, GenerateConfig(temperature=0, max_new_tokens=6))
     out = io.StringIO()
     replies = run_chat(chat, io.StringIO("Hello there\nAnd again?\n/reset\nHi\n"), out, system="Be brief.")

@@ -92,13 +92,15 @@ def test_feedback_on_a_completion_logged_earlier_is_joined_with_it(tmp_path):
     store = ObjectStore(StorageConfig(root=str(tmp_path)))
     cfg = load_config(None, [f"storage.root={tmp_path}"])
     old, new = f"{cfg.feedback_uri}/2026-11-26/a.jsonl", f"{cfg.feedback_uri}/2026-11-27/b.jsonl"
-    store.write_text(old, json.dumps({"type": "completion", "id": "c1", "prompts": ["Q:"], "completions": [" A"]}) + "\n")
+    store.write_text(old, json.dumps({"type": "completion", "id": "c1", "prompts": ["Q:"],
+                                      "completions": [" A"]}) + "\n")
     store.write_text(new, "\n".join([json.dumps({"type": "feedback", "id": "c1", "correction": " Better."}),
                                      json.dumps({"type": "completion", "id": "c2", "prompts": ["P:"],
                                                  "completions": [" B"]}),
                                      json.dumps({"type": "feedback", "id": "c2", "rating": 1}), "not json"]))
     pairs, counts = feedback_pairs(cfg, store, [new], [old])
-    assert [(p.prompt, p.response, p.source) for p in pairs] == [("P:", " B", "rated"), ("Q:", " Better.", "correction")]
+    assert [(p.prompt, p.response, p.source) for p in pairs] == [("P:", " B", "rated"),
+                                                                 ("Q:", " Better.", "correction")]
     assert counts["skipped: not JSON"] == 1
     assert is_feedback(cfg, new) and not is_feedback(cfg, f"{tmp_path}/incoming/x.txt")
     assert set(list_inputs(cfg, store)) == {old, new}  # no corpus configured: the feedback logs only

@@ -29,10 +29,12 @@ def test_read_counts_keep_skipped_objects_and_count_documents():
     from lm.data.steps import add_up, read_counts
 
     def block(rows):
-        return pa.table({k: [r[i] for r in rows] for i, k in enumerate(("source", "uri", "reason", "detail", "n_bytes"))})
+        return pa.table({k: [r[i] for r in rows]
+                         for i, k in enumerate(("source", "uri", "reason", "detail", "n_bytes"))})
 
     a = block([("s", "a.txt", "", "", 10), ("s", "a.txt", "", "", 5), ("s", "b.gz", "corrupt_compression", "gzip", 0)])
-    b = block([("s", "c.txt", "", "", 7), ("s", "c.txt", "too_short", "3 chars", 0), ("t", "d.txt", "empty", "0 bytes", 0)])
+    b = block([("s", "c.txt", "", "", 7), ("s", "c.txt", "too_short", "3 chars", 0),
+               ("t", "d.txt", "empty", "0 bytes", 0)])
     partial_rows = [r for t in (a, b) for r in read_counts(t, ["corrupt_compression", "empty"]).to_pylist()]
     totals = add_up(partial_rows, ["source", "reason", "uri", "detail"], ["n_bytes"])
     assert [(r["source"], r["reason"], r["uri"], r["detail"], r["count()"], r["sum(n_bytes)"]) for r in totals] == [

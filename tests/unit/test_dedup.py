@@ -196,7 +196,8 @@ def test_connected_components_chains_and_representatives():
 
 
 def test_keep_smallest_ids_per_hash_keeps_every_column():
-    table = pa.table({"hash": ["b", "a", "b", "c", "a", "b"], "id": ["z", "y", "x", "w", "v", "u"], "k": [1, 2, 3, 4, 5, 6]})
+    table = pa.table({"hash": ["b", "a", "b", "c", "a", "b"], "id": ["z", "y", "x", "w", "v", "u"],
+                      "k": [1, 2, 3, 4, 5, 6]})
     group = _with_hash_group(table)
     assert group.column(_GROUP).to_pylist() == ["b", "a", "b", "c", "a", "b"]
     assert _keep_smallest_ids(group).to_pydict() == {"hash": ["c", "a", "b"], "id": ["w", "v", "u"], "k": [4, 5, 6]}

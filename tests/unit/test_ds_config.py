@@ -17,7 +17,8 @@ def test_stage_precision_accumulation_and_optimizer():
     ds = deepspeed_config(tc, seq_len=64, world=2, on_gpu=False)
     assert ds["zero_optimization"] == {"stage": 2}
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["train_batch_size"]) == (4, 3, 24)
     assert ds["gradient_clipping"] == 0.5
     params = ds["optimizer"]["params"]
     assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] and params["lr"] == 3e-4
@@ -25,7 +26,8 @@ def test_stage_precision_accumulation_and_optimizer():
 
 
 def test_offload_and_zero3():
-    ds = deepspeed_config(TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True), seq_len=64, world=1, on_gpu=True)
+    ds = deepspeed_config(TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True), seq_len=64, world=1,
+                          on_gpu=True)
     zero = ds["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     assert zero["stage3_gather_16bit_weights_on_model_save"]

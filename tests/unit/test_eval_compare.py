@@ -17,7 +17,8 @@ def test_gate_rules_hold_set_within_tolerance_and_new_data_improves():
     assert ok.deltas == pytest.approx({"val/bpb": 0.015, "new/bpb": -0.2, "generation/bleu": -1.0})
     regressed = compare({"val/bpb": 2.53, "new/bpb": 2.80}, OLD, rules)
     assert not regressed.passed
-    assert regressed.reasons[0].startswith("FAIL val/bpb") and "regressed by 0.03 > allowed 0.02" in regressed.reasons[0]
+    assert (regressed.reasons[0].startswith("FAIL val/bpb")
+            and "regressed by 0.03 > allowed 0.02" in regressed.reasons[0])
     too_little = compare({"val/bpb": 2.40, "new/bpb": 2.95}, OLD, rules)
     assert not too_little.passed and "improved by 0.05 < required 0.1" in too_little.reasons[1]
     assert [c["passed"] for c in too_little.checks] == [True, False]

@@ -109,7 +109,8 @@ def test_another_tokenizers_split_is_decoded_across_pieces_and_re_encoded(tmp_pa
     texts = [f"ROMEO: speech number {i} of the night, and some more words." for i in range(30)]
     stream = [t for doc in small_tokenizer.encode_batch(texts) for t in [*doc, small_tokenizer.eos_id]]
     n = len(stream) // (SEQ + 1)
-    cfg, store = write_data(write_manifest, tmp_path, small_tokenizer, {"val": np.array(stream[: n * (SEQ + 1)], np.int32).reshape(n, -1)},
+    cfg, store = write_data(write_manifest, tmp_path, small_tokenizer,
+                            {"val": np.array(stream[: n * (SEQ + 1)], np.int32).reshape(n, -1)},
                             group_rows=3)  # documents straddle rows, row groups and shards
     other = train_tokenizer(texts * 5, TokenizerConfig(vocab_size=300, min_frequency=1))
     found = split_rows(store, cfg, "val", other, SEQ)

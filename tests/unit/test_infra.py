@@ -163,9 +163,11 @@ def test_only_the_jobs_role_may_write_the_runs_bucket():
     """DeepSpeed and Ray Tune unpickle what they resume from: the bucket policy denies every other writer."""
     profile = yaml.safe_load((REPO / "cluster/aws.yaml").read_text())["available_node_types"]["head"]
     role = profile["node_config"]["IamInstanceProfile"]["Arn"].replace(":instance-profile/", ":role/")
-    runs = next(b for b in json.loads((REPO / "infra/bucket.json").read_text())["buckets"] if b["name"] == "lmforge-runs")
+    runs = next(b for b in json.loads((REPO / "infra/bucket.json").read_text())["buckets"]
+                if b["name"] == "lmforge-runs")
     denies = [s for s in runs["policy"]["Statement"] if s["Effect"] == "Deny" and s["Principal"] == "*"]
-    assert any({"s3:PutObject", "s3:DeleteObject"} <= set(s["Action"]) and s["Resource"] == "arn:aws:s3:::lmforge-runs/*"
+    assert any({"s3:PutObject", "s3:DeleteObject"} <= set(s["Action"])
+               and s["Resource"] == "arn:aws:s3:::lmforge-runs/*"
                and s["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": [role]}} for s in denies), denies
     granted = json.loads((REPO / "infra/iam-policy.json").read_text())["Statement"]
     writes = [s["Resource"] for s in granted if "s3:PutObject" in s["Action"]]

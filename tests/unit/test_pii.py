@@ -169,7 +169,8 @@ def test_supervised_records_are_redacted_and_counted(tmp_path):
     from lm.data.sources import plan_files, read_file_task
     from lm.storage import ObjectStore
 
-    (tmp_path / "qa.jsonl").write_text(json.dumps({"prompt": "Mail me at ann@example.org", "response": "Done: 10.0.0.7"})
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"prompt": "Mail me at ann@example.org",
+                                                   "response": "Done: 10.0.0.7"})
                                        + "\n" + json.dumps({"prompt": "Hi", "response": "Hello"}) + "\n")
     cfg = load_config(None, ["data.format=sft", f"data.sources=[{{name: qa, uri: '{tmp_path}'}}]"])
     store = ObjectStore(cfg.storage)

@@ -60,7 +60,8 @@ def test_unstructured_reaches_the_target_and_removes_the_smallest_weights(tok, s
     result = prune_model(model, 0.4, "unstructured", scope=scope)
     pruned, report = result.model, result.report
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the input model changed"
-    assert report["actual_sparsity"] == pytest.approx(0.4, abs=1e-3) and report["params_after"] == report["params_before"]
+    assert (report["actual_sparsity"] == pytest.approx(0.4, abs=1e-3)
+            and report["params_after"] == report["params_before"])
     kept, removed = [], []
     for name, module in block_linears(pruned):
         w, orig = module.weight, before[name + ".weight"]

@@ -67,7 +67,8 @@ def test_kv_cache_generation_works_quantized(model, qmodel, tok):
     with torch.no_grad():
         full, _ = qmodel(x)
         cache = KVCache(qmodel.cfg, 2, 20)
-        steps = [qmodel(x[:, :8], kv_cache=cache)[0]] + [qmodel(x[:, t : t + 1], kv_cache=cache)[0] for t in range(8, 20)]
+        steps = [qmodel(x[:, :8], kv_cache=cache)[0]] + [qmodel(x[:, t : t + 1], kv_cache=cache)[0]
+                                                         for t in range(8, 20)]
     close(full, torch.cat(steps, 1))
     prompt = tok.encode("ROMEO:")
     assert len(qmodel.generate([prompt], 12, temperature=0)[0]) == 12  # Transformer.generate on the int8 model

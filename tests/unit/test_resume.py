@@ -38,7 +38,8 @@ def test_the_way_a_checkpoint_resumes(tmp_path, saved, world, stage, mode):
 def test_the_engine_reads_a_universal_checkpoint_only_when_asked():
     train = TrainConfig(zero_stage=1, workers=1)
     assert "checkpoint" not in deepspeed_config(train, seq_len=64, world=1, on_gpu=False)
-    assert deepspeed_config(train, seq_len=64, world=1, on_gpu=False, universal=True)["checkpoint"] == {"load_universal": True}
+    assert (deepspeed_config(train, seq_len=64, world=1, on_gpu=False, universal=True)["checkpoint"]
+            == {"load_universal": True})
 
 
 @pytest.mark.parametrize("root", ["local", "s3://bucket/pre"])

@@ -261,7 +261,8 @@ def test_top_logprobs_are_the_likeliest_sorted_with_the_chosen_logprob():
     chosen, tops = top_logprobs(logits, torch.tensor([2, 0]), 3)
     logp = torch.log_softmax(logits, -1)
     assert chosen == pytest.approx([logp[0, 2].item(), logp[1, 0].item()])
-    assert [i for i, _ in tops[0]] == [1, 3, 2] and [lp for _, lp in tops[0]] == pytest.approx(logp[0, [1, 3, 2]].tolist())
+    assert ([i for i, _ in tops[0]] == [1, 3, 2]
+            and [lp for _, lp in tops[0]] == pytest.approx(logp[0, [1, 3, 2]].tolist()))
     assert tops[1][0] == (0, pytest.approx(chosen[1])) and top_logprobs(logits, torch.tensor([0, 0]), 0)[1] == [[], []]
 
 
@@ -378,7 +379,8 @@ def test_stop_string_found_in_the_token_that_completes_it():
     ("kw", "match"),
     [
         ({"prompt_ids": []}, r"requests\[0\]: the prompt is empty"),
-        ({"prompt_ids": [1] * 60, "max_tokens": 5}, "60 tokens \\+ max_tokens 5 = 65 exceeds the model's context length 64"),
+        ({"prompt_ids": [1] * 60, "max_tokens": 5},
+         "60 tokens \\+ max_tokens 5 = 65 exceeds the model's context length 64"),
         ({"prompt_ids": [10_000]}, "vocab_size"),
         ({"max_tokens": -1}, "max_tokens"),
         ({"temperature": float("nan")}, "temperature"),

@@ -77,7 +77,8 @@ def test_bad_records_are_skipped_and_counted_by_reason(tmp_path):
                                                          "invalid_utf8": 1, "corrupt_compression": 1})
     kept = [r for r in rows if not r["reason"]]
     assert [r["text"] for r in kept] == ["User: a\n\nAssistant: b", "User: ok\n\nAssistant: fine"]
-    assert [r["id"] for r in kept] == ["qa/good.jsonl#0", "qa/good.jsonl#8"] and {r["split"] for r in kept} <= {"train", "val"}
+    assert ([r["id"] for r in kept] == ["qa/good.jsonl#0", "qa/good.jsonl#8"]
+            and {r["split"] for r in kept} <= {"train", "val"})
 
 
 def test_padded_packing_never_splits_an_example():
@@ -168,9 +169,11 @@ def test_training_on_sft_rows_learns_responses_not_prompts(small_tokenizer, smal
                         "log_interval": 100, "device": "cpu"})
     model = small_model(tok, max_seq_len=48).train()
     cpu = torch.device("cpu")
-    before = {"response": estimate_loss(model, rows, cfg, cpu, mask), "prompt": estimate_loss(model, rows, cfg, cpu, prompt_only)}
+    before = {"response": estimate_loss(model, rows, cfg, cpu, mask),
+              "prompt": estimate_loss(model, rows, cfg, cpu, prompt_only)}
     train_local(cfg, model, rows, log=lambda _: None, train_mask=mask)
-    after = {"response": estimate_loss(model, rows, cfg, cpu, mask), "prompt": estimate_loss(model, rows, cfg, cpu, prompt_only)}
+    after = {"response": estimate_loss(model, rows, cfg, cpu, mask),
+             "prompt": estimate_loss(model, rows, cfg, cpu, prompt_only)}
     assert after["response"] < 1.0 < before["response"] - 3, (before, after)
     assert after["prompt"] > before["prompt"] - 0.5, (before, after)
 

@@ -30,7 +30,8 @@ def test_wsd_schedule_holds_then_decays_over_its_last_fraction_by_steps_or_by_se
     assert lr_at(100, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
     timed = cfg.model_copy(update={"schedule_unit": "seconds", "max_seconds": 300.0})
     assert lr_at(500, timed, seconds=200.0) == 1.0  # the step count no longer matters after warm-up
-    assert lr_at(20, timed, seconds=270.0) == pytest.approx(0.55) and lr_at(20, timed, seconds=400.0) == pytest.approx(0.1)
+    assert (lr_at(20, timed, seconds=270.0) == pytest.approx(0.55)
+            and lr_at(20, timed, seconds=400.0) == pytest.approx(0.1))
     assert lr_scale(20, timed, seconds=270.0) == pytest.approx(0.55)  # the fraction every group's peak is scaled by
     with pytest.raises(ValueError, match="schedule_unit seconds needs max_seconds"):
         TrainConfig(schedule_unit="seconds")

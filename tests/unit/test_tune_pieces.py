@@ -48,7 +48,8 @@ def test_search_space_maps_each_kind_to_ray_tune():
     from ray.tune.search.sample import Categorical, Float, Integer
 
     cfg = tiny("tune.search=random", space({"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.seed": {"randint": [0, 9]},
-                                            "model.dropout": {"choice": [0.0, 0.1]}, "train.batch_size": {"grid": [8, 16]}}))
+                                            "model.dropout": {"choice": [0.0, 0.1]},
+                                            "train.batch_size": {"grid": [8, 16]}}))
     ray_space = search_space(cfg.tune.space)
     assert isinstance(ray_space["train.lr"], Float) and ray_space["train.lr"].lower == 1e-4
     assert isinstance(ray_space["train.seed"], Integer) and ray_space["train.seed"].upper == 9
