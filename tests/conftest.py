@@ -30,6 +30,8 @@ from lm.config import StorageConfig
 from lm.storage import ObjectStore
 from lm.storage.seaweed import weed_binary, weed_command
 
+os.environ.setdefault("LMFORGE_PROGRESS_INTERVAL_S", "0")  # the tests read every step's plain progress line
+
 # ================================================================================================ S3
 
 
