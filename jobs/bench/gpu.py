@@ -121,7 +121,7 @@ def run_one(name: str, small: bool, steps: int, lock: str, extra: list[str]) -> 
     checkpoint_blocks(model, plan.recomputed)
     engine = initialize_engine(model, cfg.train, seq_len=cfg.seq_len, world=1, on_gpu=on_gpu)
     B, T = cfg.train.batch_size, cfg.seq_len
-    tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device, generator=None)
+    tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> float:
