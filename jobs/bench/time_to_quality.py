@@ -18,7 +18,9 @@ byte in 5 minutes. Runs one after another: give it a quiet machine (variants x s
 from __future__ import annotations
 
 import argparse
+import datetime
 import gzip
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -76,12 +78,12 @@ def run(minutes: float, overrides: list[str], seed: int) -> dict:
 
 def table(rows: list[dict], minutes: float) -> str:
     lines = [f"## Time to quality ({minutes:g} minutes of training, tinyshakespeare's last 10%)", "",
-             "| variant | changes against | val bits/byte (mean of seeds) | seeds | steps | tokens/s | model GFLOP/s |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | changes against | val bits/byte (mean of seeds) | seeds | steps | tokens/s | model GFLOP/s "
+             "| run |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['against'] or '—'} | **{r['val_bpb']:.3f}** "
                      f"({', '.join(f'{x:.3f}' for x in r['val_bpb_seeds'])}) | {len(r['runs'])} | {r['steps']:.0f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['model_gflops']:.1f} |")
+                     f"{r['tokens_per_s']:,.0f} | {r['model_gflops']:.1f} | {r['run']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,6 +103,14 @@ def plot(rows: list[dict], target: float, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def earlier_rows(out: Path, minutes: float) -> dict[str, dict]:
+    """The rows of earlier runs with the same budget (kept beside this run's, each marked with its run)."""
+    if not out.exists():
+        return {}
+    earlier = json.loads(out.read_text())
+    return {r["variant"]: r for r in earlier["variants"]} if earlier["budget_minutes"] == minutes else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=5.0, help="training time budget per run")
@@ -111,18 +121,20 @@ def main() -> None:
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    rows = []
+    rows = earlier_rows(Path(args.out), args.minutes)
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")  # the rows of one run compare
     for name in args.variants.split(","):  # results written after each variant: a long run keeps what it has
         against, overrides = VARIANTS[name]
         runs = [run(args.minutes, overrides, 1337 + seed) for seed in range(args.seeds)]
-        rows.append({"variant": name, "against": against, "overrides": overrides, "runs": runs,
-                     "val_bpb_seeds": [r["val_bpb"] for r in runs],
-                     **{k: statistics.mean(r[k] for r in runs) for k in ("val_bpb", "steps", "tokens_per_s",
-                                                                          "model_gflops")}})
+        rows[name] = {"variant": name, "against": against, "overrides": overrides, "runs": runs, "run": started,
+                      "val_bpb_seeds": [r["val_bpb"] for r in runs],
+                      **{k: statistics.mean(r[k] for r in runs) for k in ("val_bpb", "steps", "tokens_per_s",
+                                                                           "model_gflops")}}
+        rows = {v: rows[v] for v in VARIANTS if v in rows}
         write_result(args.out, {"machine": machine(), "budget_minutes": args.minutes, "target_bpb": 2.1,
-                                "base": BASE, "variants": rows})
-        plot(rows, 2.1, Path(args.out).with_suffix(".png"))
-        replace_section(REPO / "jobs/bench/README.md", "## Time to quality", table(rows, args.minutes))
+                                "base": BASE, "variants": list(rows.values())})
+        plot(list(rows.values()), 2.1, Path(args.out).with_suffix(".png"))
+        replace_section(REPO / "jobs/bench/README.md", "## Time to quality", table(list(rows.values()), args.minutes))
 
 
 if __name__ == "__main__":
