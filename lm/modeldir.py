@@ -52,14 +52,14 @@ def hf_config(cfg: ModelConfig, *, bos_token_id=None, eos_token_id=None, pad_tok
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "attention_dropout": 0.0,
+        "attention_dropout": cfg.attn_dropout,
         "initializer_range": cfg.init_std,
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "pad_token_id": pad_token_id,
-        "lmforge": {"dropout": cfg.dropout},
+        "lmforge": {"dropout": cfg.dropout, "attention_dropout": cfg.attention_dropout},
     }
 
 
@@ -102,7 +102,8 @@ def config_from_hf(d: dict) -> ModelConfig:
         vocab_size=d["vocab_size"],
         rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
         norm_eps=d.get("rms_norm_eps", 1e-6),
-        dropout=(d.get("lmforge") or {}).get("dropout", 0.0),
+        dropout=(d.get("lmforge") or {}).get("dropout", 0.0),  # lmforge's own: null = as dropout (older ones)
+        attention_dropout=d["lmforge"].get("attention_dropout") if "lmforge" in d else d.get("attention_dropout", 0.0),
         tie_embeddings=d.get("tie_word_embeddings", False),
         qk_norm=d.get("model_type") == "qwen3",
         init_std=d.get("initializer_range", 0.02),

@@ -102,7 +102,8 @@ class DecontamConfig(Section):
     """Decontamination after the split (lm.data.decontam): train documents sharing a word n-gram with a held-out
     or evaluation text are dropped (reason contaminated). The held-out sets are the run's val and test splits
     (what the continual gate's fixed and new sets and the harness tasks are made from), the text sources of
-    eval.sets, and ``sources``."""
+    eval.sets, and ``sources``; a continual iteration's new documents also against these splits of the corpus
+    they are added to (its shards, decoded)."""
 
     enabled: bool = Field(True, description="Drop contaminated train documents.")
     ngram: int = Field(13, ge=3, description="Words per n-gram (lower-cased, punctuation ignored).")

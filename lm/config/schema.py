@@ -213,6 +213,9 @@ class ModelConfig(Section):
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention output, MLP output and embeddings.")
+    attention_dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout on the attention weights (Llama's attention_dropout); null = "
+        "model.dropout. On CPU any is costly: attention then leaves its fused kernel (jobs/bench/time_to_quality.py).")
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output projection.")
     qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys before RoPE (Qwen3's "
                           "QK-norm); the model directory is then a Qwen3ForCausalLM one, not Llama.")
@@ -235,6 +238,10 @@ class ModelConfig(Section):
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def attn_dropout(self) -> float:
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @property
     def head_dim(self) -> int:

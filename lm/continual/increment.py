@@ -31,6 +31,7 @@ import numpy as np
 
 from lm.config import Config, SourceConfig, join_uri
 from lm.continual.feedback import Pair, parse_lines, sft_pairs, sft_tokens
+from lm.data.decontam import split_grams
 from lm.data.dedup import CorpusIndex
 from lm.data.loader import corpus_index_tables, shard_bytes
 from lm.data.manifest import MixManifest, ShardEntry, TokenizerEntry, add_shards, read_manifest
@@ -215,13 +216,18 @@ def _new_documents(cfg: Config, store: ObjectStore, it_uri: str, tok: BPETokeniz
                    documents: set[str], earlier_runs: list[str], counts: dict,
                    log: Log) -> tuple[list[ShardEntry], list[str], int]:
     """This iteration's new documents through lm.data's pipeline under ``<it>/new``, deduplicated against the
-    earlier runs' corpora: their train and val shards, the val texts (for the gate) and the train rows; their
-    counts go into ``counts``. None left (all duplicates, say): nothing, and a note in ``counts``."""
+    earlier runs' corpora and decontaminated against the corpus's held-out splits: their train and val shards,
+    the val texts (for the gate) and the train rows; their counts go into ``counts``. None left (all
+    duplicates, say): nothing, and a note in ``counts``."""
     new_uri = join_uri(it_uri, "new")
     inc = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources, "output": new_uri})})
+    dc, corpus = cfg.data.decontaminate, read_manifest(store, cfg.data_uri)  # the gate's fixed set: its val split
+    held_out = {f"corpus {split}": split_grams(store, cfg.data_uri, split, tok, dc.ngram)
+                for split in dc.splits if dc.enabled and corpus.rows_in(split)}
     try:
         index = corpus_index(cfg, store, earlier_runs)
-        new = prepare_data(inc, store, log, tokenizer=tok, known=index, export_texts=("val",), only=documents)
+        new = prepare_data(inc, store, log, tokenizer=tok, known=index, export_texts=("val",), only=documents,
+                           held_out=held_out)
     except DataError as err:
         counts["documents_note"] = str(err)
         log(f"continual: no new documents to learn from: {err}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 
 from lm.config import Config, join_uri
 from lm.config.eval import EvalSetConfig
@@ -128,18 +129,20 @@ def run_iteration(cfg: Config, store: ObjectStore | None = None, log: Log = prin
         return _finish(store, ledger, n, it_uri, {**outcome, "verdict": "rejected", "reasons": [reason]}, log)
     ft = fine_tune_config(cfg, n, mix.data_uri, parent.model_uri)
     model_uri = _fine_tune(ft, store, mix, log)
+    shown: list[str] = []  # reasons the gate's evaluation printed already
     if mix.gate_texts is None:
         passed, reasons, metrics, report = False, ["FAIL the new data has no held-out part to check it on"], {}, None
     else:
         result = evaluate(gate_config(cfg, n, mix.gate_texts), store, model_uri, log, compare_to=parent.model_uri)
         passed, reasons, report = result.verdict.passed, result.verdict.reasons, result.report_uri
+        shown = reasons
         metrics = {k: v for k, v in result.metrics.items() if k.startswith(("fixed/", "new/", "harness/"))}
     version = _candidate(registry, model_uri, parent, metrics, ft, mix, n, report)
     outcome.update(version=version.id, model_uri=model_uri, reasons=reasons, report=report, metrics=metrics)
     current = registry.get(version.id).status
     if current != "candidate":  # decided before an interruption
         return _finish(store, ledger, n, it_uri, {**outcome, "verdict": "promoted" if current in (
-            "production", "retired") else "rejected"}, log)
+            "production", "retired") else "rejected"}, log, shown)
     production = registry.get("production").id
     if passed and production != parent.id:
         passed = False
@@ -150,7 +153,7 @@ def run_iteration(cfg: Config, store: ObjectStore | None = None, log: Log = prin
     else:
         failed = "; ".join(r for r in reasons if r.startswith("FAIL"))
         registry.reject(version.id, reason=f"continual iteration {n}: " + failed)
-    return _finish(store, ledger, n, it_uri, {**outcome, "verdict": "promoted" if passed else "rejected"}, log)
+    return _finish(store, ledger, n, it_uri, {**outcome, "verdict": "promoted" if passed else "rejected"}, log, shown)
 
 
 def _bootstrap(cfg: Config, store: ObjectStore, registry: Registry, log: Log) -> None:
@@ -174,14 +177,17 @@ def _tokenizer(store: ObjectStore, version: Version):
     return BPETokenizer.from_json(store.read_text(join_uri(version.model_uri, "tokenizer.json")))
 
 
-def _finish(store: ObjectStore, ledger: Ledger, n: int, it_uri: str, outcome: dict, log: Log) -> dict:
+def _finish(store: ObjectStore, ledger: Ledger, n: int, it_uri: str, outcome: dict, log: Log,
+            shown: Collection[str] = ()) -> dict:
+    """Record the outcome (its file and the ledger) and print it, with the reasons not ``shown`` already."""
     outcome = {"n": n, **outcome}
     store.write_text(join_uri(it_uri, "outcome.json"), json.dumps(outcome, indent=2, default=str))
     ledger.finish(n, outcome)
     log(f"continual: iteration {n} {outcome['verdict']}"
         + (f" ({outcome['version']})" if outcome.get("version") else ""))
     for reason in outcome.get("reasons", []):
-        log(f"  {reason}")
+        if reason not in shown:
+            log(f"  {reason}")
     return outcome
 
 

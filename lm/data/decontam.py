@@ -96,6 +96,21 @@ def gather(ds: Any, batch_rows: int = 1 << 20) -> Iterator[np.ndarray]:
         yield np.asarray(batch["h"], dtype=np.uint64)
 
 
+def split_grams(store, data_uri: str, split: str, tokenizer, n: int) -> Iterator[np.ndarray]:
+    """The n-gram hashes of each document of ``split`` in the data directory ``data_uri`` (its packed shards,
+    decoded with ``tokenizer``; one row group at a time): what an increment of that corpus (lm.continual) is
+    decontaminated against, the corpus's held-out texts no longer being there as text."""
+    from lm.data.manifest import read_manifest
+    from lm.data.pack import unpack_documents
+    from lm.data.stream import ParquetSplit
+
+    for uri in read_manifest(store, data_uri).shards_of(data_uri, split):
+        shard = ParquetSplit.of_uris([uri], store.pyarrow_filesystem)
+        blocks = (shard.read(i)[0] for i in range(len(shard.unit_rows)))
+        for tokens in unpack_documents(blocks, tokenizer.eos_id):
+            yield ngram_hashes(tokenizer.decode(tokens.tolist()), n)
+
+
 def source_texts(store, sources: list, clean) -> Iterator[str]:
     """The cleaned documents of text ``sources`` (lm.config.SourceConfig: eval sets, benchmarks), read in this
     process like data.sources."""
@@ -144,12 +159,14 @@ def _source_grams(cfg, store) -> tuple[list[np.ndarray], list[str], list[str]]:
     return parts, used, skipped
 
 
-def decontaminate(cfg, store, docs: Any) -> tuple[Any, Decontamination | None]:
+def decontaminate(cfg, store, docs: Any, held_out: dict[str, Iterable[np.ndarray]] | None = None
+                  ) -> tuple[Any, Decontamination | None]:
     """``docs`` (columns text, split, …) with a ``reason`` column marking contaminated train documents
     (:func:`mark_contaminated`; lazily: the caller's next pass computes it) when there is something to check
     against, and what that was (the manifest's entry, ``dropped`` left for the caller to count); ``docs``
     unchanged and None when data.decontaminate is off. Reads the held-out splits of ``docs`` once (their
-    n-gram hashes come to the driver) and the other texts here."""
+    n-gram hashes come to the driver) and the other texts here; ``held_out``: more n-gram hashes by name
+    (an existing corpus's held-out splits, :func:`split_grams`)."""
     from lm.data.tables import filter_in
 
     dc = cfg.data.decontaminate
@@ -161,6 +178,9 @@ def decontaminate(cfg, store, docs: Any) -> tuple[Any, Decontamination | None]:
         parts += gather(held.map_batches(ngram_rows, fn_kwargs={"n": dc.ngram}, batch_format="numpy",
                                          batch_size=1024))
     more, used, skipped = _source_grams(cfg, store)
+    for name, grams in (held_out or {}).items():
+        more += list(grams)
+        used.append(name)
     table = NgramTable.of(parts + more, dc.ngram)
     info = Decontamination(ngram=dc.ngram, against=[*dc.splits, *used], ngrams=len(table), skipped=skipped)
     if not len(table):

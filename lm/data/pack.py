@@ -7,7 +7,7 @@ pairs by shifting one position (:func:`rows_to_inputs_targets`). Documents may s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -40,6 +40,24 @@ def pack_rows(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: int) -
     n_rows = len(flat) // width
     rows = flat[: n_rows * width].astype(np.int32).reshape(n_rows, width)
     return rows, len(flat) - n_rows * width
+
+
+def unpack_documents(units: Iterable[np.ndarray], eos_id: int) -> Iterator[np.ndarray]:
+    """The documents of one shard's rows, in order (the inverse of :func:`pack_rows`): ``units`` are its
+    row blocks ``[n_rows, seq_len + 1]`` in stored order; each document's tokens without its ``eos_id``. The
+    last document may be cut (its tail was the dropped partial row). Holds one block and one document."""
+    carry = np.zeros(0, dtype=np.int64)
+    for rows in units:
+        flat = np.concatenate([carry, np.asarray(rows, dtype=np.int64).reshape(-1)])
+        ends = np.flatnonzero(flat == eos_id)
+        start = 0
+        for end in ends.tolist():
+            if end > start:
+                yield flat[start:end]
+            start = end + 1
+        carry = flat[start:]
+    if len(carry):
+        yield carry
 
 
 def pack_examples(examples: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: int,

@@ -37,8 +37,11 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
+
+import numpy as np
 
 from lm.cluster import connect
 from lm.config import Config, join_uri
@@ -60,6 +63,7 @@ from lm.data.sft import SFTTokenizeActor, manifest_entry, read_records, write_sf
 from lm.data.sources import OBJECT_REASONS, DataError, check_every_source_read, plan_files, read_file_task
 from lm.data.steps import (
     Scratch,
+    StoredTokenizer,
     TokenizeActor,
     add_bucket,
     add_up,
@@ -137,13 +141,15 @@ def init_tokenizer(store: ObjectStore, model_uri: str) -> BPETokenizer:
 
 def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print, *,
                  tokenizer: BPETokenizer | None = None, known: CorpusIndex | None = None,
-                 export_texts: tuple[str, ...] = (), only: set[str] | None = None) -> DataManifest:
+                 export_texts: tuple[str, ...] = (), only: set[str] | None = None,
+                 held_out: dict[str, Iterable[np.ndarray]] | None = None) -> DataManifest:
     """Run the whole pipeline; return the manifest (published at ``<data>/manifest.json``).
 
     For an increment of an existing corpus (lm.continual): ``tokenizer`` is used instead of training
     one, documents ``known`` to the corpus (exact or near duplicates) are dropped and counted, and the
     cleaned documents of the ``export_texts`` splits are also written as ``<split>-texts.jsonl``; ``only``
-    restricts the sources' files to these URIs (the objects an iteration claimed). Without ``tokenizer``,
+    restricts the sources' files to these URIs (the objects an iteration claimed); ``held_out``: n-gram hashes
+    by name to decontaminate against besides data.decontaminate's (the corpus's held-out splits). Without ``tokenizer``,
     a run that fine-tunes (``train.init_from``) uses that model's tokenizer; others train one."""
     start = time.perf_counter()
     store = store or ObjectStore(cfg.storage)
@@ -156,7 +162,7 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
         if not files:
             raise DataError(f"none of the {len(only)} given objects is a file of data.sources")
     extra = json.dumps([tokenizer.fingerprint() if tokenizer else None, len(known) if known else None,
-                        sorted(export_texts)])
+                        sorted(export_texts), sorted(held_out or {})])
     fingerprint = inputs_fingerprint(cfg, files, extra)
     manifest_uri = join_uri(out, MANIFEST)
     if store.exists(manifest_uri):
@@ -176,7 +182,7 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
         context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     context.target_max_block_size = int(cfg.data.block_mb * 2**20)  # what one task holds (blocks, read-backs)
     try:
-        manifest = _run_stages(cfg, store, files, fingerprint, log, tokenizer, known, export_texts)
+        manifest = _run_stages(cfg, store, files, fingerprint, log, tokenizer, known, export_texts, held_out)
     finally:
         context.shuffle_strategy, context.target_max_block_size, context.op_resource_reservation_enabled = previous
         store.delete(join_uri(out, f"{SCRATCH}-{fingerprint}"))
@@ -207,8 +213,8 @@ def _partitions(cfg: Config, n_bytes: float) -> int:
 
 
 def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint: str, log: Log,
-                tokenizer: BPETokenizer | None, known: CorpusIndex | None, export_texts: tuple[str, ...]
-                ) -> DataManifest:
+                tokenizer: BPETokenizer | None, known: CorpusIndex | None, export_texts: tuple[str, ...],
+                held_out: dict[str, Iterable[np.ndarray]] | None) -> DataManifest:
     done = _StageClock(log)
     out = cfg.data_uri
     scratch = Scratch(store, join_uri(out, f"{SCRATCH}-{fingerprint}"))
@@ -220,7 +226,7 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
     done(f"read and cleaned {n_clean} {'records' if sft else 'documents'} ({len(skipped)} objects skipped)")
     docs = filter_in(rows, "reason", [""]).drop_columns(["reason", "detail", *COUNT_COLUMNS])
     docs, removed = _dedup(cfg, docs, n_clean, sum(r["sum(n_bytes)"] for r in clean), scratch, known, done)
-    docs, per_split, reasons, decontam = _write_docs(cfg, store, docs, scratch, reasons, removed, done)
+    docs, per_split, reasons, decontam = _write_docs(cfg, store, docs, scratch, reasons, removed, done, held_out)
     if n_clean == sum(removed.values()):
         raise DataError(f"no documents left after reading and filtering {len(files)} files "
                         f"(dropped: {reason_totals(reasons)}; duplicates: {removed['exact']} exact, "
@@ -303,14 +309,15 @@ def _dedup(cfg: Config, docs, n_clean: int, n_bytes: int, scratch: Scratch, know
 
 
 def _write_docs(cfg: Config, store: ObjectStore, docs, scratch: Scratch, reasons: list[dict], removed: dict[str, int],
-                done: _StageClock) -> tuple[Any, list[dict], list[dict], Decontamination | None]:
+                done: _StageClock, held_out: dict[str, Iterable[np.ndarray]] | None = None
+                ) -> tuple[Any, list[dict], list[dict], Decontamination | None]:
     """The documents left, decontaminated (text data; lm.data.decontam) and written as files: the passes below
     read no dropped rows, and the tokenizer actors' input is a plain read of half a CPU (_tokenize), with no
     filter task of a whole CPU, which Ray Data's budget never grants beside the actors and a Serve replica
     (test_continual deadlocked). Contaminated train documents are marked in the pass that writes, counted
     (``reasons``, ``removed``), not written. Returns the documents, their counts and bytes per split, the
     reasons and the manifest's decontamination entry (None: off)."""
-    docs, decontam = decontaminate(cfg, store, docs) if cfg.data.format == "text" else (docs, None)
+    docs, decontam = decontaminate(cfg, store, docs, held_out) if cfg.data.format == "text" else (docs, None)
     marked = decontam is not None and decontam.ngrams > 0
     docs, per_split = scratch(docs, "docs", ["split", "source", "reason"] if marked else ["split"], ["n_bytes"],
                               keep=("reason", "") if marked else None)
@@ -332,7 +339,8 @@ def _tokenize(cfg: Config, docs, tok: BPETokenizer, scratch: Scratch,
     import ray
 
     sft = cfg.data.format == "sft"
-    actor_kwargs = {"tokenizer_json": tok.to_json(), "weights": {s.name: s.weight for s in cfg.data.sources}}
+    stored = StoredTokenizer(absolute_uri(join_uri(cfg.data_uri, "tokenizer.json")), cfg.storage)  # published
+    actor_kwargs = {"tokenizer": stored, "weights": {s.name: s.weight for s in cfg.data.sources}}
     size = "n_all" if sft else "n_tokens"  # what the rows hold (SFT: prompt and response)
     keys, sums = ["source", "split", *(["reason"] if sft else [])], sorted({"n_tokens", "n_bytes", "original", size})
     tokens, per_source = scratch(docs.map_batches(

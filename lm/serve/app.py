@@ -195,8 +195,11 @@ class Api:
             raise BadRequest(400, f"dimensions {body.dimensions}: this model's embeddings have "
                                   f"{len(result['embeddings'][0])}", param="dimensions")
         report_usage(request, result["prompt_tokens"])
-        return schemas.embedding_response(body.model, result["embeddings"], body.encoding_format,
-                                          result["prompt_tokens"])
+        rid = schemas.new_id("emb")  # an id beside OpenAI's fields, so that `lm lineage` can start from it
+        self.responses.add({"type": "embedding", "id": rid, "model_version": result["version"],
+                            "model_uri": result.get("model_uri")})
+        return {"id": rid, "system_fingerprint": result["version"], **schemas.embedding_response(
+            body.model, result["embeddings"], body.encoding_format, result["prompt_tokens"])}
 
     @api.post("/v1/feedback", responses=schemas.REQUEST_ERRORS)
     async def feedback_route(self, request: Request, body: schemas.FeedbackRequest) -> dict:

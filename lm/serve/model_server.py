@@ -189,11 +189,11 @@ class ModelServer:
         return cached
 
     async def embed(self, inputs: list) -> dict:
-        """``inputs``: texts or token-id lists → ``{"embeddings", "prompt_tokens", "version"}`` (one unit
+        """``inputs``: texts or token-id lists → ``{"embeddings", "prompt_tokens", "version", "model_uri"}`` (one unit
         vector per input, lm.inference.embed_ids) or an ``error`` naming the input that cannot be embedded."""
         from lm.inference import embed_ids
 
-        engine, version = self.engine, self.version
+        engine, version, model_uri = self.engine, self.version, self.model_uri
         if not hasattr(engine, "model"):
             return {"error": "embeddings need the model in the replica (serve.engine_process: false)", "param": None}
         tok, limit = engine.tokenizer, engine.context_length()
@@ -210,7 +210,8 @@ class ModelServer:
                                  f"{bad[:3]}", "param": "input"}
             id_lists.append(ids)
         vectors = await asyncio.to_thread(embed_ids, engine.model, id_lists)
-        return {"embeddings": vectors, "prompt_tokens": sum(map(len, id_lists)), "version": version}
+        return {"embeddings": vectors, "prompt_tokens": sum(map(len, id_lists)), "version": version,
+                "model_uri": model_uri}
 
     async def complete(self, req: dict) -> dict:
         """One request, answered whole (one batched call, no per-step messages between processes):

@@ -60,8 +60,9 @@ def quiet_worker_logs() -> None:
 class RunLog:
     """The run's history on every rank; rank 0 also prints and writes TensorBoard events."""
 
-    def __init__(self, rank: int, max_steps: int, history: list[dict[str, Any]] | None = None):
-        self.rank, self.max_steps = rank, max_steps
+    def __init__(self, rank: int, max_steps: int, history: list[dict[str, Any]] | None = None,
+                 max_seconds: float | None = None):
+        self.rank, self.max_steps, self.max_seconds = rank, max_steps, max_seconds
         self.run = os.environ.get(RUN_VAR, "run")
         self.history: list[dict[str, Any]] = list(history or [])
         self.writer, self.folder = None, None
@@ -80,7 +81,15 @@ class RunLog:
         for key, value in record.items():
             if key != "step":
                 self.writer.add_scalar(f"val/{key}" if key.startswith("val") else f"train/{key}", value, record["step"])
-        say(progress_message(self.run, record, self.max_steps, progress_line(record, self.max_steps)))
+        total = self.expected_steps(record)
+        say(progress_message(self.run, record, total, progress_line(record, total)))
+
+    def expected_steps(self, record: dict[str, Any]) -> int:
+        """The step the run ends at: train.max_steps, or sooner where train.max_seconds ends it first at the
+        rate so far (a schedule in seconds sets max_steps out of reach), for the progress line and its ETA."""
+        if not (self.max_seconds and record.get("train_s")):
+            return self.max_steps
+        return max(record["step"], min(self.max_steps, round(record["step"] * self.max_seconds / record["train_s"])))
 
     def upload(self, store: ObjectStore, uri: str, *, close: bool = False) -> None:
         """Rank 0: flush (or close) the event files and copy them to ``uri``."""

@@ -143,15 +143,16 @@ def _tuner(cfg: Config, store: ObjectStore, resume: bool, log: Log):
     else:
         search_alg = None
     concurrent = trials_at_once(cfg, connect().cluster_resources())
-    if search_alg is None:  # Ray's variant generator takes the concurrency limit itself
-        search_alg = BasicVariantGenerator(random_state=tc.seed, max_concurrent=concurrent)
+    limit = concurrent  # Tune wraps a searcher in a ConcurrencyLimiter
+    if search_alg is None:  # Ray's variant generator takes the limit itself (and warns that Tune's is ignored)
+        search_alg, limit = BasicVariantGenerator(random_state=tc.seed, max_concurrent=concurrent), None
     log(f"tune: {tc.search} search over {', '.join(tc.space)}; {tc.num_samples} samples, {concurrent} at once, "
         f"{tc.scheduler} on {tc.metric} ({tc.mode}) → {uris['tune']}")
     return tune.Tuner(
         trainable,
         param_space=search_space(tc.space),
         tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, num_samples=tc.num_samples, scheduler=scheduler,
-                                    search_alg=search_alg, max_concurrent_trials=concurrent),
+                                    search_alg=search_alg, max_concurrent_trials=limit),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   verbose=None if verbose() else 0),  # the progress line shows the trials

@@ -278,6 +278,21 @@ def assert_never_stored(store, root: str, mix_uri: str) -> None:
 
 
 
+WORDS = ["river", "stone", "garden", "window", "morning", "letter", "silver", "harbour", "lantern", "meadow",
+         "ticket", "engine", "basket", "orchard", "thunder", "pocket", "village", "candle", "compass", "feather"]
+
+
+def validation_words(cfg, store, n: int) -> str:
+    """``n`` words of one document of the corpus's validation split (its shards, decoded)."""
+    from lm.data.stream import ParquetSplit, read_head
+    from lm.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.from_json(store.read_text(f"{cfg.data_uri}/tokenizer.json"))
+    rows, _ = read_head(ParquetSplit.open(store, cfg.data_uri, "val"), 64)
+    docs = [d.split() for d in tok.decode(rows.reshape(-1).tolist()).split(tok.eos_token)[1:-1]]
+    return " ".join(max(docs, key=len)[:n])
+
+
 def test_garbage_is_rejected_and_production_stays(loop):
     cfg, store, registry, root = loop["cfg"], loop["store"], loop["registry"], loop["root"]
     production = registry.get("production").id
@@ -286,8 +301,14 @@ def test_garbage_is_rejected_and_production_stays(loop):
     # random bytes and repeated junk: nothing survives cleaning, so there is nothing to learn
     store.write_bytes(f"{root}/incoming/random.bin", random.Random(0).randbytes(30_000))
     store.write_text(f"{root}/incoming/junk.txt", "\n\n".join("BUY NOW buy now CLICK HERE " * 50 for _ in range(40)))
+    # a new text quoting 16 words of the corpus's validation split, the gate's fixed set: not learned
+    rng = random.Random(2)
+    filler = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(16)]
+    leak = [*filler[:8], validation_words(cfg, store, 16), *filler[8:]]
+    store.write_text(f"{root}/incoming/leak.txt", "\n".join(leak))
     first = run_iteration(cfg, store, log=lines.append)
     assert first["verdict"] == "rejected" and "no new data to learn from" in first["reasons"][0], first
+    assert "1 contaminated" in first["counts"]["documents_note"], first["counts"]
     assert ("1 objects skipped" in first["counts"]["documents_note"]
             or "skipped objects: 1" in first["counts"]["documents_note"])
     assert registry.get("production").id == production
@@ -301,6 +322,7 @@ def test_garbage_is_rejected_and_production_stays(loop):
     second = run_iteration(cfg, store, log=lines.append)
     assert second["verdict"] == "rejected", second
     assert any(r.startswith("FAIL fixed/bpb") for r in second["reasons"]), second["reasons"]
+    assert all(sum(reason in line for line in lines) == 1 for reason in second["reasons"]), lines  # printed once
     assert registry.get(second["version"]).status == "rejected"
     assert registry.get("production").id == production
     again = run_iteration(cfg, store, log=lines.append)

@@ -725,15 +725,23 @@ def test_serving_follows_the_registry_production_alias(server):
                                                     "serve.responses.flush_interval_s=0.5"])
     start(cfg)
     answer = client.completions.create(model="lmforge", prompt="PRIVATE: my secret plan", max_tokens=4)
+    embedded = client.embeddings.create(model="lmforge", input="PRIVATE: my secret plan")
+    eid = embedded.model_extra["id"]  # beside OpenAI's fields: embeddings responses have no id of their own
+    assert eid.startswith("emb-") and embedded.model_extra["system_fingerprint"] == v1.id
     deadline = time.monotonic() + 30
-    while not (logged := [u for u in store.list(cfg.responses_uri) if answer.id in store.read_text(u)]):
+    while True:
+        logged = [json.loads(x) for u in store.list(cfg.responses_uri) for x in store.read_text(u).splitlines()]
+        if {answer.id, eid} <= {r["id"] for r in logged}:
+            break
         assert time.monotonic() < deadline, "no response record"
         time.sleep(0.3)
-    (record,) = [json.loads(x) for x in store.read_text(logged[0]).splitlines() if answer.id in x]
-    assert set(record) == {"time", "type", "id", "model_version", "model_uri"} and record["model_version"] == v1.id
-    assert not any(answer.id in store.read_text(u) for u in store.list(cfg.feedback_uri))  # capture is off
-    chain = build_chain(cfg, store, answer.id)
-    assert chain.response.id == answer.id and chain.version.id == v1.id and chain.run.model_uri == server["v1"]
+    for rid, kind in ((answer.id, "completion"), (eid, "embedding")):
+        (record,) = [r for r in logged if r["id"] == rid]
+        assert set(record) == {"time", "type", "id", "model_version", "model_uri"}
+        assert record["model_version"] == v1.id and record["type"] == kind
+        assert not any(rid in store.read_text(u) for u in store.list(cfg.feedback_uri))  # capture is off
+        chain = build_chain(cfg, store, rid)
+        assert chain.response.id == rid and chain.version.id == v1.id and chain.run.model_uri == server["v1"]
 
     with under_load(client, "WHO:", 4, 0.7, threads=3) as (fingerprints, errors):
         assert settles_on(fingerprints, v1.id), fingerprints[-6:]

@@ -235,10 +235,11 @@ def test_load_rejects_mismatched_keys(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2, "d_ff": 72, "tie_embeddings": False, "dropout": 0.1},
-                                {"qk_norm": True}])
+                                {"qk_norm": True}, {"dropout": 0.1, "attention_dropout": 0.0}])
 def test_hf_config_roundtrip(kw):
     cfg = tiny(rope_theta=500.0, norm_eps=1e-6, **kw)
     assert config_from_hf(hf_config(cfg)) == cfg
+    assert hf_config(cfg)["attention_dropout"] == kw.get("attention_dropout", kw.get("dropout", 0.0))
     with pytest.raises(ValueError, match="mlp_bias"):
         config_from_hf({**hf_config(cfg), "mlp_bias": True})
     with pytest.raises(ValueError, match="vocab_size"):
@@ -272,3 +273,15 @@ def test_transformers_reads_saved_dir_with_equal_logits_and_greedy_text(tmp_path
         ours = model(x, attention_mask=mask, position_ids=pos)[0]
         theirs = hf(x, attention_mask=mask, position_ids=pos).logits
         assert (ours - theirs)[mask.bool()].abs().max() < 1e-4
+
+
+def test_attention_dropout_is_its_own_or_the_models():
+    """model.attention_dropout drops attention weights (Llama's attention_dropout) whatever model.dropout
+    says; null follows model.dropout."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 64, (2, 8))
+    only_attention = Transformer(tiny(dropout=0.0, attention_dropout=0.5)).train()
+    assert not torch.equal(only_attention(x)[0], only_attention(x)[0])  # the attention weights' dropout acts
+    assert torch.equal(only_attention.eval()(x)[0], only_attention(x)[0])
+    assert Transformer(tiny(dropout=0.5, attention_dropout=0.0)).model.layers[0].self_attn.dropout == 0.0
+    assert Transformer(tiny(dropout=0.5)).model.layers[0].self_attn.dropout == 0.5

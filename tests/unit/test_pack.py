@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lm.data.pack import pack_rows, rows_to_inputs_targets
+from lm.data.pack import pack_rows, rows_to_inputs_targets, unpack_documents
 
 EOS = 0
 
@@ -89,3 +89,17 @@ def test_supervised_examples_pack_with_their_masks_and_mask_the_prompt_targets()
     assert targets.tolist() == [[-100, 3, 0], [5, 6, 0]]
     with pytest.raises(ValueError, match="mask of 3"):
         pack_examples([([1, 2], [0, 1, 1])], seq_len=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(docs=st.lists(st.lists(st.integers(1, 50), min_size=1, max_size=12), max_size=20),
+       seq_len=st.integers(1, 9), block=st.integers(1, 4))
+def test_unpacking_a_shards_rows_gives_its_documents_back(docs, seq_len, block):
+    rows, dropped = pack_rows(docs, seq_len=seq_len, eos_id=EOS)
+    blocks = [rows[i:i + block] for i in range(0, len(rows), block)]  # row groups, in stored order
+    back = [d.tolist() for d in unpack_documents(blocks, EOS)]
+    stream = [t for d in docs for t in [*d, EOS]][: len(rows) * (seq_len + 1)]
+    whole = stream.count(EOS)  # documents whose end-of-text made it into a row
+    assert back[:whole] == docs[:whole]
+    if len(back) > whole:  # the one cut by the dropped partial row: its head
+        assert len(back) == whole + 1 and docs[whole][: len(back[-1])] == back[-1] and dropped > 0

@@ -131,6 +131,15 @@ def test_rank_0_prints_each_record_as_a_progress_message_and_quiets_ray_trains_r
     assert logging.getLogger(context.__file__).getEffectiveLevel() == logging.WARNING
 
 
+def test_a_run_ended_by_its_time_budget_shows_the_step_it_will_end_at():
+    from lm.train.run_log import RunLog
+
+    timed = RunLog(1, 1_000_000, max_seconds=300)  # schedule_unit: seconds sets max_steps out of reach
+    assert timed.expected_steps({"step": 100, "train_s": 15.0}) == 2000  # 100 steps in 15 s of 300
+    assert timed.expected_steps({"step": 100}) == 1_000_000  # no time measured yet
+    assert RunLog(1, 200, max_seconds=120).expected_steps({"step": 100, "train_s": 30.0}) == 200  # steps end it first
+
+
 def test_what_prints_while_the_bar_is_live_goes_above_it(monkeypatch):
     out = io.StringIO()
     monkeypatch.setattr("sys.stdout", out)
