@@ -11,7 +11,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lmforge/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-fast lint docs clean help
+.PHONY: install browser demo test test-fast lint docs clean help
 
 install: $(STAMP) ## create .venv: torch (pinned), lmforge with its test extras, DeepSpeed's CPU ops
 
@@ -22,6 +22,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,harness]'
 	$(BIN)/python -c 'from lm.train.engine import build_cpu_ops; build_cpu_ops()'  # DeepSpeed's CPU ops, once
 	touch $@
+
+# The console's browser tests (tests/integration/test_console.py) drive headless Chromium through chromedriver,
+# both from the OS packages (Debian: chromium, chromium-driver → /usr/bin/chromedriver), never a downloaded
+# driver. Installed here when missing: as root, or through sudo without a password; present: nothing to do.
+BROWSER_PKGS := chromium chromium-driver
+browser: ## headless Chromium + chromedriver from the OS packages (the console's browser tests), if missing
+	@if command -v chromium >/dev/null 2>&1 && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	  if [ "$$(id -u)" = 0 ]; then run=; elif sudo -n true 2>/dev/null; then run="sudo -n"; else \
+	    echo "make browser: install $(BROWSER_PKGS) from the OS packages (as root) for the browser tests" >&2; \
+	    exit 1; fi; \
+	  echo "installing $(BROWSER_PKGS) (apt-get)"; \
+	  $$run env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+	  $$run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BROWSER_PKGS) >/dev/null
 
 # A two-trial Ray Tune sweep on the demo's shards, the main job (data → train → evaluation report →
 # sample), Ray Serve hosts the trained model and answers one request through the openai client (with a
@@ -41,7 +54,7 @@ lint: install ## ruff over the repository
 
 # The suite runs in a private network + PID namespace (only loopback) where the machine allows it,
 # so Ray, Serve and the S3 server listen on 127.0.0.1 only; tests/isolated says when it cannot.
-test: lint ## ruff, then the whole suite (unit + integration: Ray, Serve, S3)
+test: lint browser ## ruff, then the whole suite (unit + integration: Ray, Serve, S3, the console in Chromium)
 	tests/isolated $(BIN)/pytest $(PYTEST_ARGS)
 
 # The unit tests (no Ray, no S3 server): the inner loop, under 3 minutes.

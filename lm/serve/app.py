@@ -27,6 +27,8 @@ from ray import serve
 
 from lm.config import Config, join_uri
 from lm.serve import errors, schemas
+from lm.serve.console.routes import ConsoleRoutes, add_routes
+from lm.serve.console.stats import LiveStats, Tee
 from lm.serve.errors import BadRequest, refused
 from lm.serve.failover import Failover, guarded
 from lm.serve.feedback import FeedbackLog, JsonlBatches
@@ -46,6 +48,7 @@ def _openapi() -> dict:
 api.openapi = _openapi
 api.add_middleware(Gate)
 errors.install(api)
+add_routes(api)  # the console (lm.serve.console): its page and /v1/console/ routes, methods of Api below
 
 
 def _sse(payload: dict | str) -> str:
@@ -53,14 +56,16 @@ def _sse(payload: dict | str) -> str:
 
 
 @serve.ingress(api)  # at import: each replica imports this module and gets the class-based routes
-class Api:
+class Api(ConsoleRoutes):
     def __init__(self, model, cfg: Config, store: ObjectStore, grants: dict):
         """``model``: the model deployment's handle, or None to hold a ModelServer here (serve.colocate);
         ``grants``: key digest → lm.serve.auth.Grant (this replica's share of each key's limits)."""
-        self.model, self.cfg, self.sc = model, cfg, cfg.serve
+        self.model, self.cfg, self.sc, self.store = model, cfg, cfg.serve, store
         self.local = ModelServer(cfg, store) if model is None else None
-        # this replica's process: its gate's settings, and the request metrics the gate records
-        Gate.configure(grants, self.sc.max_body_bytes, ServeMetrics())
+        # this replica's process: its gate's settings, and the request metrics the gate records (also into the
+        # numbers the console shows)
+        self.stats = LiveStats()
+        Gate.configure(grants, self.sc.max_body_bytes, Tee(ServeMetrics(), self.stats))
         several = model is not None and self.sc.autoscaling.max_replicas >= 2  # another replica to fail over to
         self.failover = Failover(self.sc.failover_retries if several else 0, self.sc.retry_after_s)
         self.feedback = None
@@ -132,14 +137,14 @@ class Api:
         route.start(heads)
         self.responses.add(route.provenance())
         if route.body.stream:
-            return StreamingResponse(guarded(self._events(request, route, streams)), media_type="text/event-stream",
-                                     headers={"x-lmforge-model-version": route.version})
+            return StreamingResponse(guarded(self._events(request, route, streams, requests)),
+                                     media_type="text/event-stream", headers={"x-lmforge-model-version": route.version})
         completion_tokens = sum(len(w["token_ids"]) for w in heads)
-        self._finish(request, route, [w["text"] for w in heads], completion_tokens)
+        self._finish(request, route, [w["text"] for w in heads], completion_tokens, requests)
         return JSONResponse({**route.response(completion_tokens), "system_fingerprint": route.version},
                             headers=route.headers())
 
-    async def _events(self, request: Request, route: RouteAdapter, streams: list):
+    async def _events(self, request: Request, route: RouteAdapter, streams: list, requests: list[dict]):
         texts, tokens = [""] * len(streams), 0
         for chunk in route.opening():
             yield _sse(chunk)
@@ -150,11 +155,14 @@ class Api:
         if route.body.usage_chunk():
             yield _sse(route.usage_chunk(schemas.usage(route.prompt_tokens(), tokens)))
         yield _sse("[DONE]")
-        self._finish(request, route, texts, tokens)
+        self._finish(request, route, texts, tokens, requests)
 
-    def _finish(self, request: Request, route: RouteAdapter, texts: list[str], completion_tokens: int) -> None:
-        """The request has been answered: its tokens count against its key (lm.serve.gate); feedback capture."""
+    def _finish(self, request: Request, route: RouteAdapter, texts: list[str], completion_tokens: int,
+                requests: list[dict]) -> None:
+        """The request has been answered: its tokens count against its key (lm.serve.gate) and in the console's
+        numbers (with its cache lookups); feedback capture."""
         report_usage(request, route.prompt_tokens() + completion_tokens)
+        self.stats.answered(completion_tokens, requests, route.heads)
         if self.feedback is not None:
             self.feedback.add(route.capture(texts))
 

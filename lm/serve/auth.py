@@ -9,7 +9,8 @@ The key file (``serve.api_keys_file``), one format for the API and the console's
     keys:
       - name: alice                 # names the key in errors and logs (never the key itself)
         key: sk-3f9c...             # 16 characters at least; not a placeholder
-        role: user                  # user: the API; admin: also the console's operations
+        role: user                  # user: the API and the console's playground; operator: also the
+                                    #   console's operators' view and actions (lm.serve.console)
         requests_per_minute: 600    # optional limits (lm.config.serve.KeyLimits): 429 beyond them;
         tokens_per_minute: 200000   #   those left out come from serve.key_limits
         max_concurrent: 8
@@ -31,6 +32,8 @@ from lm.config import ConfigError, ServeConfig
 from lm.config.serve import KeyLimits
 
 MIN_KEY_CHARS = 16
+OPERATOR = "operator"  # the role of the console's operators' view and actions
+Role = Literal["user", "operator"]
 PLACEHOLDER = re.compile(r"replace|change.?me|placeholder|example|your.?key|demo.?key|x{6}|\.\.\.", re.I)
 
 
@@ -40,7 +43,7 @@ class ApiKey(KeyLimits):
 
     name: str = Field(min_length=1, pattern=r"^[\w.@$\[\]-]+$")
     key: SecretStr
-    role: Literal["user", "admin"] = "user"
+    role: Role = "user"
 
     def limits(self, defaults: KeyLimits) -> KeyLimits:
         own = self.model_dump(include=set(KeyLimits.model_fields), exclude_none=True)
@@ -56,7 +59,7 @@ class Grant(BaseModel):
     """What a key may do in one ingress replica (the ingress's copy: no key, only its digest's entry)."""
 
     name: str
-    role: Literal["user", "admin"]
+    role: Role
     limits: KeyLimits
 
 
@@ -127,3 +130,9 @@ def identify(header: str | None, table: dict[str, Grant]) -> str | None:
         return None
     given = digest(header.removeprefix("Bearer ").strip())
     return given if given in table else None
+
+
+def grant_of(header: str | None, table: dict[str, Grant]) -> Grant | None:
+    """The grant of the key an ``Authorization`` header carries; None when it has none (or auth is off)."""
+    key = identify(header, table)
+    return table.get(key) if key else None

@@ -40,9 +40,10 @@ def report_usage(request: Request, tokens: int) -> None:
 
 
 def route_of(path: str) -> str:
-    """The route tag of a gated path: its route's short name, or ``other`` (an unknown path: a 404, and
-    no new tag value per path a client makes up)."""
-    return ROUTES.get(path[path.find("/v1/"):].rstrip("/"), "other")
+    """The route tag of a gated path: its route's short name, ``console`` for the console's own calls
+    (lm.serve.console), or ``other`` (an unknown path: a 404, and no new tag value per path a client makes up)."""
+    gated = path[path.find("/v1/"):]
+    return "console" if gated.startswith("/v1/console/") else ROUTES.get(gated.rstrip("/"), "other")
 
 
 class RequestMetrics(Protocol):

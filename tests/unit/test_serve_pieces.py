@@ -29,7 +29,7 @@ A, B, C = "sk-env-a-0123456789ab", "sk-env-b-0123456789ab", "sk-file-0123456789a
 
 def test_api_keys_from_env_and_key_file_with_roles_and_limits(tmp_path):
     secret = tmp_path / "keys.yaml"
-    secret.write_text(f"keys:\n  - {{name: ops, key: {C}, role: admin, requests_per_minute: 7}}\n")
+    secret.write_text(f"keys:\n  - {{name: ops, key: {C}, role: operator, requests_per_minute: 7}}\n")
     cfg = serve_cfg(f"serve.api_keys_file={secret}", "serve.key_limits.max_concurrent=4",
                     "serve.key_limits.requests_per_minute=100")
     keys = load_api_keys(cfg, {"LMFORGE_API_KEYS": f" {A}, {B} ,"})
@@ -37,7 +37,7 @@ def test_api_keys_from_env_and_key_file_with_roles_and_limits(tmp_path):
     table = grants(keys, cfg.key_limits, replicas=2)  # each of 2 ingress replicas enforces half, rounded up
     assert A not in table and all(len(d) == 64 for d in table)
     ops = table[identify(f"Bearer {C}", table)]
-    assert ops.role == "admin" and (ops.limits.requests_per_minute, ops.limits.max_concurrent) == (4, 2)
+    assert ops.role == "operator" and (ops.limits.requests_per_minute, ops.limits.max_concurrent) == (4, 2)
     assert table[identify(f"Bearer {B}", table)].limits.requests_per_minute == 50
     assert identify("Bearer sk-env-c-0123456789ab", table) is None and identify(A, table) is None
     assert identify(None, table) is None and identify(None, {}) == ""  # "": auth off
