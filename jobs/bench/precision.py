@@ -40,7 +40,7 @@ def packed_rows(cfg) -> np.ndarray:
 
 
 def run(cfg, rows: np.ndarray, precision: str, seconds: float) -> dict:
-    tc = cfg.train.model_copy(update={"precision": precision, "workers": 1, "zero_stage": 1,
+    tc = cfg.train.model_copy(update={"precision": precision, "workers": 1, "zero_stage": 1, "optimizer": "adamw",
                                       "max_steps": 100_000, "warmup_steps": 30})
     torch.manual_seed(0)
     engine = initialize_engine(Transformer(cfg.model), tc, seq_len=cfg.seq_len, world=1, on_gpu=False)

@@ -37,6 +37,7 @@ BASE = [  # the demo's model on one 2-core worker
     "train.batch_size=16", "train.lr=2e-3", "train.min_lr=1e-4", "train.warmup_steps=30",
     "train.eval_interval=1000000", "train.eval_batches=20", "train.log_interval=50",
     "train.schedule_unit=seconds", "train.max_steps=1000000", "data.dedup.exact=false", "data.dedup.near=false",
+    "train.optimizer=adamw", "train.schedule=cosine",  # the baseline row's, whatever the demo's preset has now
 ]
 WSD = ["train.schedule=wsd", "train.decay_fraction=0.3"]
 MUON = [*WSD, "train.optimizer=muon", "train.muon_lr=0.02", "train.zero_stage=0"]  # clipping the gradient

@@ -52,7 +52,8 @@ class ContinualConfig(Section):
         "data (against forgetting); 0.5 = one earlier row per new row.",
     )
     steps: int = Field(100, ge=1, description="Fine-tuning optimizer steps per iteration.")
-    lr: float = Field(3e-4, gt=0, description="Fine-tuning peak learning rate (train.* gives everything else).")
+    lr: float = Field(3e-4, gt=0, description="Fine-tuning peak learning rate (train.* gives everything else; "
+                      "with optimizer muon, muon_lr is scaled by continual.lr / train.lr).")
     warmup_steps: int = Field(10, ge=0, description="Fine-tuning warm-up steps.")
     gate: list[CompareRule] = Field(
         default_factory=_default_gate, min_length=1, description="Candidate vs production on the sets 'fixed' "

@@ -41,11 +41,13 @@ def iteration_uri(cfg: Config, n: int) -> str:
 
 
 def fine_tune_config(cfg: Config, n: int, mix_uri: str, init_from: str) -> Config:
-    """The training config of iteration ``n``: ``cfg.train`` with continual's steps and learning rate,
-    starting from ``init_from``, reading the mix, writing into the iteration's folder."""
-    c = cfg.continual
+    """The training config of iteration ``n``: ``cfg.train`` with continual's steps and learning rate (Muon's,
+    optimizer muon, scaled as train.lr is), starting from ``init_from``, reading the mix, writing into the
+    iteration's folder."""
+    c, scale = cfg.continual, cfg.continual.lr / cfg.train.lr  # Muon's matrices step down by the same ratio
     train = cfg.train.model_copy(update={
         "init_from": init_from, "max_steps": c.steps, "lr": c.lr, "min_lr": min(cfg.train.min_lr, c.lr),
+        "muon_lr": cfg.train.muon_lr * scale,
         "warmup_steps": min(c.warmup_steps, c.steps), "eval_interval": min(cfg.train.eval_interval, c.steps),
         "max_seconds": None, "schedule_unit": "steps", "stop_after_steps": None, "early_stopping_patience": None})
     data = cfg.data.model_copy(update={"output": mix_uri})
