@@ -121,7 +121,8 @@ class Worker:
         self.flops_per_token = flops_per_token(self.model.cfg, cfg.seq_len)
         self.engine, history = self._engine(checkpoint)
         self.accum = self.engine.gradient_accumulation_steps()
-        self.log = RunLog(self.rank, self.tc.max_steps, history, self.tc.max_seconds)  # rank 0: lines, TensorBoard
+        timed = self.tc.max_seconds if self.tc.schedule_unit == "seconds" else None  # the ETA: by time or by steps
+        self.log = RunLog(self.rank, self.tc.max_steps, history, timed)  # history; rank 0: lines, TensorBoard
 
     # ------------------------------------------------------------------------------ set-up and resume
 

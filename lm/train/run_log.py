@@ -85,8 +85,8 @@ class RunLog:
         say(progress_message(self.run, record, total, progress_line(record, total)))
 
     def expected_steps(self, record: dict[str, Any]) -> int:
-        """The step the run ends at: train.max_steps, or sooner where train.max_seconds ends it first at the
-        rate so far (a schedule in seconds sets max_steps out of reach), for the progress line and its ETA."""
+        """The step the run ends at, for the progress line and its ETA: train.max_steps, or, for a schedule in
+        seconds (``max_seconds`` given; its max_steps is out of reach), where max_seconds ends it at the rate so far."""
         if not (self.max_seconds and record.get("train_s")):
             return self.max_steps
         return max(record["step"], min(self.max_steps, round(record["step"] * self.max_seconds / record["train_s"])))

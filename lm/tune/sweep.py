@@ -52,10 +52,15 @@ def search_space(space: dict[str, Dimension]) -> dict[str, Any]:
             for key, d in space.items()}
 
 
+TRIAL_CPU = 0.01  # the trial function's own reservation (it only waits on its worker group)
+
+
 def trial_resources(cfg: Config) -> dict[str, float]:
-    """What one trial's worker group reserves at its largest (the trial function itself takes 0.01 CPU)."""
+    """What one trial reserves at its largest: its worker group and the trial function itself. Both count:
+    two 1-CPU trials do not fit 2 CPUs (the second's group waits for the first, and Ray Train reports a
+    start-up timeout after 60 s)."""
     tc = cfg.train
-    need = {"CPU": tc.max_workers * tc.cpus_per_worker}
+    need = {"CPU": tc.max_workers * tc.cpus_per_worker + TRIAL_CPU}
     if tc.gpus_per_worker:
         need["GPU"] = tc.max_workers * tc.gpus_per_worker
     for name, amount in tc.resources_per_worker.items():
@@ -116,7 +121,7 @@ def _tuner(cfg: Config, store: ObjectStore, resume: bool, log: Log):
 
     tc, uris = cfg.tune, sweep_uris(cfg.run_uri)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg, store=store, trials_uri=uris["trials"]), {"CPU": 0.01})
+        tune.with_parameters(run_trial, base=cfg, store=store, trials_uri=uris["trials"]), {"CPU": TRIAL_CPU})
     fs, path = store.pyarrow_filesystem(uris["ray"])
     experiment = f"{path.rstrip('/')}/{EXPERIMENT}"
     exists = tune.Tuner.can_restore(experiment, storage_filesystem=fs)

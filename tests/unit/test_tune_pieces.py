@@ -79,8 +79,9 @@ def test_a_dimension_that_changes_the_data_is_refused_before_any_work(tmp_path):
 
 def test_trials_at_once_fits_the_cluster_or_says_what_is_missing():
     cfg = tiny("train.workers=1", "train.cpus_per_worker=1")
-    assert trials_at_once(cfg, {"CPU": 2.0}) == 2
-    assert trials_at_once(tiny("train.workers=2"), {"CPU": 8.0}) == 4
+    assert trials_at_once(cfg, {"CPU": 2.0}) == 1  # the trial functions' 0.01 CPU each: a second group never fits
+    assert trials_at_once(tiny("train.workers=1", "train.cpus_per_worker=0.99"), {"CPU": 2.0}) == 2
+    assert trials_at_once(tiny("train.workers=2"), {"CPU": 8.0}) == 3
     assert trials_at_once(tiny("train.workers=1", "tune.max_concurrent_trials=1"), {"CPU": 8.0}) == 1
     assert trials_at_once(tiny("train.workers=1", "train.gpus_per_worker=1"), {"CPU": 16.0, "GPU": 3.0}) == 3
     with pytest.raises(ConfigError, match="one trial needs"):
