@@ -63,7 +63,6 @@ from lm.data.sft import SFTTokenizeActor, manifest_entry, read_records, write_sf
 from lm.data.sources import OBJECT_REASONS, DataError, check_every_source_read, plan_files, read_file_task
 from lm.data.steps import (
     Scratch,
-    StoredTokenizer,
     TokenizeActor,
     add_bucket,
     add_up,
@@ -339,8 +338,7 @@ def _tokenize(cfg: Config, docs, tok: BPETokenizer, scratch: Scratch,
     import ray
 
     sft = cfg.data.format == "sft"
-    stored = StoredTokenizer(absolute_uri(join_uri(cfg.data_uri, "tokenizer.json")), cfg.storage)  # published
-    actor_kwargs = {"tokenizer": stored, "weights": {s.name: s.weight for s in cfg.data.sources}}
+    actor_kwargs = {"tokenizer_json": tok.to_json(), "weights": {s.name: s.weight for s in cfg.data.sources}}
     size = "n_all" if sft else "n_tokens"  # what the rows hold (SFT: prompt and response)
     keys, sums = ["source", "split", *(["reason"] if sft else [])], sorted({"n_tokens", "n_bytes", "original", size})
     tokens, per_source = scratch(docs.map_batches(

@@ -41,7 +41,8 @@ from lm.data.pack import pack_examples
 from lm.data.pii import redact
 from lm.data.quality import COUNT_COLUMNS
 from lm.data.split import split_batch
-from lm.data.steps import READ_BATCH_ROWS, StoredTokenizer, load_tokenizer, repeat_by_weight, write_file
+from lm.data.steps import READ_BATCH_ROWS, repeat_by_weight, write_file
+from lm.tokenizer import BPETokenizer
 
 LONGER_THAN_ROW = "longer_than_row"
 # bad_json_line: not JSON; not_an_object: JSON but not {…}; missing_field: no prompt / response field (or
@@ -144,8 +145,8 @@ class SFTTokenizeActor:
     ``n_tokens`` / ``n_bytes`` of the response, ``n_all`` tokens in all and a ``reason`` (``longer_than_row``
     or ""); kept train examples repeated by their source's mixing weight."""
 
-    def __init__(self, tokenizer: StoredTokenizer | str, weights: dict[str, float], seq_len: int):
-        self.tok = load_tokenizer(tokenizer)
+    def __init__(self, tokenizer_json: str, weights: dict[str, float], seq_len: int):
+        self.tok = BPETokenizer.from_json(tokenizer_json)
         self.weights, self.width = weights, seq_len + 1
 
     def __call__(self, batch: dict[str, Any]) -> Any:

@@ -3,7 +3,6 @@ UDFs over the pure functions in lm.data.*, and the tokenizer actor. No Ray impor
 
   read_and_clean   files → cleaned documents with their split (one fused task per file)
   TokenizeActor    documents → token arrays, train documents repeated by their source's mixing weight
-  StoredTokenizer  a tokenizer by its URI: what a tokenizer actor is given (a small constructor argument)
   add_bucket       the shard each document goes to (a hash of its id: deterministic shard contents)
   write_shard      one (split, bucket) group → packed rows → one Parquet file (write_file: the write itself)
   repeat_by_weight train rows repeated by their source's mixing weight (also lm.data.sft's tokenizer)
@@ -18,14 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 from itertools import chain
 from typing import Any
 
 import numpy as np
 
-from lm.config import StorageConfig, join_uri
+from lm.config import join_uri
 from lm.data.clean import clean_batch
 from lm.data.loader import shard_bytes
 from lm.data.pack import pack_rows
@@ -34,33 +32,13 @@ from lm.data.tables import filter_in
 from lm.tokenizer import BPETokenizer
 
 
-@dataclass(frozen=True)
-class StoredTokenizer:
-    """A tokenizer by where it is stored. An actor pool's constructor arguments are kept in Ray's object
-    store when they are large (a tokenizer's JSON is), and the core worker warns, on the terminal, that a
-    restarted actor would then lose them: a URI stays small."""
-
-    uri: str
-    storage: StorageConfig
-
-    def load(self) -> BPETokenizer:
-        from lm.storage import ObjectStore
-
-        return BPETokenizer.from_json(ObjectStore(self.storage).read_text(self.uri))
-
-
-def load_tokenizer(tokenizer: StoredTokenizer | str) -> BPETokenizer:
-    """A tokenizer actor's tokenizer: from where it is stored, or from its JSON (tests)."""
-    return tokenizer.load() if isinstance(tokenizer, StoredTokenizer) else BPETokenizer.from_json(tokenizer)
-
-
 class TokenizeActor:
     """Holds one tokenizer per actor; turns a batch of documents into token arrays, each train document
     repeated by its source's mixing weight (:func:`~lm.data.split.mixing_copies`; copy k > 0 gets the
     id ``<id>~k``, so copies land in different shards)."""
 
-    def __init__(self, tokenizer: StoredTokenizer | str, weights: dict[str, float]):
-        self.tok = load_tokenizer(tokenizer)
+    def __init__(self, tokenizer_json: str, weights: dict[str, float]):
+        self.tok = BPETokenizer.from_json(tokenizer_json)
         self.weights = weights
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -100,6 +100,8 @@ class Embedding(_Out):
 
 
 class EmbeddingList(_Out):
+    id: str = Field(description="The response record's id (lmforge's; `lm lineage` starts from it).")
+    system_fingerprint: str = Field(description="The model version that answered.")
     object: Literal["list"]
     model: str
     usage: Usage

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +162,7 @@ def _tuner(cfg: Config, store: ObjectStore, resume: bool, log: Log):
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   verbose=None if verbose() else 0),  # the progress line shows the trials
+        # (Tune's newer output engine prints its experiment table and paths even at verbose 0: its older one not)
     )
 
 
@@ -183,6 +185,8 @@ def tune(cfg: Config, store: ObjectStore | None = None, log: Log = print, resume
     check_sweep(cfg, store)
     prepare_data(cfg, store, log)  # once, before any trial
     connect()
+    if not verbose():
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # read by the Tuner's fit in this process (see _tuner)
     grid = _tuner(cfg, store, resume, log).fit()
     tc, uris = cfg.tune, sweep_uris(cfg.run_uri)
     trials = _records(grid, list(tc.space))
