@@ -6,7 +6,8 @@ the driver (``log_to_driver``); :func:`install` puts a filter in front of Ray's 
   (:data:`CHATTER`): DeepSpeed's "… built successfully" on every communicator set-up, Ray Train's
   "Reporting training result …" reprs and placement-group clean-up, Ray's C++ note that an actor's
   constructor arguments live in the object store, Ray Serve's INFO lines and its "Cannot deregister
-  autoscaling state" warning, Ray Data's per-dataset INFO lines when it runs inside a task;
+  autoscaling state" warning, Ray Data's per-dataset INFO lines when it runs inside a task, the raylet's
+  count of worker processes started (a sweep starts several trials' workers at once);
 - every other line, warnings and errors included, is printed by Ray as before (with the bar cleared).
 """
 
@@ -29,6 +30,7 @@ CHATTER = (
     re.compile(r"^(Starting execution of|Execution plan of) Dataset |^Progress bars disabled\. |"
                r"^\S+\s+Dataset \S+ execution finished in "),  # Ray Data run inside a task
     re.compile(r"Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group"),
+    re.compile(r"WARNING: \d+ PYTHON worker processes have been started on node: .* maximum expected startup"),
 )
 logger = logging.getLogger("lmforge.workers")  # → the run's log file (lm.logfile), INFO: not the terminal
 

@@ -90,22 +90,24 @@ def test_worker_chatter_goes_to_the_log_and_progress_to_the_bar_the_rest_is_prin
              "WARNING 2026-12-04 10:30:27,963 controller 19565 -- Cannot deregister autoscaling state for deployment "
              "Deployment(name='api', app='lmforge') because it is not registered",
              "✔️  Dataset dataset_0358nKozip37VOO2vCLf98_0 execution finished in 1.20 seconds",
+             "WARNING: 8 PYTHON worker processes have been started on node: 1fec57 with address: 127.0.0.1, which is "
+             "4x the maximum expected startup concurrency of 2 (2 CPUs), which may cause performance degradation.",
              progress_message("tiny", record(15, val_loss=5.3, val_bpb=4.04), 30),
              "RuntimeError: a real error",
              "WARNING 2026-12-04 10:30:28,001 controller 19565 -- Replica(id='x') failed health check, stopping it",
              "early stop: no better validation loss for 3 evaluations"]
     progress, quiet, shown = sort_lines(lines, verbose=False)
-    assert [u["step"] for u in progress] == [15] and quiet == lines[:6] and shown == lines[7:]
-    assert sort_lines(lines, verbose=True)[2] == lines[:6] + lines[7:]  # lm --verbose: all of it
+    assert [u["step"] for u in progress] == [15] and quiet == lines[:7] and shown == lines[8:]
+    assert sort_lines(lines, verbose=True)[2] == lines[:7] + lines[8:]  # lm --verbose: all of it
 
     printed: list[dict] = []
     out = io.StringIO()
     handle = filtered(printed.append, Display(out, tty=False, interval_s=60), verbose=False)
     with caplog.at_level("INFO", logger="lmforge.workers"):
         handle({"lines": lines, "pid": 42, "actor_name": "RayTrainWorker", "is_err": False})
-    assert [batch["lines"] for batch in printed] == [lines[7:]] and printed[0]["pid"] == 42
+    assert [batch["lines"] for batch in printed] == [lines[8:]] and printed[0]["pid"] == 42
     assert out.getvalue().startswith("train tiny: step 15/30 loss 4.5000 · val 4.040 bpb")
-    assert [r.getMessage() for r in caplog.records] == [f"(RayTrainWorker pid=42) {line}" for line in lines[:6]]
+    assert [r.getMessage() for r in caplog.records] == [f"(RayTrainWorker pid=42) {line}" for line in lines[:7]]
 
 
 def test_rank_0_prints_each_record_as_a_progress_message_and_quiets_ray_trains_report_lines(capsys, monkeypatch):
