@@ -54,6 +54,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (the row it changes, i
     "muon-dropout": ("muon", [*MUON, "model.dropout=0.1"]),  # the model overfits the 1 MB corpus by 2,000 steps
     # dropout on the residual stream only: on CPU the attention weights' dropout leaves the fused kernel (-30% tok/s)
     "muon-resid-dropout": ("muon-dropout", [*MUON, "model.dropout=0.1", "model.attention_dropout=0"]),
+    "muon-resid-dropout-lr3": ("muon-resid-dropout", [*MUON, "model.dropout=0.1", "model.attention_dropout=0",
+                                                      "train.muon_lr=0.03"]),  # regularised: a higher rate
 }
 
 
