@@ -56,6 +56,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (the row it changes, i
     "muon-resid-dropout": ("muon-dropout", [*MUON, "model.dropout=0.1", "model.attention_dropout=0"]),
     "muon-resid-dropout-lr3": ("muon-resid-dropout", [*MUON, "model.dropout=0.1", "model.attention_dropout=0",
                                                       "train.muon_lr=0.03"]),  # regularised: a higher rate
+    "muon-resid-dropout-qk-norm": ("muon-resid-dropout", [*MUON, "model.dropout=0.1", "model.attention_dropout=0",
+                                                          "model.qk_norm=true"]),
+    "muon-resid-dropout-0.15": ("muon-resid-dropout", [*MUON, "model.dropout=0.15", "model.attention_dropout=0"]),
 }
 
 
