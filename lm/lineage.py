@@ -186,9 +186,9 @@ def _version_chain(cfg: Config, store: ObjectStore, registry: Registry, v: Versi
 
 
 def _continual(cfg: Config, store: ObjectStore, registry: Registry, v: Version, depth: int) -> ContinualLink:
-    from lm.continual.ledger import Ledger
+    from lm.continual.ledger import Ledger, continual_root
 
-    ledger = Ledger(store, join_uri(cfg.registry_uri, "continual"))
+    ledger = Ledger(store, continual_root(cfg.registry_uri))
     claim = next((it for it in ledger.iterations() if it["n"] == v.iteration), None)
     parent = None
     if v.parent and depth < _MAX_DEPTH:

@@ -31,7 +31,7 @@ import numpy as np
 
 from lm.config import Config, SourceConfig, join_uri
 from lm.continual.feedback import Pair, parse_lines, sft_pairs, sft_tokens
-from lm.data.decontam import split_grams
+from lm.data.decontam import shard_grams
 from lm.data.dedup import CorpusIndex
 from lm.data.loader import corpus_index_tables, shard_bytes
 from lm.data.manifest import MixManifest, ShardEntry, TokenizerEntry, add_shards, read_manifest
@@ -222,7 +222,7 @@ def _new_documents(cfg: Config, store: ObjectStore, it_uri: str, tok: BPETokeniz
     new_uri = join_uri(it_uri, "new")
     inc = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources, "output": new_uri})})
     dc, corpus = cfg.data.decontaminate, read_manifest(store, cfg.data_uri)  # the gate's fixed set: its val split
-    held_out = {f"corpus {split}": split_grams(store, cfg.data_uri, split, tok, dc.ngram)
+    held_out = {f"corpus {split}": shard_grams(store, corpus.shards_of(cfg.data_uri, split), tok, dc.ngram)
                 for split in dc.splits if dc.enabled and corpus.rows_in(split)}
     try:
         index = corpus_index(cfg, store, earlier_runs)

@@ -25,7 +25,7 @@ from collections.abc import Collection
 from lm.config import Config, join_uri
 from lm.config.eval import EvalSetConfig
 from lm.continual.increment import Mix, build_mix, list_inputs
-from lm.continual.ledger import Ledger
+from lm.continual.ledger import Ledger, continual_root
 from lm.progress import Log
 from lm.registry import Registry, RegistryError, Version
 from lm.storage import ObjectStore
@@ -33,7 +33,7 @@ from lm.storage import ObjectStore
 
 def continual_uri(cfg: Config) -> str:
     """Where the ledger and the iterations' folders live: ``<registry>/continual``."""
-    return join_uri(cfg.registry_uri, "continual")
+    return continual_root(cfg.registry_uri)
 
 
 def iteration_uri(cfg: Config, n: int) -> str:

@@ -1,7 +1,7 @@
 """The ledger of what continual learning has consumed: each iteration's inputs (object URI + ETag)
 and how it ended, kept in object storage so that no input is ever learned from twice.
 
-    ledger = Ledger(store, join_uri(cfg.registry_uri, "continual"))
+    ledger = Ledger(store, continual_root(cfg.registry_uri))
     todo = ledger.new_inputs(store.list_etags(prefix) | ...)   # objects (or new versions of them) not yet taken
     it = ledger.open_iteration() or ledger.claim(todo)         # an interrupted iteration is resumed, not re-claimed
     ...                                                        # prepare, fine-tune, gate
@@ -22,6 +22,11 @@ from typing import Any
 
 from lm.config import join_uri
 from lm.storage import ObjectStore
+
+
+def continual_root(registry_uri: str) -> str:
+    """Where continual learning keeps its ledger and its iterations' folders: ``<registry>/continual``."""
+    return join_uri(registry_uri, "continual")
 
 
 class LedgerError(RuntimeError):

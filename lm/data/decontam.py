@@ -96,15 +96,14 @@ def gather(ds: Any, batch_rows: int = 1 << 20) -> Iterator[np.ndarray]:
         yield np.asarray(batch["h"], dtype=np.uint64)
 
 
-def split_grams(store, data_uri: str, split: str, tokenizer, n: int) -> Iterator[np.ndarray]:
-    """The n-gram hashes of each document of ``split`` in the data directory ``data_uri`` (its packed shards,
-    decoded with ``tokenizer``; one row group at a time): what an increment of that corpus (lm.continual) is
-    decontaminated against, the corpus's held-out texts no longer being there as text."""
-    from lm.data.manifest import read_manifest
+def shard_grams(store, shards: list[str], tokenizer, n: int) -> Iterator[np.ndarray]:
+    """The n-gram hashes of each document of packed ``shards`` (URIs; decoded with ``tokenizer``, one row group
+    at a time): what an increment of a corpus (lm.continual) is decontaminated against, the corpus's held-out
+    texts no longer being there as text."""
     from lm.data.pack import unpack_documents
     from lm.data.stream import ParquetSplit
 
-    for uri in read_manifest(store, data_uri).shards_of(data_uri, split):
+    for uri in shards:
         shard = ParquetSplit.of_uris([uri], store.pyarrow_filesystem)
         blocks = (shard.read(i)[0] for i in range(len(shard.unit_rows)))
         for tokens in unpack_documents(blocks, tokenizer.eos_id):
@@ -166,7 +165,7 @@ def decontaminate(cfg, store, docs: Any, held_out: dict[str, Iterable[np.ndarray
     against, and what that was (the manifest's entry, ``dropped`` left for the caller to count); ``docs``
     unchanged and None when data.decontaminate is off. Reads the held-out splits of ``docs`` once (their
     n-gram hashes come to the driver) and the other texts here; ``held_out``: more n-gram hashes by name
-    (an existing corpus's held-out splits, :func:`split_grams`)."""
+    (an existing corpus's held-out splits, :func:`shard_grams`)."""
     from lm.data.tables import filter_in
 
     dc = cfg.data.decontaminate

@@ -190,10 +190,13 @@ def _log_action(message: str, *args) -> None:
 def _replicas(app_name: str) -> dict[str, dict[str, int]]:
     """Replicas per deployment and state, from Serve's controller ({} if it cannot be asked)."""
     from ray import serve
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
 
     try:
         app = serve.status().applications.get(app_name)
-    except Exception:  # the numbers page must not fail on the controller
+    except (RayServeException, RayError) as err:  # the controller is unreachable: the other numbers still show
+        audit.warning("console: no replica counts from Serve's controller: %s", err)
         return {}
     return {name: dict(d.replica_states) for name, d in app.deployments.items()} if app else {}
 

@@ -70,9 +70,9 @@ def plot_bytes(store: ObjectStore, version: Version, name: str) -> bytes:
 
 def iterations_view(store: ObjectStore, registry_uri: str) -> list[dict[str, Any]]:
     """The continual-learning iterations (newest first): inputs taken, when, and how each ended."""
-    from lm.continual.ledger import Ledger
+    from lm.continual.ledger import Ledger, continual_root
 
-    ledger = Ledger(store, join_uri(registry_uri, "continual"))  # lm.continual.iteration.continual_uri
+    ledger = Ledger(store, continual_root(registry_uri))
     out = []
     for it in reversed(ledger.iterations()):
         outcome = it.get("outcome") or {}
