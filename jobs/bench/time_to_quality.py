@@ -21,6 +21,7 @@ import argparse
 import datetime
 import gzip
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -41,16 +42,13 @@ BASE = [  # the demo's model on one 2-core worker
 ]
 WSD = ["train.schedule=wsd", "train.decay_fraction=0.3"]
 MUON = [*WSD, "train.optimizer=muon", "train.muon_lr=0.02", "train.zero_stage=0"]  # clipping the gradient
+RECIPE_ROW = "muon-resid-dropout-qk-norm"
+RECIPE = [*MUON, "model.dropout=0.1", "model.attention_dropout=0", "model.qk_norm=true"]
 TWO_WORKERS = ["train.workers=2", "train.cpus_per_worker=1", "train.batch_size=8", "train.global_batch_tokens=2048"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (the row it changes, its overrides on BASE)
     "baseline": ("", []),  # AdamW, cosine over the budget
     "wsd": ("baseline", WSD),
     "muon": ("wsd", MUON),
-    "muon-bf16": ("muon", [*MUON, "train.precision=bf16"]),
-    "muon-compile": ("muon", [*MUON, "train.compile=true"]),
-    "muon-2x1": ("muon", [*MUON, *TWO_WORKERS]),  # 2 workers x 1 thread against 1 x 2
-    "muon-qk-norm": ("muon", [*MUON, "model.qk_norm=true"]),  # Qwen3's QK-norm
-    "muon-untied": ("muon", [*MUON, "model.tie_embeddings=false"]),
     "muon-dropout": ("muon", [*MUON, "model.dropout=0.1"]),  # the model overfits the 1 MB corpus by 2,000 steps
     # dropout on the residual stream only: on CPU the attention weights' dropout leaves the fused kernel (-30% tok/s)
     "muon-resid-dropout": ("muon-dropout", [*MUON, "model.dropout=0.1", "model.attention_dropout=0"]),
@@ -59,6 +57,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (the row it changes, i
     "muon-resid-dropout-qk-norm": ("muon-resid-dropout", [*MUON, "model.dropout=0.1", "model.attention_dropout=0",
                                                           "model.qk_norm=true"]),
     "muon-resid-dropout-0.15": ("muon-resid-dropout", [*MUON, "model.dropout=0.15", "model.attention_dropout=0"]),
+    # one change each against the recipe (the best row so far)
+    "recipe-compile": (RECIPE_ROW, [*RECIPE, "train.compile=true"]),
+    "recipe-2x1": (RECIPE_ROW, [*RECIPE, *TWO_WORKERS]),  # 2 workers x 1 thread against 1 x 2
+    "recipe-untied": (RECIPE_ROW, [*RECIPE, "model.tie_embeddings=false"]),
+    "recipe-vocab-4096": (RECIPE_ROW, [*RECIPE, "tokenizer.vocab_size=4096", "model.vocab_size=4096"]),
+    "recipe-6-layers": (RECIPE_ROW, [*RECIPE, "model.n_layers=6"]),  # deeper: fewer steps in the budget
+    "recipe-context-256": (RECIPE_ROW, [*RECIPE, "model.max_seq_len=256", "train.batch_size=8"]),  # same tokens/step
 }
 
 
@@ -81,7 +86,7 @@ def run(minutes: float, overrides: list[str], seed: int) -> dict:
     return {"seed": seed, "steps": summary.steps, "train_s": round(last["train_s"], 1),
             "val_bpb": round(last["val_bpb"], 4), "tokens_per_s": round(statistics.median(
                 r["tokens_per_s"] for r in speed), 1), "model_gflops": round(statistics.median(
-                r["model_gflops"] for r in speed), 2)}
+                r["model_gflops"] for r in speed), 2), "load_1m": round(os.getloadavg()[0], 2)}
 
 
 def table(rows: list[dict], minutes: float) -> str:
