@@ -160,17 +160,21 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*hd] -> [B, T, d_model]
 
 
+ACTIVATIONS = {"silu": F.silu, "relu2": lambda x: F.relu(x).square()}  # model.activation -> function
+
+
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu, gated ReLU² with relu2."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
+        self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, d_model] -> [B, T, ff_dim] -> [B, T, d_model]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -252,8 +256,12 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                     kv_cache=kv_cache, last_only=last_only)
         if targets is not None and loss_kernel != "torch":
+            if self.cfg.logit_softcap:
+                raise ValueError(f"model.logit_softcap needs loss_kernel torch, not {loss_kernel}")
             return None, self.lm_head(hidden, targets, loss_kernel)
         logits = self.lm_head(hidden).float()  # [B, T, V]
+        if cap := self.cfg.logit_softcap:
+            logits = cap * torch.tanh(logits / cap)  # [B, T, V] within (-cap, cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE)

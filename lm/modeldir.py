@@ -26,16 +26,21 @@ from lm.tokenizer import BPETokenizer, tokenizer_config_json
 
 # ---------------------------------------------------------------- config.json + model.safetensors
 
+SOFTCAP_TYPE = "lmforge-softcap"  # model_type of a soft-capped model: no transformers class computes it
+
 
 def hf_config(cfg: ModelConfig, *, bos_token_id=None, eos_token_id=None, pad_token_id=None,
               dtype: torch.dtype = torch.float32) -> dict:
     """``config.json`` for ``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` with ``qk_norm`` (Llama plus QK-norm),
-    describing this model (both also read by vLLM)."""
+    describing this model (both also read by vLLM). A soft-capped model (no such class) is lmforge's own type,
+    which transformers refuses rather than load without its cap."""
     dtype_name = str(dtype).removeprefix("torch.")
     qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+    base_type = "qwen3" if cfg.qk_norm else "llama"
+    capped = {"logit_softcap": cfg.logit_softcap, "base_model_type": base_type} if cfg.logit_softcap else {}
     return {
         "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
-        "model_type": "qwen3" if cfg.qk_norm else "llama",
+        "model_type": SOFTCAP_TYPE if capped else base_type,
         **(qwen3 if cfg.qk_norm else {}),
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ff_dim,
@@ -49,7 +54,7 @@ def hf_config(cfg: ModelConfig, *, bos_token_id=None, eos_token_id=None, pad_tok
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
+        "hidden_act": cfg.activation,
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": cfg.attn_dropout,
@@ -59,7 +64,7 @@ def hf_config(cfg: ModelConfig, *, bos_token_id=None, eos_token_id=None, pad_tok
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "pad_token_id": pad_token_id,
-        "lmforge": {"dropout": cfg.dropout, "attention_dropout": cfg.attention_dropout},
+        "lmforge": {"dropout": cfg.dropout, "attention_dropout": cfg.attention_dropout, **capped},
     }
 
 
@@ -71,12 +76,14 @@ def config_from_hf(d: dict) -> ModelConfig:
     if absent := [k for k in required if k not in d]:
         raise ValueError(f"Llama config lacks {absent}")
     rope = d.get("rope_parameters") or {}
+    ours = d.get("lmforge") or {}
+    model_type = ours.get("base_model_type") if d.get("model_type") == SOFTCAP_TYPE else d.get("model_type", "llama")
     problems = [
         f"{key}={d.get(key)!r}"
         for key, ok in [
-            ("model_type", d.get("model_type", "llama") in ("llama", "qwen3")),
+            ("model_type", model_type in ("llama", "qwen3")),
             ("use_sliding_window", not d.get("use_sliding_window")),
-            ("hidden_act", d.get("hidden_act", "silu") == "silu"),
+            ("hidden_act", d.get("hidden_act", "silu") in ("silu", "relu2")),
             ("attention_bias", not d.get("attention_bias")),
             ("mlp_bias", not d.get("mlp_bias")),
             ("rope_scaling", not d.get("rope_scaling")),
@@ -102,10 +109,12 @@ def config_from_hf(d: dict) -> ModelConfig:
         vocab_size=d["vocab_size"],
         rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
         norm_eps=d.get("rms_norm_eps", 1e-6),
-        dropout=(d.get("lmforge") or {}).get("dropout", 0.0),  # lmforge's own: null = as dropout (older ones)
+        dropout=ours.get("dropout", 0.0),  # lmforge's own: null = as dropout (older ones)
         attention_dropout=d["lmforge"].get("attention_dropout") if "lmforge" in d else d.get("attention_dropout", 0.0),
         tie_embeddings=d.get("tie_word_embeddings", False),
-        qk_norm=d.get("model_type") == "qwen3",
+        qk_norm=model_type == "qwen3",
+        activation=d.get("hidden_act", "silu"),
+        logit_softcap=ours.get("logit_softcap"),
         init_std=d.get("initializer_range", 0.02),
     )
     return cfg if cfg.ff_dim == ff else cfg.model_copy(update={"d_ff": ff})

@@ -63,6 +63,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (the row it changes, i
     "recipe-untied": (RECIPE_ROW, [*RECIPE, "model.tie_embeddings=false"]),
     "recipe-vocab-4096": (RECIPE_ROW, [*RECIPE, "tokenizer.vocab_size=4096", "model.vocab_size=4096"]),
     "recipe-6-layers": (RECIPE_ROW, [*RECIPE, "model.n_layers=6"]),  # deeper: fewer steps in the budget
+    "recipe-relu2": (RECIPE_ROW, [*RECIPE, "model.activation=relu2"]),  # gated ReLU² against SwiGLU
+    "recipe-softcap": (RECIPE_ROW, [*RECIPE, "model.logit_softcap=15"]),  # measured only: no HF equivalent
     "recipe-context-256": (RECIPE_ROW, [*RECIPE, "model.max_seq_len=256", "train.batch_size=8"]),  # same tokens/step
 }
 

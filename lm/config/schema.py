@@ -217,6 +217,13 @@ class ModelConfig(Section):
         None, ge=0, lt=1, description="Dropout on the attention weights (Llama's attention_dropout); null = "
         "model.dropout. On CPU any is costly: attention then leaves its fused kernel (jobs/bench/time_to_quality.py).")
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output projection.")
+    activation: Literal["silu", "relu2"] = Field(
+        "silu", description="The gated MLP's activation: silu (SwiGLU, Llama's) or relu2 (gated ReLU², "
+        "transformers' hidden_act relu2).")
+    logit_softcap: float | None = Field(
+        None, gt=0, description="Soft-cap the logits to ±c with c·tanh(logits / c) (Gemma 2's final cap); null = "
+        "none. No Llama or Qwen3 equivalent: the model directory is then lmforge's own (model_type "
+        "lmforge-softcap, which transformers refuses); measured in jobs/bench/time_to_quality.py, in no preset.")
     qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys before RoPE (Qwen3's "
                           "QK-norm); the model directory is then a Qwen3ForCausalLM one, not Llama.")
     init_std: float = Field(
@@ -294,6 +301,9 @@ class Config(Section):
         if self.data.seq_len is not None and self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         self.train.check_batch(self.seq_len)  # global_batch_tokens divides evenly at every allowed size
+        if self.model.logit_softcap and self.train.loss_kernel != "torch":
+            raise ValueError(f"model.logit_softcap needs train.loss_kernel torch (the {self.train.loss_kernel} "
+                             "kernel computes uncapped logits)")
         if self.data.format == "sft" and self.continual.feedback_as == "text":
             raise ValueError("continual.feedback_as text needs data.format text: with sft data, feedback pairs "
                              "are supervised examples (feedback_as: sft)")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lm.config import ModelConfig
+from lm.config import ConfigError, ModelConfig, load_config
 from lm.model import KVCache, Transformer, flops_per_token, num_params
 from lm.modeldir import config_from_hf, hf_config, load_model, save_model
 
@@ -235,7 +235,8 @@ def test_load_rejects_mismatched_keys(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2, "d_ff": 72, "tie_embeddings": False, "dropout": 0.1},
-                                {"qk_norm": True}, {"dropout": 0.1, "attention_dropout": 0.0}])
+                                {"qk_norm": True}, {"dropout": 0.1, "attention_dropout": 0.0},
+                                {"activation": "relu2"}, {"logit_softcap": 15.0, "qk_norm": True}])
 def test_hf_config_roundtrip(kw):
     cfg = tiny(rope_theta=500.0, norm_eps=1e-6, **kw)
     assert config_from_hf(hf_config(cfg)) == cfg
@@ -246,13 +247,14 @@ def test_hf_config_roundtrip(kw):
         config_from_hf({k: v for k, v in hf_config(cfg).items() if k != "vocab_size"})
 
 
-@pytest.mark.parametrize(("tied", "qk_norm"), [(True, False), (False, False), (True, True)],
-                         ids=["llama-tied", "llama-untied", "qwen3-qk-norm"])
-def test_transformers_reads_saved_dir_with_equal_logits_and_greedy_text(tmp_path, tied, qk_norm):
-    """Each architecture option maps exactly onto a transformers class (Llama; Qwen3 for QK-norm): the same
-    logits, also left-padded, and the same greedy continuation."""
+@pytest.mark.parametrize(("tied", "qk_norm", "activation"),
+                         [(True, False, "silu"), (False, False, "silu"), (True, True, "silu"), (True, False, "relu2")],
+                         ids=["llama-tied", "llama-untied", "qwen3-qk-norm", "llama-gated-relu2"])
+def test_transformers_reads_saved_dir_with_equal_logits_and_greedy_text(tmp_path, tied, qk_norm, activation):
+    """Each architecture option maps exactly onto a transformers class (Llama; Qwen3 for QK-norm; Llama's
+    hidden_act relu2 for gated ReLU²): the same logits, also left-padded, and the same greedy continuation."""
     transformers = pytest.importorskip("transformers")
-    model = make(n_kv_heads=2, tie_embeddings=tied, rope_theta=500.0, qk_norm=qk_norm)
+    model = make(n_kv_heads=2, tie_embeddings=tied, rope_theta=500.0, qk_norm=qk_norm, activation=activation)
     with torch.no_grad():  # norm gains off 1, so a norm applied in the wrong place (or not at all) shows
         for name, p in model.named_parameters():
             if p.dim() == 1:
@@ -285,3 +287,26 @@ def test_attention_dropout_is_its_own_or_the_models():
     assert torch.equal(only_attention.eval()(x)[0], only_attention(x)[0])
     assert Transformer(tiny(dropout=0.5, attention_dropout=0.0)).model.layers[0].self_attn.dropout == 0.0
     assert Transformer(tiny(dropout=0.5)).model.layers[0].self_attn.dropout == 0.5
+
+
+def test_logit_softcap_bounds_logits_and_is_not_passed_off_as_llama(tmp_path):
+    """model.logit_softcap caps the logits (c·tanh(z/c)); its directory reloads in lmforge with the cap, and
+    transformers refuses it rather than load a Llama without the cap. Fused loss kernels are refused."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    capped = make(logit_softcap=0.5)
+    x = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        logits = capped(x)[0]
+        plain = Transformer(capped.cfg.model_copy(update={"logit_softcap": None}))
+        plain.load_state_dict(capped.state_dict())
+        assert logits.abs().max() <= 0.5 < plain(x)[0].abs().max()
+        assert torch.allclose(logits, 0.5 * torch.tanh(plain(x)[0] / 0.5), atol=1e-6)
+    save_model(capped, tmp_path)
+    assert torch.equal(load_model(tmp_path)(x)[0], logits)
+    with pytest.raises((ValueError, KeyError), match="lmforge-softcap"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="loss_kernel torch"):
+        capped(x, x, loss_kernel="chunked")
+    with pytest.raises(ConfigError, match=r"logit_softcap needs train\.loss_kernel torch"):
+        load_config(None, ["model.logit_softcap=30", "train.loss_kernel=chunked"])
