@@ -65,6 +65,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (the row it changes, i
     "recipe-6-layers": (RECIPE_ROW, [*RECIPE, "model.n_layers=6"]),  # deeper: fewer steps in the budget
     "recipe-relu2": (RECIPE_ROW, [*RECIPE, "model.activation=relu2"]),  # gated ReLU² against SwiGLU
     "recipe-softcap": (RECIPE_ROW, [*RECIPE, "model.logit_softcap=15"]),  # measured only: no HF equivalent
+    "recipe-chunked-loss": (RECIPE_ROW, [*RECIPE, "train.loss_kernel=chunked"]),  # the head and loss in chunks
     "recipe-context-256": (RECIPE_ROW, [*RECIPE, "model.max_seq_len=256", "train.batch_size=8"]),  # same tokens/step
 }
 
