@@ -1,6 +1,7 @@
 """The ``lm`` command line: the parser and ``main``. Each subcommand loads the config, then calls its function
 in lm.commands. The jobs (run, data, train, tune, serve, eval, continual) send the libraries' logs to the
-run's log file (lm.logfile) and say where once; ``--verbose`` on any command shows them live as well.
+run's log file (lm.logfile) and say where once, and so do Ray's C++ notes in the driver (lm.native_stderr);
+``--verbose`` on any command shows them live as well.
 
     lm run              [--config F] [key.sub=value ...]   the main job (make demo)
     lm data prepare     [--config F] [key.sub=value ...]   corpora → cleaned, deduplicated token shards (Ray Data)
@@ -200,8 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in JOBS and not getattr(args, "render", None):
             from lm.logfile import open_log_file
 
-            path = open_log_file(cfg.run_uri, cfg.name, args.command, verbose=bool(getattr(args, "verbose", False)))
+            verbose = bool(getattr(args, "verbose", False))
+            path = open_log_file(cfg.run_uri, cfg.name, args.command, verbose=verbose)
             print(f"log file: {path} (Ray, DeepSpeed, library logs; lm --verbose shows them here too)", flush=True)
+            if argv is None and not verbose:  # the `lm` command itself, not a caller's (a test's) process
+                from lm.native_stderr import route_native_stderr
+
+                route_native_stderr()
         print(args.func(cfg, args))
     except (ConfigError, StorageError, DataError, RegistryError, RagError, FileNotFoundError) as err:
         print(f"lm: error: {err}", file=sys.stderr)

@@ -51,10 +51,7 @@ def _config_flag(args: argparse.Namespace) -> str:
 def cmd_data_prepare(cfg: Config, args: argparse.Namespace) -> str:
     from lm.data.pipeline import prepare_data
 
-    manifest = prepare_data(cfg)
-    splits = ", ".join(f"{s} {e.docs:,} docs / {e.tokens:,} tokens" for s, e in sorted(manifest.splits.items()))
-    return (f"data: {splits}; {len(manifest.shards)} shards, {len(manifest.skipped_objects)} skipped objects "
-            f"→ {cfg.data_uri}/manifest.json")
+    return prepare_data(cfg).summary_table()
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> str:
@@ -240,20 +237,19 @@ def cmd_registry(cfg: Config, args: argparse.Namespace) -> str:
 
 def cmd_continual(cfg: Config, args: argparse.Namespace) -> str:
     from lm.continual.iteration import run_iteration, watch
-    from lm.registry import Registry, table
+    from lm.registry import Registry
     from lm.storage import ObjectStore
 
     store = ObjectStore(cfg.storage)
-    if args.watch:
-        with live_progress():
+    with live_progress():  # each iteration prints its verdict (lm.continual.iteration)
+        if args.watch:
             watch(cfg, store, iterations=args.iterations)
-        outcome = "watch ended"
-    else:
-        with live_progress():
-            found = run_iteration(cfg, store)
-        outcome = f"continual: {found['verdict']}" + (f" {found['version']}" if found.get("version") else "")
+        else:
+            run_iteration(cfg, store)
     reg = Registry(store, cfg.registry_uri)
-    return f"{outcome}\n{table(reg.versions(), reg.state())}"
+    aliases = ", ".join(f"{alias} {vid}" for alias, vid in sorted(reg.state()["aliases"].items()))
+    return (f"registry: {len(reg.versions())} versions ({aliases or 'no aliases'}); "
+            f"`{prog()} registry list{_config_flag(args)}` lists them")
 
 
 def cmd_rag(cfg: Config, args: argparse.Namespace) -> str:

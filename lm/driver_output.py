@@ -2,12 +2,15 @@
 the driver (``log_to_driver``); :func:`install` puts a filter in front of Ray's printer:
 
 - a rank-0 training record (lm.progress.TAG) goes to the live progress line (lm.progress.display);
+- a line a worker tagged for the log file (lm.progress.FILE_TAG: a trial's start and end lines) goes there,
+  untagged, and to the terminal too with ``lm --verbose``;
 - known library chatter goes to the run's log file (lm.logfile), not the terminal, unless ``lm --verbose``
   (:data:`CHATTER`): DeepSpeed's "… built successfully" on every communicator set-up, Ray Train's
   "Reporting training result …" reprs and placement-group clean-up, Ray's C++ note that an actor's
   constructor arguments live in the object store, Ray Serve's INFO lines and its "Cannot deregister
   autoscaling state" warning, Ray Data's per-dataset INFO lines when it runs inside a task, the raylet's
-  count of worker processes started (a sweep starts several trials' workers at once);
+  count of worker processes started (a sweep starts several trials' workers at once), torch's note that a
+  host without reverse DNS gives its sockets no hostname;
 - every other line, warnings and errors included, is printed by Ray as before (with the bar cleared).
 """
 
@@ -18,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lm.progress import Display, display, parse_progress
+from lm.progress import FILE_TAG, Display, display, parse_progress
 
 HANDLER = "ray_print_logs"  # the name Ray gives its printer in the driver's stdstream dispatcher
 CHATTER = (
@@ -31,6 +34,7 @@ CHATTER = (
                r"^\S+\s+Dataset \S+ execution finished in "),  # Ray Data run inside a task
     re.compile(r"Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group"),
     re.compile(r"WARNING: \d+ PYTHON worker processes have been started on node: .* maximum expected startup"),
+    re.compile(r"\[c10d\] The hostname of the client socket cannot be retrieved"),  # no reverse DNS: gloo is fine
 )
 logger = logging.getLogger("lmforge.workers")  # → the run's log file (lm.logfile), INFO: not the terminal
 
@@ -47,6 +51,8 @@ def sort_lines(lines: Iterable[str], *, verbose: bool) -> tuple[list[dict[str, A
         update = parse_progress(line)
         if update is not None:
             progress.append(update)
+        elif (at := line.find(FILE_TAG)) >= 0:
+            (shown if verbose else quiet).append(line[:at] + line[at + len(FILE_TAG):])
         elif not verbose and chatter(line):
             quiet.append(line)
         else:

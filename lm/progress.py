@@ -7,11 +7,16 @@ A Ray Train rank-0 worker prints each training record as one line, its words the
 as one bar on a terminal (steps, loss, validation bits/byte, tokens/s, ETA; every trial of a sweep in the
 same bar) or, when stdout is no terminal (CI, logs), prints a plain line at most every
 ``LMFORGE_PROGRESS_INTERVAL_S`` seconds (15 by default), each run's first and last record always.
+
+A pipeline's steps (lm.data's stages) go to :func:`stage`: on a terminal one status line, each step replacing
+the one before and gone when the pipeline ends (:func:`end_stages`); otherwise a pipeline's first step and then
+at most one step per interval print. The log file (logger ``lmforge.progress``) gets every step.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -24,8 +29,10 @@ from typing import Any, TextIO
 Log = Callable[[str], None]
 
 TAG = "lmforge-progress "  # a worker's progress record, as JSON after the tag
+FILE_TAG = "lmforge-log "  # a worker's line for the run's log file only (lm.driver_output), after the tag
 FIELDS = ("step", "loss", "val_loss", "val_bpb", "tokens_per_s")
 INTERVAL_VAR = "LMFORGE_PROGRESS_INTERVAL_S"
+logger = logging.getLogger("lmforge.progress")  # every step of a pipeline → the run's log file (lm.logfile)
 
 
 def progress_message(run: str, record: dict[str, Any], max_steps: int, line: str = "") -> str:
@@ -34,6 +41,12 @@ def progress_message(run: str, record: dict[str, Any], max_steps: int, line: str
     fields = {k: record[k] for k in FIELDS if k in record}
     words = f"{line}  " if line else ""
     return words + TAG + json.dumps({"run": run, "max_steps": max_steps, **fields})
+
+
+def log_file_line(line: str) -> None:
+    """Print ``line`` from a Ray worker for the driver's log file, not its terminal (a sweep's trials' own
+    start and end lines: the sweep's table says what matters)."""
+    print(FILE_TAG + line, flush=True)
 
 
 def parse_progress(line: str) -> dict[str, Any] | None:
@@ -93,8 +106,41 @@ class Display:
         self.runs: dict[str, dict[str, Any]] = {}  # run → its newest update (+ "_printed", "_start")
         self.finished: dict[str, int] = {}  # run → its last step shown (a record Ray forwards late is old news)
         self.bar = None
+        self.status = None  # a pipeline's status line on a terminal (a tqdm of no bar)
+        self.stages_shown = 0  # steps of the current pipeline printed in plain mode
         self.last_plain: float | None = None
         self.lock = threading.RLock()
+
+    def stage(self, text: str) -> None:
+        """One step of a pipeline (see the module docstring)."""
+        logger.info(text)
+        with self.lock:
+            if self.tty:
+                self._draw_status(text)
+            elif not self.stages_shown or self.last_plain is None or \
+                    self.clock() - self.last_plain >= self.interval_s:
+                self.stream.write(text + "\n")
+                self.stream.flush()
+                self.stages_shown, self.last_plain = self.stages_shown + 1, self.clock()
+
+    def end_stages(self) -> None:
+        """The pipeline is over: its status line goes; the next pipeline's first step prints again."""
+        with self.lock:
+            self.stages_shown = 0
+            if self.status is not None:
+                self.status.close()
+                self.status = None
+                self._release_stdout()
+
+    def _draw_status(self, text: str) -> None:
+        if self.status is not None:
+            self.status.set_description_str(text)
+            return
+        from tqdm import tqdm
+
+        self.status = tqdm(total=None, file=self.stream, desc=text, bar_format="{desc}", leave=False,
+                           ncols=shutil.get_terminal_size((120, 24)).columns or 120)
+        self._hold_stdout()
 
     def update(self, update: dict[str, Any]) -> None:
         with self.lock:
@@ -140,8 +186,7 @@ class Display:
                             ncols=size.columns or 120, nrows=size.lines or 24,
                             bar_format="{desc} {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} "
                                        "[{elapsed}<{remaining}]{postfix}")
-            if sys.stdout is self.stream:  # whatever prints meanwhile (Ray Tune's tables, log lines) goes above
-                sys.stdout = AboveBar(self.stream, self)
+            self._hold_stdout()
             return
         self.bar.total = total
         self.bar.set_description_str(desc, refresh=False)
@@ -153,12 +198,11 @@ class Display:
         """End the live progress: the bar stays as the last line; in plain mode each run's last record
         prints if the rate limit held it back."""
         with self.lock:
-            if isinstance(sys.stdout, AboveBar) and sys.stdout.shown is self:
-                sys.stdout.flush()
-                sys.stdout = self.stream
+            self.end_stages()
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
+            self._release_stdout()
             for run, update in self.runs.items():
                 if not self.tty and not update["_printed"]:
                     self._print_plain(run, eta=False)  # an early stop's, or a stopped trial's: no time left
@@ -168,11 +212,23 @@ class Display:
     def write(self, emit: Callable[[], None]) -> None:
         """Run ``emit`` (it writes lines to the terminal) with the bar cleared first and drawn again after."""
         with self.lock:
-            if self.bar is None:
+            live = self.bar or self.status
+            if live is None:
                 emit()
                 return
-            with self.bar.external_write_mode(file=self.stream):
+            with live.external_write_mode(file=self.stream):  # clears and redraws every line on the stream
                 emit()
+
+    def _hold_stdout(self) -> None:
+        """Whatever prints while a line is live (Ray Tune's tables, log lines) goes above it."""
+        if sys.stdout is self.stream:
+            sys.stdout = AboveBar(self.stream, self)
+
+    def _release_stdout(self) -> None:
+        if self.bar is None and self.status is None and isinstance(sys.stdout, AboveBar) \
+                and sys.stdout.shown is self:
+            sys.stdout.flush()
+            sys.stdout = self.stream
 
 
 class AboveBar:
@@ -215,6 +271,15 @@ def display() -> Display:
     if _display is None:
         _display = Display()
     return _display
+
+
+def stage(text: str) -> None:
+    """A pipeline's step on this process's live progress (:meth:`Display.stage`)."""
+    display().stage(text)
+
+
+def end_stages() -> None:
+    display().end_stages()
 
 
 @contextmanager

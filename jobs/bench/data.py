@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import logging
 import math
 import os
 import re
@@ -192,6 +193,13 @@ def pipeline_run(args, corpus: Path, store_root: Path) -> tuple[dict, object]:
     def log(line: str) -> None:
         lines.append(line)
         print(line, flush=True)
+
+    class Stages(logging.Handler):  # each stage's line (lm.progress.stage logs every one; the terminal shows some)
+        def emit(self, record: logging.LogRecord) -> None:
+            log(record.getMessage())
+
+    logging.getLogger("lmforge.progress").addHandler(Stages(logging.INFO))
+    logging.getLogger("lmforge.progress").setLevel(logging.INFO)
 
     if args.object_store_mb:  # a small store: the shuffles must spill to disk, not fail
         import ray

@@ -145,6 +145,15 @@ class DataManifest(BaseManifest):
     texts: dict[str, str] = {}  # split -> JSONL of its documents' texts, when asked for
     sft: dict[str, Any] | None = None  # the supervised format's settings (kind sft)
 
+    def summary_line(self) -> str:
+        """The corpus in one line: documents and tokens per split, shards, vocabulary, what was removed."""
+        splits = ", ".join(f"{s} {e.docs:,} docs / {e.tokens:,} tokens" for s, e in sorted(self.splits.items()))
+        removed = [f"{n:,} {kind.replace('_', ' ') if 'duplicate' in kind else f'{kind} duplicates'}"
+                   for kind, n in self.dedup.items() if n]
+        removed += [f"{n:,} {reason}" for reason, n in sorted(self.dropped.items()) if n]
+        return (f"{splits}; {len(self.shards)} shards, vocabulary {self.tokenizer.vocab_size:,}; removed: "
+                f"{', '.join(removed) or 'nothing'}; {len(self.skipped_objects)} objects skipped")
+
     def summary_table(self) -> str:
         """A plain-text table of documents, tokens and bytes per source and split."""
         lines = [f"{'source':<20} {'split':<6} {'docs':>9} {'tokens':>12} {'bytes':>13}  dropped"]

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Iterable
@@ -74,10 +75,12 @@ from lm.data.steps import (
 )
 from lm.data.summary import build_manifest, reason_totals
 from lm.data.tables import filter_in
-from lm.progress import Log
+from lm.progress import Log, end_stages, stage
 from lm.storage import ObjectStore, StorageError
 from lm.tokenizer import BPETokenizer, train_tokenizer
 from lm.uri import absolute_uri
+
+logger = logging.getLogger("lmforge.data")  # → the run's log file (lm.logfile)
 
 SCRATCH = "tmp"  # <data>/tmp-<fingerprint>/: the run's intermediate Parquet (lm.data.steps.Scratch)
 
@@ -112,7 +115,7 @@ def inputs_fingerprint(cfg: Config, files: list[dict], extra: str = "") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _train_tokenizer(cfg: Config, docs, total: int, log: Log) -> BPETokenizer:
+def _train_tokenizer(cfg: Config, docs, total: int) -> BPETokenizer:
     """Train on a seeded sample (≤ tokenizer.max_train_bytes) of the train split (``total`` bytes), in id order."""
     train = filter_in(docs, "split", ["train"])
     fraction = min(1.0, cfg.tokenizer.max_train_bytes / max(total, 1))
@@ -120,7 +123,7 @@ def _train_tokenizer(cfg: Config, docs, total: int, log: Log) -> BPETokenizer:
     seed = cfg.data.seed
     sample = train if fraction >= 1 else train.map_batches(
         hash_sample, fn_kwargs={"seed": seed, "fraction": fraction}, batch_format="pyarrow", zero_copy_batch=True)
-    log(f"tokenizer: training on {fraction:.0%} of {total / 1e6:.1f} MB of train text")
+    stage(f"data: training the tokenizer on {fraction:.0%} of {total / 1e6:.1f} MB of train text")
     # to the driver: a sample bounded by tokenizer.max_train_bytes (what the trainer holds anyway), not the corpus
     rows = sorted(sample.select_columns(["id", "text"]).take_all(), key=lambda r: r["id"])
     return train_tokenizer((str(r["text"]) for r in rows), cfg.tokenizer)
@@ -170,7 +173,7 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
             if isinstance(old, DataManifest) and old.inputs_fingerprint == fingerprint:
                 log(f"data: {manifest_uri} is up to date (inputs {fingerprint}); nothing to do")
                 return old
-    log(f"data: {len(files)} files from {len(cfg.data.sources)} sources → {out}")
+    stage(f"data: {len(files)} files from {len(cfg.data.sources)} sources → {out}")
     ray = connect()
     context = ray.data.DataContext.get_current()  # datasets made below keep its settings
     previous = context.shuffle_strategy, context.target_max_block_size, context.op_resource_reservation_enabled
@@ -181,23 +184,24 @@ def prepare_data(cfg: Config, store: ObjectStore | None = None, log: Log = print
         context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     context.target_max_block_size = int(cfg.data.block_mb * 2**20)  # what one task holds (blocks, read-backs)
     try:
-        manifest = _run_stages(cfg, store, files, fingerprint, log, tokenizer, known, export_texts, held_out)
+        manifest = _run_stages(cfg, store, files, fingerprint, tokenizer, known, export_texts, held_out)
     finally:
+        end_stages()
         context.shuffle_strategy, context.target_max_block_size, context.op_resource_reservation_enabled = previous
         store.delete(join_uri(out, f"{SCRATCH}-{fingerprint}"))
-    log(f"data: manifest → {manifest_uri} ({time.perf_counter() - start:.0f} s)")
+    log(f"data: {manifest.summary_line()} → {manifest_uri} ({time.perf_counter() - start:.0f} s)")
     return manifest
 
 
 class _StageClock:
-    """Logs how long each stage took (the pipeline's progress lines)."""
+    """Shows each stage done and how long it took (lm.progress.stage: the live status line, the log file)."""
 
-    def __init__(self, log: Log):
-        self.log, self.last = log, time.perf_counter()
+    def __init__(self):
+        self.last = time.perf_counter()
 
     def __call__(self, message: str) -> None:
         now = time.perf_counter()
-        self.log(f"data: {message} [{now - self.last:.1f} s]")
+        stage(f"data: {message} [{now - self.last:.1f} s]")
         self.last = now
 
 
@@ -211,10 +215,10 @@ def _partitions(cfg: Config, n_bytes: float) -> int:
     return max(cfg.data.shuffle_partitions, math.ceil(n_bytes / (cfg.data.block_mb * 2**20)))
 
 
-def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint: str, log: Log,
+def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint: str,
                 tokenizer: BPETokenizer | None, known: CorpusIndex | None, export_texts: tuple[str, ...],
                 held_out: dict[str, Iterable[np.ndarray]] | None) -> DataManifest:
-    done = _StageClock(log)
+    done = _StageClock()
     out = cfg.data_uri
     scratch = Scratch(store, join_uri(out, f"{SCRATCH}-{fingerprint}"))
     sft = cfg.data.format == "sft"
@@ -234,7 +238,7 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
                         f"{len(skipped)})")
 
     train_bytes = sum(r["sum(n_bytes)"] for r in per_split if r["split"] == "train")
-    tok = tokenizer or _train_tokenizer(cfg, docs, train_bytes, log)
+    tok = tokenizer or _train_tokenizer(cfg, docs, train_bytes)
     store.publish_file(tok.to_json().encode(), join_uri(out, "tokenizer.json"))
     done(f"tokenizer {'given' if tokenizer else 'trained'} ({tok.vocab_size} tokens)")
     texts = export_splits(store, out, docs, export_texts)
@@ -252,7 +256,7 @@ def _run_stages(cfg: Config, store: ObjectStore, files: list[dict], fingerprint:
                               source_objects(store, files))
     store.publish_file(manifest.dumps(), join_uri(out, MANIFEST))
     _remove_stale(store, out, fingerprint)
-    log(manifest.summary_table())
+    logger.info("data: the corpus\n%s", manifest.summary_table())
     return manifest
 
 

@@ -19,6 +19,7 @@ BLEU / ROUGE, label-choice precision / recall / F1 and samples (lm.eval.generati
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -34,10 +35,11 @@ from lm.eval.ngram import NGramLM
 from lm.eval.report import training_curves, write_report
 from lm.eval.sets import EvalRows, Piece, load_set, ngram_train_rows, prompt_set
 from lm.modeldir import LoadedModel, load_model_dir
-from lm.progress import Log
+from lm.progress import Log, end_stages, stage
 from lm.storage import ObjectStore
 
 FORMAT = "lmforge.eval/1"
+logger = logging.getLogger("lmforge.eval")  # → the run's log file (lm.logfile)
 
 
 @dataclass
@@ -50,7 +52,7 @@ class EvalResult:
     seconds: float
 
 
-def _ngram(cfg: Config, store: ObjectStore, loaded: LoadedModel, seq_len: int, cache: dict, log: Log):
+def _ngram(cfg: Config, store: ObjectStore, loaded: LoadedModel, seq_len: int, cache: dict):
     """The n-gram baseline for this model's tokenizer (fitted once per tokenizer), and what it is."""
     key = (loaded.tokenizer.fingerprint(), loaded.model.cfg.vocab_size)
     if key not in cache:
@@ -59,7 +61,7 @@ def _ngram(cfg: Config, store: ObjectStore, loaded: LoadedModel, seq_len: int, c
         order = cfg.eval.ngram_order
         lm = NGramLM.fit(rows, order, loaded.model.cfg.vocab_size) if rows is not None else None
         seconds = time.perf_counter() - start
-        log(f"eval: {order}-gram baseline {note} [{seconds:.1f} s]")
+        logger.info("eval: %s-gram baseline %s [%.1f s]", order, note, seconds)  # the sets' lines show its scores
         cache[key] = (lm, {"order": order, "note": note, "fit_seconds": round(seconds, 2)})
     return cache[key]
 
@@ -160,7 +162,7 @@ def measure(cfg: Config, store: ObjectStore, model_uri: str, log: Log = print, n
     out: dict = {"model": model, "ngram": None, "sets": {}}
     if not harness_only:
         seq_len = min(cfg.seq_len, loaded.model.cfg.max_seq_len)
-        ngram, out["ngram"] = _ngram(cfg, store, loaded, seq_len, {} if ngram_cache is None else ngram_cache, log)
+        ngram, out["ngram"] = _ngram(cfg, store, loaded, seq_len, {} if ngram_cache is None else ngram_cache)
         out["sets"] = {spec.name: _score_set(cfg, store, model_uri, loaded, spec, seq_len, ngram, log)
                        for spec in cfg.eval.sets}
         out.update(_prompt_metrics(cfg, store, loaded, log))
@@ -174,15 +176,18 @@ def measure(cfg: Config, store: ObjectStore, model_uri: str, log: Log = print, n
     return out
 
 
-def _baseline(cfg: Config, store: ObjectStore, uri: str, log: Log, cache: dict, harness_only: bool) -> dict:
+def _baseline(cfg: Config, store: ObjectStore, uri: str, cache: dict, harness_only: bool) -> dict:
     """The baseline's report part: read from a report.json, or measured now on the same sets."""
     if uri.endswith(".json"):
         report = json.loads(store.read_text(uri))
         if report.get("format") != FORMAT:
             raise DataError(f"{uri}: not an lmforge evaluation report (format {report.get('format')!r})")
         return {**report, "uri": report["model"]["uri"], "report": uri}
-    log(f"eval: measuring the baseline {uri} on the same sets")
-    measured = measure(cfg, store, uri, log, cache, harness_only)
+    stage(f"eval: measuring the baseline {uri} on the same sets")  # the comparison's lines show its numbers
+    try:
+        measured = measure(cfg, store, uri, stage, cache, harness_only)
+    finally:
+        end_stages()
     measured.pop("harness_run", None)
     return {**measured, "uri": uri}
 
@@ -201,7 +206,7 @@ def evaluate(cfg: Config, store: ObjectStore | None = None, model_uri: str | Non
     harness_run = report.pop("harness_run", None)
     verdict = None
     if compare_to:
-        baseline = _baseline(cfg, store, compare_to, log, cache, harness_only)
+        baseline = _baseline(cfg, store, compare_to, cache, harness_only)
         report["baseline"] = {k: baseline.get(k) for k in ("uri", "report", "model", "sets", "generation", "labels",
                                                              "harness")}
         verdict = compare(flat_metrics(report), flat_metrics(baseline), cfg.eval.compare)

@@ -24,7 +24,7 @@ from lm.cluster import connect, verbose
 from lm.config import Config, ConfigError, Dimension, join_uri, with_overrides
 from lm.data.pipeline import inputs_fingerprint, prepare_data
 from lm.data.sources import plan_files
-from lm.progress import Log
+from lm.progress import Log, log_file_line
 from lm.storage import ObjectStore
 from lm.tune.results import TrialRecord, best_config, config_yaml, curves_png, results_table, sweep_uris
 
@@ -112,7 +112,8 @@ def run_trial(params: dict[str, Any], *, base: Config, store: ObjectStore, trial
     from lm.train.trainer import train
 
     trial_id = tune.get_context().get_trial_id()
-    train(trial_config(base, params, trial_id, trials_uri), store, callbacks=[TuneReportCallback()], prepare=False)
+    train(trial_config(base, params, trial_id, trials_uri), store, log_file_line, callbacks=[TuneReportCallback()],
+          prepare=False)
 
 
 def _tuner(cfg: Config, store: ObjectStore, resume: bool, log: Log):

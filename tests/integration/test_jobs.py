@@ -69,8 +69,9 @@ def test_the_tiny_pipeline_runs_as_a_submitted_job_on_s3(head, s3_server):
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert f"→ {root}/runs/tiny/model;" in logs and f"evaluation report → {root}/runs/tiny/eval/report.md" in logs
-    # one line per data stage, not Ray Data's progress dumps (lm --verbose shows them)
-    assert "data: read and cleaned" in logs and "logging_progress" not in logs and "Running Dataset" not in logs
+    # the data stages' first line and a summary, not Ray Data's progress dumps (lm --verbose shows them)
+    assert "data: 1 files from 1 sources" in logs and "shards, vocabulary" in logs
+    assert "logging_progress" not in logs and "Running Dataset" not in logs
     store = s3_server.store(root=root)
     assert store.is_published(f"{root}/runs/tiny/model")
     for artifact in ("data/manifest.json", "data/tokenizer.json", "model/model.safetensors", "eval/report.md",

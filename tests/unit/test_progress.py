@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 
 from lm.driver_output import filtered, sort_lines
-from lm.progress import Display, parse_progress, plain_line, progress_message
+from lm.progress import FILE_TAG, Display, parse_progress, plain_line, progress_message
 
 
 class Clock:
@@ -99,6 +99,11 @@ def test_worker_chatter_goes_to_the_log_and_progress_to_the_bar_the_rest_is_prin
     progress, quiet, shown = sort_lines(lines, verbose=False)
     assert [u["step"] for u in progress] == [15] and quiet == lines[:7] and shown == lines[8:]
     assert sort_lines(lines, verbose=True)[2] == lines[:7] + lines[8:]  # lm --verbose: all of it
+    hostname = "[W1204 14:26:59.986419894 socket.cpp:207] [c10d] The hostname of the client socket cannot be retrieved."
+    assert sort_lines([hostname], verbose=False)[1] == [hostname]
+    tagged = f"{FILE_TAG}train: 60 steps in 44 s; model → trials/a/model"  # a sweep's trial's own line
+    assert sort_lines([tagged], verbose=False)[1:] == (["train: 60 steps in 44 s; model → trials/a/model"], [])
+    assert sort_lines([tagged], verbose=True)[1:] == ([], ["train: 60 steps in 44 s; model → trials/a/model"])
 
     printed: list[dict] = []
     out = io.StringIO()
@@ -157,3 +162,31 @@ def test_what_prints_while_the_bar_is_live_goes_above_it(monkeypatch):
     assert len(lines) == 3 and lines[-1] == ""
     assert lines[0].endswith("Trial status: 2 RUNNING") and lines[0].split("\r")[-2].strip() == ""  # bar cleared
     assert "30/30" in lines[1].rsplit("\r", 1)[-1]
+
+
+def test_pipeline_steps_are_one_status_line_on_a_terminal_and_rate_limited_plain_lines_elsewhere(monkeypatch, caplog):
+    out, clock = io.StringIO(), Clock()
+    plain = Display(out, tty=False, interval_s=10, clock=clock)
+    with caplog.at_level("INFO", logger="lmforge.progress"):
+        for t, text in [(0, "data: read"), (4, "data: dedup"), (11, "data: tokenized"), (12, "data: packed")]:
+            clock.now = t
+            plain.stage(text)
+        plain.end_stages()
+        plain.stage("data: read (a second pipeline)")  # its first step prints whatever the clock says
+    assert out.getvalue().splitlines() == ["data: read", "data: tokenized", "data: read (a second pipeline)"]
+    assert [r.getMessage() for r in caplog.records][:4] == ["data: read", "data: dedup", "data: tokenized",
+                                                           "data: packed"]  # the log file gets every step
+
+    term = io.StringIO()
+    monkeypatch.setattr("sys.stdout", term)
+    live = Display(term, tty=True)
+    live.stage("data: read [1.0 s]")
+    print("data: a line printed meanwhile")  # goes above the status line
+    live.stage("data: tokenized [2.0 s]")
+    live.end_stages()
+    import sys
+
+    assert sys.stdout is term  # put back
+    text = term.getvalue()
+    assert text.count("\n") == 1 and "data: a line printed meanwhile\n" in text  # the status left no line behind
+    assert "data: tokenized [2.0 s]" in text and text.rsplit("\r", 1)[-1].strip() == ""  # replaced, then cleared
