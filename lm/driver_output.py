@@ -16,6 +16,7 @@ the driver (``log_to_driver``); :func:`install` puts a filter in front of Ray's 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -79,9 +80,21 @@ def filtered(printer: Callable[[dict], None], progress: Display, *, verbose: boo
 
 
 def install(*, verbose: bool) -> bool:
-    """Put :func:`filtered` in front of Ray's printer in this driver (after ``ray.init``); False where Ray
-    prints no worker output here (``log_to_driver=False``, a worker process)."""
+    """Put :func:`filtered` in front of Ray's printer in this driver (after ``ray.init``): the workers' lines
+    and the raylet's messages to the driver (its count of worker processes started, which Ray's error
+    listener prints itself); False where Ray prints no worker output here (``log_to_driver=False``, a worker
+    process)."""
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    raylet_printer = ray_worker.print_to_stdstream  # what listen_error_messages calls, looked up at each call
+    if not getattr(raylet_printer, "lmforge", False):
+        def raylet_messages(data: dict, ignore_prefix: bool) -> None:
+            printer = functools.partial(raylet_printer, ignore_prefix=ignore_prefix)
+            filtered(printer, display(), verbose=verbose)(data)
+
+        raylet_messages.lmforge = True
+        ray_worker.print_to_stdstream = raylet_messages
 
     with dispatcher._lock:
         handlers = list(dispatcher.handlers)

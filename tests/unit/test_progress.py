@@ -190,3 +190,22 @@ def test_pipeline_steps_are_one_status_line_on_a_terminal_and_rate_limited_plain
     text = term.getvalue()
     assert text.count("\n") == 1 and "data: a line printed meanwhile\n" in text  # the status left no line behind
     assert "data: tokenized [2.0 s]" in text and text.rsplit("\r", 1)[-1].strip() == ""  # replaced, then cleared
+
+
+def test_the_raylets_messages_to_the_driver_pass_the_same_filter(monkeypatch, caplog):
+    """Ray's error listener prints the raylet's messages with its own call (not the log dispatcher's)."""
+    import ray._private.worker as ray_worker
+
+    from lm.driver_output import install
+
+    printed: list[tuple[list[str], bool]] = []
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append(
+        (data["lines"], ignore_prefix)))
+    install(verbose=False)  # no ray.init here: only the error listener's printer is wrapped
+    count = ("WARNING: 8 PYTHON worker processes have been started on node: 1fec with address: 127.0.0.1, which is "
+             "4x the maximum expected startup concurrency of 2 (2 CPUs), which may cause performance degradation.")
+    with caplog.at_level("INFO", logger="lmforge.workers"):
+        ray_worker.print_to_stdstream({"lines": [count, "A worker died or was killed"], "pid": "raylet",
+                                       "is_err": False}, ignore_prefix=False)
+    assert printed == [(["A worker died or was killed"], False)]
+    assert [r.getMessage() for r in caplog.records] == [f"(worker pid=raylet) {count}"]
