@@ -147,7 +147,8 @@ class DataManifest(BaseManifest):
 
     def summary_line(self) -> str:
         """The corpus in one line: documents and tokens per split, shards, vocabulary, what was removed."""
-        splits = ", ".join(f"{s} {e.docs:,} docs / {e.tokens:,} tokens" for s, e in sorted(self.splits.items()))
+        order = sorted(self.splits, key=lambda s: ["train", "val", "test", s].index(s))  # train first
+        splits = ", ".join(f"{s} {self.splits[s].docs:,} docs / {self.splits[s].tokens:,} tokens" for s in order)
         removed = [f"{n:,} {kind.replace('_', ' ') if 'duplicate' in kind else f'{kind} duplicates'}"
                    for kind, n in self.dedup.items() if n]
         removed += [f"{n:,} {reason}" for reason, n in sorted(self.dropped.items()) if n]

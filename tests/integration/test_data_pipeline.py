@@ -79,7 +79,8 @@ def test_prepare_shakespeare_and_wikitext_from_s3(ray_session, s3_server, corpor
     assert manifest.dedup["exact"] > 0
     tok_blob = store.read_text(join_uri(data, "tokenizer.json"))
     assert hashlib.sha256(tok_blob.encode()).hexdigest()[:16] == manifest.tokenizer.hash
-    assert any("TOTAL" in line for line in lines)  # the summary table
+    assert "TOTAL" in manifest.summary_table()  # what `lm data prepare` prints; the job prints one line
+    assert lines[-1].startswith("data: train ") and "shards, vocabulary" in lines[-1]
     # the training side reads the same rows from S3 as a Ray Dataset and as its row groups
     rows, _ = read_head(ParquetSplit.open(store, data, "val"), manifest.rows_in("val"))  # a small split
     ds_rows = np.stack([r["tokens"] for r in ray_dataset(store, data, "val").take_all()])
@@ -113,7 +114,8 @@ def test_bad_input_is_skipped_and_reported(ray_session, tmp_path):
     assert skipped == {("mixed", "truncated.txt.gz", "corrupt_compression"), ("mixed", "binary.txt", "binary"),
                        ("mixed", "empty.txt", "empty")}
     assert sum(e.docs for e in manifest.sources["whole"].splits.values()) == 2
-    assert "  mixed: binary=1, corrupt_compression=1, empty=1" in "\n".join(lines).splitlines()  # the summary
+    assert "  mixed: binary=1, corrupt_compression=1, empty=1" in manifest.summary_table().splitlines()
+    assert lines[-1].startswith("data: train ") and "; 3 objects skipped → " in lines[-1]  # the job's line
     assert manifest.dropped.get("missing_field") == 1
     assert manifest.dedup["exact"] >= 1
     docs = sum(e.docs for e in manifest.splits.values())
@@ -221,7 +223,7 @@ def test_quality_stack_counts_by_reason_in_the_manifest(ray_session, tmp_path):
                 "Lighthouse", "moon shows"):
         assert raw not in texts, raw
     assert all(p in texts for p in ("<EMAIL>", "<PHONE_NUMBER>", "<IP_ADDRESS>", "<CARD_NUMBER>", "<API_KEY>"))
-    summary = "\n".join(lines)
+    summary = manifest.summary_table()  # what `lm data prepare` prints
     assert "redacted: card=1, email=1, ip=1, phone=1, secret=1; boilerplate lines removed: 1" in summary
     assert "decontamination: 2 train documents share a 13-gram with val, test, eval-bench" in summary
 
