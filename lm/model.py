@@ -38,7 +38,7 @@ def num_params(cfg: ModelConfig) -> int:
     """Parameter count from the config alone (a tied embedding counted once)."""
     d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
     attn = d * cfg.n_heads * hd + 2 * d * cfg.kv_heads * hd + cfg.n_heads * hd * d
-    per_layer = attn + 3 * d * cfg.ff_dim + 2 * d  # + the two RMSNorm weights
+    per_layer = attn + 3 * d * cfg.ff_dim + 2 * d + (2 * hd if cfg.qk_norm else 0)  # + the RMSNorm weights
     embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     return embed + L * per_layer + d  # + final norm
 

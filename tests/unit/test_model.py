@@ -96,7 +96,8 @@ def test_overfits_one_batch():
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"tie_embeddings": False}, {"n_kv_heads": 2}, {"n_kv_heads": 1, "tie_embeddings": False, "d_ff": 72}],
+    [{}, {"tie_embeddings": False}, {"n_kv_heads": 2}, {"n_kv_heads": 1, "tie_embeddings": False, "d_ff": 72},
+     {"qk_norm": True, "n_kv_heads": 2}],
 )
 def test_num_params_matches_model(kw):
     model = make(**kw)
