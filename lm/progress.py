@@ -268,7 +268,7 @@ _display: Display | None = None
 def display() -> Display:
     """This process's live progress (on its stdout, created on first use)."""
     global _display
-    if _display is None:
+    if _display is None or getattr(_display.stream, "closed", False):  # a closed stdout: a finished capture's
         _display = Display()
     return _display
 
