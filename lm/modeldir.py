@@ -110,7 +110,7 @@ def config_from_hf(d: dict) -> ModelConfig:
         rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
         norm_eps=d.get("rms_norm_eps", 1e-6),
         dropout=ours.get("dropout", 0.0),  # lmforge's own: null = as dropout (older ones)
-        attention_dropout=d["lmforge"].get("attention_dropout") if "lmforge" in d else d.get("attention_dropout", 0.0),
+        attention_dropout=ours.get("attention_dropout") if "lmforge" in d else d.get("attention_dropout", 0.0),
         tie_embeddings=d.get("tie_word_embeddings", False),
         qk_norm=model_type == "qwen3",
         activation=d.get("hidden_act", "silu"),
