@@ -69,6 +69,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name -> (the row it changes, i
     "recipe-softcap": (RECIPE_ROW, [*RECIPE, "model.logit_softcap=15"]),  # measured only: no HF equivalent
     "recipe-chunked-loss": (RECIPE_ROW, [*RECIPE, "train.loss_kernel=chunked"]),  # the head and loss in chunks
     "recipe-context-256": (RECIPE_ROW, [*RECIPE, "model.max_seq_len=256", "train.batch_size=8"]),  # same tokens/step
+    "recipe-wide-192": (RECIPE_ROW, [*RECIPE, "model.d_model=192", "model.n_heads=6"]),  # width: heads stay 32 wide
+    "recipe-3-layers": (RECIPE_ROW, [*RECIPE, "model.n_layers=3"]),  # shallower: more steps in the budget
+    "recipe-batch-32": (RECIPE_ROW, [*RECIPE, "train.batch_size=32"]),  # twice the tokens per step, half the steps
 }
 
 
