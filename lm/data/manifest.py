@@ -15,12 +15,13 @@ half-read.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lm.config import join_uri
 from lm.data.objects import SourceObject
+from lm.data.split import SplitName
 from lm.storage import ObjectStore, StorageError
 
 FORMAT = "lmforge.data/2"  # /2: a corpus index (index-<fingerprint>/) beside the shards
@@ -61,6 +62,12 @@ class SplitTotals(Entry):
     docs: int = 0
     tokens: int = 0  # sft: the responses' tokens (with end-of-text), those that carry a loss
     bytes: int = 0  # UTF-8 bytes of those tokens' text (bits per byte)
+
+
+def in_split_order(by_split: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``by_split``'s items in the order train, val, test (other names after them, as they came)."""
+    order = get_args(SplitName)
+    return sorted(by_split.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
 
 
 def add_shards(splits: dict[str, SplitTotals], shards: list[ShardEntry]) -> dict[str, SplitTotals]:
@@ -147,8 +154,7 @@ class DataManifest(BaseManifest):
 
     def summary_line(self) -> str:
         """The corpus in one line: documents and tokens per split, shards, vocabulary, what was removed."""
-        order = sorted(self.splits, key=lambda s: ["train", "val", "test", s].index(s))  # train first
-        splits = ", ".join(f"{s} {self.splits[s].docs:,} docs / {self.splits[s].tokens:,} tokens" for s in order)
+        splits = ", ".join(f"{s} {e.docs:,} docs / {e.tokens:,} tokens" for s, e in in_split_order(self.splits))
         removed = [f"{n:,} {kind.replace('_', ' ') if 'duplicate' in kind else f'{kind} duplicates'}"
                    for kind, n in self.dedup.items() if n]
         removed += [f"{n:,} {reason}" for reason, n in sorted(self.dropped.items()) if n]
@@ -160,10 +166,10 @@ class DataManifest(BaseManifest):
         lines = [f"{'source':<20} {'split':<6} {'docs':>9} {'tokens':>12} {'bytes':>13}  dropped"]
         for name, src in self.sources.items():
             dropped = ", ".join(f"{k}={v}" for k, v in sorted(src.dropped.items())) or "-"
-            for split, e in sorted(src.splits.items()):
+            for split, e in in_split_order(src.splits):
                 lines.append(f"{name:<20} {split:<6} {e.docs:>9,} {e.tokens:>12,} {e.bytes:>13,}  {dropped}")
                 dropped = ""
-        for split, e in sorted(self.splits.items()):
+        for split, e in in_split_order(self.splits):
             lines.append(f"{'TOTAL':<20} {split:<6} {e.docs:>9,} {e.tokens:>12,} {e.bytes:>13,}  "
                          f"{e.rows:,} rows in {e.shards} shards")
         d = self.dedup
